@@ -1,0 +1,119 @@
+"""Llama-family model configuration with named presets.
+
+Pure Python (no torch import): the planner reads the same presets to answer a check in well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    vocab_size: int = 256
+    n_layer: int = 2
+    hidden_size: int = 64
+    n_head: int = 4
+    n_kv_head: int | None = None  # None: plain multi-head attention (n_kv_head = n_head)
+    intermediate_size: int = 128  # SwiGLU MLP width
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False  # Qwen2 puts a bias on q/k/v projections
+    # derived in __post_init__
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for f in ("vocab_size", "n_layer", "hidden_size", "n_head", "n_kv_head", "intermediate_size", "max_seq_len"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"Config.{f} must be >= 1, got {getattr(self, f)}")
+        if self.hidden_size % self.n_head:
+            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        self.head_dim = self.hidden_size // self.n_head
+
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> Config:
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known presets: {', '.join(sorted(PRESETS))}")
+        return replace(PRESETS[name], **overrides)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]
+
+    # ---- sizes (element counts); the planner and the tests use these ----
+    @property
+    def attn_params(self) -> int:
+        q = self.hidden_size * self.n_head * self.head_dim
+        kv = 2 * self.hidden_size * self.n_kv_head * self.head_dim
+        o = self.n_head * self.head_dim * self.hidden_size
+        bias = (self.n_head + 2 * self.n_kv_head) * self.head_dim if self.qkv_bias else 0
+        return q + kv + o + bias
+
+    @property
+    def mlp_params(self) -> int:
+        return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def layer_params(self) -> int:
+        """Parameters of one repeated block (attention, MLP and its two RMSNorms)."""
+        return self.attn_params + self.mlp_params + 2 * self.hidden_size
+
+    @property
+    def embedding_params(self) -> int:
+        """Embedding, final norm and (untied) head: the part that stays resident on the GPU."""
+        head = 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+        return self.vocab_size * self.hidden_size + self.hidden_size + head
+
+    @property
+    def n_params(self) -> int:
+        return self.n_layer * self.layer_params + self.embedding_params
+
+    def layer_matmul_flops(self, tokens: int, seq_len: int) -> float:
+        """Forward FLOPs of one block for `tokens` tokens in sequences of `seq_len` (causal attention)."""
+        dense = 2 * tokens * (self.layer_params - 2 * self.hidden_size)
+        # QK^T and PV: 2 matmuls x 2 FLOPs x T x d per token, halved by the causal mask
+        attn = 2 * 2 * tokens * seq_len * self.n_head * self.head_dim / 2
+        return dense + attn
+
+
+PRESETS: dict[str, Config] = {
+    c.name: c
+    for c in [
+        # tiny: tests and the CPU quick start (byte-level vocabulary)
+        Config("tiny", vocab_size=256, n_layer=4, hidden_size=64, n_head=4, n_kv_head=2, intermediate_size=176,
+               max_seq_len=512),
+        Config("tiny-qwen2", vocab_size=256, n_layer=3, hidden_size=64, n_head=4, n_kv_head=2, intermediate_size=176,
+               max_seq_len=512, tie_embeddings=True, qkv_bias=True, norm_eps=1e-6),
+        # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json
+        Config("llama-3.2-1b", vocab_size=128256, n_layer=16, hidden_size=2048, n_head=32, n_kv_head=8,
+               intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True),
+        # Llama-3.2-3B ships with tied embeddings; the peers in DESIGN.md are measured untied (3.61B):
+        # use `model.tie_embeddings=false` (or Config.from_name("llama-3.2-3b", tie_embeddings=False)).
+        Config("llama-3.2-3b", vocab_size=128256, n_layer=28, hidden_size=3072, n_head=24, n_kv_head=8,
+               intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True),
+        Config("llama-3-8b", vocab_size=128256, n_layer=32, hidden_size=4096, n_head=32, n_kv_head=8,
+               intermediate_size=14336, max_seq_len=8192, rope_theta=500000.0),
+        Config("llama-3-70b", vocab_size=128256, n_layer=80, hidden_size=8192, n_head=64, n_kv_head=8,
+               intermediate_size=28672, max_seq_len=8192, rope_theta=500000.0),
+        # synthetic Llama-3-style 100B (DESIGN.md "Scale targets")
+        Config("llama100b", vocab_size=128256, n_layer=88, hidden_size=10240, n_head=80, n_kv_head=8,
+               intermediate_size=28672, max_seq_len=8192, rope_theta=500000.0),
+        # https://huggingface.co/mistralai/Mistral-Large-Instruct-2407/blob/main/config.json
+        Config("mistral-large-123b", vocab_size=32768, n_layer=88, hidden_size=12288, n_head=96, n_kv_head=8,
+               intermediate_size=28672, max_seq_len=131072, rope_theta=1000000.0),
+        Config("llama-3.1-405b", vocab_size=128256, n_layer=126, hidden_size=16384, n_head=128, n_kv_head=8,
+               intermediate_size=53248, max_seq_len=131072, rope_theta=500000.0),
+        # https://huggingface.co/Qwen/Qwen2-0.5B/blob/main/config.json
+        Config("qwen2-0.5b", vocab_size=151936, n_layer=24, hidden_size=896, n_head=14, n_kv_head=2,
+               intermediate_size=4864, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,
+               tie_embeddings=True, qkv_bias=True),
+    ]
+}

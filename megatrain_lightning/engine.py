@@ -1,0 +1,231 @@
+"""The streaming engine: runs a Trunk's blocks with their weights streamed from the host store.
+
+Three streams on CUDA: weights copy in on `h2d`, blocks run on the caller's (compute) stream, gradients
+copy out on `d2h`. CUDA events order them; the host never synchronizes inside the layer loop. On CPU the
+same code runs with plain copies (the "device" is the CPU), which is how CI checks it.
+
+Forward keeps the hidden state entering every block of K layers; backward walks blocks last to first,
+streams a block's weights once, recomputes it with autograd, backpropagates it layer by layer, and ships
+each layer's gradients to the host as soon as they exist. A worker thread adds them into the fp32
+gradient buffers while the device goes on.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from megatrain_lightning import schedule as S
+from megatrain_lightning.store import HostStore, Unit
+from megatrain_lightning.trace import Trace
+
+
+class _Slot:
+    """A device buffer that holds one layer's weights."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, cuda: bool) -> None:
+        self.buf = torch.empty(numel, dtype=dtype, device=device)
+        self.ready = torch.cuda.Event() if cuda else None  # H2D into buf finished
+        self.free = torch.cuda.Event() if cuda else None  # compute finished reading buf
+        self.layer = -1
+
+
+class _Prefetcher:
+    """Loads layers in a pass's order into free slots, as many ahead as there are free slots."""
+
+    def __init__(self, engine: StreamingEngine, order: list[int]) -> None:
+        self.engine, self.order, self.next = engine, order, 0
+        self.loaded: dict[int, _Slot] = {}
+
+    def _fill(self) -> None:
+        eng = self.engine
+        while self.next < len(self.order) and eng._free:
+            slot = eng._free.pop()
+            eng._load(self.order[self.next], slot)
+            self.loaded[self.next] = slot
+            self.next += 1
+        eng.peak_resident_layers = max(eng.peak_resident_layers, len(eng._slots) - len(eng._free))
+
+    def acquire(self, pos: int) -> _Slot:
+        self._fill()
+        slot = self.loaded.pop(pos)  # KeyError here would mean the schedule needs more slots than exist
+        if slot.ready is not None:
+            torch.cuda.current_stream().wait_event(slot.ready)
+        return slot
+
+    def release(self, slot: _Slot) -> None:
+        if slot.free is not None:
+            slot.free.record(torch.cuda.current_stream())
+        self.engine._free.append(slot)
+        self._fill()
+
+
+class StreamingEngine:
+    def __init__(self, store: HostStore, blocks: list[nn.Module], device: torch.device,
+                 checkpoint_interval: int, prefetch_depth: int) -> None:
+        self.store, self.device = store, device
+        self.cuda = device.type == "cuda"
+        self.plan = S.Plan(len(blocks), checkpoint_interval)
+        self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
+        self.prefetch_depth = prefetch_depth
+        # one stateless template per distinct layer signature; the blocks themselves hold meta tensors
+        templates: dict[tuple, nn.Module] = {}
+        self.templates = [templates.setdefault((type(b), store.units[i].layout.signature), b)
+                          for i, b in enumerate(blocks)]
+        self.buffers = [{n: t.to(device) for n, t in b.named_buffers()} for b in blocks]
+        max_numel = max(u.layout.numel for u in store.units[:len(blocks)])
+        self._slots = [_Slot(max_numel, store.compute_dtype, device, self.cuda) for _ in range(self.n_slots)]
+        self._free = list(self._slots)
+        self.peak_resident_layers = 0
+        if self.cuda:
+            self.h2d = torch.cuda.Stream(device)
+            self.d2h = torch.cuda.Stream(device)
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-grad")
+        self._pending: list[Future] = []
+        self.fresh_grads = True  # the next shipped gradients overwrite the fp32 buffers instead of adding
+        self.trace: Trace | None = None
+        self._anchor = torch.zeros((), device=device, requires_grad=True)
+
+    @property
+    def slot_bytes(self) -> int:
+        return sum(s.buf.nbytes for s in self._slots)
+
+    # ---- public entry: what Trunk.forward calls ----
+    def __call__(self, x: Tensor, *extras: Tensor) -> Tensor:
+        if any(e.requires_grad for e in extras):
+            raise ValueError("Trunk extras (e.g. rotary tables) must not require grad: they get no gradient")
+        if torch.is_grad_enabled():
+            return _StreamedTrunk.apply(self, x, self._anchor, *extras)
+        return self._forward(x, extras, keep=False)[0]
+
+    # ---- passes ----
+    def _forward(self, x: Tensor, extras: tuple[Tensor, ...], keep: bool) -> tuple[Tensor, list[Tensor]]:
+        checkpoints: list[Tensor] = []
+        pf = _Prefetcher(self, self.plan.forward_loads())
+        for i in range(self.plan.n_layers):
+            if keep and i % self.plan.k == 0:
+                checkpoints.append(x)  # [B, T, D] input of block i // k
+            slot = pf.acquire(i)
+            with self._span(i, S.COMPUTE, S.FORWARD):
+                x = self._run(i, self._views(i, slot), x, extras)
+            pf.release(slot)
+        return x, checkpoints
+
+    def _backward(self, checkpoints: list[Tensor], extras: tuple[Tensor, ...], grad: Tensor,
+                  autocast: tuple[bool, torch.dtype]) -> Tensor:
+        pf = _Prefetcher(self, self.plan.backward_loads())
+        pos = 0
+        amp = torch.autocast(self.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
+        for b, (start, end) in reversed(list(enumerate(self.plan.blocks))):
+            x, saved = checkpoints[b], []
+            for i in range(start, end):
+                slot = pf.acquire(pos)
+                pos += 1
+                params = {n: v.detach().requires_grad_() for n, v in self._views(i, slot).items()}
+                x_in = x.detach().requires_grad_()
+                with torch.enable_grad(), amp, self._span(i, S.COMPUTE, S.RECOMPUTE):
+                    x = self._run(i, params, x_in, extras)
+                saved.append((i, slot, x_in, params, x))
+            checkpoints[b] = None  # free as we go
+            for i, slot, x_in, params, out in reversed(saved):
+                with self._span(i, S.COMPUTE, S.BACKWARD):
+                    grads = torch.autograd.grad(out, [x_in, *params.values()], grad, allow_unused=True)
+                grad = grads[0]
+                self.ship_grads(i, grads[1:])
+                pf.release(slot)
+            del saved
+        return grad
+
+    def _views(self, i: int, slot: _Slot) -> dict[str, Tensor]:
+        return self.store.units[i].layout.views(slot.buf)
+
+    def _run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...]) -> Tensor:
+        return functional_call(self.templates[i], {**params, **self.buffers[i]}, (x, *extras), strict=True)
+
+    # ---- transfers ----
+    def _load(self, i: int, slot: _Slot) -> None:
+        unit = self.store.units[i]
+        dst = slot.buf[:unit.layout.numel]
+        slot.layer = i
+        if not self.cuda:
+            with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes):
+                dst.copy_(unit.stream)
+            return
+        with torch.cuda.stream(self.h2d):
+            self.h2d.wait_event(slot.free)  # the compute stream is done with the slot's previous layer
+            with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d):
+                dst.copy_(unit.stream, non_blocking=True)
+            slot.ready.record(self.h2d)
+
+    def ship_grads(self, unit_index: int, grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> None:
+        """Copies one unit's gradients (device, compute dtype, in layout order) into its host staging buffer,
+        then (on the worker thread, once the copy landed) into its fp32 gradient buffer."""
+        unit = self.store.units[unit_index]
+        staging = unit.layout.views(unit.staging)
+        nbytes = unit.staging.nbytes
+        done = None
+        if self.cuda:
+            self.d2h.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.d2h), self._span(unit_index, S.D2H, S.GRAD, nbytes, self.d2h):
+                for entry, g in zip(unit.layout.entries, grads):
+                    if g is None:
+                        staging[entry.name].zero_()
+                    else:
+                        staging[entry.name].copy_(g, non_blocking=True)
+                        g.record_stream(self.d2h)  # keep the allocator from reusing g before the copy ran
+            done = torch.cuda.Event()
+            done.record(self.d2h)
+        else:
+            with self._span(unit_index, S.D2H, S.GRAD, nbytes):
+                for entry, g in zip(unit.layout.entries, grads):
+                    staging[entry.name].copy_(g) if g is not None else staging[entry.name].zero_()
+        self._pending.append(self._worker.submit(self._accumulate, unit_index, unit, done, self.fresh_grads))
+
+    def _accumulate(self, unit_index: int, unit: Unit, done: torch.cuda.Event | None, fresh: bool) -> None:
+        if done is not None:
+            done.synchronize()
+        with self._host_span(unit_index, S.ACCUMULATE, unit.grad.nbytes):
+            if fresh:
+                unit.grad.copy_(unit.staging)
+            else:
+                unit.grad.add_(unit.staging)
+
+    def wait_grads(self) -> None:
+        """Blocks until every shipped gradient sits in the fp32 buffers (end of a backward)."""
+        for f in self._pending:
+            f.result()
+        self._pending.clear()
+        self.fresh_grads = False
+
+    # ---- tracing helpers (no-ops unless a trace is active) ----
+    def _span(self, layer: int, lane: str, kind: str, nbytes: int = 0, stream=None):
+        if self.trace is None:
+            return nullcontext()
+        return self.trace.device_span(layer, lane, kind, nbytes, stream)
+
+    def _host_span(self, layer: int, kind: str, nbytes: int = 0):
+        if self.trace is None:
+            return nullcontext()
+        return self.trace.host_span(layer, S.CPU, kind, nbytes)
+
+
+class _StreamedTrunk(torch.autograd.Function):
+    """Autograd bridge: Lightning's ordinary loss.backward() reaches the engine's streamed backward."""
+
+    @staticmethod
+    def forward(ctx, engine: StreamingEngine, x: Tensor, anchor: Tensor, *extras: Tensor) -> Tensor:
+        dev = engine.device.type
+        ctx.engine, ctx.extras = engine, extras
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        out, ctx.checkpoints = engine._forward(x, extras, keep=True)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_x = ctx.engine._backward(ctx.checkpoints, ctx.extras, grad, ctx.autocast)
+        ctx.checkpoints = None
+        return (None, grad_x, None, *([None] * len(ctx.extras)))

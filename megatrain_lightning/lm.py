@@ -1,0 +1,70 @@
+"""A causal language model as an ordinary LightningModule (it knows nothing about streaming)."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchmetrics.aggregation import MeanMetric
+
+from megatrain_lightning.config import Config
+from megatrain_lightning.model import Llama
+
+
+class CausalLM(L.LightningModule):
+    def __init__(self, config: Config, lr: float = 3e-4, weight_decay: float = 0.1, betas=(0.9, 0.95),
+                 warmup_steps: int = 10, max_steps: int | None = None, min_lr_ratio: float = 0.1,
+                 model: Llama | None = None) -> None:
+        """`model`: an already built Llama (tests pass one to share initial weights); otherwise the model is built
+        in `configure_model`, which the megatrain strategy runs on the meta device."""
+        super().__init__()
+        self.save_hyperparameters(ignore=["model"])
+        self.config = config
+        self.model = model
+        self.val_loss = MeanMetric()
+
+    def configure_model(self) -> None:
+        if self.model is None:
+            self.model = Llama(self.config)
+
+    def loss(self, batch: Tensor) -> Tensor:
+        # batch: [B, T+1] token ids; predict tokens 1..T from 0..T-1
+        x, y = batch[:, :-1], batch[:, 1:]
+        logits = self.model.logits(self.model(x))  # [B, T, V]
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+
+    def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
+        loss = self.loss(batch)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log("train_ppl", torch.exp(loss.detach()))
+        return loss
+
+    def validation_step(self, batch: Tensor, batch_idx: int) -> None:
+        self.val_loss.update(self.loss(batch))
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_ppl", torch.exp(loss), prog_bar=True)
+        self.val_loss.reset()
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # no weight decay on norms and biases (the usual Llama recipe)
+        decay = [p for n, p in self.named_parameters() if p.dim() >= 2]
+        no_decay = [p for n, p in self.named_parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": hp.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=hp.lr, betas=tuple(hp.betas))
+        total = hp.max_steps or self.trainer.estimated_stepping_batches
+
+        def schedule(step: int) -> float:  # linear warmup, cosine decay to min_lr_ratio
+            if step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -1,0 +1,182 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2): embedding, repeated blocks, final norm + head.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` (`model.embed_tokens.weight`,
+`model.layers.0.self_attn.q_proj.weight`, ..., `lm_head.weight`), so checkpoints map one to one.
+
+The repeated blocks live in a `Trunk`. Without a strategy it runs them one after another like any
+`nn.ModuleList`; the megatrain strategy attaches its streaming engine to it, and from then on the
+blocks' weights live in host memory and stream through the compute device.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megatrain_lightning.config import Config
+
+
+class Trunk(nn.ModuleList):
+    """The streamable part of a model: a list of blocks called in order as `x = block(x, *extras)`.
+
+    Any model can use it: wrap the repeated layers in a `Trunk` and call `trunk(x, *extras)`. Blocks must be
+    stateless between calls; `extras` (e.g. rotary tables) are shared by every block and receive no gradient.
+    """
+
+    def __init__(self, blocks=None) -> None:
+        super().__init__(blocks)
+        # set by the megatrain strategy: a callable (x, *extras) -> x that streams the blocks
+        self.engine: Callable[..., Tensor] | None = None
+
+    def forward(self, x: Tensor, *extras: Tensor) -> Tensor:
+        if self.engine is not None:
+            return self.engine(x, *extras)
+        for block in self:
+            x = block(x, *extras)
+        return x
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # normalize in fp32 (as HF does) so bf16 activations keep their precision here
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_tables(config: Config, seq_len: int, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
+    """cos, sin: [seq_len, head_dim] in fp32, HF's half-rotation layout."""
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device)
+                                            / config.head_dim))
+    t = torch.arange(seq_len, dtype=torch.float32, device=device)
+    freqs = torch.outer(t, inv_freq)  # [T, head_dim/2]
+    emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
+    return emb.cos(), emb.sin()
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # x: [B, H, T, hd]; cos/sin: [T, hd] (fp32) -> computed in fp32, returned in x's dtype
+    return (x.float() * cos + _rotate_half(x.float()) * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, config.n_head * config.head_dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(d, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(d, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.n_head * config.head_dim, d, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _init_normal(module: nn.Module, std: float) -> None:
+    for name, p in module.named_parameters():
+        if name.endswith("bias"):
+            nn.init.zeros_(p)
+        elif p.dim() >= 2:
+            nn.init.normal_(p, mean=0.0, std=std)
+        else:
+            nn.init.ones_(p)  # norm weights
+
+
+class Block(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def reset_parameters(self) -> None:
+        _init_normal(self, std=0.02)
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+
+class Head(nn.Linear):
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.weight, std=0.02)
+
+
+class LlamaBody(nn.Module):
+    """HF's `LlamaModel`: embed_tokens, layers, norm."""
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.embed_tokens = Embedding(config.vocab_size, config.hidden_size)
+        self.layers = Trunk(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps)
+
+
+class Llama(nn.Module):
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+        self.model = LlamaBody(config)
+        self.lm_head = Head(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if self.lm_head.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def forward(self, idx: Tensor) -> Tensor:
+        """idx: [B, T] token ids -> hidden states after the final norm: [B, T, D]."""
+        T = idx.shape[1]
+        if T > self.config.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len}")
+        cos, sin = rope_tables(self.config, T, device=idx.device)
+        x = self.model.embed_tokens(idx)  # [B, T, D]
+        x = self.model.layers(x, cos, sin)
+        return self.model.norm(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(hidden)  # [B, T, V]
+
+    def reset_parameters(self) -> None:
+        _init_normal(self, std=0.02)
+

@@ -1,0 +1,64 @@
+"""What happens per layer in one training step, and in which order.
+
+Pure Python: the engine executes this schedule and the planner simulates it, so the two share one
+definition of the order of loads, computes and gradient shipments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Lanes: the resources a step's events occupy (the trace and the planner use the same names).
+COMPUTE = "compute"  # the compute device's main stream
+H2D = "h2d"  # host -> device copies (weights in)
+D2H = "d2h"  # device -> host copies (gradients out)
+CPU = "cpu"  # host CPU: gradient accumulation, AdamW, casts of master weights to the streamed copy
+LANES = (COMPUTE, H2D, D2H, CPU)
+
+# Event kinds
+FORWARD = "forward"  # a block's forward without autograd (checkpoints kept every K layers)
+RECOMPUTE = "recompute"  # a block's forward again, with autograd, in backward
+BACKWARD = "backward"  # a block's backward
+RESIDENT = "resident"  # embedding / head / loss work outside the trunk
+LOAD = "load"  # a layer's weights H2D
+GRAD = "grad"  # a layer's gradients D2H
+ACCUMULATE = "accumulate"  # host adds shipped gradients into fp32 gradient buffers
+OPTIMIZER = "optimizer"  # host AdamW
+CAST = "cast"  # host casts fp32 masters into the streamed compute-dtype copy
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The order of one step over `n_layers` blocks with checkpoint interval `k`."""
+
+    n_layers: int
+    k: int
+
+    def __post_init__(self) -> None:
+        if self.n_layers < 1:
+            raise ValueError(f"a trunk needs at least one block, got {self.n_layers}")
+        if self.k < 1:
+            raise ValueError(f"checkpoint_interval must be >= 1, got {self.k}")
+
+    @property
+    def blocks(self) -> list[tuple[int, int]]:
+        """[start, end) layer ranges recomputed together in backward; forward keeps the input of each."""
+        return [(s, min(s + self.k, self.n_layers)) for s in range(0, self.n_layers, self.k)]
+
+    def forward_loads(self) -> list[int]:
+        return list(range(self.n_layers))
+
+    def backward_loads(self) -> list[int]:
+        """Backward walks blocks last to first; inside a block the weights load in forward order (recompute)."""
+        return [j for s, e in reversed(self.blocks) for j in range(s, e)]
+
+    @property
+    def n_checkpoints(self) -> int:
+        return len(self.blocks)
+
+
+def slots_needed(k: int, prefetch_depth: int) -> int:
+    """Weight buffers on the compute device: a whole block in backward plus `prefetch_depth - 1` loads ahead."""
+    if prefetch_depth < 1:
+        raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
+    return k + prefetch_depth - 1

@@ -1,0 +1,342 @@
+"""The Lightning Strategy: `Trainer(strategy="megatrain")`.
+
+It takes an ordinary LightningModule whose repeated blocks sit in a `Trunk`, moves every parameter's
+training state into the host store (layer by layer: the model is never materialized whole), attaches the
+streaming engine to the trunk, keeps the rest of the model (embedding, final norm, head) resident on the
+device as a compute-dtype copy, and runs the user's Adam/AdamW on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Generator, Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.types import _DEVICE
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from megatrain_lightning import schedule as S
+from megatrain_lightning.engine import StreamingEngine
+from megatrain_lightning.model import Trunk
+from megatrain_lightning.optim import bind_grads, bind_optimizer, host_state_dict, load_host_state_dict
+from megatrain_lightning.store import HostStore
+from megatrain_lightning.trace import Trace
+
+PRECISIONS = ("bf16-mixed", "32-true")
+STORAGES = ("ram",)
+
+
+class MegatrainStrategy(SingleDeviceStrategy):
+    strategy_name = "megatrain"
+
+    def __init__(
+        self,
+        checkpoint_interval: int = 1,
+        prefetch_depth: int = 2,
+        storage: str = "ram",
+        device: _DEVICE | None = None,
+        trace_dir: str | Path | None = None,
+        trace_step: int = 2,
+        **kwargs: Any,
+    ) -> None:
+        # validated here so a bad value fails when the Trainer is built, not minutes into a run
+        if not isinstance(checkpoint_interval, int) or checkpoint_interval < 1:
+            raise ValueError(f"checkpoint_interval must be an integer >= 1, got {checkpoint_interval!r}")
+        if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
+            raise ValueError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
+        if storage not in STORAGES:
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        self._device_given = device is not None
+        self.parallel_devices: list[torch.device] | None = None  # Lightning's connector fills in its choice
+        self.checkpoint_interval, self.prefetch_depth, self.storage = checkpoint_interval, prefetch_depth, storage
+        self.trace_dir = Path(trace_dir) if trace_dir is not None else None
+        self.trace_step = trace_step
+        self.store: HostStore | None = None
+        self.engine: StreamingEngine | None = None
+        self._resident_params: list[nn.Parameter] = []
+        self._resident_flat: Tensor | None = None
+        self._param_names: dict[int, str] = {}  # id(parameter as the module holds it) -> store name
+        self._aliases: dict[str, str] = {}  # tied parameter name -> the name the store keeps
+        self._grad_pairs: list[tuple[Tensor, Tensor]] = []
+        self._trunk_prefix = ""
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._device_given and self.parallel_devices:
+            return self.parallel_devices[0]
+        return self._root_device
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        plugin = self.precision_plugin
+        if isinstance(plugin, MixedPrecision) and plugin.precision == "bf16-mixed":
+            return torch.bfloat16
+        if type(plugin) is Precision:
+            return torch.float32
+        raise ValueError(f"the megatrain strategy supports precision {' or '.join(map(repr, PRECISIONS))}; "
+                         f"got {getattr(plugin, 'precision', type(plugin).__name__)!r}")
+
+    @contextmanager
+    @override
+    def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+        # modules built in `configure_model` land on the meta device; `setup` materializes them layer by layer
+        with torch.device("meta"):
+            yield
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        assert self.accelerator is not None
+        self.accelerator.setup(trainer)
+        if self.engine is None:
+            self._build()
+        if trainer.state.fn == TrainerFn.FITTING:
+            if not self.lightning_module.automatic_optimization:
+                raise ValueError("the megatrain strategy supports automatic optimization only")
+            self.setup_optimizers(trainer)
+            if len(self.optimizers) != 1:
+                raise ValueError(f"the megatrain strategy supports one optimizer, got {len(self.optimizers)}")
+            self._grad_pairs = bind_optimizer(self.optimizers[0], self.store, self._param_names)
+        self.setup_precision_plugin()
+
+    # ---- building the store and the engine ----
+    def _build(self) -> None:
+        module = self.lightning_module
+        trunks = [(n, m) for n, m in module.named_modules() if isinstance(m, Trunk)]
+        if not trunks:
+            raise ValueError(
+                f"{type(module).__name__} has no streamable blocks: the megatrain strategy streams the blocks of a "
+                "`megatrain_lightning.Trunk` (wrap the model's repeated layers in one and call it as "
+                "`x = trunk(x, *extras)`)")
+        if len(trunks) > 1:
+            raise ValueError(f"the megatrain strategy streams one Trunk per model; found {[n for n, _ in trunks]}")
+        prefix, trunk = trunks[0]
+        if len(trunk) == 0:
+            raise ValueError(f"the Trunk {prefix!r} has no blocks")
+        self._trunk_prefix = prefix + "."
+        device, dtype = self.root_device, self.compute_dtype
+        store = HostStore(dtype, pin=device.type == "cuda")
+
+        for i, block in enumerate(trunk):
+            if any(p.is_meta for p in block.parameters()):
+                block.to_empty(device="cpu")
+                _reset(block)
+            store.add(f"{prefix}.{i}.", list(block.named_parameters()))
+            block.to("meta")  # the store holds the weights now; free the module's copy
+            for n, p in block.named_parameters():
+                self._param_names[id(p)] = f"{prefix}.{i}.{n}"
+
+        # the resident rest of the model: parameters outside the trunk, deduplicated (tied weights)
+        refs = list(_param_refs(module, skip=trunk).values())  # [(name, [(module, attr, parameter)])]
+        meta_owners = {id(m): m for _, owners in refs for m, _, p in owners if p.is_meta}
+        for _, owners in refs:
+            p = owners[0][2]
+            if p.is_meta:
+                _assign(owners, nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad))
+        for m in meta_owners.values():
+            if not callable(getattr(m, "reset_parameters", None)):
+                raise ValueError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
+                                 "reset_parameters()")
+            m.reset_parameters()
+        resident = [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs]
+        unit = store.add("", resident)
+        self._resident_flat = unit.stream.to(device)
+        views = unit.layout.views(self._resident_flat)
+        self._resident_params = []
+        for name, owners in refs:
+            p = nn.Parameter(views[name], requires_grad=owners[0][2].requires_grad)
+            _assign(owners, p)
+            self._resident_params.append(p)
+            self._param_names[id(p)] = name
+            for m, attr, _ in owners[1:]:
+                self._aliases[_full_name(module, m, attr)] = name
+        self.store = store
+        self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth)
+        trunk.engine = self.engine
+        self.model_to_device()
+
+    @override
+    def model_to_device(self) -> None:
+        # everything but the trunk (buffers, metric states); the trunk's blocks stay on the meta device
+        if self.engine is None:
+            return
+        _move_except(self.lightning_module, self.root_device, lambda m: isinstance(m, Trunk))
+
+    # ---- the training step ----
+    @override
+    def post_backward(self, closure_loss: Tensor) -> None:
+        grads = [p.grad for p in self._resident_params]
+        self.engine.ship_grads(len(self.store.units) - 1, grads)
+        for p in self._resident_params:
+            p.grad = None
+        self.engine.wait_grads()
+        bind_grads(self._grad_pairs)
+
+    @override
+    def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
+        marks: dict[str, float] = {}
+
+        def marked_closure() -> Any:
+            out = closure()
+            marks["backward_done"] = time.perf_counter()
+            return out
+
+        out = super().optimizer_step(optimizer, marked_closure, model, **kwargs)
+        trace = self.engine.trace
+        if trace is not None and "backward_done" in marks:
+            trace.add_host(-1, S.CPU, S.OPTIMIZER, marks["backward_done"], time.perf_counter(), 0)
+        self._publish_weights()
+        if trace is not None:
+            self.engine.trace = None
+            trainer = self.lightning_module.trainer
+            trace.save(self.trace_dir / f"step{trainer.global_step}.json", **self._trace_meta())
+        return out
+
+    def _publish_weights(self) -> None:
+        """After an update: cast masters into the streamed copies and refresh the resident device copy."""
+        trace = self.engine.trace
+        start = time.perf_counter()
+        for unit in self.store.units:
+            unit.refresh_stream()
+        if trace is not None:
+            trace.add_host(-1, S.CPU, S.CAST, start, time.perf_counter(), self.store.n_params * 4)
+        self._resident_flat.copy_(self.store.units[-1].stream, non_blocking=True)
+        self.engine.fresh_grads = True
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        trainer = self.lightning_module.trainer
+        if (self.trace_dir is not None and self.engine.trace is None and trainer.global_step == self.trace_step
+                and batch_idx % trainer.accumulate_grad_batches == 0):
+            self.engine.trace = Trace(self.root_device)
+
+    def _trace_meta(self) -> dict:
+        return dict(device=str(self.root_device), compute_dtype=str(self.compute_dtype),
+                    n_layers=self.engine.plan.n_layers, checkpoint_interval=self.checkpoint_interval,
+                    prefetch_depth=self.prefetch_depth, n_params=self.store.n_params)
+
+    # ---- checkpoints: weights come from the store, not from the (meta) module ----
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        params = {k: v.clone() for k, v in self.store.named("master").items()}
+        state = {k: v for k, v in self.lightning_module.state_dict().items()
+                 if k not in params and k not in self._aliases}
+        state.update(params)
+        state.update({alias: params[name] for alias, name in self._aliases.items()})
+        return state
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        saved = checkpoint["state_dict"]
+        masters = self.store.named("master")
+        missing = [k for k in masters if k not in saved]
+        if missing:
+            raise KeyError(f"checkpoint lacks parameters: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
+        wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in masters.items() if saved[k].shape != v.shape]
+        if wrong:
+            raise ValueError("checkpoint does not match the model's shapes:\n  " + "\n  ".join(wrong))
+        with torch.no_grad():
+            for k, v in masters.items():
+                v.copy_(saved[k])
+        rest = {k: v for k, v in saved.items() if k not in masters and k not in self._aliases}
+        self.lightning_module.load_state_dict(rest, strict=False)
+        self._publish_weights()
+
+    @override
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return host_state_dict(getattr(optimizer, "_optimizer", optimizer))
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            load_host_state_dict(optimizer, state)
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the store exists only after setup
+
+    @override
+    def teardown(self) -> None:
+        # the trunk stays on meta and the state in the store: nothing to move back to the CPU
+        self.precision_plugin.teardown()
+        assert self.accelerator is not None
+        self.accelerator.teardown()
+        self.checkpoint_io.teardown()
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description="Layer-streaming single-GPU training "
+                                   "with host-resident fp32 state", override=True)
+
+
+# ---- module surgery helpers ----
+def _reset(module: nn.Module) -> None:
+    """Initializes a freshly materialized module: the highest module of each subtree with `reset_parameters`."""
+    if callable(getattr(module, "reset_parameters", None)):
+        module.reset_parameters()
+        return
+    if any(True for _ in module.parameters(recurse=False)):
+        raise ValueError(f"cannot initialize {type(module).__name__} built on the meta device: it has no "
+                         "reset_parameters()")
+    for child in module.children():
+        _reset(child)
+
+
+def _param_refs(root: nn.Module, skip: nn.Module) -> dict[int, tuple[str, list[tuple[nn.Module, str, Tensor]]]]:
+    """Parameters outside `skip`, by identity: their first full name and every (module, attribute) holding them."""
+    refs: dict[int, tuple[str, list]] = {}
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        if m is skip:
+            return
+        for attr, p in m._parameters.items():
+            if p is None:
+                continue
+            refs.setdefault(id(p), (prefix + attr, []))[1].append((m, attr, p))
+        for name, child in m._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}{name}.")
+
+    visit(root, "")
+    return refs
+
+
+def _assign(owners: list[tuple[nn.Module, str, Tensor]], p: nn.Parameter) -> None:
+    for m, attr, _ in owners:
+        m._parameters[attr] = p
+
+
+def _full_name(root: nn.Module, target: nn.Module, attr: str) -> str:
+    for name, m in root.named_modules(remove_duplicate=False):
+        if m is target:
+            return f"{name}.{attr}" if name else attr
+    raise LookupError(attr)
+
+
+def _move_except(module: nn.Module, device: torch.device, stop: Callable[[nn.Module], bool]) -> None:
+    """Moves `module` to `device` except subtrees where `stop` holds (and their ancestors' own parameters,
+    which the strategy already placed)."""
+    def contains(m: nn.Module) -> bool:
+        return any(stop(x) for x in m.modules())
+
+    if stop(module):
+        return
+    if not contains(module):
+        module.to(device)
+        return
+    for name, b in module._buffers.items():
+        if b is not None:
+            module._buffers[name] = b.to(device)
+    for child in module.children():
+        _move_except(child, device, stop)

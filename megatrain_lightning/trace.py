@@ -1,0 +1,75 @@
+"""Per-step event recording: (layer, lane, kind, bytes, start, end) for every transfer and compute span.
+
+Device spans are timed with CUDA events on the stream that runs them (no synchronization inside the
+step); host spans with perf_counter. Both clocks start at the same instant, taken after one synchronize
+when the trace begins.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+class Trace:
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._lock = threading.Lock()
+        self._device: list[tuple[int, str, str, int, object, object]] = []
+        self.records: list[dict] = []
+        if self.cuda:
+            torch.cuda.synchronize(device)
+            self._base = torch.cuda.Event(enable_timing=True)
+            self._base.record()
+        self._t0 = time.perf_counter()
+
+    @contextmanager
+    def device_span(self, layer: int, lane: str, kind: str, nbytes: int = 0,
+                    stream: torch.cuda.Stream | None = None) -> Iterator[None]:
+        if not self.cuda:
+            with self.host_span(layer, lane, kind, nbytes):
+                yield
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(stream)
+        yield
+        end.record(stream)
+        self._device.append((layer, lane, kind, nbytes, start, end))
+
+    @contextmanager
+    def host_span(self, layer: int, lane: str, kind: str, nbytes: int = 0) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.add_host(layer, lane, kind, start, time.perf_counter(), nbytes)
+
+    def add_host(self, layer: int, lane: str, kind: str, start: float, end: float, nbytes: int = 0) -> None:
+        """Records a host span given perf_counter() readings."""
+        with self._lock:
+            self.records.append(dict(layer=layer, lane=lane, kind=kind, bytes=nbytes,
+                                     start=start - self._t0, end=end - self._t0))
+
+    def finish(self) -> list[dict]:
+        """Resolves device events (synchronizes) and returns all records sorted by start time."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            for layer, lane, kind, nbytes, start, end in self._device:
+                self.records.append(dict(layer=layer, lane=lane, kind=kind, bytes=nbytes,
+                                         start=self._base.elapsed_time(start) / 1e3,
+                                         end=self._base.elapsed_time(end) / 1e3))
+            self._device.clear()
+        self.records.sort(key=lambda r: r["start"])
+        return self.records
+
+    def save(self, path: str | Path, **meta: object) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        events = self.finish()
+        step = max((r["end"] for r in events), default=0.0)
+        path.write_text(json.dumps({"meta": meta, "step_time_s": step, "events": events}, indent=1))
+        return path
