@@ -196,8 +196,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self._publish_weights()
         if trace is not None:
             self.engine.trace = None
-            trainer = self.lightning_module.trainer
-            trace.save(self.trace_dir / f"step{trainer.global_step}.json", **self._trace_meta())
+            trace.save(self.trace_dir / f"step{self.trace_step}.json", **self._trace_meta())
         return out
 
     def _publish_weights(self) -> None:

@@ -41,14 +41,14 @@ def loader(batches: list[torch.Tensor]) -> DataLoader:
     return DataLoader(batches, batch_size=None, shuffle=False)
 
 
-def lm_kwargs(steps: int) -> dict:
-    return dict(lr=1e-2, weight_decay=0.1, warmup_steps=2, max_steps=steps, min_lr_ratio=0.1)
+def lm_kwargs(steps: int, lr: float = 1e-2) -> dict:
+    return dict(lr=lr, weight_decay=0.1, warmup_steps=2, max_steps=steps, min_lr_ratio=0.1)
 
 
-def reference_run(model: Llama, batches, steps: int, accumulate: int, clip: float):
+def reference_run(model: Llama, batches, steps: int, accumulate: int, clip: float, lr: float = 1e-2):
     """Plain PyTorch: torch.optim.AdamW, clip_grad_norm_, LambdaLR, gradient accumulation like Lightning's."""
     model = copy.deepcopy(model)
-    lm = CausalLM(model.config, model=model, **lm_kwargs(steps))
+    lm = CausalLM(model.config, model=model, **lm_kwargs(steps, lr))
     conf = lm.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
     # The fused CPU kernel, which the host optimizer also runs. The default for-loop kernel rounds differently,
@@ -84,8 +84,8 @@ class FirstGrads(L.Callback):
 
 
 def megatrain_run(model: Llama, batches, steps: int, accumulate: int, clip: float, precision: str = "32-true",
-                  **strategy_kwargs):
-    lm = RecordingLM(model.config, model=copy.deepcopy(model), **lm_kwargs(steps))
+                  lr: float = 1e-2, **strategy_kwargs):
+    lm = RecordingLM(model.config, model=copy.deepcopy(model), **lm_kwargs(steps, lr))
     grads = FirstGrads()
     strategy = MegatrainStrategy(**strategy_kwargs)
     device = str(strategy_kwargs.get("device", "cpu"))

@@ -1,0 +1,114 @@
+"""Times training steps of a preset with the megatrain strategy and reports step time, model TFLOPS,
+peak device memory and host bytes per parameter. One JSON line per run on stdout (and --out).
+
+  python bench/step.py --model llama-3.2-3b --untied --micro-batch 8 --accumulate 4 --seq-len 1024 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning.config import Config
+from megatrain_lightning.lm import CausalLM
+
+
+class RandomTokens(Dataset):
+    def __init__(self, vocab: int, seq_len: int, n: int) -> None:
+        self.vocab, self.seq_len, self.n = vocab, seq_len, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.randint(0, self.vocab, (self.seq_len + 1,), generator=torch.Generator().manual_seed(i))
+
+
+class StepTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._last = None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        if self._last is not None:
+            self.times.append(now - self._last)
+        self._last = now
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="tiny")
+    ap.add_argument("--n-layer", type=int, default=None, help="truncate depth (same layer shape)")
+    ap.add_argument("--untied", action="store_true")
+    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--accumulate", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--precision", default="bf16-mixed")
+    ap.add_argument("--checkpoint-interval", type=int, default=1)
+    ap.add_argument("--prefetch-depth", type=int, default=2)
+    ap.add_argument("--trace-dir", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    overrides = {"tie_embeddings": False} if a.untied else {}
+    if a.n_layer:
+        overrides["n_layer"] = a.n_layer
+    config = Config.from_name(a.model, **overrides)
+    accel = "gpu" if torch.cuda.is_available() else "cpu"
+    strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth,
+                                 trace_dir=a.trace_dir, trace_step=2)
+    timer = StepTimer()
+    trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=1, precision=a.precision,
+                        max_steps=a.steps + 1, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+    data = DataLoader(RandomTokens(config.vocab_size, a.seq_len, (a.steps + 1) * a.accumulate * a.micro_batch),
+                      batch_size=a.micro_batch, num_workers=2)
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    trainer.fit(CausalLM(config, lr=1e-4, warmup_steps=1, max_steps=a.steps + 1), train_dataloaders=data)
+    wall = time.perf_counter() - t0
+    tokens = a.micro_batch * a.accumulate * a.seq_len
+    step = statistics.median(timer.times)  # the first step (warm-up) has no entry
+    result = dict(model=a.model, n_layer=config.n_layer, untied=a.untied, n_params=config.n_params,
+                  device=torch.cuda.get_device_name() if accel == "gpu" else "cpu", precision=a.precision,
+                  micro_batch=a.micro_batch, accumulate=a.accumulate, seq_len=a.seq_len, tokens_per_step=tokens,
+                  checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth,
+                  step_times_s=[round(t, 4) for t in timer.times], step_time_s=round(step, 4),
+                  tokens_per_s=round(tokens / step, 1), model_tflops=round(6 * config.n_params * tokens / step / 1e12, 1),
+                  peak_gpu_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if accel == "gpu" else None,
+                  host_rss_GiB=round(rss_bytes() / 2**30, 2),
+                  host_peak_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+                  host_bytes_per_param=round(rss_bytes() / config.n_params, 2),
+                  store_bytes_per_param=round(strategy.store.nbytes / config.n_params, 2), wall_s=round(wall, 1))
+    line = json.dumps(result)
+    print(line, flush=True)
+    if a.out:
+        with open(a.out, "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

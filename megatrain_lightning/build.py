@@ -1,0 +1,51 @@
+"""Builds the run's objects from a composed Hydra config (the `conf/` tree); train.py and the tests use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from megatrain_lightning.config import Config
+from megatrain_lightning.data import ByteTextDataModule
+from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.strategy import MegatrainStrategy
+
+
+def model_config(cfg: DictConfig) -> Config:
+    fields = OmegaConf.to_container(cfg, resolve=True)
+    name = fields.pop("name")
+    unknown = set(fields) - set(Config.field_names())
+    if unknown:
+        raise ValueError(f"unknown model field(s) {sorted(unknown)}; known: {Config.field_names()}")
+    return Config.from_name(name, **fields)
+
+
+def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataModule:
+    if cfg.kind != "bytes":
+        raise ValueError(f"unknown data kind {cfg.kind!r}; known: 'bytes'")
+    if config.vocab_size < 256:
+        raise ValueError(f"byte-level data needs vocab_size >= 256, the model has {config.vocab_size}")
+    if cfg.seq_len > config.max_seq_len:
+        raise ValueError(f"data.seq_len {cfg.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    return ByteTextDataModule(cfg.path, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=seed)
+
+
+def strategy(cfg: DictConfig, trace_dir: str | None = None) -> MegatrainStrategy:
+    return MegatrainStrategy(checkpoint_interval=cfg.checkpoint_interval, prefetch_depth=cfg.prefetch_depth,
+                             storage=cfg.kind, trace_dir=trace_dir)
+
+
+def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
+    out_dir = Path(out_dir)
+    checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
+                                  every_n_train_steps=cfg.trainer.val_check_interval)
+    return L.Trainer(strategy=strategy(cfg.storage), callbacks=[checkpoints],
+                     logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, **cfg.trainer)
+
+
+def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
+    return CausalLM(config, max_steps=cfg.trainer.max_steps, **cfg.optim)
