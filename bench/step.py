@@ -85,7 +85,7 @@ def main() -> None:
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
     data = DataLoader(RandomTokens(config.vocab_size, a.seq_len, (a.steps + 1) * a.accumulate * a.micro_batch),
-                      batch_size=a.micro_batch, num_workers=2)
+                      batch_size=a.micro_batch)  # no workers: a fork would copy-on-write the store
     torch.manual_seed(0)
     t0 = time.perf_counter()
     trainer.fit(CausalLM(config, lr=1e-4, warmup_steps=1, max_steps=a.steps + 1), train_dataloaders=data)

@@ -24,6 +24,9 @@ from megatrain_lightning.store import HostStore, Unit
 from megatrain_lightning.trace import Trace
 
 
+STAGING_RING = 4  # pinned gradient staging buffers shared by the trunk's layers
+
+
 class _Slot:
     """A device buffer that holds one layer's weights."""
 
@@ -84,6 +87,13 @@ class StreamingEngine:
         if self.cuda:
             self.h2d = torch.cuda.Stream(device)
             self.d2h = torch.cuda.Stream(device)
+        # Gradients land in pinned staging buffers: a small ring shared by the trunk's layers (a slot is reused
+        # once the worker has added its contents into fp32), and one buffer for the resident unit.
+        pin = self.cuda
+        self._ring = [torch.empty(max_numel, dtype=store.compute_dtype, pin_memory=pin) for _ in range(STAGING_RING)]
+        self._ring_busy: list[Future | None] = [None] * STAGING_RING
+        self._ring_pos = 0
+        self._resident_staging = torch.empty(store.units[-1].layout.numel, dtype=store.compute_dtype, pin_memory=pin)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-grad")
         self._pending: list[Future] = []
         self.fresh_grads = True  # the next shipped gradients overwrite the fp32 buffers instead of adding
@@ -165,8 +175,16 @@ class StreamingEngine:
         """Copies one unit's gradients (device, compute dtype, in layout order) into its host staging buffer,
         then (on the worker thread, once the copy landed) into its fp32 gradient buffer."""
         unit = self.store.units[unit_index]
-        staging = unit.layout.views(unit.staging)
-        nbytes = unit.staging.nbytes
+        if unit_index == len(self.store.units) - 1:
+            buf, ring_pos = self._resident_staging, None
+        else:
+            ring_pos = self._ring_pos
+            self._ring_pos = (ring_pos + 1) % STAGING_RING
+            if self._ring_busy[ring_pos] is not None:
+                self._ring_busy[ring_pos].result()  # the worker still reads this slot: wait for it
+            buf = self._ring[ring_pos][:unit.layout.numel]
+        staging = unit.layout.views(buf)
+        nbytes = buf.nbytes
         done = None
         if self.cuda:
             self.d2h.wait_stream(torch.cuda.current_stream())
@@ -183,22 +201,27 @@ class StreamingEngine:
             with self._span(unit_index, S.D2H, S.GRAD, nbytes):
                 for entry, g in zip(unit.layout.entries, grads):
                     staging[entry.name].copy_(g) if g is not None else staging[entry.name].zero_()
-        self._pending.append(self._worker.submit(self._accumulate, unit_index, unit, done, self.fresh_grads))
+        future = self._worker.submit(self._accumulate, unit_index, unit, buf, done, self.fresh_grads)
+        self._pending.append(future)
+        if ring_pos is not None:
+            self._ring_busy[ring_pos] = future
 
-    def _accumulate(self, unit_index: int, unit: Unit, done: torch.cuda.Event | None, fresh: bool) -> None:
+    def _accumulate(self, unit_index: int, unit: Unit, buf: Tensor, done: torch.cuda.Event | None,
+                    fresh: bool) -> None:
         if done is not None:
             done.synchronize()
         with self._host_span(unit_index, S.ACCUMULATE, unit.grad.nbytes):
             if fresh:
-                unit.grad.copy_(unit.staging)
+                unit.grad.copy_(buf)
             else:
-                unit.grad.add_(unit.staging)
+                unit.grad.add_(buf)
 
     def wait_grads(self) -> None:
         """Blocks until every shipped gradient sits in the fp32 buffers (end of a backward)."""
         for f in self._pending:
             f.result()
         self._pending.clear()
+        self._ring_busy = [None] * STAGING_RING
         self.fresh_grads = False
 
     # ---- tracing helpers (no-ops unless a trace is active) ----

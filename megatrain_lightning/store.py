@@ -3,8 +3,9 @@
 Each unit (one trunk block, or the resident rest of the model: embedding, final norm, head) holds:
 
 - one fp32 tile [master | adam m | adam v | grad], each a flat buffer of the unit's parameters in a fixed layout;
-- `stream`: the compute-dtype copy of the weights that is copied to the device in one DMA (pinned when CUDA is used);
-- `staging`: where the device's compute-dtype gradients land (pinned), before the host adds them into `grad`.
+- `stream`: the compute-dtype copy of the weights that is copied to the device in one DMA (pinned when CUDA is used).
+
+Gradients coming back land in the engine's small pinned staging ring before the host adds them into `grad`.
 """
 
 from __future__ import annotations
@@ -43,46 +44,49 @@ class Layout:
 
 
 class Unit:
-    def __init__(self, layout: Layout, compute_dtype: torch.dtype, pin: bool) -> None:
+    def __init__(self, layout: Layout, stream: Tensor) -> None:
         n = layout.numel
         self.layout = layout
         self.tile = torch.zeros(4 * n, dtype=torch.float32)  # [master | m | v | grad]
         self.master, self.exp_avg, self.exp_avg_sq, self.grad = self.tile.split(n)
-        self.stream = torch.empty(n, dtype=compute_dtype, pin_memory=pin)
-        self.staging = torch.empty(n, dtype=compute_dtype, pin_memory=pin)
+        self.stream = stream  # compute-dtype weights, a slice of the store's one pinned block
 
     @property
     def nbytes(self) -> int:
-        return self.tile.nbytes + self.stream.nbytes + self.staging.nbytes
+        return self.tile.nbytes + self.stream.nbytes
 
     def refresh_stream(self) -> None:
         self.stream.copy_(self.master)  # cast fp32 -> compute dtype (a plain copy in fp32)
 
 
 class HostStore:
-    """All units of a model: `units[i]` is trunk block i, `units[-1]` the resident part."""
+    """All units of a model: `units[i]` is trunk block i, `units[-1]` the resident part.
 
-    def __init__(self, compute_dtype: torch.dtype, pin: bool) -> None:
+    The streamed copies of all units share one pinned allocation: PyTorch's pinned allocator rounds each
+    request up to a power of two, which per layer would cost up to 2x."""
+
+    def __init__(self, layouts: list[Layout], names: list[str], compute_dtype: torch.dtype, pin: bool) -> None:
         self.compute_dtype = compute_dtype
-        self.pin = pin
+        self.names = names  # each unit's name prefix in the LightningModule ("model.model.layers.3.")
+        self._streams = torch.empty(sum(lay.numel for lay in layouts), dtype=compute_dtype, pin_memory=pin)
         self.units: list[Unit] = []
-        self.names: list[str] = []  # each unit's name prefix in the LightningModule ("model.model.layers.3.")
+        offset = 0
+        for layout in layouts:
+            self.units.append(Unit(layout, self._streams[offset:offset + layout.numel]))
+            offset += layout.numel
 
-    def add(self, prefix: str, named_tensors: list[tuple[str, Tensor]]) -> Unit:
-        """Adds a unit and copies the given (materialized) tensors into its fp32 master."""
-        unit = Unit(Layout([(n, t.shape) for n, t in named_tensors]), self.compute_dtype, self.pin)
+    def fill(self, index: int, named_tensors: list[tuple[str, Tensor]]) -> None:
+        """Copies a unit's (materialized) tensors into its fp32 master and its streamed copy."""
+        unit = self.units[index]
         views = unit.layout.views(unit.master)
         with torch.no_grad():
             for name, tensor in named_tensors:
                 views[name].copy_(tensor)
         unit.refresh_stream()
-        self.units.append(unit)
-        self.names.append(prefix)
-        return unit
 
     @property
     def nbytes(self) -> int:
-        return sum(u.nbytes for u in self.units)
+        return sum(u.tile.nbytes for u in self.units) + self._streams.nbytes
 
     @property
     def n_params(self) -> int:

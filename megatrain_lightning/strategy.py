@@ -26,7 +26,7 @@ from megatrain_lightning import schedule as S
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import bind_grads, bind_optimizer, host_state_dict, load_host_state_dict
-from megatrain_lightning.store import HostStore
+from megatrain_lightning.store import HostStore, Layout
 from megatrain_lightning.trace import Trace
 
 PRECISIONS = ("bf16-mixed", "32-true")
@@ -53,6 +53,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
             raise ValueError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
         if storage not in STORAGES:
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and device.index is None:
+                device = torch.device("cuda", 0)
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         self._device_given = device is not None
         self.parallel_devices: list[torch.device] | None = None  # Lightning's connector fills in its choice
@@ -123,19 +127,22 @@ class MegatrainStrategy(SingleDeviceStrategy):
             raise ValueError(f"the Trunk {prefix!r} has no blocks")
         self._trunk_prefix = prefix + "."
         device, dtype = self.root_device, self.compute_dtype
-        store = HostStore(dtype, pin=device.type == "cuda")
+        refs = list(_param_refs(module, skip=trunk).values())  # resident: [(name, [(module, attr, parameter)])]
+        layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()]) for block in trunk]
+        layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs]))
+        names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
+        store = HostStore(layouts, names, dtype, pin=device.type == "cuda")
 
         for i, block in enumerate(trunk):
             if any(p.is_meta for p in block.parameters()):
                 block.to_empty(device="cpu")
                 _reset(block)
-            store.add(f"{prefix}.{i}.", list(block.named_parameters()))
+            store.fill(i, list(block.named_parameters()))
             block.to("meta")  # the store holds the weights now; free the module's copy
             for n, p in block.named_parameters():
                 self._param_names[id(p)] = f"{prefix}.{i}.{n}"
 
         # the resident rest of the model: parameters outside the trunk, deduplicated (tied weights)
-        refs = list(_param_refs(module, skip=trunk).values())  # [(name, [(module, attr, parameter)])]
         meta_owners = {id(m): m for _, owners in refs for m, _, p in owners if p.is_meta}
         for _, owners in refs:
             p = owners[0][2]
@@ -146,8 +153,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
                 raise ValueError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
                                  "reset_parameters()")
             m.reset_parameters()
-        resident = [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs]
-        unit = store.add("", resident)
+        store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
+        unit = store.units[-1]
         self._resident_flat = unit.stream.to(device)
         views = unit.layout.views(self._resident_flat)
         self._resident_params = []
