@@ -21,7 +21,9 @@ class CausalLM(L.LightningModule):
         """`model`: an already built Llama (tests pass one to share initial weights); otherwise the model is built
         in `configure_model`, which the megatrain strategy runs on the meta device."""
         super().__init__()
-        self.save_hyperparameters(ignore=["model"])
+        self.save_hyperparameters(ignore=["model", "config"])
+        # plain fields, so checkpoints load with torch.load(weights_only=True)
+        self.hparams["model_config"] = {f: getattr(config, f) for f in Config.field_names()}
         self.config = config
         self.model = model
         self.val_loss = MeanMetric()

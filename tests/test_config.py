@@ -1,0 +1,72 @@
+"""Presets against hand-derived and published sizes; every YAML in conf/ composes and builds."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from megatrain_lightning import build
+from megatrain_lightning.config import PRESETS, Config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_llama100b_by_hand():
+    c = Config.from_name("llama100b")
+    h, kv, mlp, vocab = 10240, 8 * 128, 28672, 128256
+    layer = h * h + 2 * h * kv + h * h + 3 * h * mlp + 2 * h
+    assert c.layer_params == layer
+    assert c.n_params == 88 * layer + 2 * vocab * h + h
+    assert 99e9 < c.n_params < 101e9
+
+
+@pytest.mark.parametrize("name,published", [
+    ("llama-3.2-1b", 1.236e9),  # tied
+    ("llama-3-8b", 8.030e9),
+    ("llama-3-70b", 70.55e9),
+    ("llama-3.1-405b", 405.9e9),
+    ("mistral-large-123b", 122.6e9),
+    ("qwen2-0.5b", 0.494e9),
+])
+def test_presets_match_published_sizes(name, published):
+    assert Config.from_name(name).n_params == pytest.approx(published, rel=5e-3)
+
+
+def test_untied_3b_is_the_peer_shape():
+    assert Config.from_name("llama-3.2-3b", tie_embeddings=False).n_params == 3_606_752_256
+
+
+def test_bad_config_values():
+    with pytest.raises(ValueError, match="not divisible"):
+        Config(hidden_size=64, n_head=3)
+    with pytest.raises(ValueError, match="n_layer must be >= 1"):
+        Config(n_layer=0)
+
+
+def _compose(overrides):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=overrides)
+
+
+@pytest.mark.parametrize("group,option", sorted(
+    (p.parent.name, p.stem) for p in CONF.glob("*/*.yaml")))
+def test_every_yaml_composes_and_builds(group, option, tmp_path):
+    cfg = _compose([f"{group}={option}"])
+    config = build.model_config(cfg.model)
+    assert config.name == cfg.model.name in PRESETS
+    build.strategy(cfg.storage)
+    build.lightning_module(cfg, config)
+    if config.vocab_size >= 256 and cfg.data.seq_len <= config.max_seq_len:
+        build.datamodule(cfg.data, config, cfg.seed)
+    if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
+        return  # composed and validated above; a GPU Trainer cannot be built on this machine
+    trainer = build.trainer(cfg, tmp_path)
+    assert trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_model_field_override_and_unknown_field():
+    cfg = _compose(["model=llama-3.2-3b", "+model.tie_embeddings=false"])
+    assert build.model_config(cfg.model).n_params == 3_606_752_256
+    with pytest.raises(ValueError, match="unknown model field"):
+        build.model_config(_compose(["+model.n_layers=3"]).model)
