@@ -34,7 +34,6 @@ class _Slot:
         self.buf = torch.empty(numel, dtype=dtype, device=device)
         self.ready = torch.cuda.Event() if cuda else None  # H2D into buf finished
         self.free = torch.cuda.Event() if cuda else None  # compute finished reading buf
-        self.layer = -1
 
 
 class _Prefetcher:
@@ -160,7 +159,6 @@ class StreamingEngine:
     def _load(self, i: int, slot: _Slot) -> None:
         unit = self.store.units[i]
         dst = slot.buf[:unit.layout.numel]
-        slot.layer = i
         if not self.cuda:
             with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes):
                 dst.copy_(unit.stream)
