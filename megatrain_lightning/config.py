@@ -76,13 +76,6 @@ class Config:
     def n_params(self) -> int:
         return self.n_layer * self.layer_params + self.embedding_params
 
-    def layer_matmul_flops(self, tokens: int, seq_len: int) -> float:
-        """Forward FLOPs of one block for `tokens` tokens in sequences of `seq_len` (causal attention)."""
-        dense = 2 * tokens * (self.layer_params - 2 * self.hidden_size)
-        # QK^T and PV: 2 matmuls x 2 FLOPs x T x d per token, halved by the causal mask
-        attn = 2 * 2 * tokens * seq_len * self.n_head * self.head_dim / 2
-        return dense + attn
-
 
 PRESETS: dict[str, Config] = {
     c.name: c

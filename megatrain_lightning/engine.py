@@ -73,7 +73,6 @@ class StreamingEngine:
         self.cuda = device.type == "cuda"
         self.plan = S.Plan(len(blocks), checkpoint_interval)
         self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
-        self.prefetch_depth = prefetch_depth
         # one stateless template per distinct layer signature; the blocks themselves hold meta tensors
         templates: dict[tuple, nn.Module] = {}
         self.templates = [templates.setdefault((type(b), store.units[i].layout.signature), b)

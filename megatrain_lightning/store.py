@@ -51,10 +51,6 @@ class Unit:
         self.master, self.exp_avg, self.exp_avg_sq, self.grad = self.tile.split(n)
         self.stream = stream  # compute-dtype weights, a slice of the store's one pinned block
 
-    @property
-    def nbytes(self) -> int:
-        return self.tile.nbytes + self.stream.nbytes
-
     def refresh_stream(self) -> None:
         self.stream.copy_(self.master)  # cast fp32 -> compute dtype (a plain copy in fp32)
 
