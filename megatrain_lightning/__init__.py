@@ -5,6 +5,7 @@ Importing the package registers `Trainer(strategy="megatrain")`.
 
 from lightning.pytorch.strategies import StrategyRegistry
 
+from megatrain_lightning import config, schedule  # bound here too when the planner loaded them first
 from megatrain_lightning.config import Config
 from megatrain_lightning.model import Llama, Trunk
 from megatrain_lightning.strategy import MegatrainStrategy

@@ -16,12 +16,7 @@ from megatrain_lightning.strategy import MegatrainStrategy
 
 
 def model_config(cfg: DictConfig) -> Config:
-    fields = OmegaConf.to_container(cfg, resolve=True)
-    name = fields.pop("name")
-    unknown = set(fields) - set(Config.field_names())
-    if unknown:
-        raise ValueError(f"unknown model field(s) {sorted(unknown)}; known: {Config.field_names()}")
-    return Config.from_name(name, **fields)
+    return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))
 
 
 def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataModule:
@@ -36,7 +31,7 @@ def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataMod
 
 def strategy(cfg: DictConfig, trace_dir: str | None = None) -> MegatrainStrategy:
     return MegatrainStrategy(checkpoint_interval=cfg.checkpoint_interval, prefetch_depth=cfg.prefetch_depth,
-                             storage=cfg.kind, trace_dir=trace_dir)
+                             storage=cfg.kind, stream=cfg.get("stream", "auto"), trace_dir=trace_dir)
 
 
 def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:

@@ -45,6 +45,18 @@ class Config:
         return replace(PRESETS[name], **overrides)
 
     @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Config:
+        """A preset by `name`, with any other Config field overridden (what `conf/model/*.yaml` holds)."""
+        d = dict(d)
+        if "name" not in d:
+            raise ValueError("a model config needs a preset `name`")
+        name = d.pop("name")
+        unknown = set(d) - set(cls.field_names())
+        if unknown:
+            raise ValueError(f"unknown model field(s) {sorted(unknown)}; known: {cls.field_names()}")
+        return cls.from_name(name, **d)
+
+    @classmethod
     def field_names(cls) -> list[str]:
         return [f.name for f in fields(cls) if f.init]
 

@@ -24,14 +24,14 @@ from megatrain_lightning.store import HostStore, Unit
 from megatrain_lightning.trace import Trace
 
 
-STAGING_RING = 4  # pinned gradient staging buffers shared by the trunk's layers
-
 
 class _Slot:
-    """A device buffer that holds one layer's weights."""
+    """A device buffer that holds one layer's weights (and their compute-dtype cast when the fp32 master streams)."""
 
-    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device, cuda: bool) -> None:
-        self.buf = torch.empty(numel, dtype=dtype, device=device)
+    def __init__(self, numel: int, dtype: torch.dtype, compute_dtype: torch.dtype, device: torch.device,
+                 cuda: bool) -> None:
+        self.buf = torch.empty(numel, dtype=dtype, device=device)  # what the H2D copy fills
+        self.compute = self.buf if dtype == compute_dtype else torch.empty(numel, dtype=compute_dtype, device=device)
         self.ready = torch.cuda.Event() if cuda else None  # H2D into buf finished
         self.free = torch.cuda.Event() if cuda else None  # compute finished reading buf
 
@@ -79,7 +79,8 @@ class StreamingEngine:
                           for i, b in enumerate(blocks)]
         self.buffers = [{n: t.to(device) for n, t in b.named_buffers()} for b in blocks]
         max_numel = max(u.layout.numel for u in store.units[:len(blocks)])
-        self._slots = [_Slot(max_numel, store.compute_dtype, device, self.cuda) for _ in range(self.n_slots)]
+        self._slots = [_Slot(max_numel, store.stream_dtype, store.compute_dtype, device, self.cuda)
+                       for _ in range(self.n_slots)]
         self._free = list(self._slots)
         self.peak_resident_layers = 0
         if self.cuda:
@@ -88,8 +89,8 @@ class StreamingEngine:
         # Gradients land in pinned staging buffers: a small ring shared by the trunk's layers (a slot is reused
         # once the worker has added its contents into fp32), and one buffer for the resident unit.
         pin = self.cuda
-        self._ring = [torch.empty(max_numel, dtype=store.compute_dtype, pin_memory=pin) for _ in range(STAGING_RING)]
-        self._ring_busy: list[Future | None] = [None] * STAGING_RING
+        self._ring = [torch.empty(max_numel, dtype=store.compute_dtype, pin_memory=pin) for _ in range(S.STAGING_RING)]
+        self._ring_busy: list[Future | None] = [None] * S.STAGING_RING
         self._ring_pos = 0
         self._resident_staging = torch.empty(store.units[-1].layout.numel, dtype=store.compute_dtype, pin_memory=pin)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-grad")
@@ -100,7 +101,7 @@ class StreamingEngine:
 
     @property
     def slot_bytes(self) -> int:
-        return sum(s.buf.nbytes for s in self._slots)
+        return sum(s.buf.nbytes + (s.compute.nbytes if s.compute is not s.buf else 0) for s in self._slots)
 
     # ---- public entry: what Trunk.forward calls ----
     def __call__(self, x: Tensor, *extras: Tensor) -> Tensor:
@@ -149,7 +150,7 @@ class StreamingEngine:
         return grad
 
     def _views(self, i: int, slot: _Slot) -> dict[str, Tensor]:
-        return self.store.units[i].layout.views(slot.buf)
+        return self.store.units[i].layout.views(slot.compute)
 
     def _run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...]) -> Tensor:
         return functional_call(self.templates[i], {**params, **self.buffers[i]}, (x, *extras), strict=True)
@@ -157,15 +158,20 @@ class StreamingEngine:
     # ---- transfers ----
     def _load(self, i: int, slot: _Slot) -> None:
         unit = self.store.units[i]
-        dst = slot.buf[:unit.layout.numel]
+        n = unit.layout.numel
+        dst = slot.buf[:n]
         if not self.cuda:
             with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes):
                 dst.copy_(unit.stream)
+                if slot.compute is not slot.buf:
+                    slot.compute[:n].copy_(dst)
             return
         with torch.cuda.stream(self.h2d):
             self.h2d.wait_event(slot.free)  # the compute stream is done with the slot's previous layer
             with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d):
                 dst.copy_(unit.stream, non_blocking=True)
+                if slot.compute is not slot.buf:  # the fp32 master streamed: cast it here, off the compute stream
+                    slot.compute[:n].copy_(dst)
             slot.ready.record(self.h2d)
 
     def ship_grads(self, unit_index: int, grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> None:
@@ -176,7 +182,7 @@ class StreamingEngine:
             buf, ring_pos = self._resident_staging, None
         else:
             ring_pos = self._ring_pos
-            self._ring_pos = (ring_pos + 1) % STAGING_RING
+            self._ring_pos = (ring_pos + 1) % S.STAGING_RING
             if self._ring_busy[ring_pos] is not None:
                 self._ring_busy[ring_pos].result()  # the worker still reads this slot: wait for it
             buf = self._ring[ring_pos][:unit.layout.numel]
@@ -218,7 +224,7 @@ class StreamingEngine:
         for f in self._pending:
             f.result()
         self._pending.clear()
-        self._ring_busy = [None] * STAGING_RING
+        self._ring_busy = [None] * S.STAGING_RING
         self.fresh_grads = False
 
     # ---- tracing helpers (no-ops unless a trace is active) ----

@@ -13,7 +13,13 @@ COMPUTE = "compute"  # the compute device's main stream
 H2D = "h2d"  # host -> device copies (weights in)
 D2H = "d2h"  # device -> host copies (gradients out)
 CPU = "cpu"  # host CPU: gradient accumulation, AdamW, casts of master weights to the streamed copy
-LANES = (COMPUTE, H2D, D2H, CPU)
+NVME_READ = "nvme_read"  # file-backed tier: state read ahead of the optimizer
+NVME_WRITE = "nvme_write"  # file-backed tier: state written behind the optimizer
+LANES = (COMPUTE, H2D, D2H, CPU, NVME_READ, NVME_WRITE)
+
+# Pinned host buffers that shipped gradients land in before the host adds them into fp32: a ring shared by
+# the trunk's layers. Shipping layer i waits until the host has consumed layer i - STAGING_RING.
+STAGING_RING = 4
 
 # Event kinds
 FORWARD = "forward"  # a block's forward without autograd (checkpoints kept every K layers)

@@ -3,17 +3,23 @@
 Each unit (one trunk block, or the resident rest of the model: embedding, final norm, head) holds:
 
 - one fp32 tile [master | adam m | adam v | grad], each a flat buffer of the unit's parameters in a fixed layout;
-- `stream`: the compute-dtype copy of the weights that is copied to the device in one DMA (pinned when CUDA is used).
+- `stream`: what is copied to the device in one DMA (pinned when CUDA is used). With `stream="copy"` it is a
+  compute-dtype copy of the weights (2 more bytes per parameter in bf16, half the PCIe bytes); with
+  `stream="master"` it is the fp32 master itself, registered with CUDA in place, and the device casts it.
 
 Gradients coming back land in the engine's small pinned staging ring before the host adds them into `grad`.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+STREAMS = ("copy", "master")
 
 
 @dataclass(frozen=True)
@@ -44,15 +50,32 @@ class Layout:
 
 
 class Unit:
-    def __init__(self, layout: Layout, stream: Tensor) -> None:
+    def __init__(self, layout: Layout, stream: Tensor | None, pin: bool) -> None:
         n = layout.numel
         self.layout = layout
         self.tile = torch.zeros(4 * n, dtype=torch.float32)  # [master | m | v | grad]
         self.master, self.exp_avg, self.exp_avg_sq, self.grad = self.tile.split(n)
-        self.stream = stream  # compute-dtype weights, a slice of the store's one pinned block
+        if stream is None:  # the master streams: pin it where it is (the pinned allocator would round up to 2^k)
+            self.stream = self.master
+            if pin and n:
+                _register(self.master)
+        else:
+            self.stream = stream  # compute-dtype weights, a slice of the store's one pinned block
 
     def refresh_stream(self) -> None:
-        self.stream.copy_(self.master)  # cast fp32 -> compute dtype (a plain copy in fp32)
+        if self.stream is not self.master:
+            self.stream.copy_(self.master)  # cast fp32 -> compute dtype
+
+
+def _register(t: Tensor) -> None:
+    """Page-locks `t`'s memory for asynchronous DMA until `t`'s storage is freed."""
+    cudart = torch.cuda.cudart()
+    ptr, nbytes = t.data_ptr(), t.nbytes
+    err = cudart.cudaHostRegister(ptr, nbytes, 0)
+    if int(err) != 0:
+        raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}): the OS refused to page-lock "
+                           "the fp32 masters (check `ulimit -l`), or use stream=copy")
+    weakref.finalize(t.untyped_storage(), cudart.cudaHostUnregister, ptr)
 
 
 class HostStore:
@@ -61,15 +84,22 @@ class HostStore:
     The streamed copies of all units share one pinned allocation: PyTorch's pinned allocator rounds each
     request up to a power of two, which per layer would cost up to 2x."""
 
-    def __init__(self, layouts: list[Layout], names: list[str], compute_dtype: torch.dtype, pin: bool) -> None:
+    def __init__(self, layouts: list[Layout], names: list[str], compute_dtype: torch.dtype, pin: bool,
+                 stream: str = "copy") -> None:
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         self.compute_dtype = compute_dtype
+        self.stream = "master" if compute_dtype == torch.float32 else stream  # in fp32 a copy would be a duplicate
+        self.stream_dtype = torch.float32 if self.stream == "master" else compute_dtype
         self.names = names  # each unit's name prefix in the LightningModule ("model.model.layers.3.")
-        self._streams = torch.empty(sum(lay.numel for lay in layouts), dtype=compute_dtype, pin_memory=pin)
+        total = sum(lay.numel for lay in layouts) if self.stream == "copy" else 0
+        self._streams = torch.empty(total, dtype=compute_dtype, pin_memory=pin and total > 0)
         self.units: list[Unit] = []
         offset = 0
         for layout in layouts:
-            self.units.append(Unit(layout, self._streams[offset:offset + layout.numel]))
-            offset += layout.numel
+            copy = self._streams[offset:offset + layout.numel] if self.stream == "copy" else None
+            self.units.append(Unit(layout, copy, pin))
+            offset += layout.numel if copy is not None else 0
 
     def fill(self, index: int, named_tensors: list[tuple[str, Tensor]]) -> None:
         """Copies a unit's (materialized) tensors into its fp32 master and its streamed copy."""

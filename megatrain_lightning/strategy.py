@@ -8,6 +8,7 @@ device as a compute-dtype copy, and runs the user's Adam/AdamW on the host.
 
 from __future__ import annotations
 
+import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from megatrain_lightning.trace import Trace
 
 PRECISIONS = ("bf16-mixed", "32-true")
 STORAGES = ("ram",)
+STREAMS = ("auto", "copy", "master")
 
 
 class MegatrainStrategy(SingleDeviceStrategy):
@@ -41,6 +43,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         checkpoint_interval: int = 1,
         prefetch_depth: int = 2,
         storage: str = "ram",
+        stream: str = "auto",
         device: _DEVICE | None = None,
         trace_dir: str | Path | None = None,
         trace_step: int = 2,
@@ -52,7 +55,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
             raise ValueError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
         if storage not in STORAGES:
-            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+            hint = " (the file-backed tier is not built yet: issue #4)" if storage == "nvme" else ""
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}{hint}")
+        if stream not in STREAMS:
+            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         if device is not None:
             device = torch.device(device)
             if device.type == "cuda" and device.index is None:
@@ -61,6 +67,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self._device_given = device is not None
         self.parallel_devices: list[torch.device] | None = None  # Lightning's connector fills in its choice
         self.checkpoint_interval, self.prefetch_depth, self.storage = checkpoint_interval, prefetch_depth, storage
+        self.stream = stream
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
         self.trace_step = trace_step
         self.store: HostStore | None = None
@@ -131,7 +138,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()]) for block in trunk]
         layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs]))
         names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
-        store = HostStore(layouts, names, dtype, pin=device.type == "cuda")
+        store = HostStore(layouts, names, dtype, pin=device.type == "cuda",
+                          stream=self._resolve_stream(sum(lay.numel for lay in layouts), dtype))
 
         for i, block in enumerate(trunk):
             if any(p.is_meta for p in block.parameters()):
@@ -155,7 +163,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
             m.reset_parameters()
         store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
         unit = store.units[-1]
-        self._resident_flat = unit.stream.to(device)
+        # a device copy in the compute dtype (never an alias of the host store, even when the device is the CPU)
+        self._resident_flat = torch.empty(unit.layout.numel, dtype=dtype, device=device).copy_(unit.stream)
         views = unit.layout.views(self._resident_flat)
         self._resident_params = []
         for name, owners in refs:
@@ -176,6 +185,13 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if self.engine is None:
             return
         _move_except(self.lightning_module, self.root_device, lambda m: isinstance(m, Trunk))
+
+    def _resolve_stream(self, n_params: int, dtype: torch.dtype) -> str:
+        """stream="auto": a compute-dtype copy when RAM holds it beside the fp32 state, else the master streams."""
+        if self.stream != "auto":
+            return self.stream
+        copy_bytes = n_params * torch.finfo(dtype).bits // 8
+        return "copy" if 16 * n_params + copy_bytes < _available_ram_bytes() else "master"
 
     # ---- the training step ----
     @override
@@ -227,7 +243,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def _trace_meta(self) -> dict:
         return dict(device=str(self.root_device), compute_dtype=str(self.compute_dtype),
                     n_layers=self.engine.plan.n_layers, checkpoint_interval=self.checkpoint_interval,
-                    prefetch_depth=self.prefetch_depth, n_params=self.store.n_params)
+                    prefetch_depth=self.prefetch_depth, n_params=self.store.n_params, stream=self.store.stream)
 
     # ---- checkpoints: weights come from the store, not from the (meta) module ----
     @override
@@ -284,6 +300,17 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="Layer-streaming single-GPU training "
                                    "with host-resident fp32 state", override=True)
+
+
+def _available_ram_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # ---- module surgery helpers ----

@@ -40,3 +40,19 @@ def test_update_below_bf16_resolution_reaches_fp32_master():
         assert (w - before).abs().max() < 1e-6  # the step really is tiny...
         # ...far below bf16 resolution: in a bf16 copy of the weights nearly all of it is lost
         assert (w.bfloat16() != before.bfloat16()).float().mean() < 0.05, name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_streaming_the_fp32_master_equals_streaming_a_bf16_copy(device):
+    """stream="master" (RAM-lean: the device casts) and stream="copy" (the host casts) train bit-identically."""
+    model = make_model("tiny")
+    batches = make_batches(model.config, 6)
+    runs = {s: megatrain_run(model, batches, 3, 2, 1.0, precision="bf16-mixed", lr=1e-3, device=device, stream=s)
+            for s in ("copy", "master")}
+    copy, master = runs["copy"], runs["master"]
+    assert copy[3].store.stream == "copy" and master[3].store.stream == "master"
+    assert master[3].store.stream_dtype == torch.float32 and master[3].store.units[0].stream is master[3].store.units[0].master
+    assert copy[0] == master[0]  # losses
+    for name in copy[2]:
+        assert torch.equal(copy[1][name], master[1][name]), name  # first gradients
+        assert torch.equal(copy[2][name], master[2][name]), name  # weights after 3 steps

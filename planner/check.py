@@ -1,0 +1,107 @@
+"""Will this model train on this machine, how fast, and what limits it?
+
+    python -m planner.check model=llama100b hardware=h200 storage=nvme hardware.host_ram_GiB=1536 \\
+        data.seq_len=4096 data.micro_batch=8 [--json] [--plot step.png] [--tokens 1e9]
+
+Takes the same Hydra overrides as train.py (it composes the same `conf/` tree). Exit status: 0 it fits,
+1 it does not, 2 bad input (the message names the field).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from planner.errors import PlanError
+from planner.hardware import Hardware, detect_gpu, disk_free_TB, host_ram_GiB, preset_for_gpu
+from planner.plan import Answer, plan
+from planner.report import as_dict, plot, text
+from planner.shared import Config
+from planner.workload import Workload
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides: list[str]) -> Any:
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        if GlobalHydra.instance().is_initialized():  # inside train.py's @hydra.main: the same conf/ tree
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+                cfg = hydra_compose(config_name="config", overrides=overrides)
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as e:
+        field = next((o.split("=")[0] for o in overrides if o.split("=")[0].lstrip("+~") in str(e)), "overrides")
+        raise PlanError(field, str(e).splitlines()[0]) from None
+
+
+def hardware(cfg: dict[str, Any]) -> Hardware:
+    hw = dict(cfg["hardware"])
+    if hw.get("name") == "auto":
+        gpu = detect_gpu()
+        preset = preset_for_gpu(gpu[0] if gpu else None)
+        base = compose([f"hardware={preset}"])["hardware"]
+        base["name"] = f"auto: {preset}"
+        if gpu:
+            base["gpu"], base["hbm_GiB"] = gpu[0], round(gpu[1], 1)
+        base["host_ram_GiB"] = round(host_ram_GiB(), 1)
+        base["nvme_capacity_TB"] = round(disk_free_TB(str(cfg["storage"].get("nvme_dir") or ".")), 3)
+        base.update({k: v for k, v in hw.items() if v is not None and k != "name"})
+        hw = base
+    return Hardware.from_dict(hw)
+
+
+def workload(cfg: dict[str, Any]) -> Workload:
+    try:
+        model = Config.from_dict(cfg["model"])
+    except ValueError as e:
+        raise PlanError("model", str(e)) from None
+    st, tr, data = cfg["storage"], cfg["trainer"], cfg["data"]
+    return Workload(model, seq_len=data["seq_len"], micro_batch=data["micro_batch"],
+                    accumulate=tr.get("accumulate_grad_batches", 1), precision=tr.get("precision", "bf16-mixed"),
+                    checkpoint_interval=st["checkpoint_interval"], prefetch_depth=st["prefetch_depth"],
+                    storage=st["kind"], stream=st.get("stream", "auto"), ram_budget_GiB=st.get("ram_budget_GiB"))
+
+
+def check(cfg: dict[str, Any], advise: bool = True) -> Answer:
+    """The answer for a composed config (a plain dict, or anything OmegaConf.to_container accepts)."""
+    if not isinstance(cfg, dict):
+        from omegaconf import OmegaConf
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    return plan(hardware(cfg), workload(cfg), advise=advise)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m planner.check", description=__doc__.split("\n\n")[0],
+                                 epilog="other arguments: Hydra overrides of conf/ (model=..., hardware=..., ...)")
+    ap.add_argument("--json", action="store_true", help="print the answer as JSON")
+    ap.add_argument("--plot", metavar="FILE.png", help="draw the step's timeline and memory")
+    ap.add_argument("--tokens", type=float, default=1e9, help="token budget to time (default 1e9)")
+    args, overrides = ap.parse_known_args(argv)
+    bad = [o for o in overrides if o.startswith("-")]
+    if bad:
+        ap.error(f"unknown option {bad[0]}")
+    try:
+        if args.tokens <= 0:
+            raise PlanError("--tokens", f"must be > 0, got {args.tokens:g}")
+        answer = check(compose(overrides))
+    except PlanError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(as_dict(answer, args.tokens), indent=1) if args.json else text(answer, args.tokens))
+    if args.plot:
+        plot(answer, args.plot)
+    return 0 if answer.fits else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""From a machine and a run to an answer: where the state goes, each tier's peak, the step time, the
+bottleneck and what to change."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from planner.shared import schedule as S
+from planner.errors import PlanError
+from planner.hardware import Hardware
+from planner.simulate import Timeline, simulate
+from planner.workload import GiB, Workload
+
+COMPUTE_BOUND = 0.9  # "compute-bound": the GPU computes for at least this share of the step
+
+
+@dataclass(frozen=True)
+class Tier:
+    name: str
+    need_bytes: int
+    capacity_bytes: int
+    note: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.need_bytes <= self.capacity_bytes
+
+    @property
+    def short_bytes(self) -> int:
+        return max(0, self.need_bytes - self.capacity_bytes)
+
+
+@dataclass
+class Answer:
+    hw: Hardware
+    wl: Workload  # with storage placement resolved
+    timeline: Timeline
+    tiers: list[Tier]
+    busy_s: dict[str, float]
+    advice: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return all(t.fits for t in self.tiers)
+
+    @property
+    def step_time_s(self) -> float:
+        return self.timeline.step_time_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.wl.step_tokens / self.step_time_s
+
+    @property
+    def model_tflops(self) -> float:
+        return self.wl.model_flops_per_step / self.step_time_s / 1e12
+
+    @property
+    def bottleneck(self) -> tuple[str, float]:
+        lane = max(self.busy_s, key=self.busy_s.get)
+        return lane, self.busy_s[lane] / self.step_time_s
+
+    @property
+    def compute_share(self) -> float:
+        return self.busy_s[S.COMPUTE] / self.step_time_s
+
+
+def usable_ram_bytes(hw: Hardware) -> int:
+    return int((hw.host_ram_GiB - hw.host_reserved_GiB) * GiB)
+
+
+def place(hw: Hardware, wl: Workload) -> Workload:
+    """Resolves storage.stream=auto and, for storage=nvme, how many layers keep their state on the SSD."""
+    if wl.storage == "nvme":
+        if wl.stream == "master" and wl.cb != 4:
+            raise PlanError("storage.stream", "storage=nvme streams the compute-dtype copy kept in RAM; "
+                                              "use storage.stream=copy or auto")
+        wl = replace(wl, stream="copy")
+        others = sum(v for k, v in replace(wl, n_nvme_layers=wl.n_layers).host_bytes(hw.unified).items()
+                     if k != "state")
+        budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
+                  else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
+        n = next((n for n in range(wl.n_layers + 1) if wl.ram_state_bytes(n) <= budget), wl.n_layers)
+        return replace(wl, n_nvme_layers=n)
+    if wl.stream == "auto":
+        copy = replace(wl, stream="copy")
+        return copy if ram_need(hw, copy) <= usable_ram_bytes(hw) else replace(wl, stream="master")
+    return wl
+
+
+def device_peak(hw: Hardware, wl: Workload) -> int:
+    """Peak device bytes of one micro-batch (memory does not grow with accumulation)."""
+    w = wl if wl.stream != "auto" else replace(wl, stream="copy")
+    return simulate(hw, replace(w, accumulate=1)).gpu_peak_bytes + int(hw.gpu_reserved_GiB * GiB)
+
+
+def ram_need(hw: Hardware, wl: Workload, timeline: Timeline | None = None) -> int:
+    need = sum(wl.host_bytes(hw.unified).values())
+    if hw.unified:  # the "device" is this RAM
+        need += timeline.gpu_peak_bytes if timeline else device_peak(hw, wl)
+    return need
+
+
+def plan(hw: Hardware, wl: Workload, advise: bool = True) -> Answer:
+    wl = place(hw, wl)
+    t = simulate(hw, wl)
+    ram = Tier("RAM", ram_need(hw, wl, t), usable_ram_bytes(hw),
+               f"{hw.host_ram_GiB:g} GiB less {hw.host_reserved_GiB:g} reserved")
+    tiers = []
+    if not hw.unified:
+        tiers.append(Tier("GPU", t.gpu_peak_bytes + int(hw.gpu_reserved_GiB * GiB), int(hw.hbm_GiB * GiB),
+                          f"incl. {hw.gpu_reserved_GiB:g} GiB context/allocator"))
+        tiers.append(Tier("pinned host", wl.pinned_bytes(), ram.capacity_bytes, "part of RAM"))
+    tiers.append(ram)
+    if wl.storage == "nvme":
+        tiers.append(Tier("NVMe", wl.nvme_bytes, int(hw.nvme_capacity_TB * 1e12),
+                          f"{wl.n_nvme_layers} of {wl.n_layers} layers"))
+    busy = {lane: t.busy_s(lane) for lane in S.LANES if not (hw.unified and lane in (S.H2D, S.D2H))}
+    answer = Answer(hw, wl, t, tiers, busy)
+    if advise:
+        answer.advice = advice(answer)
+    return answer
+
+
+# ---- what to change ----
+def advice(a: Answer) -> list[str]:
+    hw, wl = a.hw, a.wl
+    out: list[str] = []
+    by_name = {t.name: t for t in a.tiers}
+    ram = by_name["RAM"]
+    if wl.storage == "ram" and not ram.fits:
+        nv = place(hw, replace(wl, storage="nvme", stream="copy"))
+        out.append(f"RAM: the state needs {ram.need_bytes / GiB:,.0f} GiB of {ram.capacity_bytes / GiB:,.0f} usable; "
+                   f"use a host with >= {(ram.need_bytes / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB RAM, or "
+                   f"storage=nvme (puts {nv.n_nvme_layers} of {wl.n_layers} layers' state, "
+                   f"{nv.nvme_bytes / 1e12:.2f} TB, on the SSD)")
+    if wl.storage == "nvme" and wl.n_nvme_layers:
+        full = ram_need(hw, replace(wl, storage="ram", n_nvme_layers=0))
+        out.append(f"NVMe: {wl.n_nvme_layers} of {wl.n_layers} layers keep fp32 state on the SSD "
+                   f"({wl.nvme_bytes / 1e12:.2f} TB); >= {(full / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB of RAM "
+                   "would keep everything in RAM")
+        if not ram.fits:
+            out.append(f"RAM: even with every layer on the SSD, the streamed copy and gradient buffers need "
+                       f"{ram.need_bytes / GiB:,.0f} GiB of {ram.capacity_bytes / GiB:,.0f} usable")
+    if "NVMe" in by_name and not by_name["NVMe"].fits:
+        out.append(f"NVMe: needs {by_name['NVMe'].need_bytes / 1e12:.2f} TB of free SSD, has "
+                   f"{hw.nvme_capacity_TB:g} TB")
+    if wl.resolved_stream == "master" and wl.cb == 2:
+        out.append("stream: RAM has no room for a bf16 copy of the weights, so the fp32 master streams (4 bytes per "
+                   "parameter over PCIe instead of 2; the device casts)")
+    if "GPU" in by_name and not by_name["GPU"].fits:
+        mb = _largest(lambda m: _gpu_fits(hw, replace(wl, micro_batch=m)), wl.micro_batch - 1)
+        out.append(f"GPU: {by_name['GPU'].need_bytes / GiB:.1f} GiB needed of {hw.hbm_GiB:g}; "
+                   + (f"data.micro_batch={mb} fits (raise trainer.accumulate_grad_batches to keep the tokens per "
+                      "step)" if mb else "even micro-batch 1 does not fit: shorten data.seq_len"))
+    if "GPU" in by_name and by_name["GPU"].fits:
+        ks = [k for k in range(1, wl.n_layers + 1) if _gpu_fits(hw, replace(wl, checkpoint_interval=k))]
+        if ks and max(ks) != wl.checkpoint_interval:
+            out.append(f"checkpoint interval: up to storage.checkpoint_interval={max(ks)} fits the GPU "
+                       f"(now {wl.checkpoint_interval})")
+    lane, share = a.bottleneck
+    if lane != S.COMPUTE:
+        mb, acc = _compute_bound(hw, wl)
+        if mb:
+            out.append(f"compute-bound (GPU busy >= {COMPUTE_BOUND:.0%}) from data.micro_batch={mb} with "
+                       f"trainer.accumulate_grad_batches={acc} ({mb * wl.seq_len * acc:,} tokens per step)")
+        else:
+            out.append(f"no micro-batch that fits makes the step compute-bound: {_lane_words(lane)} limits it")
+    if lane == S.CPU:
+        opt = a.timeline.busy_s(S.CPU, S.OPTIMIZER)
+        out.append(f"CPU: the host optimizer takes {opt:.2f} s of the {a.step_time_s:.2f} s step "
+                   f"({hw.cpu_adamw_Gparams:g} Gparam/s); more tokens per step amortize it")
+    if lane in (S.NVME_READ, S.NVME_WRITE):
+        out.append(f"SSD: {_lane_words(lane)} is busy {share:.0%} of the step; a faster SSD or more RAM "
+                   "(fewer layers on it) shortens the step")
+    return out
+
+
+def _lane_words(lane: str) -> str:
+    return {S.COMPUTE: "GPU compute", S.H2D: "the host-to-device link", S.D2H: "the device-to-host link",
+            S.CPU: "the host CPU (optimizer, casts, gradient accumulation)", S.NVME_READ: "SSD reads",
+            S.NVME_WRITE: "SSD writes"}[lane]
+
+
+def _gpu_fits(hw: Hardware, wl: Workload) -> bool:
+    return hw.unified or device_peak(hw, wl) <= hw.hbm_GiB * GiB
+
+
+def _largest(ok, hi: int) -> int:
+    """Largest m in [1, hi] with ok(m) (ok is monotone: true up to some point), 0 if none."""
+    lo, best = 1, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if ok(mid):
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def _compute_bound(hw: Hardware, wl: Workload) -> tuple[int, int]:
+    """(micro-batch, accumulation) with the fewest tokens per step at which the GPU computes for at least
+    COMPUTE_BOUND of the step while its memory fits: the micro-batch first (powers of two, then bisected),
+    else more accumulation; (0, 0) if neither gets there."""
+    def share(w: Workload) -> float:
+        t = simulate(hw, w)
+        return t.busy_s(S.COMPUTE) / t.step_time_s
+
+    m = 1
+    while m <= 4096 and _gpu_fits(hw, replace(wl, micro_batch=m, accumulate=1)):
+        if share(replace(wl, micro_batch=m)) >= COMPUTE_BOUND:
+            lo, hi = m // 2 + 1, m
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if share(replace(wl, micro_batch=mid)) >= COMPUTE_BOUND else (mid + 1, hi)
+            return hi, wl.accumulate
+        m *= 2
+    # accumulation adds whole micro-batches to a step whose optimizer cost is fixed: extrapolate from two
+    t1, t2 = simulate(hw, replace(wl, accumulate=1)), simulate(hw, replace(wl, accumulate=2))
+    c1, d = t1.busy_s(S.COMPUTE), t2.step_time_s - t1.step_time_s
+    if c1 / d < COMPUTE_BOUND * 1.0001:
+        return 0, 0
+    a = max(1, -(-(COMPUTE_BOUND * (t1.step_time_s - d)) // (c1 - COMPUTE_BOUND * d)))
+    return wl.micro_batch, int(a)

@@ -1,0 +1,128 @@
+"""An answer in words (the terminal), as data (`--json`) and as a picture (`--plot`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from planner.plan import Answer, _lane_words
+from planner.shared import schedule as S
+from planner.workload import GiB
+
+LANE_TITLES = {S.COMPUTE: "GPU compute", S.H2D: "H2D", S.D2H: "D2H", S.CPU: "CPU (optimizer)",
+               S.NVME_READ: "NVMe read", S.NVME_WRITE: "NVMe write"}
+
+
+def _size(nbytes: float) -> str:
+    if nbytes >= 1e12:
+        return f"{nbytes / 1e12:.2f} TB"
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _duration(s: float) -> str:
+    for unit, n in (("days", 86400), ("h", 3600), ("min", 60)):
+        if s >= n:
+            return f"{s / n:.1f} {unit}"
+    return f"{s:.1f} s"
+
+
+def verdict(a: Answer) -> str:
+    if a.fits:
+        return "FITS"
+    short = [f"{t.name} short by {_size(t.short_bytes)} (needs {_size(t.need_bytes)}, has {_size(t.capacity_bytes)})"
+             for t in a.tiers if not t.fits]
+    return "DOES NOT FIT: " + "; ".join(short)
+
+
+def text(a: Answer, tokens: float) -> str:
+    wl, hw, c = a.wl, a.hw, a.wl.model
+    lines = [
+        f"megatrain plan: {c.name} ({c.n_params / 1e9:.3g}B parameters, {c.n_layer} layers) on {hw.name} "
+        f"({hw.gpu}), storage={wl.storage}, {wl.precision}",
+        f"  {wl.micro_batch} x {wl.seq_len} tokens x accumulate {wl.accumulate} = {wl.step_tokens:,} tokens/step; "
+        f"checkpoint_interval {wl.checkpoint_interval}, prefetch_depth {wl.prefetch_depth}, stream {wl.resolved_stream}",
+        "",
+        verdict(a),
+        "",
+        f"  {'tier':<12} {'peak':>11} {'capacity':>11} {'use':>5}",
+    ]
+    for t in a.tiers:
+        use = t.need_bytes / t.capacity_bytes if t.capacity_bytes else float("inf")
+        lines.append(f"  {t.name:<12} {_size(t.need_bytes):>11} {_size(t.capacity_bytes):>11} {use:>5.0%}  {t.note}")
+    lane, share = a.bottleneck
+    cpu = {k: a.timeline.busy_s(S.CPU, k) for k in (S.OPTIMIZER, S.CAST, S.ACCUMULATE)}
+    busy = " | ".join(f"{LANE_TITLES[k]} {v:.2f} s" for k, v in a.busy_s.items() if v > 0)
+    lines += [
+        "",
+        f"  step time       {a.step_time_s:.3f} s   ({a.tokens_per_s:,.0f} tokens/s, {a.model_tflops:.1f} model TFLOPS "
+        "= 6 N tokens / step time)",
+        f"  {tokens:.3g} tokens    {_duration(tokens / a.tokens_per_s)}",
+        f"  busy per step   {busy}",
+        f"                  CPU: optimizer {cpu[S.OPTIMIZER]:.2f} s, cast {cpu[S.CAST]:.2f} s, "
+        f"gradient accumulation {cpu[S.ACCUMULATE]:.2f} s",
+        f"  bottleneck      {_lane_words(lane)}: busy {share:.0%} of the step (GPU computes {a.compute_share:.0%})",
+    ]
+    if a.advice:
+        lines += ["", "advice:"] + [f"  - {x}" for x in a.advice]
+    return "\n".join(lines)
+
+
+def as_dict(a: Answer, tokens: float) -> dict[str, Any]:
+    wl, hw = a.wl, a.hw
+    lane, share = a.bottleneck
+    return dict(
+        fits=a.fits, verdict=verdict(a), model=wl.model.name, n_params=wl.model.n_params, hardware=hw.name,
+        storage=wl.storage, stream=wl.resolved_stream, n_nvme_layers=wl.n_nvme_layers, precision=wl.precision,
+        micro_batch=wl.micro_batch, seq_len=wl.seq_len, accumulate=wl.accumulate, tokens_per_step=wl.step_tokens,
+        checkpoint_interval=wl.checkpoint_interval, prefetch_depth=wl.prefetch_depth,
+        tiers=[dict(name=t.name, need_bytes=t.need_bytes, capacity_bytes=t.capacity_bytes, fits=t.fits)
+               for t in a.tiers],
+        gpu_allocated_peak_bytes=a.timeline.gpu_peak_bytes,  # comparable to torch.cuda.max_memory_allocated
+        step_time_s=a.step_time_s, tokens_per_s=a.tokens_per_s, model_tflops=a.model_tflops,
+        train_tokens=tokens, train_time_s=tokens / a.tokens_per_s,
+        busy_s=a.busy_s, busy_by_kind_s=_by_kind(a),
+        bottleneck=dict(lane=lane, share=share), compute_share=a.compute_share, advice=a.advice)
+
+
+def _by_kind(a: Answer) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for s in a.timeline.spans:
+        out[f"{s.lane}/{s.kind}"] = out.get(f"{s.lane}/{s.kind}", 0.0) + s.duration
+    return out
+
+
+def plot(a: Answer, path: str) -> None:
+    """One lane per resource over the step, and each tier's memory over the step."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit("--plot needs matplotlib: pip install 'megatrain-lightning[plot]'") from e
+    lanes = [lane for lane in S.LANES if any(s.lane == lane for s in a.timeline.spans)] or [S.COMPUTE]
+    kinds = sorted({s.kind for s in a.timeline.spans})
+    colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(12, 6), sharex=True, gridspec_kw=dict(height_ratios=[3, 2]))
+    for y, lane in enumerate(lanes):
+        for kind in kinds:
+            bars = [(s.start, s.duration) for s in a.timeline.spans if s.lane == lane and s.kind == kind]
+            if bars:
+                top.broken_barh(bars, (y - 0.4, 0.8), color=colors[kind], label=kind)
+    handles = {h.get_label(): h for h in top.get_legend_handles_labels()[0]}
+    top.legend(handles.values(), handles.keys(), loc="upper right", fontsize=7, ncol=len(handles))
+    top.set_yticks(range(len(lanes)), [LANE_TITLES[lane] for lane in lanes])
+    top.invert_yaxis()
+    top.set_title(f"{a.wl.model.name} on {a.hw.name}: {a.step_time_s:.2f} s/step, {a.model_tflops:.0f} model TFLOPS "
+                  f"- {verdict(a)}", fontsize=9)
+    times, levels = zip(*a.timeline.gpu_curve())
+    bottom.step(times, [v / GiB for v in levels], where="post", label="GPU allocated")
+    for t in a.tiers:
+        if t.name != "GPU":
+            bottom.hlines(t.need_bytes / GiB, 0, a.step_time_s, linestyles="dashed", label=f"{t.name} (flat)",
+                          color=plt.cm.tab10(len(bottom.lines) % 10))
+    bottom.set_ylabel("GiB")
+    bottom.set_xlabel("seconds into the step")
+    bottom.set_yscale("log")
+    bottom.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,207 @@
+"""A discrete-event timeline of one training step of the engine, layer by layer.
+
+Each lane (schedule.LANES) runs its spans in the order the engine issues them, like a CUDA stream; a span
+starts when its lane is free and its inputs exist. The main thread's own waits (the gradient staging ring,
+`wait_grads`, the optimizer and cast it runs itself) hold back everything it issues after them. Overlap
+and stalls are what this produces, not inputs; memory per tier comes from the same spans.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.shared import schedule as S
+from planner.hardware import Hardware
+from planner.workload import NVME_BUFFERS, NVME_STATE_BYTES, Workload
+
+RESIDENT_LAYER = -1  # layer index of spans of the resident part (embedding, head, loss, optimizer, cast)
+
+
+@dataclass(frozen=True)
+class Span:
+    lane: str
+    kind: str
+    layer: int
+    start: float
+    end: float
+    nbytes: int = 0
+
+    @property
+    def duration(self) -> float:
+        return self.end - self.start
+
+
+@dataclass
+class Timeline:
+    spans: list[Span] = field(default_factory=list)
+    gpu_mem: list[tuple[float, int]] = field(default_factory=list)  # (time, +/- bytes) of device allocations
+    gpu_base_bytes: int = 0  # held the whole step: resident weights and the weight slots
+
+    @property
+    def step_time_s(self) -> float:
+        return max(s.end for s in self.spans)
+
+    def busy_s(self, lane: str, kind: str | None = None) -> float:
+        return sum(s.duration for s in self.spans if s.lane == lane and (kind is None or s.kind == kind))
+
+    def gpu_curve(self) -> list[tuple[float, int]]:
+        """(time, allocated bytes) after each change; frees at an instant count before allocations."""
+        level, curve = self.gpu_base_bytes, [(0.0, self.gpu_base_bytes)]
+        for t, d in sorted(self.gpu_mem):
+            level += d
+            curve.append((t, level))
+        return curve
+
+    @property
+    def gpu_peak_bytes(self) -> int:
+        return max(level for _, level in self.gpu_curve())
+
+
+class _Sim:
+    def __init__(self, hw: Hardware, wl: Workload) -> None:
+        self.hw, self.wl = hw, wl
+        self.t = Timeline()
+        self.free = {lane: 0.0 for lane in S.LANES}
+        self.host = 0.0  # the main thread: nothing it issues starts before this
+        self.slots = [0.0] * wl.n_slots  # when each weight slot's last reader finished (the engine's free stack)
+        # without a separate device the copies are plain copies on the main thread, in line with compute
+        self.lane_of = {S.H2D: S.COMPUTE, S.D2H: S.COMPUTE} if hw.unified else {}
+
+    # ---- primitives ----
+    def span(self, lane: str, kind: str, layer: int, dur: float, after: float = 0.0, nbytes: int = 0,
+             issued: bool = True) -> Span:
+        lane = self.lane_of.get(lane, lane)
+        start = max(self.free[lane], after, self.host if issued else 0.0)
+        s = Span(lane, kind, layer, start, start + dur, nbytes)
+        self.free[lane] = s.end
+        self.t.spans.append(s)
+        if self.hw.unified and lane == S.COMPUTE:
+            self.host = s.end  # synchronous on the main thread
+        return s
+
+    def alloc(self, start: float, end: float | None, nbytes: int) -> None:
+        self.t.gpu_mem.append((start, nbytes))
+        if end is not None:
+            self.t.gpu_mem.append((end, -nbytes))
+
+    def transfer_s(self, lane: str, nbytes: int, at: float) -> float:
+        hw = self.hw
+        if hw.unified:
+            return nbytes / (hw.host_mem_GBps * 1e9)
+        rate = hw.h2d_GBps if lane == S.H2D else hw.d2h_GBps
+        other = S.D2H if lane == S.H2D else S.H2D
+        if self.free[other] > at:  # both directions busy: they share the duplex cap
+            rate = min(rate, hw.duplex_GBps / 2)
+        return nbytes / (rate * 1e9)
+
+    # ---- compute costs ----
+    def layer_s(self, passes: int) -> float:
+        """One block over one micro-batch: forward (passes=1) or backward (passes=2)."""
+        wl, hw = self.wl, self.hw
+        flops = (wl.layer_matmul_flops + wl.attention_flops()) * wl.micro_tokens * passes
+        rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
+        return flops / rate + passes * hw.layer_overhead_ms / 1e3
+
+    def head_s(self) -> float:
+        """Head forward + backward with the loss (3 passes of its matmul)."""
+        wl, hw = self.wl, self.hw
+        rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
+        return 3 * wl.head_flops * wl.micro_tokens / rate + 3 * hw.layer_overhead_ms / 1e3
+
+    # ---- the step ----
+    def micro_batch(self, first: bool, acc_ends: list[float]) -> None:
+        wl, hw = self.wl, self.hw
+        p, c = wl.plan, wl.model
+        tok = wl.micro_tokens
+        slots = self.slots
+        embed = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3)
+        x_ready = embed.end
+        ckpt_alloc: dict[int, float] = {}
+        for i in p.forward_loads():
+            free_at = slots.pop()
+            load = self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
+                             nbytes=wl.load_bytes)
+            fwd = self.span(S.COMPUTE, S.FORWARD, i, self.layer_s(1), after=max(load.end, x_ready))
+            x_ready = fwd.end
+            if i % p.k == 0:
+                ckpt_alloc[i // p.k] = fwd.start
+            self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok)
+            slots.append(fwd.end)
+        head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(), after=x_ready)
+        self.alloc(head.start, head.end, wl.logits_bytes_per_token * tok)
+        head_grad = c.vocab_size * c.hidden_size * wl.cb
+        self.alloc(head.end, None, head_grad)  # freed once the resident gradients shipped (below)
+        g_ready = head.end
+
+        ship = 0
+        for b, (s0, e0) in reversed(list(enumerate(p.blocks))):
+            recomputed = []
+            for j in range(s0, e0):
+                free_at = slots.pop()
+                load = self.span(S.H2D, S.LOAD, j, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
+                                 nbytes=wl.load_bytes)
+                rec = self.span(S.COMPUTE, S.RECOMPUTE, j, self.layer_s(1), after=load.end)
+                recomputed.append((j, rec))
+            for j, rec in reversed(recomputed):
+                bwd = self.span(S.COMPUTE, S.BACKWARD, j, self.layer_s(2), after=g_ready)
+                g_ready = bwd.end
+                if ship >= S.STAGING_RING:  # the staging buffer is reused: wait for the host to consume it
+                    self.host = max(self.host, acc_ends[-S.STAGING_RING])
+                grad = self.span(S.D2H, S.GRAD, j, self.transfer_s(S.D2H, wl.grad_bytes, bwd.end), after=bwd.end,
+                                 nbytes=wl.grad_bytes)
+                acc_ends.append(self.accumulate(j, c.layer_params, grad.end, first))
+                ship += 1
+                self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok)
+                self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok)
+                self.alloc(bwd.start, grad.end, wl.grad_bytes)  # the layer's weight gradients until shipped
+                slots.append(bwd.end)
+            self.alloc(ckpt_alloc[b], g_ready, wl.checkpoint_bytes)
+        embed_bwd = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3, after=g_ready)
+        emb_grad = 0 if c.tie_embeddings else c.vocab_size * c.hidden_size * wl.cb
+        self.alloc(embed_bwd.start, None, emb_grad)
+        # post_backward: ship the resident gradients, then wait until every gradient sits in fp32
+        nbytes = c.embedding_params * wl.cb
+        grad = self.span(S.D2H, S.GRAD, RESIDENT_LAYER, self.transfer_s(S.D2H, nbytes, embed_bwd.end),
+                         after=embed_bwd.end, nbytes=nbytes)
+        self.alloc(grad.end, None, -(head_grad + emb_grad))
+        acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, grad.end, first))
+        self.host = max(self.host, *acc_ends)
+
+    def accumulate(self, layer: int, n_params: int, after: float, first: bool) -> float:
+        rate = self.hw.cpu_grad_copy_Gparams if first else self.hw.cpu_grad_add_Gparams
+        return self.span(S.CPU, S.ACCUMULATE, layer, n_params / (rate * 1e9), after=after, issued=False).end
+
+    def optimizer(self) -> None:
+        """Global-norm clip and AdamW on the host after the last backward, then the cast of the masters into the
+        streamed copies; file-backed layers read their state ahead and write it behind."""
+        wl, hw, c = self.wl, self.hw, self.wl.model
+        opt_s = lambda n: n / (hw.cpu_adamw_Gparams * 1e9)  # noqa: E731
+        if not wl.n_nvme_layers:
+            self.host = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(c.n_params)).end
+        else:
+            nbytes = c.layer_params * NVME_STATE_BYTES
+            reads, writes = [], []
+            ram_params = c.n_params - wl.n_nvme_layers * c.layer_params
+            ram = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(ram_params))
+            for i in range(wl.n_nvme_layers):  # the file-backed layers are the first ones
+                buf_free = writes[i - NVME_BUFFERS].end if i >= NVME_BUFFERS else 0.0
+                reads.append(self.span(S.NVME_READ, S.LOAD, i, nbytes / (hw.nvme_read_GBps * 1e9),
+                                       after=buf_free, nbytes=nbytes, issued=False))
+                opt = self.span(S.CPU, S.OPTIMIZER, i, opt_s(c.layer_params), after=max(reads[-1].end, ram.end))
+                writes.append(self.span(S.NVME_WRITE, S.OPTIMIZER, i, nbytes / (hw.nvme_write_GBps * 1e9),
+                                        after=opt.end, nbytes=nbytes, issued=False))
+            self.host = self.free[S.CPU]
+        if wl.resolved_stream == "copy":
+            self.host = self.span(S.CPU, S.CAST, RESIDENT_LAYER, c.n_params / (hw.cpu_cast_Gparams * 1e9)).end
+        nbytes = wl.resident_bytes
+        self.span(S.H2D, S.LOAD, RESIDENT_LAYER, self.transfer_s(S.H2D, nbytes, self.host), nbytes=nbytes)
+
+
+def simulate(hw: Hardware, wl: Workload) -> Timeline:
+    sim = _Sim(hw, wl)
+    sim.t.gpu_base_bytes = wl.resident_bytes + wl.n_slots * wl.slot_bytes
+    acc_ends: list[float] = []
+    for m in range(wl.accumulate):
+        sim.micro_batch(first=m == 0, acc_ends=acc_ends)
+    sim.optimizer()
+    return sim.t

@@ -1,0 +1,193 @@
+"""What one training step asks of the machine: FLOPs, bytes moved and bytes held, per layer and per tier.
+
+Every figure follows this project's engine and model (`megatrain_lightning/engine.py`, `model.py`, `lm.py`);
+the activation and logits coefficients were measured from what autograd saves (tests re-measure them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from planner.shared import Config
+from planner.shared import schedule as S
+from planner.errors import PlanError
+
+PRECISIONS = {"bf16-mixed": 2, "32-true": 4}  # Lightning precision -> bytes of the compute dtype
+STORAGES = ("ram", "nvme")
+STREAMS = ("copy", "master", "auto")
+STATE_BYTES = 16  # fp32 master + Adam m + Adam v + gradient buffer, per parameter
+NVME_STATE_BYTES = 12  # what a file-backed layer keeps on the SSD: master, m, v
+NVME_BUFFERS = 3  # layer-sized RAM buffers for the file-backed tier's read-ahead and write-behind
+GiB = 2**30
+
+
+def pow2(n: int) -> int:
+    """PyTorch's pinned host allocator rounds every request up to a power of two."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@dataclass(frozen=True)
+class Workload:
+    model: Config
+    seq_len: int
+    micro_batch: int
+    accumulate: int = 1
+    precision: str = "bf16-mixed"
+    checkpoint_interval: int = 1
+    prefetch_depth: int = 2
+    storage: str = "ram"
+    stream: str = "copy"  # copy: a pinned compute-dtype copy streams; master: the fp32 master streams, cast on device
+    ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer fp32 state (None: all the RAM left)
+    n_nvme_layers: int = field(default=0)  # set by the planner when it places layers on the SSD
+
+    def __post_init__(self) -> None:
+        checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
+                  ("trainer.accumulate_grad_batches", self.accumulate, 1),
+                  ("storage.checkpoint_interval", self.checkpoint_interval, 1),
+                  ("storage.prefetch_depth", self.prefetch_depth, 1)]
+        for name, v, lo in checks:
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise PlanError(name, f"must be an integer >= {lo}, got {v!r}")
+        if self.seq_len > self.model.max_seq_len:
+            raise PlanError("data.seq_len", f"{self.seq_len} exceeds {self.model.name}'s max_seq_len "
+                                            f"{self.model.max_seq_len}")
+        if self.precision not in PRECISIONS:
+            raise PlanError("trainer.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
+        if self.storage not in STORAGES:
+            raise PlanError("storage.kind", f"must be one of {STORAGES}, got {self.storage!r}")
+        if self.stream not in STREAMS:
+            raise PlanError("storage.stream", f"must be one of {STREAMS}, got {self.stream!r}")
+        if self.ram_budget_GiB is not None and self.ram_budget_GiB <= 0:
+            raise PlanError("storage.ram_budget_GiB", f"must be > 0, got {self.ram_budget_GiB}")
+
+    # ---- shape ----
+    @property
+    def cb(self) -> int:
+        """Bytes per element of the compute dtype."""
+        return PRECISIONS[self.precision]
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.n_layer
+
+    @property
+    def plan(self) -> S.Plan:
+        return S.Plan(self.n_layers, self.checkpoint_interval)
+
+    @property
+    def micro_tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def step_tokens(self) -> int:
+        return self.micro_tokens * self.accumulate
+
+    # ---- FLOPs per token, forward (backward costs twice, block recompute once more) ----
+    @property
+    def layer_matmul_flops(self) -> int:
+        """2 FLOPs per weight per token over the q, k, v, o, gate, up and down projections."""
+        c = self.model
+        weights = c.attn_params - (c.n_head + 2 * c.n_kv_head) * c.head_dim * c.qkv_bias + c.mlp_params
+        return 2 * weights
+
+    def attention_flops(self, seq_len: int | None = None) -> float:
+        """QK^T and AV of causal attention: token t meets t keys, so (T + 1) / 2 on average; 2 FLOPs per MAC."""
+        T = self.seq_len if seq_len is None else seq_len
+        return 2 * 2 * self.model.n_head * self.model.head_dim * (T + 1) / 2
+
+    @property
+    def head_flops(self) -> int:
+        return 2 * self.model.vocab_size * self.model.hidden_size
+
+    @property
+    def model_flops_per_step(self) -> float:
+        """The comparison metric: 6 * N * tokens (no attention, no recompute)."""
+        return 6 * self.model.n_params * self.step_tokens
+
+    # ---- device bytes ----
+    @property
+    def act_bytes_per_token(self) -> int:
+        """What autograd keeps for one block's backward, per token (measured with saved_tensors_hooks: the
+        fp32 RMSNorm/RoPE intermediates cost 12 * hidden whatever the compute dtype)."""
+        c, cb = self.model, self.cb
+        return (12 + 4 * cb) * c.hidden_size + 4 * cb * c.intermediate_size + 2 * cb * c.n_kv_head * c.head_dim
+
+    @property
+    def transient_bytes_per_token(self) -> int:
+        """Working set of one layer pass beyond its inputs: the MLP's gate, up and product, fp32 norm copies."""
+        return 3 * self.cb * self.model.intermediate_size + 8 * self.model.hidden_size
+
+    @property
+    def logits_bytes_per_token(self) -> int:
+        """Peak of the head + loss (lm.py): backward holds the saved fp32 log-softmax, its incoming gradient and
+        the gradient it produces, 3 x 4 bytes per vocabulary entry (forward peaks lower: 2 + 4 + 4 in bf16)."""
+        return 12 * self.model.vocab_size
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        """One kept block input [B, T, D] in the compute dtype."""
+        return self.micro_tokens * self.model.hidden_size * self.cb
+
+    @property
+    def slot_bytes(self) -> int:
+        """One device weight buffer: the streamed layer, plus its cast when the fp32 master streams."""
+        if self.resolved_stream == "master" and self.cb != 4:
+            return self.model.layer_params * (4 + self.cb)
+        return self.model.layer_params * self.cb
+
+    @property
+    def n_slots(self) -> int:
+        return S.slots_needed(self.checkpoint_interval, self.prefetch_depth)
+
+    @property
+    def resident_bytes(self) -> int:
+        """Embedding, final norm and head as a compute-dtype copy on the device."""
+        return self.model.embedding_params * self.cb
+
+    # ---- transfer bytes per layer ----
+    @property
+    def resolved_stream(self) -> str:
+        if self.stream == "auto":
+            raise ValueError("resolve storage.stream before asking for transfer sizes")  # the planner does
+        return "master" if self.cb == 4 else self.stream  # in fp32 the master is the streamed copy
+
+    @property
+    def load_bytes(self) -> int:
+        return self.model.layer_params * (4 if self.resolved_stream == "master" else self.cb)
+
+    @property
+    def grad_bytes(self) -> int:
+        return self.model.layer_params * self.cb
+
+    # ---- host bytes ----
+    def host_bytes(self, hw_unified: bool = False) -> dict[str, int]:
+        """Host RAM by purpose (the pinned parts are also listed under 'pinned')."""
+        c, cb = self.model, self.cb
+        n_ram_layers = self.n_layers - self.n_nvme_layers
+        ram_params = n_ram_layers * c.layer_params + c.embedding_params
+        out = {"state": ram_params * STATE_BYTES + self.n_nvme_layers * c.layer_params * 4}
+        pin = (lambda n: n) if hw_unified else pow2  # no pinned allocator without CUDA
+        if self.resolved_stream == "copy":
+            out["stream_copy"] = pin(c.n_params * cb)
+        ring = S.STAGING_RING * pin(c.layer_params * cb) + pin(c.embedding_params * cb)
+        out["grad_staging"] = ring
+        if self.n_nvme_layers:
+            out["nvme_buffers"] = NVME_BUFFERS * c.layer_params * NVME_STATE_BYTES
+        return out
+
+    def pinned_bytes(self, hw_unified: bool = False) -> int:
+        if hw_unified:
+            return 0
+        h = self.host_bytes()
+        master_tiles = h["state"] if self.resolved_stream == "master" else 0  # registered in place, not copied
+        return h.get("stream_copy", 0) + h["grad_staging"] + master_tiles
+
+    @property
+    def nvme_bytes(self) -> int:
+        return self.n_nvme_layers * self.model.layer_params * NVME_STATE_BYTES
+
+    def ram_state_bytes(self, n_nvme_layers: int) -> int:
+        """Per-layer fp32 state in RAM when `n_nvme_layers` trunk layers keep theirs on the SSD."""
+        c = self.model
+        return ((self.n_layers - n_nvme_layers) * c.layer_params + c.embedding_params) * STATE_BYTES \
+            + n_nvme_layers * c.layer_params * 4

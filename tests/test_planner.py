@@ -1,0 +1,207 @@
+"""The planner against independent numbers: hand-derived FLOPs and bytes, what autograd really saves, the
+engine's recorded trace on this CPU, and the known answers of issue #3."""
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning.config import Config
+from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.model import Block, rope_tables
+from planner.check import check, compose, main
+from planner.hardware import Hardware
+from planner.plan import plan
+from planner.simulate import simulate
+from planner.workload import GiB, Workload, pow2
+
+H200 = dict(compose(["hardware=h200"])["hardware"])
+
+
+def test_llama100b_layer_flops_by_hand():
+    wl = Workload(Config.from_name("llama100b"), seq_len=4096, micro_batch=1)
+    h, kv, mlp = 10240, 8 * 128, 28672
+    assert wl.layer_matmul_flops == 2 * (h * h + 2 * h * kv + h * h + 3 * h * mlp)  # q, k, v, o, gate/up/down
+    # causal attention: token t meets t keys; QK^T and AV each cost 2 FLOPs per multiply-add over 80 x 128
+    assert wl.attention_flops() == pytest.approx(sum(2 * 2 * h * t for t in range(1, 4097)) / 4096)
+    assert wl.head_flops == 2 * 128256 * h
+    assert wl.model_flops_per_step == 6 * wl.model.n_params * 4096
+
+
+@pytest.mark.parametrize("name,params", [("llama100b", 100e9), ("llama-3.1-405b", 405e9)])
+def test_preset_sizes(name, params):
+    assert Config.from_name(name).n_params == pytest.approx(params, rel=0.01)
+
+
+def _saved_bytes_per_token(config: Config, dtype: torch.dtype, tokens: tuple[int, int] = (2, 64)) -> float:
+    """What autograd keeps for one block's backward, counted by storage (the planner's act_bytes_per_token)."""
+    block = Block(config).to(dtype)
+    B, T = tokens
+    x = torch.randn(B, T, config.hidden_size, dtype=dtype, requires_grad=True)
+    cos, sin = rope_tables(config, T)
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    skip = {p.untyped_storage().data_ptr() for p in block.parameters()} | {x.untyped_storage().data_ptr()}
+    skip |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        block(x, cos, sin)
+    return sum(v for k, v in seen.items() if k not in skip) / (B * T)
+
+
+@pytest.mark.parametrize("precision,dtype", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
+@pytest.mark.parametrize("shape", [dict(hidden_size=256, n_head=4, n_kv_head=1, intermediate_size=1024),
+                                   dict(hidden_size=384, n_head=6, n_kv_head=6, intermediate_size=512)])
+def test_activation_bytes_match_what_autograd_saves(precision, dtype, shape):
+    config = Config(**shape)
+    wl = Workload(config, seq_len=64, micro_batch=2, precision=precision)
+    assert wl.act_bytes_per_token == pytest.approx(_saved_bytes_per_token(config, dtype), rel=0.05)
+
+
+def _hw(**overrides) -> Hardware:
+    return Hardware.from_dict({**H200, **overrides})
+
+
+def test_memory_per_tier_by_hand():
+    """Device peak of a small untied model, K=1, one micro-batch: the larger of (a) the loss, with every block
+    input kept, and (b) the last layer's backward, once the head's gradient exists."""
+    c = Config.from_name("tiny", vocab_size=4096)
+    wl = Workload(c, seq_len=256, micro_batch=4, precision="bf16-mixed", stream="copy")
+    tok, d, V, I = 4 * 256, c.hidden_size, c.vocab_size, c.intermediate_size
+    base = c.embedding_params * 2 + 2 * c.layer_params * 2  # resident bf16 copy + 2 slots (K=1, depth 2)
+    ckpts = c.n_layer * tok * d * 2
+    loss = base + ckpts + 12 * V * tok
+    act = ((12 + 8) * d + 8 * I + 4 * c.n_kv_head * c.head_dim) * tok
+    last = base + ckpts + V * d * 2 + act + (6 * I + 8 * d) * tok + c.layer_params * 2
+    assert simulate(_hw(), wl).gpu_peak_bytes == max(loss, last)
+    # host: fp32 master + m + v + grad for every parameter, the pinned bf16 copy (one block, rounded up to
+    # a power of two by the pinned allocator) and the gradient staging ring (4 layers + the resident part)
+    host = replace(wl).host_bytes()
+    assert host["state"] == 16 * c.n_params
+    assert host["stream_copy"] == pow2(2 * c.n_params)
+    assert host["grad_staging"] == 4 * pow2(2 * c.layer_params) + pow2(2 * c.embedding_params)
+
+
+def test_predicted_step_time_matches_a_traced_cpu_run(tmp_path):
+    """The engine's recorded step on this CPU against the planner with a profile calibrated here (25%)."""
+    from planner.calibrate import calibrate
+
+    config = Config("probe", vocab_size=256, n_layer=4, hidden_size=256, n_head=4, n_kv_head=2,
+                    intermediate_size=704, max_seq_len=512)
+    T, B = 128, 8
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (B, T + 1), generator=g) for _ in range(4)]
+    strategy = MegatrainStrategy(trace_dir=tmp_path, trace_step=2)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", precision="32-true", max_steps=4, gradient_clip_val=1.0,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0)
+    trainer.fit(CausalLM(config, warmup_steps=1, max_steps=4), train_dataloaders=DataLoader(batches, batch_size=None))
+    measured = json.loads((tmp_path / "step2.json").read_text())["step_time_s"]
+
+    hw = calibrate(str(tmp_path), quick=True, width=config, seq_len=T)
+    predicted = plan(hw, Workload(config, seq_len=T, micro_batch=B, precision="32-true"), advise=False).step_time_s
+    assert predicted == pytest.approx(measured, rel=0.25), (predicted, measured)
+
+
+def _run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_known_answer_llama100b_fits_an_h200_with_1_5_tb_of_ram(capsys):
+    code, out, _ = _run(["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=1536", "trainer=gpu",
+                         "data.seq_len=4096", "data.micro_batch=4"], capsys)
+    assert code == 0 and "\nFITS\n" in out, out
+
+
+def test_known_answer_llama100b_does_not_fit_128_gib_and_a_64_gib_ssd(capsys):
+    code, out, _ = _run(["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=128",
+                         "hardware.nvme_capacity_TB=0.0687", "storage=nvme", "trainer=gpu", "data.seq_len=4096",
+                         "data.micro_batch=4"], capsys)
+    assert code == 1
+    verdict = out.splitlines()[3]
+    assert verdict.startswith("DOES NOT FIT") and "RAM short by" in verdict and "NVMe short by" in verdict, verdict
+    # how much: the file-backed layers' master + m + v (12 bytes per parameter) against 64 GiB
+    nvme_need = 88 * Config.from_name("llama100b").layer_params * 12
+    assert f"NVMe short by {(nvme_need - 0.0687e12) / 1e12:.2f} TB" in verdict
+
+
+def test_known_answer_llama_3b_fits_a_24_gb_card_with_64_gib_ram(capsys):
+    code, out, _ = _run(["model=llama-3.2-3b", "hardware=rtx-4090", "hardware.host_ram_GiB=64", "trainer=gpu",
+                         "data.seq_len=1024", "data.micro_batch=2"], capsys)
+    assert code == 0 and "\nFITS\n" in out, out
+
+
+@pytest.mark.parametrize("override,field", [
+    ("model=nope", "model"),
+    ("hardware=nope", "hardware"),
+    ("hardware.h2d_GBps=0", "hardware.h2d_GBps"),
+    ("hardware.hbm_GiB=-1", "hardware.hbm_GiB"),
+    ("hardware.nvme_capacity_TB=0", "hardware.nvme_capacity_TB"),
+    ("data.seq_len=200000", "data.seq_len"),
+    ("data.micro_batch=0", "data.micro_batch"),
+    ("storage.checkpoint_interval=0", "storage.checkpoint_interval"),
+])
+def test_bad_input_exits_2_naming_the_field(override, field, capsys):
+    args = ["model=llama-3-8b", "hardware=h200", override] if not override.startswith("model=") else [override]
+    code, _, err = _run(args, capsys)
+    assert code == 2
+    assert err.startswith(f"error: {field}"), err
+
+
+def test_json_and_plot(tmp_path, capsys):
+    png = tmp_path / "step.png"
+    args = ["model=llama-3.2-1b", "hardware=a100-80gb", "--json"]
+    if _has_matplotlib():
+        args += ["--plot", str(png)]
+    code, out, _ = _run(args, capsys)
+    answer = json.loads(out)
+    assert code == 0 and answer["fits"] and answer["model"] == "llama-3.2-1b"
+    assert answer["tokens_per_s"] == pytest.approx(answer["tokens_per_step"] / answer["step_time_s"])
+    assert {t["name"] for t in answer["tiers"]} == {"GPU", "pinned host", "RAM"}
+    if _has_matplotlib():
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_check_imports_neither_torch_nor_lightning():
+    """What keeps a check of any preset well under 2 s on 2 cores (bench/planner_speed.py times it)."""
+    code = ("import sys; from planner.check import main; main(['model=llama-3.1-405b', 'hardware=h200']); "
+            "sys.exit(3 if {'torch', 'lightning'} & set(sys.modules) else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr + r.stdout
+
+
+def test_bigger_batch_amortizes_the_host_optimizer():
+    """Overlap comes out of the simulation: the fixed host work is a smaller share of a bigger step."""
+    hw, c = _hw(), Config.from_name("llama-3.2-3b", tie_embeddings=False)
+    small = plan(hw, Workload(c, seq_len=1024, micro_batch=4), advise=False)
+    big = plan(hw, Workload(c, seq_len=1024, micro_batch=32), advise=False)
+    assert big.compute_share > small.compute_share and big.tokens_per_s > small.tokens_per_s
+    assert big.busy_s["cpu"] == pytest.approx(small.busy_s["cpu"], rel=0.05)  # optimizer + cast: per step
+
+
+def test_ram_shortfall_moves_layers_to_nvme_and_says_how_much_ram_avoids_it():
+    hw = _hw(host_ram_GiB=96, nvme_capacity_TB=2)
+    a = plan(hw, Workload(Config.from_name("llama-3-8b"), seq_len=1024, micro_batch=4, storage="nvme"))
+    assert 0 < a.wl.n_nvme_layers < 32 and a.fits
+    assert any(x.startswith(f"NVMe: {a.wl.n_nvme_layers} of 32 layers") and "GiB of RAM" in x for x in a.advice)
+    assert a.busy_s["nvme_read"] > 0 and a.busy_s["nvme_write"] > 0
