@@ -68,6 +68,7 @@ def main() -> None:
     ap.add_argument("--precision", default="bf16-mixed")
     ap.add_argument("--checkpoint-interval", type=int, default=1)
     ap.add_argument("--prefetch-depth", type=int, default=2)
+    ap.add_argument("--stream", default="auto", choices=["auto", "copy", "master"])
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
         overrides["n_layer"] = a.n_layer
     config = Config.from_name(a.model, **overrides)
     accel = "gpu" if torch.cuda.is_available() else "cpu"
-    strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth,
+    strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth, stream=a.stream,
                                  trace_dir=a.trace_dir, trace_step=2)
     timer = StepTimer()
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=1, precision=a.precision,
@@ -102,7 +103,8 @@ def main() -> None:
                   host_rss_GiB=round(rss_bytes() / 2**30, 2),
                   host_peak_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                   host_bytes_per_param=round(rss_bytes() / config.n_params, 2),
-                  store_bytes_per_param=round(strategy.store.nbytes / config.n_params, 2), wall_s=round(wall, 1))
+                  store_bytes_per_param=round(strategy.store.nbytes / config.n_params, 2), stream=strategy.store.stream,
+                  wall_s=round(wall, 1))
     line = json.dumps(result)
     print(line, flush=True)
     if a.out:

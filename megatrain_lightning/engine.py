@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.store import HostStore, Unit
+from megatrain_lightning.store import HostStore, Unit, pinned_empty
 from megatrain_lightning.trace import Trace
 
 
@@ -89,10 +89,10 @@ class StreamingEngine:
         # Gradients land in pinned staging buffers: a small ring shared by the trunk's layers (a slot is reused
         # once the worker has added its contents into fp32), and one buffer for the resident unit.
         pin = self.cuda
-        self._ring = [torch.empty(max_numel, dtype=store.compute_dtype, pin_memory=pin) for _ in range(S.STAGING_RING)]
+        self._ring = [pinned_empty(max_numel, store.compute_dtype, pin) for _ in range(S.STAGING_RING)]
         self._ring_busy: list[Future | None] = [None] * S.STAGING_RING
         self._ring_pos = 0
-        self._resident_staging = torch.empty(store.units[-1].layout.numel, dtype=store.compute_dtype, pin_memory=pin)
+        self._resident_staging = pinned_empty(store.units[-1].layout.numel, store.compute_dtype, pin)
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-grad")
         self._pending: list[Future] = []
         self.fresh_grads = True  # the next shipped gradients overwrite the fp32 buffers instead of adding

@@ -67,6 +67,15 @@ class Unit:
             self.stream.copy_(self.master)  # cast fp32 -> compute dtype
 
 
+def pinned_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
+    """A host buffer of exactly `numel` elements, page-locked when `pin` (PyTorch's pinned allocator would round
+    the request up to a power of two: up to 2x the RAM)."""
+    t = torch.empty(numel, dtype=dtype)
+    if pin and numel:
+        _register(t)
+    return t
+
+
 def _register(t: Tensor) -> None:
     """Page-locks `t`'s memory for asynchronous DMA until `t`'s storage is freed."""
     cudart = torch.cuda.cudart()
@@ -79,10 +88,8 @@ def _register(t: Tensor) -> None:
 
 
 class HostStore:
-    """All units of a model: `units[i]` is trunk block i, `units[-1]` the resident part.
-
-    The streamed copies of all units share one pinned allocation: PyTorch's pinned allocator rounds each
-    request up to a power of two, which per layer would cost up to 2x."""
+    """All units of a model: `units[i]` is trunk block i, `units[-1]` the resident part. The streamed copies of
+    all units share one page-locked allocation."""
 
     def __init__(self, layouts: list[Layout], names: list[str], compute_dtype: torch.dtype, pin: bool,
                  stream: str = "copy") -> None:
@@ -93,7 +100,7 @@ class HostStore:
         self.stream_dtype = torch.float32 if self.stream == "master" else compute_dtype
         self.names = names  # each unit's name prefix in the LightningModule ("model.model.layers.3.")
         total = sum(lay.numel for lay in layouts) if self.stream == "copy" else 0
-        self._streams = torch.empty(total, dtype=compute_dtype, pin_memory=pin and total > 0)
+        self._streams = pinned_empty(total, compute_dtype, pin)
         self.units: list[Unit] = []
         offset = 0
         for layout in layouts:

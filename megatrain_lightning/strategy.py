@@ -139,7 +139,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs]))
         names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
         store = HostStore(layouts, names, dtype, pin=device.type == "cuda",
-                          stream=self._resolve_stream(sum(lay.numel for lay in layouts), dtype))
+                          stream=self._resolve_stream(layouts, dtype))
 
         for i, block in enumerate(trunk):
             if any(p.is_meta for p in block.parameters()):
@@ -186,12 +186,14 @@ class MegatrainStrategy(SingleDeviceStrategy):
             return
         _move_except(self.lightning_module, self.root_device, lambda m: isinstance(m, Trunk))
 
-    def _resolve_stream(self, n_params: int, dtype: torch.dtype) -> str:
-        """stream="auto": a compute-dtype copy when RAM holds it beside the fp32 state, else the master streams."""
+    def _resolve_stream(self, layouts: list[Layout], dtype: torch.dtype) -> str:
+        """stream="auto": a compute-dtype copy when RAM holds it beside the fp32 state and the gradient staging
+        (the planner's rule, against the RAM available now), else the fp32 master streams."""
         if self.stream != "auto":
             return self.stream
-        copy_bytes = n_params * torch.finfo(dtype).bits // 8
-        return "copy" if 16 * n_params + copy_bytes < _available_ram_bytes() else "master"
+        n, cb = sum(lay.numel for lay in layouts), torch.finfo(dtype).bits // 8
+        staging = (S.STAGING_RING * max(lay.numel for lay in layouts[:-1]) + layouts[-1].numel) * cb
+        return "copy" if (16 + cb) * n + staging + 2 * 2**30 < _available_ram_bytes() else "master"
 
     # ---- the training step ----
     @override

@@ -76,7 +76,7 @@ def place(hw: Hardware, wl: Workload) -> Workload:
             raise PlanError("storage.stream", "storage=nvme streams the compute-dtype copy kept in RAM; "
                                               "use storage.stream=copy or auto")
         wl = replace(wl, stream="copy")
-        others = sum(v for k, v in replace(wl, n_nvme_layers=wl.n_layers).host_bytes(hw.unified).items()
+        others = sum(v for k, v in replace(wl, n_nvme_layers=wl.n_layers).host_bytes().items()
                      if k != "state")
         budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
@@ -95,7 +95,7 @@ def device_peak(hw: Hardware, wl: Workload) -> int:
 
 
 def ram_need(hw: Hardware, wl: Workload, timeline: Timeline | None = None) -> int:
-    need = sum(wl.host_bytes(hw.unified).values())
+    need = sum(wl.host_bytes().values())
     if hw.unified:  # the "device" is this RAM
         need += timeline.gpu_peak_bytes if timeline else device_peak(hw, wl)
     return need
@@ -130,10 +130,12 @@ def advice(a: Answer) -> list[str]:
     ram = by_name["RAM"]
     if wl.storage == "ram" and not ram.fits:
         nv = place(hw, replace(wl, storage="nvme", stream="copy"))
+        nv_ram = ram_need(hw, nv)
+        alt = (f"storage=nvme (puts {nv.n_nvme_layers} of {wl.n_layers} layers' state, {nv.nvme_bytes / 1e12:.2f} TB, "
+               "on the SSD)" if nv_ram <= ram.capacity_bytes else
+               f"not storage=nvme: even with every layer's state on the SSD RAM needs {nv_ram / GiB:,.0f} GiB")
         out.append(f"RAM: the state needs {ram.need_bytes / GiB:,.0f} GiB of {ram.capacity_bytes / GiB:,.0f} usable; "
-                   f"use a host with >= {(ram.need_bytes / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB RAM, or "
-                   f"storage=nvme (puts {nv.n_nvme_layers} of {wl.n_layers} layers' state, "
-                   f"{nv.nvme_bytes / 1e12:.2f} TB, on the SSD)")
+                   f"use a host with >= {(ram.need_bytes / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB RAM; {alt}")
     if wl.storage == "nvme" and wl.n_nvme_layers:
         full = ram_need(hw, replace(wl, storage="ram", n_nvme_layers=0))
         out.append(f"NVMe: {wl.n_nvme_layers} of {wl.n_layers} layers keep fp32 state on the SSD "

@@ -21,11 +21,6 @@ NVME_BUFFERS = 3  # layer-sized RAM buffers for the file-backed tier's read-ahea
 GiB = 2**30
 
 
-def pow2(n: int) -> int:
-    """PyTorch's pinned host allocator rounds every request up to a power of two."""
-    return 1 << max(0, (n - 1).bit_length())
-
-
 @dataclass(frozen=True)
 class Workload:
     model: Config
@@ -160,17 +155,15 @@ class Workload:
         return self.model.layer_params * self.cb
 
     # ---- host bytes ----
-    def host_bytes(self, hw_unified: bool = False) -> dict[str, int]:
+    def host_bytes(self) -> dict[str, int]:
         """Host RAM by purpose (the pinned parts are also listed under 'pinned')."""
         c, cb = self.model, self.cb
         n_ram_layers = self.n_layers - self.n_nvme_layers
         ram_params = n_ram_layers * c.layer_params + c.embedding_params
         out = {"state": ram_params * STATE_BYTES + self.n_nvme_layers * c.layer_params * 4}
-        pin = (lambda n: n) if hw_unified else pow2  # no pinned allocator without CUDA
         if self.resolved_stream == "copy":
-            out["stream_copy"] = pin(c.n_params * cb)
-        ring = S.STAGING_RING * pin(c.layer_params * cb) + pin(c.embedding_params * cb)
-        out["grad_staging"] = ring
+            out["stream_copy"] = c.n_params * cb  # page-locked in place: exact sizes
+        out["grad_staging"] = S.STAGING_RING * c.layer_params * cb + c.embedding_params * cb
         if self.n_nvme_layers:
             out["nvme_buffers"] = NVME_BUFFERS * c.layer_params * NVME_STATE_BYTES
         return out
@@ -179,8 +172,8 @@ class Workload:
         if hw_unified:
             return 0
         h = self.host_bytes()
-        master_tiles = h["state"] if self.resolved_stream == "master" else 0  # registered in place, not copied
-        return h.get("stream_copy", 0) + h["grad_staging"] + master_tiles
+        masters = 4 * self.model.n_params if self.resolved_stream == "master" else 0  # page-locked in place
+        return h.get("stream_copy", 0) + h["grad_staging"] + masters
 
     @property
     def nvme_bytes(self) -> int:

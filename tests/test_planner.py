@@ -4,8 +4,6 @@ engine's recorded trace on this CPU, and the known answers of issue #3."""
 import json
 import subprocess
 import sys
-from dataclasses import replace
-
 import lightning as L
 import pytest
 import torch
@@ -19,7 +17,7 @@ from planner.check import check, compose, main
 from planner.hardware import Hardware
 from planner.plan import plan
 from planner.simulate import simulate
-from planner.workload import GiB, Workload, pow2
+from planner.workload import Workload
 
 H200 = dict(compose(["hardware=h200"])["hardware"])
 
@@ -84,12 +82,12 @@ def test_memory_per_tier_by_hand():
     act = ((12 + 8) * d + 8 * I + 4 * c.n_kv_head * c.head_dim) * tok
     last = base + ckpts + V * d * 2 + act + (6 * I + 8 * d) * tok + c.layer_params * 2
     assert simulate(_hw(), wl).gpu_peak_bytes == max(loss, last)
-    # host: fp32 master + m + v + grad for every parameter, the pinned bf16 copy (one block, rounded up to
-    # a power of two by the pinned allocator) and the gradient staging ring (4 layers + the resident part)
-    host = replace(wl).host_bytes()
-    assert host["state"] == 16 * c.n_params
-    assert host["stream_copy"] == pow2(2 * c.n_params)
-    assert host["grad_staging"] == 4 * pow2(2 * c.layer_params) + pow2(2 * c.embedding_params)
+    # host: fp32 master + m + v + grad for every parameter, the page-locked bf16 copy and the gradient staging
+    # ring (4 layers + the resident part)
+    host = wl.host_bytes()
+    assert host == {"state": 16 * c.n_params, "stream_copy": 2 * c.n_params,
+                    "grad_staging": 4 * 2 * c.layer_params + 2 * c.embedding_params}
+    assert wl.pinned_bytes() == host["stream_copy"] + host["grad_staging"]
 
 
 def test_predicted_step_time_matches_a_traced_cpu_run(tmp_path):
