@@ -150,10 +150,11 @@ def link_rates(device: torch.device, nbytes: int) -> dict[str, float]:
 
 
 def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, width: Config | None = None,
-              seq_len: int | None = None) -> Hardware:
+              seq_len: int | None = None, cpu: bool = False) -> Hardware:
     """Measures this machine. `quick`: smaller problems (a few seconds on 2 cores; what the tests use).
-    `width`/`seq_len`: the block shape to fit the block efficiency on (default: an 8B-wide block on a GPU)."""
-    cuda = torch.cuda.is_available()
+    `width`/`seq_len`: the block shape to fit the block efficiency on (default: an 8B-wide block on a GPU).
+    `cpu`: profile the CPU as the device even where a GPU exists."""
+    cuda = torch.cuda.is_available() and not cpu
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     hw: dict = dict(host_ram_GiB=round(host_ram_GiB(), 1))

@@ -106,7 +106,7 @@ def test_predicted_step_time_matches_a_traced_cpu_run(tmp_path):
     trainer.fit(CausalLM(config, warmup_steps=1, max_steps=4), train_dataloaders=DataLoader(batches, batch_size=None))
     measured = json.loads((tmp_path / "step2.json").read_text())["step_time_s"]
 
-    hw = calibrate(str(tmp_path), quick=True, width=config, seq_len=T)
+    hw = calibrate(str(tmp_path), quick=True, width=config, seq_len=T, cpu=True)
     predicted = plan(hw, Workload(config, seq_len=T, micro_batch=B, precision="32-true"), advise=False).step_time_s
     assert predicted == pytest.approx(measured, rel=0.25), (predicted, measured)
 
