@@ -115,10 +115,9 @@ def plot(a: Answer, path: str) -> None:
                   f"- {verdict(a)}", fontsize=9)
     times, levels = zip(*a.timeline.gpu_curve())
     bottom.step(times, [v / GiB for v in levels], where="post", label="GPU allocated")
-    for t in a.tiers:
-        if t.name != "GPU":
-            bottom.hlines(t.need_bytes / GiB, 0, a.step_time_s, linestyles="dashed", label=f"{t.name} (flat)",
-                          color=plt.cm.tab10(len(bottom.lines) % 10))
+    for i, t in enumerate(x for x in a.tiers if x.name != "GPU"):
+        bottom.hlines(t.need_bytes / GiB, 0, a.step_time_s, linestyles="dashed", label=f"{t.name} (flat)",
+                      color=f"C{i + 1}")
     bottom.set_ylabel("GiB")
     bottom.set_xlabel("seconds into the step")
     bottom.set_yscale("log")
