@@ -2,13 +2,7 @@
 # One device-machine session: the test suite on CUDA, llama-3.2-3b (untied) steps, the Hydra entry point.
 # Run from the repo root with .whl carried: bash bench/gpu_session.sh  (results under $OUT)
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:. || exit 1
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
-free -g | tee -a "$OUT/device.txt"
+. bench/device_env.sh
 echo "== tests"; timeout 300 python3 -m pytest -q -x tests 2>&1 | tail -15 | tee "$OUT/tests.txt"
 echo "== bench"
 for args in "--micro-batch 8 --accumulate 4" "--micro-batch 32 --accumulate 1"; do

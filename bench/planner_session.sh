@@ -3,13 +3,7 @@
 # planner's prediction (calibrated profile and the h200 preset) beside a measured, traced bench/step.py run.
 # Run from the repo root with .whl carried: bash bench/planner_session.sh  (results under $OUT)
 set -u
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:. || exit 1
-export PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/device.txt"
-python3 -c "import torch, lightning; print('torch', torch.__version__, 'lightning', lightning.__version__)" | tee -a "$OUT/device.txt"
-free -g | tee -a "$OUT/device.txt"
+. bench/device_env.sh
 echo "== calibrate"; timeout 150 python3 -m planner.calibrate --out conf/hardware/local.yaml --disk-path /tmp --disk-mib 2048 \
   | tee "$OUT/local.yaml"
 echo "== tests"; timeout 200 python3 -m pytest -q -x tests/test_precision.py tests/test_engine.py tests/test_planner.py 2>&1 \

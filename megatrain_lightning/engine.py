@@ -24,7 +24,6 @@ from megatrain_lightning.store import HostStore, Unit, pinned_empty
 from megatrain_lightning.trace import Trace
 
 
-
 class _Slot:
     """A device buffer that holds one layer's weights (and their compute-dtype cast when the fp32 master streams)."""
 
@@ -89,10 +88,11 @@ class StreamingEngine:
         # Gradients land in pinned staging buffers: a small ring shared by the trunk's layers (a slot is reused
         # once the worker has added its contents into fp32), and one buffer for the resident unit.
         pin = self.cuda
-        self._ring = [pinned_empty(max_numel, store.compute_dtype, pin) for _ in range(S.STAGING_RING)]
+        staging = pinned_empty(S.staging_numel(max_numel, store.units[-1].layout.numel), store.compute_dtype, pin)
+        self._ring = list(staging[:S.STAGING_RING * max_numel].split(max_numel))
         self._ring_busy: list[Future | None] = [None] * S.STAGING_RING
         self._ring_pos = 0
-        self._resident_staging = pinned_empty(store.units[-1].layout.numel, store.compute_dtype, pin)
+        self._resident_staging = staging[S.STAGING_RING * max_numel:]
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-grad")
         self._pending: list[Future] = []
         self.fresh_grads = True  # the next shipped gradients overwrite the fp32 buffers instead of adding
@@ -159,20 +159,15 @@ class StreamingEngine:
     def _load(self, i: int, slot: _Slot) -> None:
         unit = self.store.units[i]
         n = unit.layout.numel
-        dst = slot.buf[:n]
-        if not self.cuda:
-            with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes):
-                dst.copy_(unit.stream)
-                if slot.compute is not slot.buf:
-                    slot.compute[:n].copy_(dst)
-            return
-        with torch.cuda.stream(self.h2d):
-            self.h2d.wait_event(slot.free)  # the compute stream is done with the slot's previous layer
-            with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d):
-                dst.copy_(unit.stream, non_blocking=True)
+        with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
+            if self.cuda:
+                self.h2d.wait_event(slot.free)  # the compute stream is done with the slot's previous layer
+            with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d if self.cuda else None):
+                slot.buf[:n].copy_(unit.stream, non_blocking=self.cuda)
                 if slot.compute is not slot.buf:  # the fp32 master streamed: cast it here, off the compute stream
-                    slot.compute[:n].copy_(dst)
-            slot.ready.record(self.h2d)
+                    slot.compute[:n].copy_(slot.buf[:n])
+            if self.cuda:
+                slot.ready.record(self.h2d)
 
     def ship_grads(self, unit_index: int, grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> None:
         """Copies one unit's gradients (device, compute dtype, in layout order) into its host staging buffer,

@@ -21,6 +21,11 @@ LANES = (COMPUTE, H2D, D2H, CPU, NVME_READ, NVME_WRITE)
 # the trunk's layers. Shipping layer i waits until the host has consumed layer i - STAGING_RING.
 STAGING_RING = 4
 
+
+def staging_numel(max_layer_numel: int, resident_numel: int) -> int:
+    """Elements of gradient staging on the host: the ring of trunk-layer buffers plus one for the resident part."""
+    return STAGING_RING * max_layer_numel + resident_numel
+
 # Event kinds
 FORWARD = "forward"  # a block's forward without autograd (checkpoints kept every K layers)
 RECOMPUTE = "recompute"  # a block's forward again, with autograd, in backward

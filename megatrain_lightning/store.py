@@ -83,7 +83,7 @@ def _register(t: Tensor) -> None:
     err = cudart.cudaHostRegister(ptr, nbytes, 0)
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}): the OS refused to page-lock "
-                           "the fp32 masters (check `ulimit -l`), or use stream=copy")
+                           "host memory for transfers (check `ulimit -l` and free RAM)")
     weakref.finalize(t.untyped_storage(), cudart.cudaHostUnregister, ptr)
 
 

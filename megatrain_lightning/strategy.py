@@ -27,12 +27,12 @@ from megatrain_lightning import schedule as S
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import bind_grads, bind_optimizer, host_state_dict, load_host_state_dict
-from megatrain_lightning.store import HostStore, Layout
+from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout
 from megatrain_lightning.trace import Trace
 
 PRECISIONS = ("bf16-mixed", "32-true")
 STORAGES = ("ram",)
-STREAMS = ("auto", "copy", "master")
+STREAMS = ("auto", *store_streams)
 
 
 class MegatrainStrategy(SingleDeviceStrategy):
@@ -192,7 +192,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if self.stream != "auto":
             return self.stream
         n, cb = sum(lay.numel for lay in layouts), torch.finfo(dtype).bits // 8
-        staging = (S.STAGING_RING * max(lay.numel for lay in layouts[:-1]) + layouts[-1].numel) * cb
+        staging = S.staging_numel(max(lay.numel for lay in layouts[:-1]), layouts[-1].numel) * cb
         return "copy" if (16 + cb) * n + staging + 2 * 2**30 < _available_ram_bytes() else "master"
 
     # ---- the training step ----

@@ -167,18 +167,18 @@ def advice(a: Answer) -> list[str]:
             out.append(f"compute-bound (GPU busy >= {COMPUTE_BOUND:.0%}) from data.micro_batch={mb} with "
                        f"trainer.accumulate_grad_batches={acc} ({mb * wl.seq_len * acc:,} tokens per step)")
         else:
-            out.append(f"no micro-batch that fits makes the step compute-bound: {_lane_words(lane)} limits it")
+            out.append(f"no micro-batch that fits makes the step compute-bound: {lane_words(lane)} limits it")
     if lane == S.CPU:
         opt = a.timeline.busy_s(S.CPU, S.OPTIMIZER)
         out.append(f"CPU: the host optimizer takes {opt:.2f} s of the {a.step_time_s:.2f} s step "
                    f"({hw.cpu_adamw_Gparams:g} Gparam/s); more tokens per step amortize it")
     if lane in (S.NVME_READ, S.NVME_WRITE):
-        out.append(f"SSD: {_lane_words(lane)} is busy {share:.0%} of the step; a faster SSD or more RAM "
+        out.append(f"SSD: {lane_words(lane)} is busy {share:.0%} of the step; a faster SSD or more RAM "
                    "(fewer layers on it) shortens the step")
     return out
 
 
-def _lane_words(lane: str) -> str:
+def lane_words(lane: str) -> str:
     return {S.COMPUTE: "GPU compute", S.H2D: "the host-to-device link", S.D2H: "the device-to-host link",
             S.CPU: "the host CPU (optimizer, casts, gradient accumulation)", S.NVME_READ: "SSD reads",
             S.NVME_WRITE: "SSD writes"}[lane]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from planner.plan import Answer, _lane_words
+from planner.plan import Answer, lane_words
 from planner.shared import schedule as S
 from planner.workload import GiB
 
@@ -59,7 +59,7 @@ def text(a: Answer, tokens: float) -> str:
         f"  busy per step   {busy}",
         f"                  CPU: optimizer {cpu[S.OPTIMIZER]:.2f} s, cast {cpu[S.CAST]:.2f} s, "
         f"gradient accumulation {cpu[S.ACCUMULATE]:.2f} s",
-        f"  bottleneck      {_lane_words(lane)}: busy {share:.0%} of the step (GPU computes {a.compute_share:.0%})",
+        f"  bottleneck      {lane_words(lane)}: busy {share:.0%} of the step (GPU computes {a.compute_share:.0%})",
     ]
     if a.advice:
         lines += ["", "advice:"] + [f"  - {x}" for x in a.advice]

@@ -6,7 +6,7 @@ the activation and logits coefficients were measured from what autograd saves (t
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from planner.shared import Config
 from planner.shared import schedule as S
@@ -33,7 +33,7 @@ class Workload:
     storage: str = "ram"
     stream: str = "copy"  # copy: a pinned compute-dtype copy streams; master: the fp32 master streams, cast on device
     ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer fp32 state (None: all the RAM left)
-    n_nvme_layers: int = field(default=0)  # set by the planner when it places layers on the SSD
+    n_nvme_layers: int = 0  # set by the planner when it places layers on the SSD
 
     def __post_init__(self) -> None:
         checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
@@ -163,7 +163,7 @@ class Workload:
         out = {"state": ram_params * STATE_BYTES + self.n_nvme_layers * c.layer_params * 4}
         if self.resolved_stream == "copy":
             out["stream_copy"] = c.n_params * cb  # page-locked in place: exact sizes
-        out["grad_staging"] = S.STAGING_RING * c.layer_params * cb + c.embedding_params * cb
+        out["grad_staging"] = S.staging_numel(c.layer_params, c.embedding_params) * cb
         if self.n_nvme_layers:
             out["nvme_buffers"] = NVME_BUFFERS * c.layer_params * NVME_STATE_BYTES
         return out

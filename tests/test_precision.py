@@ -51,7 +51,8 @@ def test_streaming_the_fp32_master_equals_streaming_a_bf16_copy(device):
             for s in ("copy", "master")}
     copy, master = runs["copy"], runs["master"]
     assert copy[3].store.stream == "copy" and master[3].store.stream == "master"
-    assert master[3].store.stream_dtype == torch.float32 and master[3].store.units[0].stream is master[3].store.units[0].master
+    store = master[3].store
+    assert store.stream_dtype == torch.float32 and store.units[0].stream is store.units[0].master
     assert copy[0] == master[0]  # losses
     for name in copy[2]:
         assert torch.equal(copy[1][name], master[1][name]), name  # first gradients
