@@ -22,3 +22,5 @@ run 100b_3l_4x1 "model=llama100b +model.n_layer=3 data.seq_len=1024 data.micro_b
   "--model llama100b --n-layer 3 --micro-batch 4 --accumulate 1 --seq-len 1024 --stream master"
 run 3b_8x4 "model=llama-3.2-3b +model.tie_embeddings=false data.seq_len=1024 data.micro_batch=8 trainer.accumulate_grad_batches=4" \
   "--model llama-3.2-3b --untied --micro-batch 8 --accumulate 4 --seq-len 1024"
+# the device tool returns a limited number of files: one archive for the traces
+(cd "$OUT" && tar czf traces.tgz trace_* && rm -rf trace_*)
