@@ -31,7 +31,9 @@ def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataMod
 
 def strategy(cfg: DictConfig, trace_dir: str | None = None) -> MegatrainStrategy:
     return MegatrainStrategy(checkpoint_interval=cfg.checkpoint_interval, prefetch_depth=cfg.prefetch_depth,
-                             storage=cfg.kind, stream=cfg.get("stream", "auto"), trace_dir=trace_dir)
+                             storage=cfg.kind, stream=cfg.get("stream", "auto"),
+                             ram_budget_GiB=cfg.get("ram_budget_GiB"), nvme_dir=cfg.get("nvme_dir", "nvme_state"),
+                             trace_dir=trace_dir)
 
 
 def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:

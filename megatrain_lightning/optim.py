@@ -8,6 +8,11 @@ moments, and it runs PyTorch's fused CPU kernel.
 
 from __future__ import annotations
 
+import functools
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable
+
 import torch
 from torch import Tensor
 
@@ -20,14 +25,16 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
                    param_names: dict[int, str]) -> list[tuple[Tensor, Tensor]]:
     """Re-points `optimizer` at the store. `param_names` maps id(parameter) of the module as the user's
     `configure_optimizers` saw it to the parameter's full name in the store. Returns (host parameter,
-    gradient view) pairs for `bind_grads`."""
+    gradient view) pairs for `bind_grads`.
+
+    Parameters of file-backed units are placeholders (shape only, every element one NaN) outside the
+    optimizer step; `PagedStep` points them at their state while it updates their unit."""
     if type(optimizer) not in SUPPORTED:
         raise TypeError(
             f"the megatrain strategy runs the optimizer on the host and supports "
             f"{', '.join(c.__name__ for c in SUPPORTED)} (from torch.optim); got {type(optimizer).__name__}")
-    masters = store.named("master")
-    m, v, grads = store.named("exp_avg"), store.named("exp_avg_sq"), store.named("grad")
     pairs = []
+    paged: dict[int, list[_Paged]] = {}
     for group in optimizer.param_groups:
         if group.get("amsgrad"):
             raise ValueError("the megatrain strategy does not support amsgrad=True")
@@ -38,20 +45,26 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
             name = param_names.get(id(p))
             if name is None:
                 raise ValueError("the optimizer holds a tensor that is not a parameter of the LightningModule")
-            host = masters[name]
+            i, entry = store.index[name]
+            unit = store.units[i]
+            grad = unit.grad[entry.offset:entry.offset + entry.numel].view(entry.shape)
+            if unit.on_disk:
+                host, m, v = (_placeholder(entry.shape) for _ in range(3))
+                paged.setdefault(i, []).append(_Paged(entry.offset, host, m, v))
+            else:
+                host, m, v = (buf[entry.offset:entry.offset + entry.numel].view(entry.shape)
+                              for buf in (unit.master, unit.exp_avg, unit.exp_avg_sq))
             host_params.append(host)
-            pairs.append((host, grads[name]))
-            optimizer.state[host] = {
-                "step": torch.zeros((), dtype=torch.float32),
-                "exp_avg": m[name],
-                "exp_avg_sq": v[name],
-            }
+            pairs.append((host, grad))
+            optimizer.state[host] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": m, "exp_avg_sq": v}
         group["params"] = host_params
         group["fused"], group["foreach"] = True, False  # PyTorch's fused CPU Adam(W) kernel
     optimizer.defaults["fused"], optimizer.defaults["foreach"] = True, False
     for p in list(optimizer.state):  # drop any state of the device parameters
         if not any(p is q for g in optimizer.param_groups for q in g["params"]):
             del optimizer.state[p]
+    if paged:
+        optimizer.step = PagedStep(optimizer.step, store, paged)
     return pairs
 
 
@@ -62,29 +75,91 @@ def bind_grads(pairs: list[tuple[Tensor, Tensor]]) -> None:
         p.grad = g
 
 
-def host_state_dict(optimizer: torch.optim.Optimizer) -> dict:
-    """The optimizer's state_dict with tensors copied out of the store (a view would save its whole tile)."""
-    sd = optimizer.state_dict()
-    sd["state"] = {k: {n: (t.clone() if isinstance(t, Tensor) else t) for n, t in s.items()}
-                   for k, s in sd["state"].items()}
-    return sd
+@dataclass
+class _Paged:
+    offset: int  # in the unit's flat layout
+    param: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
 
 
-def load_host_state_dict(optimizer: torch.optim.Optimizer, sd: dict) -> None:
-    """Loads saved state into the store's buffers in place (the ordinary load would replace them)."""
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    saved_groups = sd["param_groups"]
-    if len(saved_groups) != len(optimizer.param_groups):
-        raise ValueError(f"checkpoint has {len(saved_groups)} optimizer param groups, the optimizer has "
-                         f"{len(optimizer.param_groups)}")
-    for group, saved in zip(optimizer.param_groups, saved_groups):
-        for key, value in saved.items():
-            if key != "params":
-                group[key] = value
-    for index, state in sd["state"].items():
-        p = params[int(index)]
-        for key, value in state.items():
-            if key != "step" and value.shape != p.shape:
-                raise ValueError(f"optimizer state {index}.{key} has shape {tuple(value.shape)}, "
-                                 f"the model expects {tuple(p.shape)}")
-            optimizer.state[p][key].copy_(value)
+_NAN = torch.full((1,), float("nan"))
+
+
+def _placeholder(shape: torch.Size) -> Tensor:
+    """A tensor of `shape` whose elements all alias one NaN: reading it is loud, writing it raises."""
+    t = torch.empty(0)
+    with torch.no_grad():
+        t.set_(_NAN.untyped_storage(), 0, shape, (0,) * len(shape))
+    return t
+
+
+def _unpoint(t: Tensor) -> None:
+    with torch.no_grad():
+        t.set_(_NAN.untyped_storage(), 0, t.shape, (0,) * t.dim())
+
+
+def _point(t: Tensor, flat: Tensor, offset: int) -> None:
+    """Makes `t` (same shape) a contiguous view of `flat` starting at element `offset`."""
+    with torch.no_grad():
+        t.set_(flat.untyped_storage(), flat.storage_offset() + offset, t.shape)
+
+
+class PagedStep:
+    """Replaces `optimizer.step` when some units are file-backed. It runs the closure (forward, backward,
+    clipping), then the optimizer's own step over the RAM units' parameters, then, unit by unit, the same step
+    over each file-backed unit's parameters pointed at its state read from disk, writing it back behind.
+    AdamW is element-wise, so stepping in parts gives exactly the numbers of one step over everything."""
+
+    def __init__(self, step: Callable, store: HostStore, paged: dict[int, list[_Paged]]) -> None:
+        functools.update_wrapper(self, step)  # keeps the LR scheduler's marker on the wrapped step
+        self.step, self.store, self.paged = step, store, paged
+        self.order = sorted(paged)  # the planner's order too: file-backed layers first to last
+
+    def __call__(self, closure: Callable | None = None) -> Any:
+        tier = self.store.nvme
+        ahead: deque = deque()
+        todo = deque(self.order)
+
+        def read_ahead() -> None:
+            while todo and len(ahead) < tier.n_buffers - 1:
+                i = todo.popleft()
+                ahead.append((i, tier.read(i)))
+
+        read_ahead()  # the first reads run while the closure computes
+        try:
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
+            grads = [(b.param, b.param.grad) for i in self.order for b in self.paged[i]]
+            for p, _ in grads:
+                p.grad = None  # the RAM units' step skips parameters without a gradient
+            self.step()
+            while ahead:
+                i, future = ahead.popleft()
+                tile = tier.take(future)
+                unit = self.store.units[i]
+                n = unit.layout.numel
+                for b in self.paged[i]:
+                    _point(b.param, tile, b.offset)
+                    _point(b.exp_avg, tile, n + b.offset)
+                    _point(b.exp_avg_sq, tile, 2 * n + b.offset)
+                    b.param.grad = unit.grad[b.offset:b.offset + b.param.numel()].view(b.param.shape)
+                self.step()
+                for b in self.paged[i]:
+                    b.param.grad = None
+                    for t in (b.param, b.exp_avg, b.exp_avg_sq):
+                        _unpoint(t)
+                unit.refresh_stream(tile[:n])
+                tier.write(i, tile)
+                read_ahead()
+            for p, g in grads:
+                p.grad = g
+            return loss
+        finally:
+            for _, future in ahead:  # an exception left reads in flight: give their tiles back
+                try:
+                    tier.release(future.result())
+                except Exception:
+                    pass

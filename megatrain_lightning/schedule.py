@@ -26,6 +26,25 @@ def staging_numel(max_layer_numel: int, resident_numel: int) -> int:
     """Elements of gradient staging on the host: the ring of trunk-layer buffers plus one for the resident part."""
     return STAGING_RING * max_layer_numel + resident_numel
 
+# Host bytes per parameter of the per-layer fp32 state: a layer in RAM holds master, Adam m and v, and the
+# gradient; a file-backed layer (storage=nvme) keeps master, m and v in its file and only the gradient in RAM.
+RAM_STATE_BYTES = 16
+DISK_STATE_BYTES = 12
+# RAM tiles of the file-backed tier: one layer being updated, one read ahead, one being written behind
+NVME_BUFFERS = 3
+
+
+def nvme_layers(layer_numels: list[int], resident_numel: int, budget_bytes: float) -> int:
+    """How many trunk layers, counted from the first, keep their state in files so that the per-layer fp32
+    state left in RAM fits `budget_bytes` (len(layer_numels) when even that does not fit)."""
+    ram = RAM_STATE_BYTES * (sum(layer_numels) + resident_numel)
+    for n, numel in enumerate(layer_numels):
+        if ram <= budget_bytes:
+            return n
+        ram -= DISK_STATE_BYTES * numel
+    return len(layer_numels)
+
+
 # Event kinds
 FORWARD = "forward"  # a block's forward without autograd (checkpoints kept every K layers)
 RECOMPUTE = "recompute"  # a block's forward again, with autograd, in backward

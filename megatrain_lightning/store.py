@@ -3,9 +3,12 @@
 Each unit (one trunk block, or the resident rest of the model: embedding, final norm, head) holds:
 
 - one fp32 tile [master | adam m | adam v | grad], each a flat buffer of the unit's parameters in a fixed layout;
+  for a file-backed unit (`storage=nvme`) only the grad is in RAM and [master | m | v] is a file (`nvme.py`);
 - `stream`: what is copied to the device in one DMA (pinned when CUDA is used). With `stream="copy"` it is a
   compute-dtype copy of the weights (2 more bytes per parameter in bf16, half the PCIe bytes); with
   `stream="master"` it is the fp32 master itself, registered with CUDA in place, and the device casts it.
+
+A file-backed unit always streams a compute-dtype copy kept in RAM (its master is on disk).
 
 Gradients coming back land in the engine's small pinned staging ring before the host adds them into `grad`.
 """
@@ -14,9 +17,13 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
+
+from megatrain_lightning.nvme import NvmeTier
 
 
 STREAMS = ("copy", "master")
@@ -50,9 +57,14 @@ class Layout:
 
 
 class Unit:
-    def __init__(self, layout: Layout, stream: Tensor | None, pin: bool) -> None:
+    def __init__(self, layout: Layout, stream: Tensor | None, pin: bool, on_disk: bool = False) -> None:
         n = layout.numel
-        self.layout = layout
+        self.layout, self.on_disk = layout, on_disk
+        if on_disk:  # [master | m | v] lives in a file; only the gradient is here
+            self.tile = self.grad = torch.zeros(n, dtype=torch.float32)
+            self.master = self.exp_avg = self.exp_avg_sq = None
+            self.stream = stream
+            return
         self.tile = torch.zeros(4 * n, dtype=torch.float32)  # [master | m | v | grad]
         self.master, self.exp_avg, self.exp_avg_sq, self.grad = self.tile.split(n)
         if stream is None:  # the master streams: pin it where it is (the pinned allocator would round up to 2^k)
@@ -62,9 +74,11 @@ class Unit:
         else:
             self.stream = stream  # compute-dtype weights, a slice of the store's one pinned block
 
-    def refresh_stream(self) -> None:
-        if self.stream is not self.master:
-            self.stream.copy_(self.master)  # cast fp32 -> compute dtype
+    def refresh_stream(self, master: Tensor | None = None) -> None:
+        """Casts the fp32 master (or, for a file-backed unit, the given loaded one) into the streamed copy."""
+        master = self.master if master is None else master
+        if master is not None and self.stream is not master:
+            self.stream.copy_(master)  # cast fp32 -> compute dtype
 
 
 def pinned_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
@@ -89,46 +103,88 @@ def _register(t: Tensor) -> None:
 
 class HostStore:
     """All units of a model: `units[i]` is trunk block i, `units[-1]` the resident part. The streamed copies of
-    all units share one page-locked allocation."""
+    all units share one page-locked allocation. `nvme_units` (trunk indices) keep [master | m | v] in files
+    under `nvme_dir`."""
 
     def __init__(self, layouts: list[Layout], names: list[str], compute_dtype: torch.dtype, pin: bool,
-                 stream: str = "copy") -> None:
+                 stream: str = "copy", nvme_units: Sequence[int] = (), nvme_dir: str | Path | None = None) -> None:
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         self.compute_dtype = compute_dtype
         self.stream = "master" if compute_dtype == torch.float32 else stream  # in fp32 a copy would be a duplicate
         self.stream_dtype = torch.float32 if self.stream == "master" else compute_dtype
         self.names = names  # each unit's name prefix in the LightningModule ("model.model.layers.3.")
-        total = sum(lay.numel for lay in layouts) if self.stream == "copy" else 0
-        self._streams = pinned_empty(total, compute_dtype, pin)
+        on_disk = set(nvme_units)
+        if on_disk and self.stream_dtype != compute_dtype:
+            raise ValueError("file-backed units stream a compute-dtype copy kept in RAM: use stream='copy'")
+        if len(layouts) - 1 in on_disk:
+            raise ValueError("the resident unit cannot be file-backed")
+        copied = [i for i in range(len(layouts)) if self.stream == "copy" or i in on_disk]
+        self._streams = pinned_empty(sum(layouts[i].numel for i in copied), self.stream_dtype, pin)
         self.units: list[Unit] = []
         offset = 0
-        for layout in layouts:
-            copy = self._streams[offset:offset + layout.numel] if self.stream == "copy" else None
-            self.units.append(Unit(layout, copy, pin))
-            offset += layout.numel if copy is not None else 0
+        for i, layout in enumerate(layouts):
+            copy = None
+            if i in copied:
+                copy = self._streams[offset:offset + layout.numel]
+                offset += layout.numel
+            self.units.append(Unit(layout, copy, pin, on_disk=i in on_disk))
+        self.nvme = NvmeTier(nvme_dir or "nvme_state", {i: layouts[i].numel for i in sorted(on_disk)}) \
+            if on_disk else None
+        # full parameter name -> (unit index, entry)
+        self.index = {prefix + e.name: (i, e) for i, (prefix, u) in enumerate(zip(names, self.units))
+                      for e in u.layout.entries}
 
     def fill(self, index: int, named_tensors: list[tuple[str, Tensor]]) -> None:
         """Copies a unit's (materialized) tensors into its fp32 master and its streamed copy."""
         unit = self.units[index]
-        views = unit.layout.views(unit.master)
+        master = unit.master if not unit.on_disk else torch.zeros(unit.layout.numel, dtype=torch.float32)
+        views = unit.layout.views(master)
         with torch.no_grad():
             for name, tensor in named_tensors:
                 views[name].copy_(tensor)
-        unit.refresh_stream()
+        if unit.on_disk:
+            self.nvme.create(index, master)
+        unit.refresh_stream(master)
+
+    def read_state(self, index: int) -> Tensor:
+        """A unit's [master | m | v] as one flat fp32 tensor: a live view for a RAM unit, a copy read from its file
+        for a file-backed one."""
+        unit = self.units[index]
+        if unit.on_disk:
+            return self.nvme.load(index)
+        return unit.tile[:3 * unit.layout.numel]
+
+    def write_state(self, index: int, state: Tensor) -> None:
+        """Replaces a unit's [master | m | v] and refreshes its streamed copy."""
+        unit = self.units[index]
+        n = unit.layout.numel
+        if unit.on_disk:
+            self.nvme.store(index, state)
+        elif state.data_ptr() != unit.tile.data_ptr():
+            unit.tile[:3 * n].copy_(state)
+        unit.refresh_stream(state[:n])
 
     @property
     def nbytes(self) -> int:
-        return sum(u.tile.nbytes for u in self.units) + self._streams.nbytes
+        tiles = sum(t.nbytes for t in self.nvme._tiles.queue) if self.nvme else 0
+        return sum(u.tile.nbytes for u in self.units) + self._streams.nbytes + tiles
 
     @property
     def n_params(self) -> int:
         return sum(u.layout.numel for u in self.units)
 
     def named(self, which: str = "master") -> dict[str, Tensor]:
-        """Full-name views of one of the flat buffers ('master', 'exp_avg', 'exp_avg_sq', 'grad')."""
+        """Full-name tensors of one of 'master', 'exp_avg', 'exp_avg_sq', 'grad': views into RAM units, and copies
+        read from disk for file-backed units (writing to those changes nothing)."""
+        part = {"master": 0, "exp_avg": 1, "exp_avg_sq": 2}
         out: dict[str, Tensor] = {}
-        for prefix, unit in zip(self.names, self.units):
-            for name, view in unit.layout.views(getattr(unit, which)).items():
+        for i, (prefix, unit) in enumerate(zip(self.names, self.units)):
+            if unit.on_disk and which in part:
+                n = unit.layout.numel
+                flat = self.read_state(i)[part[which] * n:(part[which] + 1) * n]
+            else:
+                flat = getattr(unit, which)
+            for name, view in unit.layout.views(flat).items():
                 out[prefix + name] = view
         return out

@@ -8,6 +8,7 @@ device as a compute-dtype copy, and runs the user's Adam/AdamW on the host.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from contextlib import contextmanager
@@ -23,15 +24,18 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 from typing_extensions import override
 
+from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import schedule as S
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.model import Trunk
-from megatrain_lightning.optim import bind_grads, bind_optimizer, host_state_dict, load_host_state_dict
+from megatrain_lightning.optim import bind_grads, bind_optimizer
 from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout
 from megatrain_lightning.trace import Trace
 
+log = logging.getLogger(__name__)
+
 PRECISIONS = ("bf16-mixed", "32-true")
-STORAGES = ("ram",)
+STORAGES = ("ram", "nvme")
 STREAMS = ("auto", *store_streams)
 
 
@@ -44,6 +48,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         prefetch_depth: int = 2,
         storage: str = "ram",
         stream: str = "auto",
+        ram_budget_GiB: float | None = None,
+        nvme_dir: str | Path = "nvme_state",
         device: _DEVICE | None = None,
         trace_dir: str | Path | None = None,
         trace_step: int = 2,
@@ -55,10 +61,11 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
             raise ValueError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
         if storage not in STORAGES:
-            hint = " (the file-backed tier is not built yet: issue #4)" if storage == "nvme" else ""
-            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}{hint}")
+            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+        if ram_budget_GiB is not None and not ram_budget_GiB > 0:
+            raise ValueError(f"ram_budget_GiB must be > 0 (or None: all available RAM), got {ram_budget_GiB!r}")
         if device is not None:
             device = torch.device(device)
             if device.type == "cuda" and device.index is None:
@@ -68,6 +75,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.parallel_devices: list[torch.device] | None = None  # Lightning's connector fills in its choice
         self.checkpoint_interval, self.prefetch_depth, self.storage = checkpoint_interval, prefetch_depth, storage
         self.stream = stream
+        self.ram_budget_GiB, self.nvme_dir = ram_budget_GiB, Path(nvme_dir)
+        self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
+        self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
         self.trace_step = trace_step
         self.store: HostStore | None = None
@@ -138,8 +148,13 @@ class MegatrainStrategy(SingleDeviceStrategy):
         layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()]) for block in trunk]
         layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs]))
         names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
-        store = HostStore(layouts, names, dtype, pin=device.type == "cuda",
-                          stream=self._resolve_stream(layouts, dtype))
+        stream = self._resolve_stream(layouts, dtype)
+        nvme_units = self._nvme_units(layouts, dtype, stream)
+        store = HostStore(layouts, names, dtype, pin=device.type == "cuda", stream=stream,
+                          nvme_units=nvme_units, nvme_dir=self.nvme_dir)
+        if nvme_units:
+            log.info(f"storage=nvme: {len(nvme_units)} of {len(trunk)} layers keep their fp32 state in "
+                     f"{store.nvme.dir}")
 
         for i, block in enumerate(trunk):
             if any(p.is_meta for p in block.parameters()):
@@ -188,12 +203,38 @@ class MegatrainStrategy(SingleDeviceStrategy):
 
     def _resolve_stream(self, layouts: list[Layout], dtype: torch.dtype) -> str:
         """stream="auto": a compute-dtype copy when RAM holds it beside the fp32 state and the gradient staging
-        (the planner's rule, against the RAM available now), else the fp32 master streams."""
+        (the planner's rule, against the RAM available now), else the fp32 master streams. storage=nvme always
+        streams the copy (the masters of file-backed layers are on disk)."""
+        if self.storage == "nvme":
+            if self.stream == "master" and dtype != torch.float32:
+                raise ValueError("storage='nvme' streams the compute-dtype copy kept in RAM; use stream='copy' or "
+                                 "'auto'")
+            return "copy"
         if self.stream != "auto":
             return self.stream
         n, cb = sum(lay.numel for lay in layouts), torch.finfo(dtype).bits // 8
         staging = S.staging_numel(max(lay.numel for lay in layouts[:-1]), layouts[-1].numel) * cb
         return "copy" if (16 + cb) * n + staging + 2 * 2**30 < _available_ram_bytes() else "master"
+
+    def _nvme_units(self, layouts: list[Layout], dtype: torch.dtype, stream: str) -> list[int]:
+        """storage=nvme: the first trunk layers whose state does not fit the RAM budget (the planner's rule)."""
+        if self.storage != "nvme":
+            return []
+        trunk = [lay.numel for lay in layouts[:-1]]
+        if self.ram_budget_GiB is not None:
+            budget = self.ram_budget_GiB * 2**30
+        else:  # all the RAM the rest of the run leaves
+            cb = torch.finfo(dtype).bits // 8
+            staging = S.staging_numel(max(trunk), layouts[-1].numel) * cb
+            others = cb * sum(trunk) + staging + S.NVME_BUFFERS * S.DISK_STATE_BYTES * max(trunk)
+            budget = _available_ram_bytes() - others - 2 * 2**30
+        n = S.nvme_layers(trunk, layouts[-1].numel, budget)
+        floor = S.RAM_STATE_BYTES * layouts[-1].numel + (S.RAM_STATE_BYTES - S.DISK_STATE_BYTES) * sum(trunk)
+        if floor > budget:
+            raise ValueError(f"storage=nvme: the RAM budget ({budget / 2**30:.2f} GiB) cannot hold even the state "
+                             f"that stays in RAM with every layer on disk ({floor / 2**30:.2f} GiB: gradients "
+                             "and the embedding/head state)")
+        return list(range(n))
 
     # ---- the training step ----
     @override
@@ -215,6 +256,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
             return out
 
         out = super().optimizer_step(optimizer, marked_closure, model, **kwargs)
+        if self.store.nvme is not None:
+            self._log_nvme()
         trace = self.engine.trace
         if trace is not None and "backward_done" in marks:
             trace.add_host(-1, S.CPU, S.OPTIMIZER, marks["backward_done"], time.perf_counter(), 0)
@@ -223,6 +266,17 @@ class MegatrainStrategy(SingleDeviceStrategy):
             self.engine.trace = None
             trace.save(self.trace_dir / f"step{self.trace_step}.json", **self._trace_meta())
         return out
+
+    def _log_nvme(self) -> None:
+        """Achieved disk rates of the step just done (writes behind may finish during the next step)."""
+        rates = self.store.nvme.reset_stats().rates()
+        self.nvme_log.append(rates)
+        trainer = self.lightning_module.trainer
+        for logger in trainer.loggers:
+            logger.log_metrics(rates, step=trainer.global_step)
+        if len(self.nvme_log) <= 3 or trainer.global_step % 50 == 0:
+            log.info(f"step {trainer.global_step}: NVMe read {rates['nvme_read_GBps']:.2f} GB/s, write "
+                     f"{rates['nvme_write_GBps']:.2f} GB/s, optimizer waited {rates['nvme_wait_s']:.3f} s")
 
     def _publish_weights(self) -> None:
         """After an update: cast masters into the streamed copies and refresh the resident device copy."""
@@ -247,42 +301,58 @@ class MegatrainStrategy(SingleDeviceStrategy):
                     n_layers=self.engine.plan.n_layers, checkpoint_interval=self.checkpoint_interval,
                     prefetch_depth=self.prefetch_depth, n_params=self.store.n_params, stream=self.store.stream)
 
-    # ---- checkpoints: weights come from the store, not from the (meta) module ----
+    # ---- checkpoints: directories of per-unit safetensors (checkpoint.py), written from the store ----
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        params = {k: v.clone() for k, v in self.store.named("master").items()}
-        state = {k: v for k, v in self.lightning_module.state_dict().items()
-                 if k not in params and k not in self._aliases}
-        state.update(params)
-        state.update({alias: params[name] for alias, name in self._aliases.items()})
-        return state
-
-    @override
-    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        saved = checkpoint["state_dict"]
-        masters = self.store.named("master")
-        missing = [k for k in masters if k not in saved]
-        if missing:
-            raise KeyError(f"checkpoint lacks parameters: {missing[:10]}{' ...' if len(missing) > 10 else ''}")
-        wrong = [f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in masters.items() if saved[k].shape != v.shape]
-        if wrong:
-            raise ValueError("checkpoint does not match the model's shapes:\n  " + "\n  ".join(wrong))
-        with torch.no_grad():
-            for k, v in masters.items():
-                v.copy_(saved[k])
-        rest = {k: v for k, v in saved.items() if k not in masters and k not in self._aliases}
-        self.lightning_module.load_state_dict(rest, strict=False)
-        self._publish_weights()
+        # the module's own small state (buffers, metric states); the parameters are saved from the store
+        return {k: v for k, v in self.lightning_module.state_dict().items()
+                if k not in self.store.index and k not in self._aliases}
 
     @override
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        return host_state_dict(getattr(optimizer, "_optimizer", optimizer))
+        # param groups (LR, betas, ...) and step counts; the moments are saved from the store
+        sd = getattr(optimizer, "_optimizer", optimizer).state_dict()
+        sd["state"] = {k: {"step": s["step"].clone()} for k, s in sd["state"].items()}
+        return sd
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("the megatrain strategy writes checkpoint directories itself; storage_options is not "
+                            "supported")
+        self.engine.wait_grads()
+        config = self.lightning_module.hparams.get("model_config")
+        ckpt.save(filepath, self.store, checkpoint, model_config=dict(config) if config else None)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        self._ckpt_dir = ckpt.resolve(checkpoint_path)
+        if self._ckpt_dir != Path(checkpoint_path):
+            log.info(f"resuming from {self._ckpt_dir}, the last complete checkpoint in {checkpoint_path}")
+        return ckpt.load_meta(self._ckpt_dir)
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._ckpt_dir is None:
+            raise ValueError("the megatrain strategy loads its own checkpoint directories (trainer.fit(ckpt_path="
+                             "...)); a state dict alone does not hold the weights")
+        ckpt.load_store(self._ckpt_dir, self.store)
+        self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
+        self._publish_weights()
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            load_host_state_dict(optimizer, state)
+        for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
+            groups = saved["param_groups"]
+            if len(groups) != len(optimizer.param_groups):
+                raise ValueError(f"checkpoint has {len(groups)} optimizer param groups, the optimizer has "
+                                 f"{len(optimizer.param_groups)}")
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            for group, g in zip(optimizer.param_groups, groups):
+                group.update({k: v for k, v in g.items() if k != "params"})
+            for index, state in saved["state"].items():
+                optimizer.state[params[int(index)]]["step"].copy_(state["step"])
 
     @property
     @override

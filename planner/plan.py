@@ -80,7 +80,7 @@ def place(hw: Hardware, wl: Workload) -> Workload:
                      if k != "state")
         budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
-        n = next((n for n in range(wl.n_layers + 1) if wl.ram_state_bytes(n) <= budget), wl.n_layers)
+        n = S.nvme_layers([wl.model.layer_params] * wl.n_layers, wl.model.embedding_params, budget)
         return replace(wl, n_nvme_layers=n)
     if wl.stream == "auto":
         copy = replace(wl, stream="copy")

@@ -15,9 +15,9 @@ from planner.errors import PlanError
 PRECISIONS = {"bf16-mixed": 2, "32-true": 4}  # Lightning precision -> bytes of the compute dtype
 STORAGES = ("ram", "nvme")
 STREAMS = ("copy", "master", "auto")
-STATE_BYTES = 16  # fp32 master + Adam m + Adam v + gradient buffer, per parameter
-NVME_STATE_BYTES = 12  # what a file-backed layer keeps on the SSD: master, m, v
-NVME_BUFFERS = 3  # layer-sized RAM buffers for the file-backed tier's read-ahead and write-behind
+STATE_BYTES = S.RAM_STATE_BYTES  # fp32 master + Adam m + Adam v + gradient buffer, per parameter
+NVME_STATE_BYTES = S.DISK_STATE_BYTES  # what a file-backed layer keeps on the SSD: master, m, v
+NVME_BUFFERS = S.NVME_BUFFERS  # layer-sized RAM buffers for the file-backed tier's read-ahead and write-behind
 GiB = 2**30
 
 
@@ -178,9 +178,3 @@ class Workload:
     @property
     def nvme_bytes(self) -> int:
         return self.n_nvme_layers * self.model.layer_params * NVME_STATE_BYTES
-
-    def ram_state_bytes(self, n_nvme_layers: int) -> int:
-        """Per-layer fp32 state in RAM when `n_nvme_layers` trunk layers keep theirs on the SSD."""
-        c = self.model
-        return ((self.n_layers - n_nvme_layers) * c.layer_params + c.embedding_params) * STATE_BYTES \
-            + n_nvme_layers * c.layer_params * 4

@@ -58,11 +58,8 @@ def test_every_yaml_composes_and_builds(group, option, tmp_path):
     assert config.name == cfg.model.name in PRESETS
     answer = check(cfg, advise=False)  # the planner reads every group too (hardware presets included)
     assert answer.wl.model.n_params == config.n_params and answer.step_time_s > 0
-    if cfg.storage.kind == "nvme":  # planned, not yet built (issue #4): a clear error, not a silent fallback
-        with pytest.raises(ValueError, match="not built yet"):
-            build.strategy(cfg.storage)
-        return
-    build.strategy(cfg.storage)
+    strategy = build.strategy(cfg.storage)
+    assert strategy.storage == cfg.storage.kind
     build.lightning_module(cfg, config)
     if config.vocab_size >= 256 and cfg.data.seq_len <= config.max_seq_len:
         build.datamodule(cfg.data, config, cfg.seed)

@@ -1,0 +1,248 @@
+"""Checkpoints as directories: one safetensors file per unit, written so a crash can never leave a half-written
+checkpoint under a complete checkpoint's name.
+
+    <name>/                       the path Lightning asks for (e.g. checkpoints/epoch=0-step=300.ckpt)
+      manifest.json               format, step, each unit file with its byte size (written last)
+      model_config.json           the model's Config, when the LightningModule has one
+      lightning.pt                Lightning's own state: loops, callbacks, LR schedulers, hyperparameters,
+                                  optimizer param groups and step counts (no weights); loaded weights_only=True
+      unit_00000.safetensors ...  per trunk block, then the resident part: fp32 master weights under their
+                                  parameter names, Adam moments under "exp_avg/<name>" and "exp_avg_sq/<name>"
+
+Everything is written into a hidden temporary directory beside the target, each file fsynced, then the
+directory is renamed into place (atomic on POSIX); an existing checkpoint of the same name is replaced only
+after the new one is complete. Unit files are written straight from the store's buffers (no copies).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from megatrain_lightning.store import HostStore
+
+FORMAT = "megatrain-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+META = "lightning.pt"
+MODEL_CONFIG = "model_config.json"
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+_DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: missing, incomplete, corrupted, or of another model."""
+
+
+# ---- safetensors, written without copies ----
+def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, Tensor]],
+                      metadata: dict[str, str] | None = None) -> int:
+    """Writes contiguous CPU tensors in the given order as a safetensors file and fsyncs it; returns its size."""
+    tensors = list(tensors)
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, t in tensors:
+        if not t.is_contiguous() or t.device.type != "cpu":
+            raise ValueError(f"{name}: write_safetensors needs contiguous CPU tensors")
+        header[name] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    if metadata:
+        header["__metadata__"] = metadata
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)  # the format aligns the data start to 8 bytes
+    with open(path, "wb") as f:
+        _write(f, struct.pack("<Q", len(head)) + head)
+        for _, t in tensors:
+            if t.nbytes:
+                _write(f, memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+        f.flush()
+        os.fsync(f.fileno())
+    return 8 + len(head) + offset
+
+
+def _write(f, data) -> None:
+    """One write; a module-level function so tests can make the disk 'fill up'."""
+    f.write(data)
+
+
+def read_header(path: Path) -> dict[str, Any]:
+    """The header of a safetensors file, checked against the file's size; a clear error names a missing,
+    truncated or corrupted file."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header of {n} bytes in a {size}-byte file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise CheckpointError(f"corrupted safetensors file {path}: {e}") from e
+    if 8 + n + end != size:
+        raise CheckpointError(f"truncated or corrupted safetensors file {path}: its header describes "
+                              f"{8 + n + end} bytes, the file has {size}")
+    return header
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- save ----
+def unit_file(index: int) -> str:
+    return f"unit_{index:05d}.safetensors"
+
+
+def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config: dict | None = None) -> Path:
+    """Writes a complete checkpoint directory at `path` (atomically replacing one that is there)."""
+    path = Path(path)
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    need = 12 * store.n_params + (1 << 20)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"not enough disk space for checkpoint {path}: it needs {need / 1e9:.2f} GB, "
+                      f"{parent} has {free / 1e9:.2f} GB free (nothing was written; earlier checkpoints are "
+                      "intact)")
+    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        files = {}
+        for i, (prefix, unit) in enumerate(zip(store.names, store.units)):
+            state = store.read_state(i)  # [master | m | v]
+            n = unit.layout.numel
+            tensors = []
+            for part, key in enumerate(("", *(m + "/" for m in MOMENTS))):
+                views = unit.layout.views(state[part * n:(part + 1) * n])
+                tensors += [(key + prefix + e.name, views[e.name]) for e in unit.layout.entries]
+            files[unit_file(i)] = write_safetensors(tmp / unit_file(i), tensors)
+        torch.save(meta, tmp / META)
+        if model_config is not None:
+            (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1))
+        for name in (META, MODEL_CONFIG):
+            if (tmp / name).exists():
+                _fsync_file(tmp / name)
+        manifest = {"format": FORMAT, "version": VERSION, "global_step": meta.get("global_step"),
+                    "units": [{"file": f, "bytes": b, "prefix": p} for (f, b), p in zip(files.items(), store.names)]}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        _fsync_file(tmp / MANIFEST)
+        _fsync_dir(tmp)
+        old = None
+        if path.exists():
+            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(path, old)
+        os.rename(tmp, path)
+        _fsync_dir(parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"the disk filled up while saving checkpoint {path}; the partial write was "
+                          "removed and earlier checkpoints are intact") from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+# ---- find and load ----
+def is_complete(path: Path) -> bool:
+    return (path / MANIFEST).is_file()
+
+
+def resolve(path: str | Path) -> Path:
+    """`path` itself when it is a complete checkpoint; when it is a directory of checkpoints, the complete one
+    with the highest step (incomplete temporaries are ignored)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if is_complete(path):
+        return path
+    if path.is_dir():
+        found = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)]
+        if found:
+            return max(found, key=lambda p: (_manifest(p).get("global_step") or -1, p.stat().st_mtime))
+        raise CheckpointError(f"{path} holds no complete checkpoint (a checkpoint directory has {MANIFEST}; "
+                              "incomplete ones are left by interrupted saves)")
+    raise CheckpointError(f"{path} is not a megatrain checkpoint directory (no {MANIFEST})")
+
+
+def _manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"unreadable {path / MANIFEST}: {e}") from e
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a {FORMAT} (format {manifest.get('format')!r})")
+    return manifest
+
+
+def load_meta(path: Path) -> dict[str, Any]:
+    if not (path / META).is_file():
+        raise CheckpointError(f"checkpoint file missing: {path / META}")
+    return torch.load(path / META, weights_only=True, map_location="cpu")
+
+
+def load_store(path: Path, store: HostStore) -> None:
+    """Loads every unit's master weights and Adam moments. Checks every file and every tensor's name and shape
+    first, so a checkpoint of another model changes nothing and the error lists all differences."""
+    manifest = _manifest(path)
+    units = manifest["units"]
+    headers = []
+    for entry in units:
+        file = path / entry["file"]
+        header = read_header(file)
+        if file.stat().st_size != entry["bytes"]:
+            raise CheckpointError(f"{file} has {file.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        headers.append(header)
+    saved = {k: tuple(v["shape"]) for h in headers for k, v in h.items() if k != "__metadata__" and "/" not in k}
+    expected = {prefix + e.name: tuple(e.shape) for prefix, u in zip(store.names, store.units)
+                for e in u.layout.entries}
+    problems = [f"{k}: checkpoint {saved[k]} vs model {v}" for k, v in expected.items() if k in saved and saved[k] != v]
+    problems += [f"{k}: missing from the checkpoint" for k in expected if k not in saved]
+    problems += [f"{k}: not in the model" for k in saved if k not in expected]
+    if problems or len(units) != len(store.units):
+        raise CheckpointError(f"checkpoint {path} is of another model shape ({len(units)} units vs "
+                              f"{len(store.units)}); mismatched tensors:\n  " + "\n  ".join(problems[:50]))
+    for i, (entry, unit) in enumerate(zip(units, store.units)):
+        n, prefix = unit.layout.numel, store.names[i]
+        state = torch.empty(3 * n, dtype=torch.float32) if unit.on_disk else unit.tile[:3 * n]
+        file = path / entry["file"]
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for part, key in enumerate(("", *(m + "/" for m in MOMENTS))):
+                    views = unit.layout.views(state[part * n:(part + 1) * n])
+                    for e in unit.layout.entries:
+                        views[e.name].copy_(f.get_tensor(key + prefix + e.name))
+        except CheckpointError:
+            raise
+        except Exception as e:  # safetensors raises its own error types for damaged files
+            raise CheckpointError(f"corrupted safetensors file {file}: {e}") from e
+        store.write_state(i, state)

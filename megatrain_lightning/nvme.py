@@ -1,0 +1,212 @@
+"""The file-backed tier: layers whose fp32 state does not fit the RAM budget keep it in one file each.
+
+A file holds the unit's flat [master | adam m | adam v] (12 bytes per parameter). Their gradients and their
+streamed compute-dtype copy stay in RAM (the forward and the gradient clipping need them there). The host
+optimizer reads a layer's state ahead of need into one of a few reused RAM tiles, updates it, and writes it
+behind on a second thread while the next layer is read and updated.
+
+Writes are flushed (fdatasync) and the pages dropped from the OS cache, so the RAM budget holds and the
+measured bandwidth is the disk's, not the page cache's.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from megatrain_lightning import schedule as S
+
+STATE_PARTS = 3  # master, exp_avg, exp_avg_sq
+
+
+@dataclass
+class IOStats:
+    """Bytes moved and seconds spent by the reader and writer threads, and how long the optimizer waited."""
+
+    read_bytes: int = 0
+    read_s: float = 0.0
+    write_bytes: int = 0
+    write_s: float = 0.0
+    wait_s: float = 0.0
+
+    def rates(self) -> dict[str, float]:
+        return {"nvme_read_GBps": self.read_bytes / self.read_s / 1e9 if self.read_s else 0.0,
+                "nvme_write_GBps": self.write_bytes / self.write_s / 1e9 if self.write_s else 0.0,
+                "nvme_wait_s": self.wait_s}
+
+
+class NvmeTier:
+    def __init__(self, directory: str | Path, numels: dict[int, int], buffers: int = S.NVME_BUFFERS) -> None:
+        """`numels`: unit index -> parameter count of each file-backed unit."""
+        if not numels:
+            raise ValueError("NvmeTier needs at least one unit")
+        root = Path(directory)
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot create storage.nvme_dir {root}: {e.strerror}") from e
+        need = sum(numels.values()) * STATE_PARTS * 4
+        free = shutil.disk_usage(root).free
+        if need > free:
+            raise OSError(errno.ENOSPC, f"storage.nvme_dir {root} has {free / 1e9:.1f} GB free; the file-backed "
+                          f"layers need {need / 1e9:.1f} GB")
+        # a private working directory: two runs sharing nvme_dir never touch each other's state
+        self.dir = Path(tempfile.mkdtemp(prefix="megatrain-", dir=root))
+        self.numels = dict(numels)
+        max_numel = max(numels.values())
+        self.n_buffers = buffers
+        self._tiles: queue.Queue[Tensor] = queue.Queue()
+        for _ in range(buffers):
+            self._tiles.put(torch.empty(STATE_PARTS * max_numel, dtype=torch.float32))
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-read")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-write")
+        self._writes: dict[int, Future] = {}
+        self._lock = threading.Lock()
+        self.stats = IOStats()
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)  # the files die with the run
+
+    def path(self, index: int) -> Path:
+        return self.dir / f"unit_{index:05d}.bin"
+
+    # ---- whole-unit I/O on the background threads ----
+    def read(self, index: int) -> Future:
+        """Starts reading a unit's state into a free tile; the future's result is the tile
+        ([3 * numel] fp32: master | m | v). Blocks while every tile is in use."""
+        start = time.perf_counter()
+        tile = self._tiles.get()
+        self.stats.wait_s += time.perf_counter() - start
+        pending = self._writes.get(index)
+        return self._reader.submit(self._read, index, tile, pending)
+
+    def write(self, index: int, tile: Tensor) -> Future:
+        """Writes a tile back behind the caller; the tile returns to the pool when the write is done."""
+        future = self._writer.submit(self._write, index, tile)
+        self._writes[index] = future
+        return future
+
+    def take(self, future: Future) -> Tensor:
+        """The tile of a `read`, waiting for it (the wait is counted in the stats)."""
+        start = time.perf_counter()
+        tile = future.result()
+        self.stats.wait_s += time.perf_counter() - start
+        return tile
+
+    def release(self, tile: Tensor) -> None:
+        """Returns a tile that was read but not written (e.g. by a checkpoint save)."""
+        self._tiles.put(tile)
+
+    def flush(self) -> None:
+        """Waits for every write behind; raises the first write error."""
+        for index, future in list(self._writes.items()):
+            future.result()
+            self._writes.pop(index, None)
+
+    def reset_stats(self) -> IOStats:
+        stats, self.stats = self.stats, IOStats()
+        return stats
+
+    def _read(self, index: int, tile: Tensor, pending: Future | None) -> Tensor:
+        try:
+            if pending is not None:
+                pending.result()  # the last write of this unit must land before it is read back
+            n = self.numels[index] * STATE_PARTS
+            start = time.perf_counter()
+            _read_file(self.path(index), tile[:n])
+            with self._lock:
+                self.stats.read_bytes += n * 4
+                self.stats.read_s += time.perf_counter() - start
+            return tile
+        except BaseException:
+            self._tiles.put(tile)
+            raise
+
+    def _write(self, index: int, tile: Tensor) -> None:
+        try:
+            n = self.numels[index] * STATE_PARTS
+            start = time.perf_counter()
+            _write_file(self.path(index), tile[:n])
+            with self._lock:
+                self.stats.write_bytes += n * 4
+                self.stats.write_s += time.perf_counter() - start
+        finally:
+            self._tiles.put(tile)
+
+    # ---- synchronous access (setup, checkpoints, imports) ----
+    def create(self, index: int, master: Tensor) -> None:
+        """A new unit file: the given fp32 master weights, zero Adam moments."""
+        n = self.numels[index]
+        buf = torch.zeros(STATE_PARTS * n, dtype=torch.float32)
+        buf[:n].copy_(master)
+        _write_file(self.path(index), buf)
+
+    def load(self, index: int) -> Tensor:
+        """A unit's state as a fresh [3 * numel] tensor (master | m | v)."""
+        self.flush()
+        out = torch.empty(self.numels[index] * STATE_PARTS, dtype=torch.float32)
+        _read_file(self.path(index), out)
+        return out
+
+    def store(self, index: int, state: Tensor) -> None:
+        self.flush()
+        _write_file(self.path(index), state)
+
+    def store_master(self, index: int, offset: int, values: Tensor) -> None:
+        """Writes fp32 `values` into a unit's master at element `offset` (imports write tensor by tensor)."""
+        self.flush()
+        _write_file(self.path(index), values, offset * 4)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._reader.shutdown()
+            self._writer.shutdown()
+            self._cleanup()
+
+
+def _bytes(t: Tensor) -> memoryview:
+    return memoryview(t.numpy()).cast("B")
+
+
+def _read_file(path: Path, out: Tensor) -> None:
+    view, want = _bytes(out), out.nbytes
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < want:
+            n = os.preadv(fd, [view[got:]], got)
+            if n == 0:
+                raise OSError(errno.EIO, f"{path} is truncated: {got} of {want} bytes")
+            got += n
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: Path, data: Tensor, offset: int = 0) -> None:
+    view, want = _bytes(data), data.nbytes
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        done = 0
+        while done < want:
+            done += os.pwritev(fd, [view[done:]], offset + done)
+        os.fdatasync(fd)  # on the disk, so the pages can leave the cache (and a full disk shows up here)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {path}") from e
+        raise
+    finally:
+        os.close(fd)
