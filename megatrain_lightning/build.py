@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from megatrain_lightning.config import Config
-from megatrain_lightning.data import ByteTextDataModule
+from megatrain_lightning.data import ByteTextDataModule, JsonlDataModule, TokensDataModule
 from megatrain_lightning.lm import CausalLM
 from megatrain_lightning.strategy import MegatrainStrategy
 
@@ -19,14 +19,27 @@ def model_config(cfg: DictConfig) -> Config:
     return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))
 
 
+DATA_KINDS = ("bytes", "tokens", "jsonl")
+
+
 def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataModule:
-    if cfg.kind != "bytes":
-        raise ValueError(f"unknown data kind {cfg.kind!r}; known: 'bytes'")
-    if config.vocab_size < 256:
-        raise ValueError(f"byte-level data needs vocab_size >= 256, the model has {config.vocab_size}")
+    if cfg.kind not in DATA_KINDS:
+        raise ValueError(f"unknown data kind {cfg.kind!r}; known: {', '.join(DATA_KINDS)}")
     if cfg.seq_len > config.max_seq_len:
         raise ValueError(f"data.seq_len {cfg.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
-    return ByteTextDataModule(cfg.path, seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=seed)
+    common = dict(seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=seed)
+    if cfg.kind == "bytes":
+        if config.vocab_size < 256:
+            raise ValueError(f"byte-level data needs vocab_size >= 256, the model has {config.vocab_size}")
+        return ByteTextDataModule(cfg.path, **common)
+    for key in ("path",) + (("tokenizer",) if cfg.kind == "jsonl" else ()):
+        if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
+            raise ValueError(f"data={cfg.kind} needs data.{key}")
+    common.update(val_fraction=cfg.val_fraction, vocab_size=config.vocab_size)
+    if cfg.kind == "tokens":
+        return TokensDataModule(cfg.path, dtype=cfg.get("dtype"), **common)
+    return JsonlDataModule(cfg.path, cfg.tokenizer, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
+                           response_field=cfg.response_field, eos_token=cfg.eos_token, **common)
 
 
 def strategy(cfg: DictConfig, trace_dir: str | None = None) -> MegatrainStrategy:

@@ -1,16 +1,87 @@
-"""Data: byte-level text, so the quick start needs no tokenizer and no download."""
+"""Data modules: byte-level text (the quick start: no tokenizer, no download), pre-tokenized token files
+(`data=tokens`) and JSON lines tokenized with a `tokenizer.json` (`data=jsonl`).
+
+Token data is packed: documents are concatenated (with the end-of-text token between them) and cut into
+windows of seq_len + 1 tokens that overlap by one, so every token is predicted once per epoch. With
+prompt/response records the prompt's tokens are masked out of the loss (label -100).
+
+Every training loader is resumable: Lightning saves its position in checkpoints (`state_dict`) and a resumed
+run continues with exactly the batches that come next.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "licenses.txt"
+IGNORE = -100  # label of tokens that are not trained on (cross_entropy's ignore_index)
+TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
+# ---- resumable loading ----
+class EpochSampler(Sampler[int]):
+    """Indices 0..n-1, in a fresh permutation each epoch when `shuffle` (seeded by seed and epoch)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
+        else:
+            order = torch.arange(self.n)
+        skip, self.skip = self.skip, 0  # a resumed epoch starts where the checkpoint was taken
+        return iter(order[skip:].tolist())
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader that counts the samples it handed out; Lightning stores that in checkpoints and restores it."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool, num_workers: int = 0) -> None:
+        super().__init__(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
+                         num_workers=num_workers, drop_last=True)
+        self.consumed = 0
+
+    def __iter__(self):
+        self.consumed = self.sampler.skip
+        for batch in super().__iter__():
+            self.consumed += self.batch_size
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.epoch, self.sampler.skip = state["epoch"], state["consumed"]
+
+
+def _check_batching(seq_len: int, micro_batch: int) -> None:
+    if seq_len < 1:
+        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+    if micro_batch < 1:
+        raise ValueError(f"data.micro_batch must be >= 1, got {micro_batch}")
+
+
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    return path
+
+
+# ---- byte-level text ----
 class ByteWindows(Dataset):
     """Random windows of seq_len+1 bytes (tokens 0..255); a fixed seed per index makes epochs reproducible."""
 
@@ -33,24 +104,159 @@ class ByteTextDataModule(L.LightningDataModule):
                  train_samples: int = 100_000, val_samples: int = 64, val_fraction: float = 0.05,
                  seed: int = 0, num_workers: int = 0) -> None:
         super().__init__()
-        if seq_len < 1:
-            raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
-        if micro_batch < 1:
-            raise ValueError(f"data.micro_batch must be >= 1, got {micro_batch}")
+        _check_batching(seq_len, micro_batch)
         self.path = Path(path) if path else DEFAULT_CORPUS
         self.seq_len, self.micro_batch, self.seed, self.num_workers = seq_len, micro_batch, seed, num_workers
         self.train_samples, self.val_samples, self.val_fraction = train_samples, val_samples, val_fraction
 
     def setup(self, stage: str | None = None) -> None:
-        if not self.path.is_file():
-            raise FileNotFoundError(f"data file not found: {self.path}")
-        data = torch.frombuffer(bytearray(self.path.read_bytes()), dtype=torch.uint8)
+        data = torch.frombuffer(bytearray(_require_file(self.path, "data file").read_bytes()), dtype=torch.uint8)
         split = int(len(data) * (1 - self.val_fraction))
         self.train = ByteWindows(data[:split], self.seq_len, self.train_samples, self.seed)
         self.val = ByteWindows(data[split:], self.seq_len, self.val_samples, self.seed + 1)
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train, batch_size=self.micro_batch, shuffle=False, num_workers=self.num_workers)
+        return ResumableLoader(self.train, self.micro_batch, self.seed, shuffle=False, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val, batch_size=self.micro_batch, shuffle=False, num_workers=self.num_workers)
+
+
+# ---- packed token streams ----
+class PackedWindows(Dataset):
+    """Window i of a token stream: tokens [i*T, i*T + T] as a [T+1] tensor, or, when a loss mask exists, a dict
+    of `input_ids` [T] and `labels` [T] (IGNORE where the mask is 0)."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None) -> None:
+        if len(tokens) < seq_len + 1:
+            raise ValueError(f"{len(tokens)} tokens are too few for one window of seq_len {seq_len} + 1")
+        self.tokens, self.mask, self.seq_len = tokens, mask, seq_len
+
+    def __len__(self) -> int:
+        return (len(self.tokens) - 1) // self.seq_len
+
+    def __getitem__(self, i: int):
+        s = i * self.seq_len
+        window = torch.from_numpy(self.tokens[s:s + self.seq_len + 1].astype(np.int64))  # [T+1]
+        if self.mask is None:
+            return window
+        labels = window[1:].clone()
+        labels[torch.from_numpy(self.mask[s + 1:s + self.seq_len + 1] == 0)] = IGNORE
+        return {"input_ids": window[:-1], "labels": labels}
+
+
+class _PackedDataModule(L.LightningDataModule):
+    """Train/validation windows over a packed token stream; subclasses provide `_tokens()`."""
+
+    def __init__(self, seq_len: int, micro_batch: int, val_fraction: float, seed: int, vocab_size: int | None,
+                 num_workers: int = 0) -> None:
+        super().__init__()
+        _check_batching(seq_len, micro_batch)
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+        self.seq_len, self.micro_batch, self.val_fraction = seq_len, micro_batch, val_fraction
+        self.seed, self.vocab_size, self.num_workers = seed, vocab_size, num_workers
+
+    def _tokens(self) -> tuple[np.ndarray, np.ndarray | None]:
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        tokens, mask = self._tokens()
+        if self.vocab_size is not None and len(tokens):
+            top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
+            if top >= self.vocab_size:
+                raise ValueError(f"token id {top} in the data is outside the model's vocabulary ({self.vocab_size})")
+        split = int(len(tokens) * (1 - self.val_fraction))
+        self.train = PackedWindows(tokens[:split], self.seq_len, None if mask is None else mask[:split])
+        self.val = None
+        if self.val_fraction > 0:
+            self.val = PackedWindows(tokens[split:], self.seq_len, None if mask is None else mask[split:])
+
+    def train_dataloader(self) -> DataLoader:
+        if len(self.train) < self.micro_batch:
+            raise ValueError(f"{len(self.train)} training windows are fewer than one micro-batch of {self.micro_batch}")
+        return ResumableLoader(self.train, self.micro_batch, self.seed, shuffle=True, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val or [], batch_size=self.micro_batch, shuffle=False, num_workers=self.num_workers)
+
+
+class TokensDataModule(_PackedDataModule):
+    """Pre-tokenized data: a `.npy` array, or a raw `.bin` of `dtype` (uint16 or uint32), memory-mapped."""
+
+    def __init__(self, path: str | Path, dtype: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
+                 val_fraction: float = 0.01, seed: int = 0, vocab_size: int | None = None,
+                 num_workers: int = 0) -> None:
+        super().__init__(seq_len, micro_batch, val_fraction, seed, vocab_size, num_workers)
+        self.path, self.dtype = Path(path), dtype
+
+    def _tokens(self) -> tuple[np.ndarray, None]:
+        path = _require_file(self.path, "token file")
+        if path.suffix == ".npy":
+            tokens = np.load(path, mmap_mode="r")
+            if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32, np.int32, np.int64):
+                raise ValueError(f"{path}: expected a 1-D array of token ids (uint16/uint32/int32/int64), got "
+                                 f"{tokens.ndim}-D {tokens.dtype}")
+            return tokens, None
+        if self.dtype not in TOKEN_DTYPES:
+            raise ValueError(f"data.dtype must be one of {sorted(TOKEN_DTYPES)} for a raw token file, got "
+                             f"{self.dtype!r}")
+        width = np.dtype(TOKEN_DTYPES[self.dtype]).itemsize
+        if path.stat().st_size % width:
+            raise ValueError(f"{path} has {path.stat().st_size} bytes, not a whole number of {self.dtype} tokens")
+        return np.memmap(path, dtype=TOKEN_DTYPES[self.dtype], mode="r"), None
+
+
+class JsonlDataModule(_PackedDataModule):
+    """JSON lines: each record's `text_field`, or its `prompt_field` + `response_field` with the prompt masked out
+    of the loss; tokenized with a Hugging Face `tokenizer.json` through the `tokenizers` library."""
+
+    def __init__(self, path: str | Path, tokenizer: str | Path, text_field: str = "text",
+                 prompt_field: str | None = None, response_field: str | None = None,
+                 eos_token: str | None = None, seq_len: int = 2048, micro_batch: int = 1,
+                 val_fraction: float = 0.01, seed: int = 0, vocab_size: int | None = None,
+                 num_workers: int = 0) -> None:
+        super().__init__(seq_len, micro_batch, val_fraction, seed, vocab_size, num_workers)
+        if (prompt_field is None) != (response_field is None):
+            raise ValueError("data.prompt_field and data.response_field go together")
+        self.path, self.tokenizer_path = Path(path), Path(tokenizer)
+        self.text_field, self.prompt_field, self.response_field = text_field, prompt_field, response_field
+        self.eos_token = eos_token
+
+    def _tokens(self) -> tuple[np.ndarray, np.ndarray | None]:
+        from tokenizers import Tokenizer
+        from tqdm.auto import tqdm
+
+        tok = Tokenizer.from_file(str(_require_file(self.tokenizer_path, "tokenizer file")))
+        path = _require_file(self.path, "data file")
+        eos = []
+        if self.eos_token is not None:
+            eos_id = tok.token_to_id(self.eos_token)
+            if eos_id is None:
+                raise ValueError(f"data.eos_token {self.eos_token!r} is not in {self.tokenizer_path}")
+            eos = [eos_id]
+        pairs = self.prompt_field is not None
+        tokens: list[int] = []
+        mask: list[int] = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(tqdm(f, desc=f"tokenizing {path.name}", unit=" records"), 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+                fields = (self.prompt_field, self.response_field) if pairs else (self.text_field,)
+                missing = [k for k in fields if not isinstance(record.get(k), str)]
+                if missing:
+                    raise ValueError(f"{path}:{lineno}: no text field {missing[0]!r}")
+                if pairs:
+                    prompt = tok.encode(record[self.prompt_field], add_special_tokens=False).ids
+                    response = tok.encode(record[self.response_field], add_special_tokens=False).ids + eos
+                    tokens += prompt + response
+                    mask += [0] * len(prompt) + [1] * len(response)
+                else:
+                    ids = tok.encode(record[self.text_field], add_special_tokens=False).ids + eos
+                    tokens += ids
+        dtype = np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32
+        return np.asarray(tokens, dtype=dtype), (np.asarray(mask, dtype=np.uint8) if pairs else None)

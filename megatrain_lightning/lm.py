@@ -32,11 +32,15 @@ class CausalLM(L.LightningModule):
         if self.model is None:
             self.model = Llama(self.config)
 
-    def loss(self, batch: Tensor) -> Tensor:
-        # batch: [B, T+1] token ids; predict tokens 1..T from 0..T-1
-        x, y = batch[:, :-1], batch[:, 1:]
+    def loss(self, batch: Tensor | dict[str, Tensor]) -> Tensor:
+        """Mean next-token cross-entropy. `batch`: [B, T+1] token ids (predict tokens 1..T from 0..T-1), or a dict
+        of `input_ids` [B, T] and `labels` [B, T] (-100 where a token is not trained on, e.g. a prompt)."""
+        if isinstance(batch, dict):
+            x, y = batch["input_ids"], batch["labels"]
+        else:
+            x, y = batch[:, :-1], batch[:, 1:]
         logits = self.model.logits(self.model(x))  # [B, T, V]
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.loss(batch)

@@ -64,7 +64,7 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
         if not any(p is q for g in optimizer.param_groups for q in g["params"]):
             del optimizer.state[p]
     if paged:
-        optimizer.step = PagedStep(optimizer.step, store, paged)
+        optimizer.step = PagedStep(optimizer, store, paged)
     return pairs
 
 
@@ -111,9 +111,9 @@ class PagedStep:
     over each file-backed unit's parameters pointed at its state read from disk, writing it back behind.
     AdamW is element-wise, so stepping in parts gives exactly the numbers of one step over everything."""
 
-    def __init__(self, step: Callable, store: HostStore, paged: dict[int, list[_Paged]]) -> None:
-        functools.update_wrapper(self, step)  # keeps the LR scheduler's marker on the wrapped step
-        self.step, self.store, self.paged = step, store, paged
+    def __init__(self, optimizer: torch.optim.Optimizer, store: HostStore, paged: dict[int, list[_Paged]]) -> None:
+        functools.update_wrapper(self, optimizer.step)  # keeps the LR scheduler's marker on the wrapped step
+        self.optimizer, self.step, self.store, self.paged = optimizer, optimizer.step, store, paged
         self.order = sorted(paged)  # the planner's order too: file-backed layers first to last
 
     def __call__(self, closure: Callable | None = None) -> Any:
@@ -132,10 +132,15 @@ class PagedStep:
             if closure is not None:
                 with torch.enable_grad():
                     loss = closure()
-            grads = [(b.param, b.param.grad) for i in self.order for b in self.paged[i]]
+            # each step below updates exactly the parameters that have a gradient at the time
+            grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
+            on_disk = {id(b.param) for i in self.order for b in self.paged[i]}
             for p, _ in grads:
-                p.grad = None  # the RAM units' step skips parameters without a gradient
-            self.step()
+                if id(p) in on_disk:
+                    p.grad = None
+            self.step()  # every RAM unit at once
+            for p, _ in grads:
+                p.grad = None
             while ahead:
                 i, future = ahead.popleft()
                 tile = tier.take(future)

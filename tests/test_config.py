@@ -61,7 +61,10 @@ def test_every_yaml_composes_and_builds(group, option, tmp_path):
     strategy = build.strategy(cfg.storage)
     assert strategy.storage == cfg.storage.kind
     build.lightning_module(cfg, config)
-    if config.vocab_size >= 256 and cfg.data.seq_len <= config.max_seq_len:
+    if cfg.data.kind != "bytes":  # file-backed data names the file it needs
+        with pytest.raises(ValueError, match=f"data={cfg.data.kind} needs data.path"):
+            build.datamodule(cfg.data, config, cfg.seed)
+    elif config.vocab_size >= 256 and cfg.data.seq_len <= config.max_seq_len:
         build.datamodule(cfg.data, config, cfg.seed)
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         return  # composed and validated above; a GPU Trainer cannot be built on this machine

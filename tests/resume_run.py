@@ -1,0 +1,63 @@
+"""One training run on packed token data, the way the resume tests need it: in this process, or as a separate
+process (`python -m tests.resume_run ARGS_JSON`) that a test starts, kills or resumes.
+
+It saves the store's final state (master weights, Adam moments) and the per-micro-batch losses to `out_dir`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
+
+from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning.config import Config
+from megatrain_lightning.data import TokensDataModule
+from tests.helpers import RecordingLM, lm_kwargs
+
+TOTAL_STEPS = 6
+SEQ_LEN, MICRO_BATCH, ACCUMULATE = 16, 2, 2
+
+
+def token_file(path: Path, n_windows: int = 18, vocab: int = 256) -> Path:
+    """A .npy token stream: n_windows training windows (and a little validation)."""
+    g = np.random.default_rng(3)
+    np.save(path, g.integers(0, vocab, size=n_windows * SEQ_LEN + SEQ_LEN * 2, dtype=np.uint16))
+    return path
+
+
+def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir: str | None = None,
+        save_every: int | None = None, resume: str | None = None, precision: str = "32-true",
+        ram_budget_GiB: float | None = None, nvme_dir: str | None = None) -> None:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = Config.from_name("tiny")
+    torch.manual_seed(0)
+    lm = RecordingLM(config, **lm_kwargs(TOTAL_STEPS))  # built on meta, initialized by the strategy from the seed
+    dm = TokensDataModule(data, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, val_fraction=0.1, seed=11,
+                          vocab_size=config.vocab_size)
+    callbacks = []
+    if save_every:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=save_every, save_top_k=-1))
+    strategy = MegatrainStrategy(storage=storage, ram_budget_GiB=ram_budget_GiB,
+                                 nvme_dir=nvme_dir or str(out / "nvme"))
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", precision=precision, max_steps=max_steps,
+                        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=bool(save_every), callbacks=callbacks, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0, deterministic=True)
+    trainer.fit(lm, datamodule=dm, ckpt_path=resume)
+    state = {}
+    for which in ("master", "exp_avg", "exp_avg_sq"):
+        state.update({f"{which}/{k}": v.contiguous() for k, v in strategy.store.named(which).items()})
+    save_file(state, out / "state.safetensors")
+    (out / "losses.json").write_text(json.dumps({"losses": lm.losses, "global_step": trainer.global_step}))
+
+
+if __name__ == "__main__":
+    run(**json.loads(sys.argv[1]))

@@ -1,0 +1,249 @@
+"""Durable state: storage=nvme equals storage=ram bit for bit; a resumed run equals a straight one bit for bit;
+a save killed midway leaves the previous checkpoint usable; damaged or foreign checkpoints fail clearly."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning import schedule as S
+from megatrain_lightning.config import Config
+from tests import resume_run
+from tests.resume_run import TOTAL_STEPS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _budget_GiB(on_disk: int) -> float:
+    """A RAM budget that leaves exactly `on_disk` of tiny's layers' state to files."""
+    c = Config.from_name("tiny")
+    layers = [c.layer_params] * c.n_layer
+    budget = S.RAM_STATE_BYTES * (sum(layers) + c.embedding_params) - S.DISK_STATE_BYTES * c.layer_params * on_disk
+    assert S.nvme_layers(layers, c.embedding_params, budget) == on_disk
+    return budget / 2**30
+
+
+NVME = dict(storage="nvme", ram_budget_GiB=_budget_GiB(3))  # 3 of tiny's 4 layers on disk
+
+
+def _result(out: Path) -> tuple[list[float], dict[str, torch.Tensor], int]:
+    meta = json.loads((out / "losses.json").read_text())
+    return meta["losses"], load_file(out / "state.safetensors"), meta["global_step"]
+
+
+def _assert_same_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _subprocess(args: dict, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "tests.resume_run", json.dumps(args)], cwd=ROOT, env=env, **popen)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(resume_run.token_file(tmp_path_factory.mktemp("data") / "tokens.npy"))
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> dict[str, tuple]:
+    """Six steps without interruption, once per storage mode."""
+    out = {}
+    for name, kw in (("ram", {}), ("nvme", NVME)):
+        d = tmp_path_factory.mktemp(f"straight-{name}")
+        resume_run.run(data, str(d), TOTAL_STEPS, **kw)
+        out[name] = _result(d)
+    return out
+
+
+def test_nvme_equals_ram_bit_for_bit(straight):
+    losses_ram, state_ram, _ = straight["ram"]
+    losses_nvme, state_nvme, _ = straight["nvme"]
+    assert losses_nvme == losses_ram and len(losses_ram) == TOTAL_STEPS * resume_run.ACCUMULATE
+    _assert_same_state(state_nvme, state_ram)
+    assert state_ram["exp_avg/model.model.layers.0.mlp.up_proj.weight"].abs().sum() > 0  # the moments moved
+
+
+def test_nvme_bf16_equals_ram(data, tmp_path):
+    results = []
+    for name, kw in (("ram", {}), ("nvme", NVME)):
+        resume_run.run(data, str(tmp_path / name), 3, precision="bf16-mixed", **kw)
+        results.append(_result(tmp_path / name))
+    assert results[0][0] == results[1][0]
+    _assert_same_state(results[0][1], results[1][1])
+
+
+def test_nvme_budget_too_small_is_an_error(data, tmp_path):
+    with pytest.raises(ValueError, match="RAM budget .* cannot hold even the state that stays in RAM"):
+        resume_run.run(data, str(tmp_path), 1, storage="nvme", ram_budget_GiB=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["ram", "nvme"])
+def test_resume_in_a_new_process_is_exact(mode, data, straight, tmp_path):
+    """3 steps + checkpoint, then a new process resumes and runs 3 more: the same losses, weights and moments as
+    6 steps straight (data order, LR schedule and Adam step counts included; the checkpoint falls mid-epoch)."""
+    kw = NVME if mode == "nvme" else {}
+    ckpt_dir = tmp_path / "ckpt"
+    resume_run.run(data, str(tmp_path / "first"), 3, ckpt_dir=str(ckpt_dir), save_every=3, **kw)
+    first_losses, _, _ = _result(tmp_path / "first")
+    saved = ckpt.resolve(ckpt_dir)
+    assert saved.name == "epoch=0-step=3.ckpt" and (saved / ckpt.MANIFEST).is_file()
+    assert sorted(p.name for p in saved.iterdir()) == sorted(
+        [ckpt.MANIFEST, ckpt.META, ckpt.MODEL_CONFIG] + [ckpt.unit_file(i) for i in range(5)])
+
+    args = dict(data=data, out_dir=str(tmp_path / "second"), max_steps=TOTAL_STEPS, resume=str(ckpt_dir), **kw)
+    assert _subprocess(args).wait(timeout=300) == 0
+    losses, state, step = _result(tmp_path / "second")
+    want_losses, want_state, _ = straight[mode]
+    assert step == TOTAL_STEPS
+    assert first_losses + losses == want_losses
+    _assert_same_state(state, want_state)
+
+
+def test_sigkill_during_a_save_keeps_the_previous_checkpoint(data, straight, tmp_path):
+    """A process killed while writing its second checkpoint: the first stays complete, the partial write is never
+    taken for a checkpoint, and resuming from the directory continues exactly."""
+    ckpt_dir, marker = tmp_path / "ckpt", tmp_path / "writing"
+    script = f"""
+import time
+from pathlib import Path
+from megatrain_lightning import checkpoint
+from tests import resume_run
+real, calls = checkpoint.write_safetensors, []
+def slow(path, *a, **k):  # the second save stops after two unit files, as if the machine died there
+    calls.append(path)
+    if len(calls) == 7:
+        Path({str(marker)!r}).touch()
+        time.sleep(600)
+    return real(path, *a, **k)
+checkpoint.write_safetensors = slow
+resume_run.run({data!r}, {str(tmp_path / 'killed')!r}, 4, ckpt_dir={str(ckpt_dir)!r}, save_every=2)
+"""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env)
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None and time.time() < deadline, "the training process ended before its second save"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    partial = [p for p in ckpt_dir.iterdir() if ".tmp-" in p.name]
+    assert len(partial) == 1 and not ckpt.is_complete(partial[0])  # the interrupted save, never renamed
+    assert ckpt.resolve(ckpt_dir).name == "epoch=0-step=2.ckpt"
+
+    resume_run.run(data, str(tmp_path / "resumed"), TOTAL_STEPS, resume=str(ckpt_dir))
+    losses, state, step = _result(tmp_path / "resumed")
+    want_losses, want_state, _ = straight["ram"]
+    assert step == TOTAL_STEPS and losses == want_losses[2 * resume_run.ACCUMULATE:]
+    _assert_same_state(state, want_state)
+
+
+# ---- errors that name the problem ----
+@pytest.fixture(scope="module")
+def saved(data, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("saved")
+    resume_run.run(data, str(d / "run"), 2, ckpt_dir=str(d / "ckpt"), save_every=2)
+    return ckpt.resolve(d / "ckpt")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _resume(data: str, path: Path, tmp_path: Path, **kw) -> None:
+    resume_run.run(data, str(tmp_path / "out"), 3, resume=str(path), **kw)
+
+
+def test_truncated_shard_is_named(saved, data, tmp_path):
+    bad = _copy(saved, tmp_path / "bad.ckpt")
+    unit = bad / ckpt.unit_file(2)
+    unit.write_bytes(unit.read_bytes()[:-100])
+    with pytest.raises(ckpt.CheckpointError, match=f"truncated or corrupted safetensors file .*{unit.name}"):
+        _resume(data, bad, tmp_path)
+
+
+def test_corrupted_header_is_named(saved, data, tmp_path):
+    bad = _copy(saved, tmp_path / "bad.ckpt")
+    unit = bad / ckpt.unit_file(1)
+    raw = bytearray(unit.read_bytes())
+    raw[8:20] = b"\x00garbage!!\xff\xfe"
+    unit.write_bytes(bytes(raw))
+    with pytest.raises(ckpt.CheckpointError, match=f"corrupted safetensors file .*{unit.name}"):
+        _resume(data, bad, tmp_path)
+
+
+def test_missing_file_is_named(saved, data, tmp_path):
+    bad = _copy(saved, tmp_path / "bad.ckpt")
+    (bad / ckpt.unit_file(3)).unlink()
+    with pytest.raises(ckpt.CheckpointError, match=f"checkpoint file missing: .*{ckpt.unit_file(3)}"):
+        _resume(data, bad, tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint not found"):
+        _resume(data, tmp_path / "nowhere", tmp_path)
+
+
+def test_checkpoint_of_another_shape_lists_the_tensors(saved, tmp_path):
+    import lightning as L
+
+    from megatrain_lightning import MegatrainStrategy
+    from tests.helpers import RecordingLM, lm_kwargs, loader, make_batches
+
+    config = Config.from_name("tiny", intermediate_size=128)
+    trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(ckpt.CheckpointError, match=r"another model shape(.|\n)*mlp.up_proj.weight: checkpoint "
+                                                   r"\(176, 64\) vs model \(128, 64\)"):
+        trainer.fit(RecordingLM(config, **lm_kwargs(3)), train_dataloaders=loader(make_batches(config, 4)),
+                    ckpt_path=saved)
+
+
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(saved, data, tmp_path, monkeypatch):
+    ckpt_dir = tmp_path / "ckpt"
+    good = _copy(saved, ckpt_dir / saved.name)
+    before = {p.name: p.read_bytes() for p in good.iterdir()}
+    writes = []
+
+    def full(f, data):
+        writes.append(1)
+        if len(writes) > 5:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        f.write(data)
+
+    monkeypatch.setattr(ckpt, "_write", full)
+    with pytest.raises(OSError, match="disk filled up while saving checkpoint .*earlier checkpoints are intact"):
+        resume_run.run(data, str(tmp_path / "run"), 4, ckpt_dir=str(ckpt_dir), save_every=2)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [saved.name]  # no partial directory left behind
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == before
+
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(OSError, match="not enough disk space for checkpoint"):
+        resume_run.run(data, str(tmp_path / "run2"), 2, ckpt_dir=str(tmp_path / "c2"), save_every=2)
+
+
+def test_overwriting_a_checkpoint_replaces_it_whole(saved, tmp_path):
+    """`last.ckpt`-style names are rewritten: the new directory replaces the old only once it is complete."""
+    from megatrain_lightning.store import HostStore, Layout
+
+    store = HostStore([Layout([("w", (3, 2))]), Layout([("b", (2,))])], ["layers.0.", ""], torch.float32, pin=False)
+    target = tmp_path / "last.ckpt"
+    for value in (1.0, 2.0):
+        store.units[0].master.fill_(value)
+        ckpt.save(target, store, {"global_step": int(value)})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert torch.equal(load_file(target / ckpt.unit_file(0))["layers.0.w"], torch.full((3, 2), 2.0))
