@@ -16,6 +16,8 @@ from megatrain_lightning.strategy import MegatrainStrategy
 
 
 def model_config(cfg: DictConfig) -> Config:
+    if cfg.name == "hf" and OmegaConf.is_missing(cfg, "path"):
+        raise ValueError("model=hf needs model.path: a Hugging Face checkpoint directory")
     return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))
 
 
@@ -42,8 +44,8 @@ def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataMod
                            response_field=cfg.response_field, eos_token=cfg.eos_token, **common)
 
 
-def strategy(cfg: DictConfig, trace_dir: str | None = None) -> MegatrainStrategy:
-    return MegatrainStrategy(checkpoint_interval=cfg.checkpoint_interval, prefetch_depth=cfg.prefetch_depth,
+def strategy(cfg: DictConfig, trace_dir: str | None = None, init_from: str | None = None) -> MegatrainStrategy:
+    return MegatrainStrategy(init_from=init_from, checkpoint_interval=cfg.checkpoint_interval, prefetch_depth=cfg.prefetch_depth,
                              storage=cfg.kind, stream=cfg.get("stream", "auto"),
                              ram_budget_GiB=cfg.get("ram_budget_GiB"), nvme_dir=cfg.get("nvme_dir", "nvme_state"),
                              trace_dir=trace_dir)
@@ -51,9 +53,11 @@ def strategy(cfg: DictConfig, trace_dir: str | None = None) -> MegatrainStrategy
 
 def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
     out_dir = Path(out_dir)
-    checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
+    # each save writes the whole training state once; last.ckpt links to the newest
+    checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last="link",
                                   every_n_train_steps=cfg.trainer.val_check_interval)
-    return L.Trainer(strategy=strategy(cfg.storage), callbacks=[checkpoints],
+    init_from = cfg.model.get("path") if cfg.model.name == "hf" else None
+    return L.Trainer(strategy=strategy(cfg.storage, init_from=init_from), callbacks=[checkpoints],
                      logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, **cfg.trainer)
 
 

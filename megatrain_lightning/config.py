@@ -5,7 +5,9 @@ Pure Python (no torch import): the planner reads the same presets to answer a ch
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 
@@ -23,6 +25,9 @@ class Config:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False  # Qwen2 puts a bias on q/k/v projections
+    # Llama 3.1+ frequency scaling, in Hugging Face's form: {"rope_type": "llama3", "factor": 8.0,
+    # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    rope_scaling: dict | None = None
     # derived in __post_init__
     head_dim: int = field(init=False)
 
@@ -36,6 +41,11 @@ class Config:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
+        if self.rope_scaling is not None:
+            kind = self.rope_scaling.get("rope_type", self.rope_scaling.get("type"))
+            need = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+            if kind != "llama3" or not need <= set(self.rope_scaling):
+                raise ValueError(f"rope_scaling supports rope_type 'llama3' with {sorted(need)}; got {self.rope_scaling}")
         self.head_dim = self.hidden_size // self.n_head
 
     @classmethod
@@ -46,15 +56,63 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Config:
-        """A preset by `name`, with any other Config field overridden (what `conf/model/*.yaml` holds)."""
+        """A preset by `name`, with any other Config field overridden (what `conf/model/*.yaml` holds); name `hf`
+        with `path`: the config.json of a Hugging Face checkpoint directory."""
         d = dict(d)
         if "name" not in d:
             raise ValueError("a model config needs a preset `name`")
         name = d.pop("name")
+        if name == "hf":
+            path = d.pop("path", None)
+            if not path:
+                raise ValueError("model=hf needs model.path: a Hugging Face checkpoint directory")
+            config_file = Path(path) / "config.json"
+            if not config_file.is_file():
+                raise FileNotFoundError(f"Hugging Face config not found: {config_file}")
+            return replace(cls.from_hf(json.loads(config_file.read_text()), name=Path(path).name), **d)
         unknown = set(d) - set(cls.field_names())
         if unknown:
             raise ValueError(f"unknown model field(s) {sorted(unknown)}; known: {cls.field_names()}")
         return cls.from_name(name, **d)
+
+    @classmethod
+    def from_hf(cls, hf: dict[str, Any], name: str = "hf") -> Config:
+        """From a Hugging Face config.json of a Llama, Mistral or Qwen2 model (transformers 4 or 5 layout)."""
+        kind = hf.get("model_type")
+        if kind not in HF_TYPES:
+            raise ValueError(f"model_type {kind!r} is not supported; supported: {', '.join(HF_TYPES)}")
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
+        if kind == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+            raise ValueError("Llama with attention_bias or mlp_bias is not supported")
+        n_head = hf["num_attention_heads"]
+        if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
+            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
+        rope = dict(hf.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling here
+        theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
+        scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+        if scaling and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        max_seq = hf.get("max_position_embeddings", 2048)
+        window = hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None
+        if window and window < max_seq:  # full causal attention equals the sliding window up to its length
+            max_seq = window
+        return cls(name=name, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
+                   hidden_size=hf["hidden_size"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                   intermediate_size=hf["intermediate_size"], max_seq_len=max_seq, rope_theta=float(theta),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                   qkv_bias=kind == "qwen2", rope_scaling=dict(scaling) if scaling else None)
+
+    def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
+        """A Hugging Face config.json (LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v carry a bias)."""
+        kind = "qwen2" if self.qkv_bias else "llama"
+        return {"architectures": [HF_TYPES[kind]], "model_type": kind, "vocab_size": self.vocab_size,
+                "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
+                "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
+                "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim, "hidden_act": "silu",
+                "max_position_embeddings": self.max_seq_len, "rms_norm_eps": self.norm_eps,
+                "rope_theta": self.rope_theta, "rope_scaling": self.rope_scaling,
+                "tie_word_embeddings": self.tie_embeddings, "attention_bias": False, "torch_dtype": dtype}
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -89,6 +147,11 @@ class Config:
         return self.n_layer * self.layer_params + self.embedding_params
 
 
+HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+_LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
+
 PRESETS: dict[str, Config] = {
     c.name: c
     for c in [
@@ -99,11 +162,13 @@ PRESETS: dict[str, Config] = {
                max_seq_len=512, tie_embeddings=True, qkv_bias=True, norm_eps=1e-6),
         # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json
         Config("llama-3.2-1b", vocab_size=128256, n_layer=16, hidden_size=2048, n_head=32, n_kv_head=8,
-               intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True),
+               intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+               rope_scaling=_LLAMA32_ROPE),
         # Llama-3.2-3B ships with tied embeddings; the peers in DESIGN.md are measured untied (3.61B):
         # use `model.tie_embeddings=false` (or Config.from_name("llama-3.2-3b", tie_embeddings=False)).
         Config("llama-3.2-3b", vocab_size=128256, n_layer=28, hidden_size=3072, n_head=24, n_kv_head=8,
-               intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True),
+               intermediate_size=8192, max_seq_len=131072, rope_theta=500000.0, tie_embeddings=True,
+               rope_scaling=_LLAMA32_ROPE),
         Config("llama-3-8b", vocab_size=128256, n_layer=32, hidden_size=4096, n_head=32, n_kv_head=8,
                intermediate_size=14336, max_seq_len=8192, rope_theta=500000.0),
         Config("llama-3-70b", vocab_size=128256, n_layer=80, hidden_size=8192, n_head=64, n_kv_head=8,
@@ -115,7 +180,7 @@ PRESETS: dict[str, Config] = {
         Config("mistral-large-123b", vocab_size=32768, n_layer=88, hidden_size=12288, n_head=96, n_kv_head=8,
                intermediate_size=28672, max_seq_len=131072, rope_theta=1000000.0),
         Config("llama-3.1-405b", vocab_size=128256, n_layer=126, hidden_size=16384, n_head=128, n_kv_head=8,
-               intermediate_size=53248, max_seq_len=131072, rope_theta=500000.0),
+               intermediate_size=53248, max_seq_len=131072, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
         # https://huggingface.co/Qwen/Qwen2-0.5B/blob/main/config.json
         Config("qwen2-0.5b", vocab_size=151936, n_layer=24, hidden_size=896, n_head=14, n_kv_head=2,
                intermediate_size=4864, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,

@@ -10,6 +10,7 @@ blocks' weights live in host memory and stream through the compute device.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -60,10 +61,25 @@ def rope_tables(config: Config, seq_len: int, device: torch.device | str | None 
     """cos, sin: [seq_len, head_dim] in fp32, HF's half-rotation layout."""
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device)
                                             / config.head_dim))
+    if config.rope_scaling is not None:
+        inv_freq = _llama3_scaling(inv_freq, config.rope_scaling)
     t = torch.arange(seq_len, dtype=torch.float32, device=device)
     freqs = torch.outer(t, inv_freq)  # [T, head_dim/2]
     emb = torch.cat((freqs, freqs), dim=-1)  # [T, head_dim]
     return emb.cos(), emb.sin()
+
+
+def _llama3_scaling(inv_freq: Tensor, s: dict) -> Tensor:
+    """Llama 3.1's frequency scaling (as in Hugging Face's `_compute_llama3_parameters`): long wavelengths are
+    slowed by `factor`, short ones kept, the band between interpolated smoothly."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old / low, inv_freq / factor, inv_freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, smoothed, scaled)
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning import hf
 from megatrain_lightning import schedule as S
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.model import Trunk
@@ -50,6 +51,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         stream: str = "auto",
         ram_budget_GiB: float | None = None,
         nvme_dir: str | Path = "nvme_state",
+        init_from: str | Path | None = None,
         device: _DEVICE | None = None,
         trace_dir: str | Path | None = None,
         trace_step: int = 2,
@@ -76,6 +78,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.checkpoint_interval, self.prefetch_depth, self.storage = checkpoint_interval, prefetch_depth, storage
         self.stream = stream
         self.ram_budget_GiB, self.nvme_dir = ram_budget_GiB, Path(nvme_dir)
+        self.init_from = Path(init_from) if init_from is not None else None  # a Hugging Face checkpoint directory
         self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
         self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
@@ -159,7 +162,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         for i, block in enumerate(trunk):
             if any(p.is_meta for p in block.parameters()):
                 block.to_empty(device="cpu")
-                _reset(block)
+                if self.init_from is None:  # imported weights replace these anyway
+                    _reset(block)
             store.fill(i, list(block.named_parameters()))
             block.to("meta")  # the store holds the weights now; free the module's copy
             for n, p in block.named_parameters():
@@ -171,12 +175,18 @@ class MegatrainStrategy(SingleDeviceStrategy):
             p = owners[0][2]
             if p.is_meta:
                 _assign(owners, nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad))
-        for m in meta_owners.values():
+        for m in meta_owners.values() if self.init_from is None else ():
             if not callable(getattr(m, "reset_parameters", None)):
                 raise ValueError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
                                  "reset_parameters()")
             m.reset_parameters()
         store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
+        for name, owners in refs:
+            for m, attr, _ in owners[1:]:
+                self._aliases[_full_name(module, m, attr)] = name
+        if self.init_from is not None:
+            hf.load_into_store(self.init_from, store, self._aliases)
+            log.info(f"initialized from the Hugging Face checkpoint {self.init_from}")
         unit = store.units[-1]
         # a device copy in the compute dtype (never an alias of the host store, even when the device is the CPU)
         self._resident_flat = torch.empty(unit.layout.numel, dtype=dtype, device=device).copy_(unit.stream)
@@ -187,8 +197,6 @@ class MegatrainStrategy(SingleDeviceStrategy):
             _assign(owners, p)
             self._resident_params.append(p)
             self._param_names[id(p)] = name
-            for m, attr, _ in owners[1:]:
-                self._aliases[_full_name(module, m, attr)] = name
         self.store = store
         self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth)
         trunk.engine = self.engine

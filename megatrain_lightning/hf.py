@@ -1,0 +1,193 @@
+"""Hugging Face checkpoints in and out (Llama, Mistral, Qwen2): config.json + sharded safetensors + index.
+
+Import reads one tensor at a time, shard by shard, straight into the host store (file-backed layers write it
+into their files), so the extra RAM is one tensor, never the model. Export reads a megatrain checkpoint
+directory unit by unit and writes shards of at most `max_shard_GB`, so `transformers` loads the result:
+
+    python -m megatrain_lightning.hf export runs/.../checkpoints/last.ckpt exported/ [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from torch import Tensor
+
+from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.config import Config
+from megatrain_lightning.store import HostStore
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed here
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+def shards(directory: str | Path) -> list[Path]:
+    """The safetensors files of a Hugging Face checkpoint directory (through its index when sharded)."""
+    d = Path(directory)
+    if not d.is_dir():
+        raise FileNotFoundError(f"Hugging Face checkpoint directory not found: {d}")
+    if (d / INDEX).is_file():
+        weight_map = json.loads((d / INDEX).read_text())["weight_map"]
+        files = sorted(set(weight_map.values()))
+    elif (d / SINGLE).is_file():
+        files = [SINGLE]
+    else:
+        raise FileNotFoundError(f"{d} has neither {INDEX} nor {SINGLE} (only safetensors checkpoints are read)")
+    missing = [f for f in files if not (d / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"shard(s) listed in {d / INDEX} are missing: {', '.join(missing)}")
+    return [d / f for f in files]
+
+
+def _hf_prefix(store: HostStore) -> str:
+    """The LightningModule's prefix in front of Hugging Face names ("model." for CausalLM.model = Llama)."""
+    for name in store.index:
+        if name.endswith("model.embed_tokens.weight"):
+            return name[:-len("model.embed_tokens.weight")]
+    raise ValueError("the model has no `model.embed_tokens.weight`: Hugging Face import needs the Llama layout")
+
+
+def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, str] | None = None) -> None:
+    """Copies a Hugging Face checkpoint's weights into the store's fp32 masters (Adam moments stay zero). Every
+    shard header is checked first: missing, unexpected and mis-shaped tensors are listed before anything is
+    written."""
+    prefix, aliases = _hf_prefix(store), aliases or {}
+    files = shards(directory)
+    plan: list[tuple[Path, str, str]] = []  # (shard, name in the shard, name in the store)
+    problems, seen = [], set()
+    for file in files:
+        header = ckpt.read_header(file)
+        for name, info in header.items():
+            if name == "__metadata__" or name.endswith(IGNORED_SUFFIXES):
+                continue
+            full = prefix + name
+            if full in aliases:  # a tied weight saved twice: the store keeps one copy
+                continue
+            if full not in store.index:
+                problems.append(f"{name}: not in the model")
+                continue
+            _, entry = store.index[full]
+            if tuple(info["shape"]) != tuple(entry.shape):
+                problems.append(f"{name}: checkpoint {tuple(info['shape'])} vs model {tuple(entry.shape)}")
+            if info["dtype"] not in _ST_DTYPES:
+                problems.append(f"{name}: dtype {info['dtype']} is not a floating-point type")
+            seen.add(full)
+            plan.append((file, name, full))
+    problems += [f"{k[len(prefix):]}: missing from the checkpoint" for k in store.index if k not in seen]
+    if problems:
+        raise ckpt.CheckpointError(f"Hugging Face checkpoint {directory} does not match the model:\n  "
+                                   + "\n  ".join(problems[:50]))
+    dirty: set[int] = set()
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for _, name, full in (p for p in plan if p[0] == file):
+                    i, entry = store.index[full]
+                    value = f.get_tensor(name).to(torch.float32).reshape(-1)
+                    unit = store.units[i]
+                    if unit.on_disk:
+                        store.nvme.store_master(i, entry.offset, value)
+                    else:
+                        unit.master[entry.offset:entry.offset + entry.numel].copy_(value)
+                    dirty.add(i)
+        except ckpt.CheckpointError:
+            raise
+        except Exception as e:
+            raise ckpt.CheckpointError(f"corrupted safetensors file {file}: {e}") from e
+    for i in sorted(dirty):  # the streamed copies follow the new masters
+        unit = store.units[i]
+        unit.refresh_stream(store.read_state(i)[:unit.layout.numel] if unit.on_disk else None)
+
+
+def _checkpoint_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
+    """(name, fp32 master) of a megatrain checkpoint directory, one unit file at a time."""
+    manifest = json.loads((path / ckpt.MANIFEST).read_text())
+    for unit in manifest["units"]:
+        file = path / unit["file"]
+        ckpt.read_header(file)
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                if "/" not in key:  # master weights; "exp_avg/..." are optimizer state
+                    yield key, f.get_tensor(key)
+
+
+def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
+           max_shard_GB: float = 5.0) -> Path:
+    """Writes a megatrain checkpoint as a Hugging Face checkpoint directory (atomically, like checkpoints)."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    src = ckpt.resolve(checkpoint_dir)
+    if not (src / ckpt.MODEL_CONFIG).is_file():
+        raise ckpt.CheckpointError(f"{src} has no {ckpt.MODEL_CONFIG}: only checkpoints of megatrain's CausalLM "
+                                   "can be exported")
+    config = Config(**{k: v for k, v in json.loads((src / ckpt.MODEL_CONFIG).read_text()).items()})
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        prefix, limit = None, max_shard_GB * 1e9
+        shard: list[tuple[str, Tensor]] = []
+        written: list[tuple[str, list[str]]] = []
+        total = 0
+
+        def flush() -> None:
+            name = f"part-{len(written):05d}.safetensors"
+            ckpt.write_safetensors(tmp / name, shard, metadata={"format": "pt"})
+            written.append((name, [n for n, _ in shard]))
+            shard.clear()
+
+        for key, tensor in _checkpoint_tensors(src):
+            if prefix is None:  # the LightningModule's prefix before the Llama layout, from the first block
+                if "model.layers." not in key:
+                    raise ckpt.CheckpointError(f"{src}: {key!r} is not in the Llama layout (model.layers.N....)")
+                prefix = key[:key.index("model.layers.")]
+            t = tensor.to(DTYPES[dtype]).contiguous()
+            if shard and sum(x.nbytes for _, x in shard) + t.nbytes > limit:
+                flush()
+            shard.append((key[len(prefix):], t))
+            total += t.nbytes
+        if shard:
+            flush()
+        weight_map = {}
+        for k, (name, keys) in enumerate(written):
+            final = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+            os.rename(tmp / name, tmp / final)
+            weight_map.update({key: final for key in keys})
+        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m megatrain_lightning.hf", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="a megatrain checkpoint directory -> a Hugging Face checkpoint directory")
+    ex.add_argument("checkpoint", help="a checkpoint directory, or a directory of them (the last complete one)")
+    ex.add_argument("out_dir")
+    ex.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
+    ex.add_argument("--max-shard-GB", type=float, default=5.0)
+    args = ap.parse_args(argv)
+    out = export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_GB)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

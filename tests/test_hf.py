@@ -1,0 +1,141 @@
+"""Hugging Face checkpoints in and out, checked against `transformers` itself (a test-only dependency)."""
+
+from __future__ import annotations
+
+import json
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatrain_lightning import MegatrainStrategy, hf
+from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.config import Config
+from megatrain_lightning.lm import CausalLM
+from tests.helpers import lm_kwargs, loader, make_batches
+
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=176, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
+VARIANTS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
+    "llama3-rope": ("LlamaConfig", "LlamaForCausalLM", dict(
+        tie_word_embeddings=False, rope_theta=500000.0, max_position_embeddings=4096,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                      "original_max_position_embeddings": 64})),
+    "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+}
+
+
+def _hf_model(variant: str, path):
+    config_cls, model_cls, extra = VARIANTS[variant]
+    config = getattr(transformers, config_cls)(**{**TINY, **extra})
+    torch.manual_seed(0)
+    model = getattr(transformers, model_cls)(config).float().eval()
+    model.save_pretrained(path, max_shard_size="60KB")  # several shards and an index
+    return model
+
+
+def _imported(path, **strategy_kwargs):
+    """Our model initialized from a Hugging Face directory through the strategy (store, engine, streaming)."""
+    config = Config.from_dict({"name": "hf", "path": str(path)})
+    lm = CausalLM(config, **lm_kwargs(4))
+    strategy = MegatrainStrategy(init_from=path, **strategy_kwargs)
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
+    return lm, strategy, trainer
+
+
+def _logits(lm: CausalLM, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return lm.model.logits(lm.model(tokens))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_import_matches_transformers_logits(variant, tmp_path):
+    ref = _hf_model(variant, tmp_path / "hf")
+    assert len(hf.shards(tmp_path / "hf")) > 2
+    lm, strategy, trainer = _imported(tmp_path / "hf")
+    trainer.validate(lm, dataloaders=loader(make_batches(lm.config, 1)), verbose=False)  # builds the store
+    tokens = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(0))
+    want = ref(tokens).logits
+    got = _logits(lm, tokens)
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+@pytest.mark.parametrize("storage", ["ram", "nvme"])
+def test_export_loads_in_transformers_and_round_trips(storage, tmp_path):
+    ref = _hf_model("llama", tmp_path / "hf")
+    original = {}
+    for f in hf.shards(tmp_path / "hf"):
+        original.update(load_file(f))
+    kw = dict(storage="nvme", ram_budget_GiB=0.0011, nvme_dir=tmp_path / "nvme") if storage == "nvme" else {}
+
+    # import -> checkpoint -> export, untrained: the identity
+    lm, strategy, trainer = _imported(tmp_path / "hf", **kw)
+    trainer.validate(lm, dataloaders=loader(make_batches(lm.config, 1)), verbose=False)
+    if storage == "nvme":
+        assert sum(u.on_disk for u in strategy.store.units) == 3
+    trainer.save_checkpoint(tmp_path / "imported.ckpt")
+    hf.main(["export", str(tmp_path / "imported.ckpt"), str(tmp_path / "out"), "--dtype", "float32",
+             "--max-shard-GB", "0.0001"])
+    exported = {}
+    for f in hf.shards(tmp_path / "out"):
+        exported.update(load_file(f))
+    assert exported.keys() == original.keys()
+    for k in original:
+        assert torch.equal(exported[k], original[k]), k
+
+    # train two steps, export, load with transformers: its logits equal ours
+    batches = make_batches(lm.config, 2)
+    trainer.fit(lm, train_dataloaders=loader(batches))
+    trainer.save_checkpoint(tmp_path / "trained.ckpt")
+    hf.export(tmp_path / "trained.ckpt", tmp_path / "trained", dtype="float32")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "trained", dtype=torch.float32).eval()
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(1))
+    ours = _logits(lm, tokens)
+    theirs = loaded(tokens).logits
+    assert (ours - theirs).abs().max().item() <= 1e-5 * max(1.0, theirs.abs().max().item())
+    assert (theirs - ref(tokens).logits).abs().max().item() > 1e-3  # training changed the model
+
+
+def test_import_errors_name_the_problem(tmp_path):
+    _hf_model("llama", tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="Hugging Face config not found"):
+        Config.from_dict({"name": "hf", "path": str(tmp_path / "nowhere")})
+    index = json.loads((tmp_path / "hf" / hf.INDEX).read_text())
+    first = sorted(set(index["weight_map"].values()))[0]
+
+    # a truncated shard is named
+    shard = tmp_path / "hf" / first
+    raw = shard.read_bytes()
+    shard.write_bytes(raw[:-64])
+    with pytest.raises(ckpt.CheckpointError, match=f"truncated or corrupted safetensors file .*{first}"):
+        _imported_build(tmp_path / "hf")
+    shard.write_bytes(raw)
+
+    # a model of another shape: every mismatched tensor is listed
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    lm = CausalLM(Config.from_hf({**config, "intermediate_size": 128}), **lm_kwargs(2))
+    with pytest.raises(ckpt.CheckpointError, match=r"does not match the model(.|\n)*layers.2.mlp.down_proj.weight: "
+                                                   r"checkpoint \(64, 176\) vs model \(64, 128\)"):
+        _imported_build(tmp_path / "hf", lm)
+
+    # a missing shard is named
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=f"missing: {first}"):
+        _imported_build(tmp_path / "hf")
+
+
+def _imported_build(path, lm=None):
+    lm2, strategy, trainer = _imported(path)
+    trainer.validate(lm or lm2, dataloaders=loader(make_batches(lm2.config, 1)), verbose=False)
+
+
+def test_config_round_trip_through_hf_form():
+    for name in ("llama-3.2-1b", "qwen2-0.5b", "llama-3-8b"):
+        c = Config.from_name(name)
+        back = Config.from_hf(c.to_hf(), name=name)
+        assert back == c, name
