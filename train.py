@@ -32,7 +32,8 @@ def main(cfg: DictConfig) -> None:
     data = build.datamodule(cfg.data, config, cfg.seed)
     module = build.lightning_module(cfg, config)
     trainer = build.trainer(cfg, HydraConfig.get().runtime.output_dir)
-    trainer.fit(module, datamodule=data)
+    # resume=DIR: a checkpoint directory, or a run's checkpoints/ (the last complete checkpoint in it)
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
 
 
 if __name__ == "__main__":

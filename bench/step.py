@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--checkpoint-interval", type=int, default=1)
     ap.add_argument("--prefetch-depth", type=int, default=2)
     ap.add_argument("--stream", default="auto", choices=["auto", "copy", "master"])
+    ap.add_argument("--storage", default="ram", choices=["ram", "nvme"])
+    ap.add_argument("--ram-budget-GiB", type=float, default=None, help="storage=nvme: RAM for per-layer fp32 state")
+    ap.add_argument("--nvme-dir", default="nvme_state")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -79,6 +82,7 @@ def main() -> None:
     config = Config.from_name(a.model, **overrides)
     accel = "gpu" if torch.cuda.is_available() else "cpu"
     strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth, stream=a.stream,
+                                 storage=a.storage, ram_budget_GiB=a.ram_budget_GiB, nvme_dir=a.nvme_dir,
                                  trace_dir=a.trace_dir, trace_step=2)
     timer = StepTimer()
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=1, precision=a.precision,
@@ -104,7 +108,9 @@ def main() -> None:
                   host_peak_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                   host_bytes_per_param=round(rss_bytes() / config.n_params, 2),
                   store_bytes_per_param=round(strategy.store.nbytes / config.n_params, 2), stream=strategy.store.stream,
-                  wall_s=round(wall, 1))
+                  wall_s=round(wall, 1), storage=a.storage,
+                  nvme_layers=sum(u.on_disk for u in strategy.store.units),
+                  nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log])
     line = json.dumps(result)
     print(line, flush=True)
     if a.out:

@@ -239,8 +239,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         n = S.nvme_layers(trunk, layouts[-1].numel, budget)
         floor = S.RAM_STATE_BYTES * layouts[-1].numel + (S.RAM_STATE_BYTES - S.DISK_STATE_BYTES) * sum(trunk)
         if floor > budget:
-            raise ValueError(f"storage=nvme: the RAM budget ({budget / 2**30:.2f} GiB) cannot hold even the state "
-                             f"that stays in RAM with every layer on disk ({floor / 2**30:.2f} GiB: gradients "
+            raise ValueError(f"storage=nvme: the RAM budget ({budget / 2**30:.3g} GiB) cannot hold even the state "
+                             f"that stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: gradients "
                              "and the embedding/head state)")
         return list(range(n))
 
