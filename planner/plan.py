@@ -220,6 +220,8 @@ def _compute_bound(hw: Hardware, wl: Workload) -> tuple[int, int]:
     # accumulation adds whole micro-batches to a step whose optimizer cost is fixed: extrapolate from two
     t1, t2 = simulate(hw, replace(wl, accumulate=1)), simulate(hw, replace(wl, accumulate=2))
     c1, d = t1.busy_s(S.COMPUTE), t2.step_time_s - t1.step_time_s
+    if d <= 1e-9 * t1.step_time_s:  # a micro-batch more costs nothing yet (e.g. the SSD bounds the step)
+        return wl.micro_batch, int(-(-t1.step_time_s // (c1 * COMPUTE_BOUND)) + 1)
     if c1 / d < COMPUTE_BOUND * 1.0001:
         return 0, 0
     a = max(1, -(-(COMPUTE_BOUND * (t1.step_time_s - d)) // (c1 - COMPUTE_BOUND * d)))
