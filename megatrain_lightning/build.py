@@ -62,4 +62,5 @@ def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
 
 
 def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
-    return CausalLM(config, max_steps=cfg.trainer.max_steps, **cfg.optim)
+    # plain values: hyperparameters go into checkpoints, which load with weights_only=True
+    return CausalLM(config, max_steps=cfg.trainer.max_steps, **OmegaConf.to_container(cfg.optim, resolve=True))

@@ -136,7 +136,7 @@ def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config:
                 views = unit.layout.views(state[part * n:(part + 1) * n])
                 tensors += [(key + prefix + e.name, views[e.name]) for e in unit.layout.entries]
             files[unit_file(i)] = write_safetensors(tmp / unit_file(i), tensors)
-        torch.save(meta, tmp / META)
+        torch.save(_plain(meta), tmp / META)
         if model_config is not None:
             (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1))
         for name in (META, MODEL_CONFIG):
@@ -165,6 +165,21 @@ def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _plain(obj: Any) -> Any:
+    """Hydra/OmegaConf containers (e.g. hyperparameters from a composed config) as plain dicts and lists, so the
+    metadata loads with weights_only=True."""
+    if type(obj).__module__.startswith("omegaconf"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(obj, resolve=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _plain(v)) for k, v in obj.items()) if type(obj) is not dict else \
+            {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj)
+    return obj
 
 
 def _fsync_file(path: Path) -> None:

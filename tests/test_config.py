@@ -81,3 +81,22 @@ def test_model_field_override_and_unknown_field():
     assert build.model_config(cfg.model).n_params == 3_606_752_256
     with pytest.raises(ValueError, match="unknown model field"):
         build.model_config(_compose(["+model.n_layers=3"]).model)
+
+
+def test_train_py_saves_and_a_new_process_resumes(tmp_path):
+    """The Hydra entry point end to end: checkpoints of a composed config load in a new process (weights_only)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    common = ["trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.seq_len=32", "data.micro_batch=2",
+              "+trainer.enable_progress_bar=false"]
+    first = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/a"],
+                           cwd=root, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert (tmp_path / "a" / "checkpoints" / "last.ckpt" / "manifest.json").is_file()
+    second = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/b",
+                             f"resume={tmp_path}/a/checkpoints"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "epoch=0-step=2.ckpt, the last complete checkpoint" in second.stdout + second.stderr
+    assert (tmp_path / "b" / "checkpoints" / "epoch=0-step=4.ckpt" / "manifest.json").is_file()
