@@ -12,7 +12,7 @@ for storage in ram nvme; do
   echo "== bench $storage"
   timeout 240 python3 bench/step.py $ARGS --storage $storage --ram-budget-GiB 10 --nvme-dir nvme_state \
     --out "$OUT/bench.jsonl" 2>&1 | grep -E "^\{|Error|error" | tail -3
-  timeout 60 python3 -m planner.check model=llama-3.2-1b trainer=gpu hardware=h200 storage=$storage storage.ram_budget_GiB=10 \
+  timeout 60 python3 -m planner.check model=llama-3.2-1b trainer=gpu hardware=h200 storage=$storage $([ $storage = nvme ] && echo storage.ram_budget_GiB=10) \
     data.seq_len=1024 data.micro_batch=8 > "$OUT/plan_$storage.txt" 2>&1
   grep -E "step|NVMe|bottleneck" "$OUT/plan_$storage.txt" | head -8
 done
