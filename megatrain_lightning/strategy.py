@@ -329,7 +329,6 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if storage_options is not None:
             raise TypeError("the megatrain strategy writes checkpoint directories itself; storage_options is not "
                             "supported")
-        self.engine.wait_grads()
         config = self.lightning_module.hparams.get("model_config")
         ckpt.save(filepath, self.store, checkpoint, model_config=dict(config) if config else None)
 
