@@ -175,8 +175,10 @@ def _plain(obj: Any) -> Any:
 
         return OmegaConf.to_container(obj, resolve=True)
     if isinstance(obj, dict):
-        return type(obj)((k, _plain(v)) for k, v in obj.items()) if type(obj) is not dict else \
-            {k: _plain(v) for k, v in obj.items()}
+        out = type(obj)((k, _plain(v)) for k, v in obj.items())
+        if hasattr(obj, "_metadata"):  # a module state_dict's version info
+            out._metadata = obj._metadata
+        return out
     if isinstance(obj, (list, tuple)):
         return type(obj)(_plain(v) for v in obj)
     return obj

@@ -12,6 +12,7 @@ run continues with exactly the batches that come next.
 from __future__ import annotations
 
 import json
+from array import array
 from pathlib import Path
 
 import lightning as L
@@ -236,8 +237,7 @@ class JsonlDataModule(_PackedDataModule):
                 raise ValueError(f"data.eos_token {self.eos_token!r} is not in {self.tokenizer_path}")
             eos = [eos_id]
         pairs = self.prompt_field is not None
-        tokens: list[int] = []
-        mask: list[int] = []
+        tokens, mask = array("I"), array("B")  # 4 and 1 bytes per token (a list would take ~36)
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(tqdm(f, desc=f"tokenizing {path.name}", unit=" records"), 1):
                 if not line.strip():
@@ -253,10 +253,11 @@ class JsonlDataModule(_PackedDataModule):
                 if pairs:
                     prompt = tok.encode(record[self.prompt_field], add_special_tokens=False).ids
                     response = tok.encode(record[self.response_field], add_special_tokens=False).ids + eos
-                    tokens += prompt + response
-                    mask += [0] * len(prompt) + [1] * len(response)
+                    tokens.extend(prompt + response)
+                    mask.extend([0] * len(prompt) + [1] * len(response))
                 else:
-                    ids = tok.encode(record[self.text_field], add_special_tokens=False).ids + eos
-                    tokens += ids
-        dtype = np.uint16 if tok.get_vocab_size() <= 1 << 16 else np.uint32
-        return np.asarray(tokens, dtype=dtype), (np.asarray(mask, dtype=np.uint8) if pairs else None)
+                    tokens.extend(tok.encode(record[self.text_field], add_special_tokens=False).ids + eos)
+        ids = np.frombuffer(tokens, dtype=np.uint32)
+        if tok.get_vocab_size() <= 1 << 16:
+            ids = ids.astype(np.uint16)
+        return ids, (np.frombuffer(mask, dtype=np.uint8) if pairs else None)

@@ -15,7 +15,7 @@ import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -29,7 +29,7 @@ INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed here
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors dtype names the masters can be read from
 
 
 def shards(directory: str | Path) -> list[Path]:
@@ -50,21 +50,21 @@ def shards(directory: str | Path) -> list[Path]:
     return [d / f for f in files]
 
 
-def _hf_prefix(store: HostStore) -> str:
+def _hf_prefix(names: Iterable[str]) -> str:
     """The LightningModule's prefix in front of Hugging Face names ("model." for CausalLM.model = Llama)."""
-    for name in store.index:
+    for name in names:
         if name.endswith("model.embed_tokens.weight"):
             return name[:-len("model.embed_tokens.weight")]
-    raise ValueError("the model has no `model.embed_tokens.weight`: Hugging Face import needs the Llama layout")
+    raise ckpt.CheckpointError("no `model.embed_tokens.weight`: Hugging Face import and export need the Llama layout")
 
 
 def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, str] | None = None) -> None:
     """Copies a Hugging Face checkpoint's weights into the store's fp32 masters (Adam moments stay zero). Every
     shard header is checked first: missing, unexpected and mis-shaped tensors are listed before anything is
     written."""
-    prefix, aliases = _hf_prefix(store), aliases or {}
+    prefix, aliases = _hf_prefix(store.index), aliases or {}
     files = shards(directory)
-    plan: list[tuple[Path, str, str]] = []  # (shard, name in the shard, name in the store)
+    plan: dict[Path, list[tuple[str, str]]] = {f: [] for f in files}  # shard -> (name in it, name in the store)
     problems, seen = [], set()
     for file in files:
         header = ckpt.read_header(file)
@@ -80,10 +80,10 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
             _, entry = store.index[full]
             if tuple(info["shape"]) != tuple(entry.shape):
                 problems.append(f"{name}: checkpoint {tuple(info['shape'])} vs model {tuple(entry.shape)}")
-            if info["dtype"] not in _ST_DTYPES:
+            if info["dtype"] not in FLOAT_DTYPES:
                 problems.append(f"{name}: dtype {info['dtype']} is not a floating-point type")
             seen.add(full)
-            plan.append((file, name, full))
+            plan[file].append((name, full))
     problems += [f"{k[len(prefix):]}: missing from the checkpoint" for k in store.index if k not in seen]
     if problems:
         raise ckpt.CheckpointError(f"Hugging Face checkpoint {directory} does not match the model:\n  "
@@ -92,7 +92,7 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
-                for _, name, full in (p for p in plan if p[0] == file):
+                for name, full in plan[file]:
                     i, entry = store.index[full]
                     value = f.get_tensor(name).to(torch.float32).reshape(-1)
                     unit = store.units[i]
@@ -110,18 +110,6 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
         unit.refresh_stream(store.read_state(i)[:unit.layout.numel] if unit.on_disk else None)
 
 
-def _checkpoint_tensors(path: Path) -> Iterator[tuple[str, Tensor]]:
-    """(name, fp32 master) of a megatrain checkpoint directory, one unit file at a time."""
-    manifest = json.loads((path / ckpt.MANIFEST).read_text())
-    for unit in manifest["units"]:
-        file = path / unit["file"]
-        ckpt.read_header(file)
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                if "/" not in key:  # master weights; "exp_avg/..." are optimizer state
-                    yield key, f.get_tensor(key)
-
-
 def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
            max_shard_GB: float = 5.0) -> Path:
     """Writes a megatrain checkpoint as a Hugging Face checkpoint directory (atomically, like checkpoints)."""
@@ -131,16 +119,19 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
     if not (src / ckpt.MODEL_CONFIG).is_file():
         raise ckpt.CheckpointError(f"{src} has no {ckpt.MODEL_CONFIG}: only checkpoints of megatrain's CausalLM "
                                    "can be exported")
-    config = Config(**{k: v for k, v in json.loads((src / ckpt.MODEL_CONFIG).read_text()).items()})
+    config = Config(**json.loads((src / ckpt.MODEL_CONFIG).read_text()))
+    units = [src / u["file"] for u in json.loads((src / ckpt.MANIFEST).read_text())["units"]]
+    masters = [[k for k in ckpt.read_header(f) if k != "__metadata__" and "/" not in k] for f in units]
+    prefix = _hf_prefix(k for keys in masters for k in keys)  # "exp_avg/..." keys are optimizer state
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        prefix, limit = None, max_shard_GB * 1e9
+        limit = max_shard_GB * 1e9
         shard: list[tuple[str, Tensor]] = []
         written: list[tuple[str, list[str]]] = []
-        total = 0
+        shard_bytes = total = 0
 
         def flush() -> None:
             name = f"part-{len(written):05d}.safetensors"
@@ -148,16 +139,16 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
             written.append((name, [n for n, _ in shard]))
             shard.clear()
 
-        for key, tensor in _checkpoint_tensors(src):
-            if prefix is None:  # the LightningModule's prefix before the Llama layout, from the first block
-                if "model.layers." not in key:
-                    raise ckpt.CheckpointError(f"{src}: {key!r} is not in the Llama layout (model.layers.N....)")
-                prefix = key[:key.index("model.layers.")]
-            t = tensor.to(DTYPES[dtype]).contiguous()
-            if shard and sum(x.nbytes for _, x in shard) + t.nbytes > limit:
-                flush()
-            shard.append((key[len(prefix):], t))
-            total += t.nbytes
+        for file, keys in zip(units, masters):  # one unit file at a time
+            with safe_open(str(file), framework="pt") as f:
+                for key in keys:
+                    t = f.get_tensor(key).to(DTYPES[dtype]).contiguous()
+                    if shard and shard_bytes + t.nbytes > limit:
+                        flush()
+                        shard_bytes = 0
+                    shard.append((key[len(prefix):], t))
+                    shard_bytes += t.nbytes
+                    total += t.nbytes
         if shard:
             flush()
         weight_map = {}

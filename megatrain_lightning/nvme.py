@@ -66,7 +66,7 @@ class NvmeTier:
         self.dir = Path(tempfile.mkdtemp(prefix="megatrain-", dir=root))
         self.numels = dict(numels)
         max_numel = max(numels.values())
-        self.n_buffers = buffers
+        self.n_buffers, self._tile_bytes = buffers, STATE_PARTS * max_numel * 4
         self._tiles: queue.Queue[Tensor] = queue.Queue()
         for _ in range(buffers):
             self._tiles.put(torch.empty(STATE_PARTS * max_numel, dtype=torch.float32))
@@ -75,7 +75,12 @@ class NvmeTier:
         self._writes: dict[int, Future] = {}
         self._lock = threading.Lock()
         self.stats = IOStats()
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self.dir), True)  # the files die with the run
+        weakref.finalize(self, shutil.rmtree, str(self.dir), True)  # the files die with the run
+
+    @property
+    def nbytes(self) -> int:
+        """RAM of the tiles (in the pool or in flight)."""
+        return self.n_buffers * self._tile_bytes
 
     def path(self, index: int) -> Path:
         return self.dir / f"unit_{index:05d}.bin"
@@ -104,7 +109,7 @@ class NvmeTier:
         return tile
 
     def release(self, tile: Tensor) -> None:
-        """Returns a tile that was read but not written (e.g. by a checkpoint save)."""
+        """Returns a tile that was read but will not be written (an optimizer step that failed midway)."""
         self._tiles.put(tile)
 
     def flush(self) -> None:
@@ -121,12 +126,7 @@ class NvmeTier:
         try:
             if pending is not None:
                 pending.result()  # the last write of this unit must land before it is read back
-            n = self.numels[index] * STATE_PARTS
-            start = time.perf_counter()
-            _read_file(self.path(index), tile[:n])
-            with self._lock:
-                self.stats.read_bytes += n * 4
-                self.stats.read_s += time.perf_counter() - start
+            self._timed("read", _read_file, index, tile)
             return tile
         except BaseException:
             self._tiles.put(tile)
@@ -134,23 +134,20 @@ class NvmeTier:
 
     def _write(self, index: int, tile: Tensor) -> None:
         try:
-            n = self.numels[index] * STATE_PARTS
-            start = time.perf_counter()
-            _write_file(self.path(index), tile[:n])
-            with self._lock:
-                self.stats.write_bytes += n * 4
-                self.stats.write_s += time.perf_counter() - start
+            self._timed("write", _write_file, index, tile)
         finally:
             self._tiles.put(tile)
 
-    # ---- synchronous access (setup, checkpoints, imports) ----
-    def create(self, index: int, master: Tensor) -> None:
-        """A new unit file: the given fp32 master weights, zero Adam moments."""
-        n = self.numels[index]
-        buf = torch.zeros(STATE_PARTS * n, dtype=torch.float32)
-        buf[:n].copy_(master)
-        _write_file(self.path(index), buf)
+    def _timed(self, kind: str, io, index: int, tile: Tensor) -> None:
+        """Moves a unit's state between its file and `tile`, adding the bytes and seconds to the stats."""
+        n = self.numels[index] * STATE_PARTS
+        start = time.perf_counter()
+        io(self.path(index), tile[:n])
+        with self._lock:
+            setattr(self.stats, f"{kind}_bytes", getattr(self.stats, f"{kind}_bytes") + n * 4)
+            setattr(self.stats, f"{kind}_s", getattr(self.stats, f"{kind}_s") + time.perf_counter() - start)
 
+    # ---- synchronous access (setup, checkpoints, imports) ----
     def load(self, index: int) -> Tensor:
         """A unit's state as a fresh [3 * numel] tensor (master | m | v)."""
         self.flush()
@@ -159,6 +156,7 @@ class NvmeTier:
         return out
 
     def store(self, index: int, state: Tensor) -> None:
+        """Writes (or creates) a unit's file from a [3 * numel] tensor."""
         self.flush()
         _write_file(self.path(index), state)
 
@@ -166,14 +164,6 @@ class NvmeTier:
         """Writes fp32 `values` into a unit's master at element `offset` (imports write tensor by tensor)."""
         self.flush()
         _write_file(self.path(index), values, offset * 4)
-
-    def close(self) -> None:
-        try:
-            self.flush()
-        finally:
-            self._reader.shutdown()
-            self._writer.shutdown()
-            self._cleanup()
 
 
 def _bytes(t: Tensor) -> memoryview:

@@ -50,7 +50,7 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
             grad = unit.grad[entry.offset:entry.offset + entry.numel].view(entry.shape)
             if unit.on_disk:
                 host, m, v = (_placeholder(entry.shape) for _ in range(3))
-                paged.setdefault(i, []).append(_Paged(entry.offset, host, m, v))
+                paged.setdefault(i, []).append(_Paged(entry.offset, host, m, v, grad))
             else:
                 host, m, v = (buf[entry.offset:entry.offset + entry.numel].view(entry.shape)
                               for buf in (unit.master, unit.exp_avg, unit.exp_avg_sq))
@@ -81,22 +81,19 @@ class _Paged:
     param: Tensor
     exp_avg: Tensor
     exp_avg_sq: Tensor
+    grad: Tensor  # its view of the unit's RAM gradient
 
 
 _NAN = torch.full((1,), float("nan"))
 
 
-def _placeholder(shape: torch.Size) -> Tensor:
-    """A tensor of `shape` whose elements all alias one NaN: reading it is loud, writing it raises."""
-    t = torch.empty(0)
+def _placeholder(shape: torch.Size, t: Tensor | None = None) -> Tensor:
+    """`t` (or a new tensor) made of `shape` with every element aliasing one NaN: reading it is loud, writing it
+    raises."""
+    t = torch.empty(0) if t is None else t
     with torch.no_grad():
         t.set_(_NAN.untyped_storage(), 0, shape, (0,) * len(shape))
     return t
-
-
-def _unpoint(t: Tensor) -> None:
-    with torch.no_grad():
-        t.set_(_NAN.untyped_storage(), 0, t.shape, (0,) * t.dim())
 
 
 def _point(t: Tensor, flat: Tensor, offset: int) -> None:
@@ -115,6 +112,7 @@ class PagedStep:
         functools.update_wrapper(self, optimizer.step)  # keeps the LR scheduler's marker on the wrapped step
         self.optimizer, self.step, self.store, self.paged = optimizer, optimizer.step, store, paged
         self.order = sorted(paged)  # the planner's order too: file-backed layers first to last
+        self.on_disk = {id(b.param) for bindings in paged.values() for b in bindings}
 
     def __call__(self, closure: Callable | None = None) -> Any:
         tier = self.store.nvme
@@ -134,9 +132,8 @@ class PagedStep:
                     loss = closure()
             # each step below updates exactly the parameters that have a gradient at the time
             grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
-            on_disk = {id(b.param) for i in self.order for b in self.paged[i]}
             for p, _ in grads:
-                if id(p) in on_disk:
+                if id(p) in self.on_disk:
                     p.grad = None
             self.step()  # every RAM unit at once
             for p, _ in grads:
@@ -146,16 +143,21 @@ class PagedStep:
                 tile = tier.take(future)
                 unit = self.store.units[i]
                 n = unit.layout.numel
-                for b in self.paged[i]:
-                    _point(b.param, tile, b.offset)
-                    _point(b.exp_avg, tile, n + b.offset)
-                    _point(b.exp_avg_sq, tile, 2 * n + b.offset)
-                    b.param.grad = unit.grad[b.offset:b.offset + b.param.numel()].view(b.param.shape)
-                self.step()
-                for b in self.paged[i]:
-                    b.param.grad = None
-                    for t in (b.param, b.exp_avg, b.exp_avg_sq):
-                        _unpoint(t)
+                try:
+                    for b in self.paged[i]:
+                        _point(b.param, tile, b.offset)
+                        _point(b.exp_avg, tile, n + b.offset)
+                        _point(b.exp_avg_sq, tile, 2 * n + b.offset)
+                        b.param.grad = b.grad
+                    self.step()
+                except BaseException:
+                    tier.release(tile)  # not updated: nothing to write back
+                    raise
+                finally:
+                    for b in self.paged[i]:
+                        b.param.grad = None
+                        for t in (b.param, b.exp_avg, b.exp_avg_sq):
+                            _placeholder(t.shape, t)
                 unit.refresh_stream(tile[:n])
                 tier.write(i, tile)
                 read_ahead()

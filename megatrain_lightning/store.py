@@ -136,16 +136,15 @@ class HostStore:
                       for e in u.layout.entries}
 
     def fill(self, index: int, named_tensors: list[tuple[str, Tensor]]) -> None:
-        """Copies a unit's (materialized) tensors into its fp32 master and its streamed copy."""
+        """Copies a unit's (materialized) tensors into its fp32 master (Adam moments zero) and its streamed copy."""
         unit = self.units[index]
-        master = unit.master if not unit.on_disk else torch.zeros(unit.layout.numel, dtype=torch.float32)
-        views = unit.layout.views(master)
+        n = unit.layout.numel
+        state = torch.zeros(3 * n, dtype=torch.float32) if unit.on_disk else unit.tile[:3 * n]
+        views = unit.layout.views(state[:n])
         with torch.no_grad():
             for name, tensor in named_tensors:
                 views[name].copy_(tensor)
-        if unit.on_disk:
-            self.nvme.create(index, master)
-        unit.refresh_stream(master)
+        self.write_state(index, state)
 
     def read_state(self, index: int) -> Tensor:
         """A unit's [master | m | v] as one flat fp32 tensor: a live view for a RAM unit, a copy read from its file
@@ -167,7 +166,7 @@ class HostStore:
 
     @property
     def nbytes(self) -> int:
-        tiles = sum(t.nbytes for t in self.nvme._tiles.queue) if self.nvme else 0
+        tiles = self.nvme.nbytes if self.nvme else 0
         return sum(u.tile.nbytes for u in self.units) + self._streams.nbytes + tiles
 
     @property
