@@ -1,0 +1,124 @@
+"""Measures the pieces a step is made of, on this box, to choose the engine's defaults and check the planner's
+hardware figures: host AdamW per layer (main thread vs a worker thread), and one block's forward and backward
+eager vs compiled. One JSON line per measurement on stdout.
+
+  python bench/kernels.py --model llama-3.2-3b --micro-batch 32 --seq-len 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import threading
+import time
+
+import torch
+from torch.optim.adam import adam
+
+from megatrain_lightning.config import Config
+from megatrain_lightning.model import Block, rope_tables
+
+
+def emit(**kw) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def adamw_rate(numels: list[int], repeats: int, worker: bool) -> float:
+    """Gparam/s of the fused CPU AdamW run unit by unit over per-layer flat fp32 buffers, as the host optimizer does."""
+    units = []
+    for n in numels:
+        tile = torch.full((4 * n,), 1e-3)  # memory-bound: the values do not change the time
+        units.append(tile.split(n))
+    steps = [torch.zeros(()) for _ in units]
+
+    def one_pass() -> None:
+        for (p, m, v, g), s in zip(units, steps):
+            adam([p], [g], [m], [v], [], [s], fused=True, decoupled_weight_decay=True,
+                                  amsgrad=False, beta1=0.9, beta2=0.95, lr=1e-4, weight_decay=0.1, eps=1e-8,
+                                  maximize=False)
+
+    times = []
+    threads = torch.get_num_threads()
+
+    def run() -> None:
+        torch.set_num_threads(threads)
+        one_pass()  # warm-up
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            one_pass()
+            times.append(time.perf_counter() - t0)
+
+    if worker:
+        t = threading.Thread(target=run)
+        t.start()
+        t.join()
+    else:
+        run()
+    return sum(numels) / statistics.median(times) / 1e9
+
+
+def block_times(config: Config, tokens: tuple[int, int], compile_: bool) -> tuple[float, float]:
+    """Median seconds of one block's forward (no grad) and recompute + backward, bf16 autocast, on CUDA."""
+    dev = torch.device("cuda")
+    block = Block(config).to(dev, torch.bfloat16)
+    fn = torch.compile(block) if compile_ else block
+    B, T = tokens
+    x = torch.randn(B, T, config.hidden_size, device=dev, dtype=torch.bfloat16)
+    cos, sin = rope_tables(config, T, dev)
+    g = torch.randn_like(x)
+
+    def fwd() -> None:
+        with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+            fn(x, cos, sin)
+
+    def bwd() -> None:
+        xi = x.detach().requires_grad_()
+        with torch.autocast("cuda", torch.bfloat16):
+            out = fn(xi, cos, sin)
+        torch.autograd.grad(out, [xi, *block.parameters()], g)
+
+    res = []
+    for f in (fwd, bwd):
+        for _ in range(3):
+            f()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(10):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            f()
+            b.record()
+            b.synchronize()
+            ts.append(a.elapsed_time(b) / 1e3)
+        res.append(statistics.median(ts))
+    return res[0], res[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-3.2-3b")
+    ap.add_argument("--micro-batch", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-adamw", action="store_true")
+    a = ap.parse_args()
+    config = Config.from_name(a.model, tie_embeddings=False)
+    if not a.skip_adamw:
+        numels = [config.layer_params] * config.n_layer + [config.embedding_params]
+        for worker in (False, True):
+            emit(what="adamw", worker=worker, threads=torch.get_num_threads(), n_params=sum(numels),
+                 Gparams=round(adamw_rate(numels, a.repeats, worker), 3))
+    if torch.cuda.is_available():
+        flops = 2 * config.layer_params * a.micro_batch * a.seq_len
+        for compile_ in (False, True):
+            try:
+                f, b = block_times(config, (a.micro_batch, a.seq_len), compile_)
+                emit(what="block", compiled=compile_, fwd_ms=round(f * 1e3, 2), rec_bwd_ms=round(b * 1e3, 2),
+                     fwd_TFLOPs=round(flops / f / 1e12, 1), rec_bwd_TFLOPs=round(3 * flops / b / 1e12, 1))
+            except Exception as e:  # compile needs a working toolchain; report and go on
+                emit(what="block", compiled=compile_, error=repr(e)[:300])
+
+
+if __name__ == "__main__":
+    main()
