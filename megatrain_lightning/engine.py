@@ -93,11 +93,22 @@ class StreamingEngine:
         self._ring_busy: list[Future | None] = [None] * S.STAGING_RING
         self._ring_pos = 0
         self._resident_staging = staging[S.STAGING_RING * max_numel:]
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-grad")
+        # One host thread does all host work of a step in order: gradients landing or being added, norms, and the
+        # optimizer's per-unit updates (optim.HostAdam). It runs PyTorch's intra-op threads like the main thread.
+        self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-host", initializer=torch.set_num_threads,
+                                          initargs=(torch.get_num_threads(),))
         self._pending: list[Future] = []
         self.fresh_grads = True  # the next shipped gradients overwrite the fp32 buffers instead of adding
+        self.final = False  # set by the strategy around the closure of the step's last micro-batch
+        self.updater = None  # optim.HostAdam when the optimizer runs overlapped (`attach_updater`)
+        self.after_forward = None  # called when the trunk's forward has been issued (the strategy's hook)
         self.trace: Trace | None = None
         self._anchor = torch.zeros((), device=device, requires_grad=True)
+
+    def attach_updater(self, updater, trace_of=None) -> None:
+        """`trace_of`: where the updater records its host spans (default: the engine's current trace)."""
+        self.updater = updater
+        updater.attach(self._worker, trace_of or (lambda: self.trace))
 
     @property
     def slot_bytes(self) -> int:
@@ -159,6 +170,8 @@ class StreamingEngine:
     def _load(self, i: int, slot: _Slot) -> None:
         unit = self.store.units[i]
         n = unit.layout.numel
+        if self.updater is not None:
+            self.updater.wait(i)  # the last step's update of this layer (and its streamed copy) is done
         with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
             if self.cuda:
                 self.h2d.wait_event(slot.free)  # the compute stream is done with the slot's previous layer
@@ -170,8 +183,48 @@ class StreamingEngine:
                 slot.ready.record(self.h2d)
 
     def ship_grads(self, unit_index: int, grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> None:
-        """Copies one unit's gradients (device, compute dtype, in layout order) into its host staging buffer,
-        then (on the worker thread, once the copy landed) into its fp32 gradient buffer."""
+        """Sends one unit's gradients (device, compute dtype, in layout order) to the host. The first micro-batch
+        of a step lands them in the fp32 gradient buffer directly (cast to fp32 on the device, one DMA per
+        tensor); later ones go through a compute-dtype staging buffer that the host thread adds into fp32."""
+        if self.updater is not None:
+            self.updater.wait(unit_index)  # never overwrite gradients an update still reads
+        if self.fresh_grads:
+            future = self._land(unit_index, grads)
+        else:
+            future = self._stage(unit_index, grads)
+        self._pending.append(future)
+        if self.final and self.updater is not None:
+            self._pending.append(self.updater.after_landing(unit_index))
+
+    def _land(self, unit_index: int, grads) -> Future:
+        unit = self.store.units[unit_index]
+        views = unit.layout.views(unit.grad)
+        missing = [e.name for e, g in zip(unit.layout.entries, grads) if g is None]
+        done = None
+        if self.cuda:
+            self.d2h.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.d2h), self._span(unit_index, S.D2H, S.GRAD, unit.grad.nbytes, self.d2h):
+                for entry, g in zip(unit.layout.entries, grads):
+                    if g is not None:
+                        views[entry.name].copy_(g.float(), non_blocking=True)  # the cast runs on this stream
+                        g.record_stream(self.d2h)  # keep the allocator from reusing g before the copy ran
+            done = torch.cuda.Event()
+            done.record(self.d2h)
+        else:
+            with self._span(unit_index, S.D2H, S.GRAD, unit.grad.nbytes):
+                for entry, g in zip(unit.layout.entries, grads):
+                    if g is not None:
+                        views[entry.name].copy_(g)
+        return self._worker.submit(self._landed, views, missing, done)
+
+    @staticmethod
+    def _landed(views: dict[str, Tensor], missing: list[str], done: torch.cuda.Event | None) -> None:
+        if done is not None:
+            done.synchronize()
+        for name in missing:  # a parameter the loss did not reach has a zero gradient
+            views[name].zero_()
+
+    def _stage(self, unit_index: int, grads) -> Future:
         unit = self.store.units[unit_index]
         if unit_index == len(self.store.units) - 1:
             buf, ring_pos = self._resident_staging, None
@@ -192,35 +245,31 @@ class StreamingEngine:
                         staging[entry.name].zero_()
                     else:
                         staging[entry.name].copy_(g, non_blocking=True)
-                        g.record_stream(self.d2h)  # keep the allocator from reusing g before the copy ran
+                        g.record_stream(self.d2h)
             done = torch.cuda.Event()
             done.record(self.d2h)
         else:
             with self._span(unit_index, S.D2H, S.GRAD, nbytes):
                 for entry, g in zip(unit.layout.entries, grads):
                     staging[entry.name].copy_(g) if g is not None else staging[entry.name].zero_()
-        future = self._worker.submit(self._accumulate, unit_index, unit, buf, done, self.fresh_grads)
-        self._pending.append(future)
+        future = self._worker.submit(self._accumulate, unit_index, unit, buf, done)
         if ring_pos is not None:
             self._ring_busy[ring_pos] = future
+        return future
 
-    def _accumulate(self, unit_index: int, unit: Unit, buf: Tensor, done: torch.cuda.Event | None,
-                    fresh: bool) -> None:
+    def _accumulate(self, unit_index: int, unit: Unit, buf: Tensor, done: torch.cuda.Event | None) -> None:
         if done is not None:
             done.synchronize()
         with self._host_span(unit_index, S.ACCUMULATE, unit.grad.nbytes):
-            if fresh:
-                unit.grad.copy_(buf)
-            else:
-                unit.grad.add_(buf)
+            unit.grad.add_(buf)
 
     def wait_grads(self) -> None:
-        """Blocks until every shipped gradient sits in the fp32 buffers (end of a backward)."""
+        """Blocks until every shipped gradient sits in the fp32 buffers (and, on the last micro-batch, its norms and
+        any eager update are done)."""
         for f in self._pending:
             f.result()
         self._pending.clear()
         self._ring_busy = [None] * S.STAGING_RING
-        self.fresh_grads = False
 
     # ---- tracing helpers (no-ops unless a trace is active) ----
     def _span(self, layer: int, lane: str, kind: str, nbytes: int = 0, stream=None):
@@ -243,6 +292,8 @@ class _StreamedTrunk(torch.autograd.Function):
         ctx.engine, ctx.extras = engine, extras
         ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         out, ctx.checkpoints = engine._forward(x, extras, keep=True)
+        if engine.after_forward is not None:
+            engine.after_forward()
         return out
 
     @staticmethod

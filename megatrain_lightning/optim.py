@@ -9,12 +9,17 @@ moments, and it runs PyTorch's fused CPU kernel.
 from __future__ import annotations
 
 import functools
+import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.optim.adam import adam
+
+from megatrain_lightning import schedule as S
 
 from megatrain_lightning.store import HostStore
 
@@ -27,15 +32,18 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
     `configure_optimizers` saw it to the parameter's full name in the store. Returns (host parameter,
     gradient view) pairs for `bind_grads`.
 
-    Parameters of file-backed units are placeholders (shape only, every element one NaN) outside the
-    optimizer step; `PagedStep` points them at their state while it updates their unit."""
+    With every unit in RAM, `optimizer.step` becomes a `HostAdam` (the update runs unit by unit on a host thread,
+    overlapped with the device; `attach` it to the engine). Parameters of file-backed units are placeholders
+    (shape only, every element one NaN) outside the optimizer step; `PagedStep` points them at their state while
+    it updates their unit."""
     if type(optimizer) not in SUPPORTED:
         raise TypeError(
             f"the megatrain strategy runs the optimizer on the host and supports "
             f"{', '.join(c.__name__ for c in SUPPORTED)} (from torch.optim); got {type(optimizer).__name__}")
     pairs = []
     paged: dict[int, list[_Paged]] = {}
-    for group in optimizer.param_groups:
+    bound: list[_Bound] = []
+    for g_index, group in enumerate(optimizer.param_groups):
         if group.get("amsgrad"):
             raise ValueError("the megatrain strategy does not support amsgrad=True")
         if group.get("differentiable") or group.get("capturable"):
@@ -54,9 +62,11 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
             else:
                 host, m, v = (buf[entry.offset:entry.offset + entry.numel].view(entry.shape)
                               for buf in (unit.master, unit.exp_avg, unit.exp_avg_sq))
+            step = torch.zeros((), dtype=torch.float32)
             host_params.append(host)
             pairs.append((host, grad))
-            optimizer.state[host] = {"step": torch.zeros((), dtype=torch.float32), "exp_avg": m, "exp_avg_sq": v}
+            bound.append(_Bound(i, unit.layout.entries.index(entry), g_index, host, grad, m, v, step))
+            optimizer.state[host] = {"step": step, "exp_avg": m, "exp_avg_sq": v}
         group["params"] = host_params
         group["fused"], group["foreach"] = True, False  # PyTorch's fused CPU Adam(W) kernel
     optimizer.defaults["fused"], optimizer.defaults["foreach"] = True, False
@@ -65,6 +75,8 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
             del optimizer.state[p]
     if paged:
         optimizer.step = PagedStep(optimizer, store, paged)
+    else:
+        optimizer.step = HostAdam(optimizer, store, bound)
     return pairs
 
 
@@ -73,6 +85,178 @@ def bind_grads(pairs: list[tuple[Tensor, Tensor]]) -> None:
     sets .grad to None; the buffers themselves are reset by the engine's `fresh_grads`)."""
     for p, g in pairs:
         p.grad = g
+
+
+@dataclass
+class _Bound:
+    unit: int  # store unit index
+    entry: int  # index in the unit's layout
+    group: int  # optimizer param group
+    param: Tensor
+    grad: Tensor
+    exp_avg: Tensor
+    exp_avg_sq: Tensor
+    step: Tensor
+    norm: Tensor | None = None  # this step's gradient 2-norm, computed on the host thread for clipping
+
+
+HP_KEYS = ("lr", "betas", "weight_decay", "eps", "maximize")
+
+
+class HostAdam:
+    """Replaces `optimizer.step` when every unit is in RAM: the same fused Adam(W) kernel the optimizer runs,
+    called unit by unit on the engine's host thread so that the update overlaps device work.
+
+    - deferred (the default, and whenever gradients are clipped or hooks see them): `step()` runs the closure
+      (forward, backward, hooks, clipping) and queues the updates in forward order; the next forward's weight
+      load of unit i waits only for unit i's update.
+    - eager (no clipping and no hook that could read or change gradients): a unit's update is queued as soon as
+      its gradient of the step's last micro-batch has landed, behind the device's backward.
+
+    Adam(W) is element-wise, so per-unit calls give exactly the numbers of one call over everything; clipping
+    keeps `clip_grad_norm_`'s arithmetic (per-tensor norms in the optimizer's order, one multiply per gradient).
+    The resident unit updates in two parts: its first tensor (the embedding, needed first) and the rest."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, store: HostStore, bound: list[_Bound]) -> None:
+        functools.update_wrapper(self, optimizer.step)  # keeps the LR scheduler's marker on the wrapped step
+        self.optimizer, self.step, self.store, self.bound = optimizer, optimizer.step, store, bound
+        resident = len(store.units) - 1
+        self.parts: dict[tuple[int, int], list[_Bound]] = {}
+        for b in bound:
+            part = int(b.unit == resident and b.entry > 0)
+            self.parts.setdefault((b.unit, part), []).append(b)
+        # forward order: embedding, trunk layers, then the rest of the resident unit (final norm, head)
+        self.order = sorted(self.parts, key=lambda k: (0 if k == (resident, 0) else 2 if k[0] == resident else 1, k))
+        self.pending: dict[tuple[int, int], Future] = {}
+        self.executor = None  # the engine's host thread (`attach`)
+        self.trace_of: Callable[[], Any] = lambda: None
+        self.eager = self.need_norms = False
+        self.eager_steps = 0  # steps whose updates started during backward (tests and logs read it)
+        self._hp: list[dict] | None = None  # hyperparameters of the step being applied
+        self._clip: tuple[str, Tensor | float] | None = None
+
+    def attach(self, executor, trace_of: Callable[[], Any]) -> None:
+        self.executor, self.trace_of = executor, trace_of
+
+    def begin_step(self, eager: bool, need_norms: bool) -> None:
+        """Before the closure of an optimizer step (main thread): how this step's updates run. The hyperparameters
+        are read now, as `optimizer.step` would read them (the LR scheduler steps only after it)."""
+        self.eager, self.need_norms = eager, need_norms
+        self.eager_steps += eager
+        self._hp = self._snapshot()
+        for b in self.bound:
+            b.norm = None
+
+    def after_landing(self, unit: int) -> Future:
+        """Called by the engine once a unit's gradient of the step's last micro-batch is queued to land: queues the
+        unit's norms (for clipping) and, when eager, its update behind it on the same host thread."""
+        future = self.executor.submit(self._final, unit, self._hp, self.need_norms, self.eager, self.trace_of())
+        if self.eager:
+            for part in (0, 1):
+                if (unit, part) in self.parts:
+                    self.pending[(unit, part)] = future
+        return future
+
+    def _final(self, unit: int, hp: list[dict], need_norms: bool, eager: bool, trace) -> None:
+        keys = [(unit, part) for part in (0, 1) if (unit, part) in self.parts]
+        if need_norms:
+            for key in keys:
+                for b in self.parts[key]:
+                    b.norm = torch.linalg.vector_norm(b.grad)
+        if eager:
+            for key in keys:
+                self._update(key, hp, None, trace)
+
+    # ---- clipping (Lightning's precision plugin calls these instead of touching .grad) ----
+    def clip_by_norm(self, max_norm: float) -> Tensor:
+        self.wait_all()
+        order = [b for g in self.optimizer.param_groups for p in g["params"] for b in [self._by_param[id(p)]]]
+        # per-tensor norms in the optimizer's order, then their norm: clip_grad_norm_'s arithmetic
+        norms = [b.norm if b.norm is not None else torch.linalg.vector_norm(b.grad) for b in order]
+        total = torch.linalg.vector_norm(torch.stack(norms))
+        self._clip = ("norm", torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        return total
+
+    def clip_by_value(self, value: float) -> None:
+        self._clip = ("value", float(value))
+
+    @functools.cached_property
+    def _by_param(self) -> dict[int, _Bound]:
+        return {id(b.param): b for b in self.bound}
+
+    # ---- the step ----
+    def __call__(self, closure: Callable | None = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
+        for p, _ in grads:
+            p.grad = None
+        self.step()  # the optimizer's own step with no gradients: only its hooks and the scheduler's marker
+        for p, g in grads:
+            p.grad = g
+        if not self.eager:
+            hp, clip = self._snapshot(), self._clip  # as optimizer.step would read them now
+            for key in self.order:
+                self.pending[key] = self.executor.submit(self._update, key, hp, clip, self.trace_of())
+        self._hp, self._clip, self.eager = None, None, False
+        return loss
+
+    def _snapshot(self) -> list[dict]:
+        return [{k: (g[k].clone() if isinstance(g[k], Tensor) else g[k]) for k in HP_KEYS} |
+                {"decoupled": g.get("decoupled_weight_decay", isinstance(self.optimizer, torch.optim.AdamW))}
+                for g in self.optimizer.param_groups]
+
+    def _update(self, key: tuple[int, int], hp: list[dict], clip: tuple[str, Tensor | float] | None,
+                trace=None) -> None:
+        """Applies one step to one unit part (on the host thread); `trace` is the trace active when it was queued."""
+        bound = self.parts[key]
+        start = time.perf_counter()
+        grads = [b.grad for b in bound]
+        if clip is not None and clip[0] == "norm":
+            torch._foreach_mul_(grads, clip[1])
+        elif clip is not None:
+            torch._foreach_clamp_min_(grads, -clip[1])
+            torch._foreach_clamp_max_(grads, clip[1])
+        for g_index in sorted({b.group for b in bound}):
+            bs = [b for b in bound if b.group == g_index]
+            h = hp[g_index]
+            adam([b.param for b in bs], [b.grad for b in bs], [b.exp_avg for b in bs], [b.exp_avg_sq for b in bs],
+                 [], [b.step for b in bs], fused=True, decoupled_weight_decay=h["decoupled"], amsgrad=False,
+                 beta1=h["betas"][0], beta2=h["betas"][1], lr=h["lr"], weight_decay=h["weight_decay"],
+                 eps=h["eps"], maximize=h["maximize"])
+        unit = self.store.units[key[0]]
+        if unit.stream is not unit.master:  # cast the updated part into the streamed copy
+            lo, hi = _span(unit, bound)
+            unit.stream[lo:hi].copy_(unit.master[lo:hi])
+        if trace is not None:
+            trace.add_host(key[0], S.CPU, S.OPTIMIZER, start,
+                           time.perf_counter(), sum(b.param.numel() for b in bound) * 28)
+
+    def wait(self, unit: int, part: int | None = None) -> None:
+        """Blocks until the queued update of `unit` (or one part of it) has been applied."""
+        for p in ((0, 1) if part is None else (part,)):
+            f = self.pending.pop((unit, p), None)
+            if f is not None:
+                f.result()
+
+    def wait_all(self) -> None:
+        for key in list(self.pending):
+            self.pending.pop(key).result()
+
+    def part_range(self, unit: int, part: int) -> tuple[int, int]:
+        """[lo, hi) of a unit part in its flat layout."""
+        return _span(self.store.units[unit], self.parts.get((unit, part), []))
+
+
+def _span(unit, bound: list[_Bound]) -> tuple[int, int]:
+    if not bound:
+        return 0, 0
+    entries = unit.layout.entries
+    idx = sorted(b.entry for b in bound)
+    lo, hi = entries[idx[0]].offset, entries[idx[-1]].offset + entries[idx[-1]].numel
+    return lo, hi
 
 
 @dataclass

@@ -10,7 +10,8 @@ Each unit (one trunk block, or the resident rest of the model: embedding, final 
 
 A file-backed unit always streams a compute-dtype copy kept in RAM (its master is on disk).
 
-Gradients coming back land in the engine's small pinned staging ring before the host adds them into `grad`.
+Gradients of a step's first micro-batch land in `grad` by DMA (it is page-locked); those of later micro-batches go
+through the engine's small pinned staging ring, and the host adds them into `grad`.
 """
 
 from __future__ import annotations
@@ -64,15 +65,21 @@ class Unit:
             self.tile = self.grad = torch.zeros(n, dtype=torch.float32)
             self.master = self.exp_avg = self.exp_avg_sq = None
             self.stream = stream
+            if pin and n:
+                _register(self.grad)
             return
         self.tile = torch.zeros(4 * n, dtype=torch.float32)  # [master | m | v | grad]
         self.master, self.exp_avg, self.exp_avg_sq, self.grad = self.tile.split(n)
-        if stream is None:  # the master streams: pin it where it is (the pinned allocator would round up to 2^k)
+        # page-locked where it is (the pinned allocator would round up to 2^k): the gradient, which lands by DMA,
+        # and the master too when it is what streams (then the whole tile: one registration, no shared pages)
+        if stream is None:
             self.stream = self.master
             if pin and n:
-                _register(self.master)
+                _register(self.tile)
         else:
             self.stream = stream  # compute-dtype weights, a slice of the store's one pinned block
+            if pin and n:
+                _register(self.grad)
 
     def refresh_stream(self, master: Tensor | None = None) -> None:
         """Casts the fp32 master (or, for a file-backed unit, the given loaded one) into the streamed copy."""

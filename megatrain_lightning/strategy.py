@@ -21,6 +21,7 @@ from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
@@ -29,7 +30,7 @@ from megatrain_lightning import hf
 from megatrain_lightning import schedule as S
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.model import Trunk
-from megatrain_lightning.optim import bind_grads, bind_optimizer
+from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
 from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout
 from megatrain_lightning.trace import Trace
 
@@ -91,6 +92,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self._aliases: dict[str, str] = {}  # tied parameter name -> the name the store keeps
         self._grad_pairs: list[tuple[Tensor, Tensor]] = []
         self._trunk_prefix = ""
+        self.updater: HostAdam | None = None  # the overlapped host optimizer (every unit in RAM)
+        self._resident_stale: set[int] = set()  # parts of the resident unit updated since their device copy
+        self._host_trace: Trace | None = None  # a traced step whose host updates still run behind the next forward
 
     @property
     @override
@@ -129,6 +133,16 @@ class MegatrainStrategy(SingleDeviceStrategy):
             if len(self.optimizers) != 1:
                 raise ValueError(f"the megatrain strategy supports one optimizer, got {len(self.optimizers)}")
             self._grad_pairs = bind_optimizer(self.optimizers[0], self.store, self._param_names)
+            step = self.optimizers[0].step
+            self.updater = step if isinstance(step, HostAdam) else None
+            if self.updater is not None:
+                self.engine.attach_updater(self.updater, trace_of=lambda: self.engine.trace or self._host_trace)
+                self.engine.after_forward = self._after_trunk_forward
+                # Lightning clips by rewriting every .grad before optimizer.step; the overlapped optimizer instead
+                # takes the coefficient (or bound) and applies it to each unit right before that unit's update
+                plugin = self.precision_plugin
+                plugin.clip_grad_by_norm = lambda optimizer, clip_val: self.updater.clip_by_norm(clip_val)
+                plugin.clip_grad_by_value = lambda optimizer, clip_val: self.updater.clip_by_value(clip_val)
         self.setup_precision_plugin()
 
     # ---- building the store and the engine ----
@@ -251,7 +265,11 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.engine.ship_grads(len(self.store.units) - 1, grads)
         for p in self._resident_params:
             p.grad = None
-        self.engine.wait_grads()
+        # Gradients of a micro-batch that is not the step's last keep landing behind the next forward. On the
+        # last one, hooks and clipping (deferred updates) read them: wait. Eager updates are already queued.
+        if self.updater is None or (self.engine.final and not self.updater.eager):
+            self.engine.wait_grads()
+        self.engine.fresh_grads = False
         bind_grads(self._grad_pairs)
 
     @override
@@ -263,17 +281,67 @@ class MegatrainStrategy(SingleDeviceStrategy):
             marks["backward_done"] = time.perf_counter()
             return out
 
-        out = super().optimizer_step(optimizer, marked_closure, model, **kwargs)
+        if self.updater is not None:
+            trainer = self.lightning_module.trainer
+            self.updater.begin_step(eager=self._eager_updates(),
+                                    need_norms=bool(trainer.gradient_clip_val)
+                                    and trainer.gradient_clip_algorithm == "norm")
+        self.engine.final = True
+        try:
+            out = super().optimizer_step(optimizer, marked_closure, model, **kwargs)
+        finally:
+            self.engine.final = False
+        self.engine.fresh_grads = True
+        if self.updater is not None:
+            self._resident_stale = {0, 1}
+            return out
+        # file-backed units: the paged step ran synchronously
         if self.store.nvme is not None:
             self._log_nvme()
         trace = self.engine.trace
         if trace is not None and "backward_done" in marks:
             trace.add_host(-1, S.CPU, S.OPTIMIZER, marks["backward_done"], time.perf_counter(), 0)
         self._publish_weights()
-        if trace is not None:
-            self.engine.trace = None
-            trace.save(self.trace_dir / f"step{self.trace_step}.json", **self._trace_meta())
         return out
+
+    def _eager_updates(self) -> bool:
+        """Updates may start during backward only when nothing between backward and optimizer.step can read or
+        change gradients: no clipping and no hook there."""
+        trainer = self.lightning_module.trainer
+        if trainer.gradient_clip_val:
+            return False
+        module = self.lightning_module
+        if any(is_overridden(h, module, pl.LightningModule)
+               for h in ("on_before_optimizer_step", "configure_gradient_clipping", "optimizer_step")):
+            return False
+        return not any(is_overridden("on_before_optimizer_step", cb, pl.Callback) for cb in trainer.callbacks)
+
+    def _refresh_resident(self, part: int) -> None:
+        """Copies an updated part of the resident unit (0: its first tensor, the embedding; 1: the rest) to its
+        device copy, once its update is done."""
+        if part not in self._resident_stale:
+            return
+        self._resident_stale.discard(part)
+        index = len(self.store.units) - 1
+        self.updater.wait(index, part)
+        lo, hi = self.updater.part_range(index, part)
+        self._resident_flat[lo:hi].copy_(self.store.units[index].stream[lo:hi], non_blocking=True)
+
+    def _after_trunk_forward(self) -> None:
+        self._refresh_resident(1)
+        if self._host_trace is not None and not self.updater.pending:  # the traced step's updates are all done
+            self._save_trace()
+
+    def flush(self) -> None:
+        """Waits for every queued update and refreshes the device copies: the store is then the model's state."""
+        if self.updater is None or self.engine is None:
+            return
+        self.engine.wait_grads()
+        self.updater.wait_all()
+        self._refresh_resident(0)
+        self._refresh_resident(1)
+        if self._host_trace is not None:
+            self._save_trace()
 
     def _log_nvme(self) -> None:
         """Achieved disk rates of the step just done (writes behind may finish during the next step)."""
@@ -300,9 +368,41 @@ class MegatrainStrategy(SingleDeviceStrategy):
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         trainer = self.lightning_module.trainer
+        step_start = batch_idx % trainer.accumulate_grad_batches == 0
+        if self.engine.trace is not None and step_start and trainer.global_step > self.trace_step:
+            # the traced step is over on the device; its host updates may still run behind this step's forward:
+            # keep recording those (only), and save once they are done
+            self._host_trace, self.engine.trace = self.engine.trace, None
+            if self.updater is None:
+                self._save_trace()
         if (self.trace_dir is not None and self.engine.trace is None and trainer.global_step == self.trace_step
-                and batch_idx % trainer.accumulate_grad_batches == 0):
+                and step_start):
             self.engine.trace = Trace(self.root_device)
+        if self.updater is not None:
+            self._refresh_resident(0)
+
+    def _save_trace(self) -> None:
+        trace = self._host_trace or self.engine.trace
+        self._host_trace = self.engine.trace = None
+        trace.save(self.trace_dir / f"step{self.trace_step}.json", **self._trace_meta())
+
+    @override
+    def on_train_end(self) -> None:
+        self.flush()
+        if self.engine.trace is not None or self._host_trace is not None:
+            self._save_trace()
+
+    @override
+    def on_validation_start(self) -> None:
+        self.flush()
+
+    @override
+    def on_test_start(self) -> None:
+        self.flush()
+
+    @override
+    def on_predict_start(self) -> None:
+        self.flush()
 
     def _trace_meta(self) -> dict:
         return dict(device=str(self.root_device), compute_dtype=str(self.compute_dtype),
@@ -319,6 +419,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
     @override
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         # param groups (LR, betas, ...) and step counts; the moments are saved from the store
+        self.flush()
         sd = getattr(optimizer, "_optimizer", optimizer).state_dict()
         sd["state"] = {k: {"step": s["step"].clone()} for k, s in sd["state"].items()}
         return sd
@@ -329,6 +430,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if storage_options is not None:
             raise TypeError("the megatrain strategy writes checkpoint directories itself; storage_options is not "
                             "supported")
+        self.flush()
         config = self.lightning_module.hparams.get("model_config")
         ckpt.save(filepath, self.store, checkpoint, model_config=dict(config) if config else None)
 
@@ -344,6 +446,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if self._ckpt_dir is None:
             raise ValueError("the megatrain strategy loads its own checkpoint directories (trainer.fit(ckpt_path="
                              "...)); a state dict alone does not hold the weights")
+        self.flush()
         ckpt.load_store(self._ckpt_dir, self.store)
         self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
         self._publish_weights()
@@ -369,6 +472,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
     @override
     def teardown(self) -> None:
         # the trunk stays on meta and the state in the store: nothing to move back to the CPU
+        self.flush()
         self.precision_plugin.teardown()
         assert self.accelerator is not None
         self.accelerator.teardown()

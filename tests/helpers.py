@@ -45,7 +45,8 @@ def lm_kwargs(steps: int, lr: float = 1e-2) -> dict:
     return dict(lr=lr, weight_decay=0.1, warmup_steps=2, max_steps=steps, min_lr_ratio=0.1)
 
 
-def reference_run(model: Llama, batches, steps: int, accumulate: int, clip: float, lr: float = 1e-2):
+def reference_run(model: Llama, batches, steps: int, accumulate: int, clip: float | None, lr: float = 1e-2,
+                  clip_algorithm: str = "norm"):
     """Plain PyTorch: torch.optim.AdamW, clip_grad_norm_, LambdaLR, gradient accumulation like Lightning's."""
     model = copy.deepcopy(model)
     lm = CausalLM(model.config, model=model, **lm_kwargs(steps, lr))
@@ -65,7 +66,11 @@ def reference_run(model: Llama, batches, steps: int, accumulate: int, clip: floa
         if step == 0:
             first_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
         # in the optimizer's parameter order, as Lightning clips: the global norm is then summed identically
-        torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if clip and clip_algorithm == "norm":
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        elif clip:
+            torch.nn.utils.clip_grad_value_(params, clip)
         opt.step()
         sched.step()
         opt.zero_grad()
@@ -83,14 +88,19 @@ class FirstGrads(L.Callback):
             self.grads = {k: v.clone() for k, v in trainer.strategy.store.named("grad").items()}
 
 
-def megatrain_run(model: Llama, batches, steps: int, accumulate: int, clip: float, precision: str = "32-true",
-                  lr: float = 1e-2, **strategy_kwargs):
+def megatrain_run(model: Llama, batches, steps: int, accumulate: int, clip: float | None,
+                  precision: str = "32-true", lr: float = 1e-2, clip_algorithm: str = "norm",
+                  record_grads: bool = True, **strategy_kwargs):
+    """`record_grads`: copy the step-1 gradients in a hook (a hook that reads gradients keeps the host updates
+    from starting during backward)."""
     lm = RecordingLM(model.config, model=copy.deepcopy(model), **lm_kwargs(steps, lr))
     grads = FirstGrads()
     strategy = MegatrainStrategy(**strategy_kwargs)
     device = str(strategy_kwargs.get("device", "cpu"))
-    trainer = L.Trainer(strategy=strategy, accelerator=device.split(":")[0], callbacks=[grads], precision=precision, max_steps=steps, accumulate_grad_batches=accumulate,
-                        gradient_clip_val=clip, logger=False, enable_checkpointing=False,
+    trainer = L.Trainer(strategy=strategy, accelerator=device.split(":")[0], callbacks=[grads] if record_grads else [],
+                        precision=precision, max_steps=steps, accumulate_grad_batches=accumulate,
+                        gradient_clip_val=clip, gradient_clip_algorithm=clip_algorithm, logger=False,
+                        enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0)
     trainer.fit(lm, train_dataloaders=loader(batches))
     weights = {k: v.clone() for k, v in strategy.store.named("master").items()}
