@@ -48,6 +48,7 @@ def strategy(cfg: DictConfig, trace_dir: str | None = None, init_from: str | Non
     return MegatrainStrategy(init_from=init_from, checkpoint_interval=cfg.checkpoint_interval, prefetch_depth=cfg.prefetch_depth,
                              storage=cfg.kind, stream=cfg.get("stream", "auto"),
                              ram_budget_GiB=cfg.get("ram_budget_GiB"), nvme_dir=cfg.get("nvme_dir", "nvme_state"),
+                             compile=cfg.get("compile"), offload_checkpoints=cfg.get("offload_checkpoints"),
                              trace_dir=trace_dir)
 
 

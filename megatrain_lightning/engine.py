@@ -65,11 +65,63 @@ class _Prefetcher:
         self._fill()
 
 
+def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor) -> Tensor:
+    return functional_call(template, params, (x, *extras), strict=True)
+
+
+class _HostCheckpoints:
+    """Block inputs kept in page-locked host memory instead of device memory (memory flat in depth): each goes out
+    on the D2H stream as forward produces it and comes back on the H2D stream one block ahead of backward."""
+
+    def __init__(self, engine: StreamingEngine) -> None:
+        self.engine = engine
+        self._host: Tensor | None = None  # [n_checkpoints * numel] pinned, reused while the size fits
+        self.saved: list[tuple[Tensor, torch.Size, torch.dtype, torch.cuda.Event]] = []
+
+    def begin(self, x: Tensor) -> None:
+        n = self.engine.plan.n_checkpoints * x.numel()
+        if self._host is None or self._host.numel() < n or self._host.dtype != x.dtype:
+            self._host = None
+            self._host = pinned_empty(n, x.dtype, pin=True)
+        self.saved = []
+
+    def put(self, x: Tensor) -> None:
+        eng = self.engine
+        host = self._host[len(self.saved) * x.numel():(len(self.saved) + 1) * x.numel()]
+        eng.d2h.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(eng.d2h), eng._span(len(self.saved) * eng.plan.k, S.D2H, S.CHECKPOINT, x.nbytes,
+                                                    eng.d2h):
+            host.copy_(x.reshape(-1), non_blocking=True)
+            x.record_stream(eng.d2h)
+        done = torch.cuda.Event()
+        done.record(eng.d2h)
+        self.saved.append((host, x.shape, x.dtype, done))
+
+    def fetch(self, b: int) -> tuple[Tensor, torch.cuda.Event]:
+        """Starts bringing checkpoint b back; returns the device tensor and the event to wait for."""
+        eng = self.engine
+        host, shape, dtype, sent = self.saved[b]
+        x = torch.empty(shape, dtype=dtype, device=eng.device)
+        eng.h2d.wait_stream(torch.cuda.current_stream())  # x's memory may have been used by compute until now
+        eng.h2d.wait_event(sent)
+        with torch.cuda.stream(eng.h2d), eng._span(b * eng.plan.k, S.H2D, S.CHECKPOINT, x.nbytes, eng.h2d):
+            x.view(-1).copy_(host, non_blocking=True)
+        x.record_stream(eng.h2d)
+        ready = torch.cuda.Event()
+        ready.record(eng.h2d)
+        return x, ready
+
+
 class StreamingEngine:
     def __init__(self, store: HostStore, blocks: list[nn.Module], device: torch.device,
-                 checkpoint_interval: int, prefetch_depth: int) -> None:
+                 checkpoint_interval: int, prefetch_depth: int, compile: bool = False,
+                 offload_checkpoints: bool = False) -> None:
+        """`compile`: run blocks through torch.compile (one graph per layer signature). `offload_checkpoints`: keep
+        the block inputs in host memory (CUDA only; on the CPU the device is the host)."""
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
+        self._call = torch.compile(_functional, dynamic=False) if compile else _functional
+        self.host_checkpoints = _HostCheckpoints(self) if offload_checkpoints and self.cuda else None
         self.plan = S.Plan(len(blocks), checkpoint_interval)
         self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
         # one stateless template per distinct layer signature; the blocks themselves hold meta tensors
@@ -126,9 +178,16 @@ class StreamingEngine:
     def _forward(self, x: Tensor, extras: tuple[Tensor, ...], keep: bool) -> tuple[Tensor, list[Tensor]]:
         checkpoints: list[Tensor] = []
         pf = _Prefetcher(self, self.plan.forward_loads())
+        host = self.host_checkpoints if keep else None
+        if host is not None:
+            host.begin(x)
         for i in range(self.plan.n_layers):
             if keep and i % self.plan.k == 0:
-                checkpoints.append(x)  # [B, T, D] input of block i // k
+                if host is not None:
+                    host.put(x)
+                    checkpoints.append(None)
+                else:
+                    checkpoints.append(x)  # [B, T, D] input of block i // k
             slot = pf.acquire(i)
             with self._span(i, S.COMPUTE, S.FORWARD):
                 x = self._run(i, self._views(i, slot), x, extras)
@@ -140,8 +199,16 @@ class StreamingEngine:
         pf = _Prefetcher(self, self.plan.backward_loads())
         pos = 0
         amp = torch.autocast(self.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
+        host = self.host_checkpoints
+        fetched = host.fetch(len(self.plan.blocks) - 1) if host is not None else None
         for b, (start, end) in reversed(list(enumerate(self.plan.blocks))):
-            x, saved = checkpoints[b], []
+            if host is not None:
+                x, ready = fetched
+                torch.cuda.current_stream().wait_event(ready)
+                fetched = host.fetch(b - 1) if b > 0 else None  # the next block's input comes in meanwhile
+            else:
+                x = checkpoints[b]
+            saved = []
             for i in range(start, end):
                 slot = pf.acquire(pos)
                 pos += 1
@@ -164,7 +231,7 @@ class StreamingEngine:
         return self.store.units[i].layout.views(slot.compute)
 
     def _run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...]) -> Tensor:
-        return functional_call(self.templates[i], {**params, **self.buffers[i]}, (x, *extras), strict=True)
+        return self._call(self.templates[i], {**params, **self.buffers[i]}, x, *extras)
 
     # ---- transfers ----
     def _load(self, i: int, slot: _Slot) -> None:

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 from torchmetrics.aggregation import MeanMetric
 
 from megatrain_lightning.config import Config
@@ -17,10 +18,14 @@ from megatrain_lightning.model import Llama
 class CausalLM(L.LightningModule):
     def __init__(self, config: Config, lr: float = 3e-4, weight_decay: float = 0.1, betas=(0.9, 0.95),
                  warmup_steps: int = 10, max_steps: int | None = None, min_lr_ratio: float = 0.1,
-                 model: Llama | None = None) -> None:
+                 loss_chunk_tokens: int | None = 4096, model: Llama | None = None) -> None:
         """`model`: an already built Llama (tests pass one to share initial weights); otherwise the model is built
-        in `configure_model`, which the megatrain strategy runs on the meta device."""
+        in `configure_model`, which the megatrain strategy runs on the meta device. `loss_chunk_tokens`: the head
+        and loss run over this many tokens at a time, recomputed in backward, so the [tokens, vocab] fp32 logits
+        never exist whole (None: all at once)."""
         super().__init__()
+        if loss_chunk_tokens is not None and (not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1):
+            raise ValueError(f"loss_chunk_tokens must be a positive integer or None, got {loss_chunk_tokens!r}")
         self.save_hyperparameters(ignore=["model", "config"])
         # plain fields, so checkpoints load with torch.load(weights_only=True)
         self.hparams["model_config"] = {f: getattr(config, f) for f in Config.field_names()}
@@ -39,8 +44,19 @@ class CausalLM(L.LightningModule):
             x, y = batch["input_ids"], batch["labels"]
         else:
             x, y = batch[:, :-1], batch[:, 1:]
-        logits = self.model.logits(self.model(x))  # [B, T, V]
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100)
+        hidden = self.model(x).flatten(0, 1)  # [B*T, D]
+        y = y.flatten()
+        chunk = self.hparams.get("loss_chunk_tokens")
+        if chunk is None or hidden.shape[0] <= chunk:
+            return F.cross_entropy(self.model.logits(hidden).float(), y, ignore_index=-100)
+        # summed per chunk, then divided by the count of trained tokens: the same mean as one call over all
+        total = sum(checkpoint(self._chunk_loss, h, t, use_reentrant=False)
+                    for h, t in zip(hidden.split(chunk), y.split(chunk)))
+        return total / (y != -100).sum()
+
+    def _chunk_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        logits = self.model.logits(hidden).float()  # [chunk, V]: freed after forward, recomputed in backward
+        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.loss(batch)

@@ -55,6 +55,7 @@ GRAD = "grad"  # a layer's gradients D2H
 ACCUMULATE = "accumulate"  # host adds shipped gradients into fp32 gradient buffers
 OPTIMIZER = "optimizer"  # host AdamW
 CAST = "cast"  # host casts fp32 masters into the streamed compute-dtype copy
+CHECKPOINT = "checkpoint"  # a block input moved to host memory in forward, and back in backward
 
 
 @dataclass(frozen=True)

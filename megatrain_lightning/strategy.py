@@ -53,6 +53,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         ram_budget_GiB: float | None = None,
         nvme_dir: str | Path = "nvme_state",
         init_from: str | Path | None = None,
+        compile: bool | None = None,
+        offload_checkpoints: bool | None = None,
         device: _DEVICE | None = None,
         trace_dir: str | Path | None = None,
         trace_step: int = 2,
@@ -80,6 +82,12 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.stream = stream
         self.ram_budget_GiB, self.nvme_dir = ram_budget_GiB, Path(nvme_dir)
         self.init_from = Path(init_from) if init_from is not None else None  # a Hugging Face checkpoint directory
+        # None: on for a CUDA device (blocks compiled with torch.compile; block inputs kept in host memory so that
+        # device memory does not grow with depth), off on the CPU
+        for name, value in (("compile", compile), ("offload_checkpoints", offload_checkpoints)):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be true, false or null (on for CUDA), got {value!r}")
+        self.compile, self.offload_checkpoints = compile, offload_checkpoints
         self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
         self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
@@ -212,7 +220,11 @@ class MegatrainStrategy(SingleDeviceStrategy):
             self._resident_params.append(p)
             self._param_names[id(p)] = name
         self.store = store
-        self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth)
+        cuda = device.type == "cuda"
+        self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth,
+                                      compile=cuda if self.compile is None else self.compile,
+                                      offload_checkpoints=cuda if self.offload_checkpoints is None
+                                      else self.offload_checkpoints)
         trunk.engine = self.engine
         self.model_to_device()
 

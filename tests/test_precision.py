@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatrain_lightning.engine import _functional
 from tests.helpers import make_batches, make_model, megatrain_run, reference_run, rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -57,3 +58,33 @@ def test_streaming_the_fp32_master_equals_streaming_a_bf16_copy(device):
     for name in copy[2]:
         assert torch.equal(copy[1][name], master[1][name]), name  # first gradients
         assert torch.equal(copy[2][name], master[2][name]), name  # weights after 3 steps
+
+
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("accumulate,clip", [(1, None), (2, 1.0)])  # eager updates; deferred with staging
+def test_cuda_checkpoints_in_host_memory_train_identically(accumulate, clip):
+    """Block inputs kept in pinned host memory (copied out and back on the side streams) change no number."""
+    model = make_model("tiny", n_layer=4)
+    batches = make_batches(model.config, 3 * accumulate)
+    runs = [megatrain_run(model, batches, 3, accumulate, clip, precision="bf16-mixed", lr=1e-3, device="cuda",
+                          compile=False, offload_checkpoints=off, record_grads=False) for off in (False, True)]
+    assert runs[0][3].engine.host_checkpoints is None and runs[1][3].engine.host_checkpoints is not None
+    assert runs[0][0] == runs[1][0]  # losses
+    for name in runs[0][2]:
+        assert torch.equal(runs[0][2][name], runs[1][2][name]), name
+
+
+@CUDA_ONLY
+def test_cuda_compiled_blocks_track_fp32_reference():
+    """torch.compile'd blocks (the CUDA default) train within bf16 tolerances of plain fp32 PyTorch."""
+    model = make_model("tiny")
+    batches = make_batches(model.config, 10)
+    _, _, ref_weights = reference_run(model, batches, 5, 2, 1.0, lr=1e-3)
+    losses, _, weights, strategy = megatrain_run(model, batches, 5, 2, 1.0, precision="bf16-mixed", lr=1e-3,
+                                                 device="cuda")
+    assert strategy.compile is None and strategy.engine._call is not _functional  # the default: compiled on CUDA
+    for name in ref_weights:
+        assert rel_err(weights[name], ref_weights[name]) < 1e-2, name
