@@ -90,6 +90,11 @@ def build_lm(a, config, system: str):
                     g["fused"], g["foreach"] = True, False
             return conf
 
+    class FsdpLM(BenchLM):
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            if gradient_clip_val:  # Lightning's FSDP precision plugin refuses norm clipping: FSDP's own method
+                self.trainer.model.clip_grad_norm_(gradient_clip_val)
+
     kwargs = dict(lr=1e-4, warmup_steps=1, max_steps=a.warmup + a.steps)
     if system == "megatrain":
         return BenchLM(config, **kwargs)
@@ -103,7 +108,7 @@ def build_lm(a, config, system: str):
         layers = model.model.layers
         for i in range(len(layers)):
             layers[i] = checkpoint_wrapper(layers[i])
-    return BenchLM(config, model=model, **kwargs)
+    return (FsdpLM if system == "fsdp" else BenchLM)(config, model=model, **kwargs)
 
 
 def run_one(a) -> dict:

@@ -87,6 +87,18 @@ def bind_grads(pairs: list[tuple[Tensor, Tensor]]) -> None:
         p.grad = g
 
 
+def clip_scale(grads: list[Tensor], max_norm: float, squares: list[Tensor | None] | None = None
+               ) -> tuple[Tensor, Tensor]:
+    """clip_grad_norm_'s coefficient c = min(1, max_norm / (‖g‖ + 1e-6)) over `grads`, returned as the fused
+    kernel's grad_scale 1 / c: the update divides each gradient by it instead of a separate pass over every
+    gradient (fp32 rounding apart, the same). `squares`: squared norms already computed (None where not)."""
+    squares = squares or [None] * len(grads)
+    sq = [s if s is not None else torch.dot(g.reshape(-1), g.reshape(-1)) for g, s in zip(grads, squares)]
+    total = torch.stack(sq).sum().sqrt()
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    return total, (1.0 / coef).reshape(())
+
+
 @dataclass
 class _Bound:
     unit: int  # store unit index
@@ -97,7 +109,7 @@ class _Bound:
     exp_avg: Tensor
     exp_avg_sq: Tensor
     step: Tensor
-    norm: Tensor | None = None  # this step's gradient 2-norm, computed on the host thread for clipping
+    norm: Tensor | None = None  # this step's squared gradient 2-norm, computed on the host thread for clipping
 
 
 HP_KEYS = ("lr", "betas", "weight_decay", "eps", "maximize")
@@ -114,7 +126,7 @@ class HostAdam:
       its gradient of the step's last micro-batch has landed, behind the device's backward.
 
     Adam(W) is element-wise, so per-unit calls give exactly the numbers of one call over everything; clipping
-    keeps `clip_grad_norm_`'s arithmetic (per-tensor norms in the optimizer's order, one multiply per gradient).
+    takes `clip_grad_norm_`'s coefficient and applies it inside the fused kernel (fp32 rounding apart, the same).
     The resident unit updates in two parts: its first tensor (the embedding, needed first) and the rest."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, store: HostStore, bound: list[_Bound]) -> None:
@@ -159,10 +171,11 @@ class HostAdam:
 
     def _final(self, unit: int, hp: list[dict], need_norms: bool, eager: bool, trace) -> None:
         keys = [(unit, part) for part in (0, 1) if (unit, part) in self.parts]
-        if need_norms:
+        if need_norms:  # squared norms: a dot product runs on every core (vector_norm's reduction does not)
             for key in keys:
                 for b in self.parts[key]:
-                    b.norm = torch.linalg.vector_norm(b.grad)
+                    flat = b.grad.reshape(-1)
+                    b.norm = torch.dot(flat, flat)
         if eager:
             for key in keys:
                 self._update(key, hp, None, trace)
@@ -170,11 +183,9 @@ class HostAdam:
     # ---- clipping (Lightning's precision plugin calls these instead of touching .grad) ----
     def clip_by_norm(self, max_norm: float) -> Tensor:
         self.wait_all()
-        order = [b for g in self.optimizer.param_groups for p in g["params"] for b in [self._by_param[id(p)]]]
-        # per-tensor norms in the optimizer's order, then their norm: clip_grad_norm_'s arithmetic
-        norms = [b.norm if b.norm is not None else torch.linalg.vector_norm(b.grad) for b in order]
-        total = torch.linalg.vector_norm(torch.stack(norms))
-        self._clip = ("norm", torch.clamp(max_norm / (total + 1e-6), max=1.0))
+        order = [self._by_param[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
+        total, scale = clip_scale([b.grad for b in order], max_norm, [b.norm for b in order])
+        self._clip = ("norm", scale)
         return total
 
     def clip_by_value(self, value: float) -> None:
@@ -214,9 +225,8 @@ class HostAdam:
         bound = self.parts[key]
         start = time.perf_counter()
         grads = [b.grad for b in bound]
-        if clip is not None and clip[0] == "norm":
-            torch._foreach_mul_(grads, clip[1])
-        elif clip is not None:
+        scale = clip[1] if clip is not None and clip[0] == "norm" else None
+        if clip is not None and clip[0] == "value":
             torch._foreach_clamp_min_(grads, -clip[1])
             torch._foreach_clamp_max_(grads, clip[1])
         for g_index in sorted({b.group for b in bound}):
@@ -225,7 +235,7 @@ class HostAdam:
             adam([b.param for b in bs], [b.grad for b in bs], [b.exp_avg for b in bs], [b.exp_avg_sq for b in bs],
                  [], [b.step for b in bs], fused=True, decoupled_weight_decay=h["decoupled"], amsgrad=False,
                  beta1=h["betas"][0], beta2=h["betas"][1], lr=h["lr"], weight_decay=h["weight_decay"],
-                 eps=h["eps"], maximize=h["maximize"])
+                 eps=h["eps"], maximize=h["maximize"], grad_scale=scale, found_inf=None)
         unit = self.store.units[key[0]]
         if unit.stream is not unit.master:  # cast the updated part into the streamed copy
             lo, hi = _span(unit, bound)
@@ -298,6 +308,16 @@ class PagedStep:
         self.order = sorted(paged)  # the planner's order too: file-backed layers first to last
         self.on_disk = {id(b.param) for bindings in paged.values() for b in bindings}
 
+    def clip_by_norm(self, max_norm: float) -> Tensor:
+        """As HostAdam: the coefficient goes into the fused kernel (Adam.step passes `optimizer.grad_scale`)."""
+        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
+        total, self.optimizer.grad_scale = clip_scale(grads, max_norm)
+        return total
+
+    def clip_by_value(self, value: float) -> None:
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_value_(params, value)
+
     def __call__(self, closure: Callable | None = None) -> Any:
         tier = self.store.nvme
         ahead: deque = deque()
@@ -349,6 +369,7 @@ class PagedStep:
                 p.grad = g
             return loss
         finally:
+            self.optimizer.__dict__.pop("grad_scale", None)
             for _, future in ahead:  # an exception left reads in flight: give their tiles back
                 try:
                     tier.release(future.result())

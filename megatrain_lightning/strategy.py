@@ -146,11 +146,11 @@ class MegatrainStrategy(SingleDeviceStrategy):
             if self.updater is not None:
                 self.engine.attach_updater(self.updater, trace_of=lambda: self.engine.trace or self._host_trace)
                 self.engine.after_forward = self._after_trunk_forward
-                # Lightning clips by rewriting every .grad before optimizer.step; the overlapped optimizer instead
-                # takes the coefficient (or bound) and applies it to each unit right before that unit's update
-                plugin = self.precision_plugin
-                plugin.clip_grad_by_norm = lambda optimizer, clip_val: self.updater.clip_by_norm(clip_val)
-                plugin.clip_grad_by_value = lambda optimizer, clip_val: self.updater.clip_by_value(clip_val)
+            # Lightning clips by norm by multiplying every .grad before optimizer.step; the host step instead takes
+            # the coefficient and applies it inside the fused kernel (and, overlapped, per unit when it updates it)
+            plugin = self.precision_plugin
+            plugin.clip_grad_by_norm = lambda optimizer, clip_val: step.clip_by_norm(clip_val)
+            plugin.clip_grad_by_value = lambda optimizer, clip_val: step.clip_by_value(clip_val)
         self.setup_precision_plugin()
 
     # ---- building the store and the engine ----
@@ -236,19 +236,16 @@ class MegatrainStrategy(SingleDeviceStrategy):
         _move_except(self.lightning_module, self.root_device, lambda m: isinstance(m, Trunk))
 
     def _resolve_stream(self, layouts: list[Layout], dtype: torch.dtype) -> str:
-        """stream="auto": a compute-dtype copy when RAM holds it beside the fp32 state and the gradient staging
-        (the planner's rule, against the RAM available now), else the fp32 master streams. storage=nvme always
-        streams the copy (the masters of file-backed layers are on disk)."""
+        """stream="auto": with every layer in RAM the fp32 master streams and the device casts it (the host's
+        per-layer update is then only AdamW, which is what bounds an overlapped step; PCIe has room for the
+        doubled bytes, and RAM saves the copy). storage=nvme streams the compute-dtype copy (the masters of
+        file-backed layers are on disk)."""
         if self.storage == "nvme":
             if self.stream == "master" and dtype != torch.float32:
                 raise ValueError("storage='nvme' streams the compute-dtype copy kept in RAM; use stream='copy' or "
                                  "'auto'")
             return "copy"
-        if self.stream != "auto":
-            return self.stream
-        n, cb = sum(lay.numel for lay in layouts), torch.finfo(dtype).bits // 8
-        staging = S.staging_numel(max(lay.numel for lay in layouts[:-1]), layouts[-1].numel) * cb
-        return "copy" if (16 + cb) * n + staging + 2 * 2**30 < _available_ram_bytes() else "master"
+        return "master" if self.stream == "auto" else self.stream
 
     def _nvme_units(self, layouts: list[Layout], dtype: torch.dtype, stream: str) -> list[int]:
         """storage=nvme: the first trunk layers whose state does not fit the RAM budget (the planner's rule)."""

@@ -82,9 +82,8 @@ def place(hw: Hardware, wl: Workload) -> Workload:
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
         n = S.nvme_layers([wl.model.layer_params] * wl.n_layers, wl.model.embedding_params, budget)
         return replace(wl, n_nvme_layers=n)
-    if wl.stream == "auto":
-        copy = replace(wl, stream="copy")
-        return copy if ram_need(hw, copy) <= usable_ram_bytes(hw) else replace(wl, stream="master")
+    if wl.stream == "auto":  # the engine's rule (strategy._resolve_stream): the master streams
+        return replace(wl, stream="master")
     return wl
 
 
