@@ -69,7 +69,9 @@ def workload(cfg: dict[str, Any]) -> Workload:
     return Workload(model, seq_len=data["seq_len"], micro_batch=data["micro_batch"],
                     accumulate=tr.get("accumulate_grad_batches", 1), precision=tr.get("precision", "bf16-mixed"),
                     checkpoint_interval=st["checkpoint_interval"], prefetch_depth=st["prefetch_depth"],
-                    storage=st["kind"], stream=st.get("stream", "auto"), ram_budget_GiB=st.get("ram_budget_GiB"))
+                    storage=st["kind"], stream=st.get("stream", "auto"), ram_budget_GiB=st.get("ram_budget_GiB"),
+                    clip=bool(tr.get("gradient_clip_val")),
+                    offload_checkpoints=st.get("offload_checkpoints") is not False)
 
 
 def check(cfg: dict[str, Any], advise: bool = True) -> Answer:

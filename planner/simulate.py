@@ -66,6 +66,8 @@ class _Sim:
         self.slots = [0.0] * wl.n_slots  # when each weight slot's last reader finished (the engine's free stack)
         # without a separate device the copies are plain copies on the main thread, in line with compute
         self.lane_of = {S.H2D: S.COMPUTE, S.D2H: S.COMPUTE} if hw.unified else {}
+        self.updated: dict = {}  # when each unit's (the previous step's) host update is done: "embed", i, "head"
+        self.landed: list[tuple[int, int, float]] = []  # (layer, params, time) of the last micro-batch's gradients
 
     # ---- primitives ----
     def span(self, lane: str, kind: str, layer: int, dur: float, after: float = 0.0, nbytes: int = 0,
@@ -103,10 +105,12 @@ class _Sim:
         return flops / rate + passes * hw.layer_overhead_ms / 1e3
 
     def head_s(self) -> float:
-        """Head forward + backward with the loss (3 passes of its matmul)."""
+        """Head forward + backward with the loss: 3 passes of its matmul, 4 when the loss runs in chunks (each chunk's
+        logits are recomputed in backward)."""
         wl, hw = self.wl, self.hw
         rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
-        return 3 * wl.head_flops * wl.micro_tokens / rate + 3 * hw.layer_overhead_ms / 1e3
+        passes = 4 if wl.logits_tokens < wl.micro_tokens else 3
+        return passes * wl.head_flops * wl.micro_tokens / rate + passes * hw.layer_overhead_ms / 1e3
 
     # ---- the step ----
     def micro_batch(self, first: bool, acc_ends: list[float]) -> None:
@@ -114,11 +118,12 @@ class _Sim:
         p, c = wl.plan, wl.model
         tok = wl.micro_tokens
         slots = self.slots
-        embed = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3)
+        embed = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3,
+                          after=self.updated.get("embed", 0.0))
         x_ready = embed.end
         ckpt_alloc: dict[int, float] = {}
         for i in p.forward_loads():
-            free_at = slots.pop()
+            free_at = max(slots.pop(), self.updated.get(i, 0.0))  # the engine waits for the layer's update
             load = self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
                              nbytes=wl.load_bytes)
             fwd = self.span(S.COMPUTE, S.FORWARD, i, self.layer_s(1), after=max(load.end, x_ready))
@@ -127,8 +132,9 @@ class _Sim:
                 ckpt_alloc[i // p.k] = fwd.start
             self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok)
             slots.append(fwd.end)
-        head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(), after=x_ready)
-        self.alloc(head.start, head.end, wl.logits_bytes_per_token * tok)
+        head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(),
+                         after=max(x_ready, self.updated.get("head", 0.0)))
+        self.alloc(head.start, head.end, wl.logits_bytes_per_token * wl.logits_tokens)
         head_grad = c.vocab_size * c.hidden_size * wl.cb
         self.alloc(head.end, None, head_grad)  # freed once the resident gradients shipped (below)
         g_ready = head.end
@@ -147,29 +153,66 @@ class _Sim:
                 g_ready = bwd.end
                 if ship >= S.STAGING_RING:  # the staging buffer is reused: wait for the host to consume it
                     self.host = max(self.host, acc_ends[-S.STAGING_RING])
-                grad = self.span(S.D2H, S.GRAD, j, self.transfer_s(S.D2H, wl.grad_bytes, bwd.end), after=bwd.end,
-                                 nbytes=wl.grad_bytes)
+                nbytes = wl.landing_grad_bytes if first else wl.grad_bytes
+                grad = self.span(S.D2H, S.GRAD, j, self.transfer_s(S.D2H, nbytes, bwd.end), after=bwd.end,
+                                 nbytes=nbytes)
                 acc_ends.append(self.accumulate(j, c.layer_params, grad.end, first))
+                self.landed.append((j, c.layer_params, acc_ends[-1]))
                 ship += 1
                 self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok)
                 self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok)
                 self.alloc(bwd.start, grad.end, wl.grad_bytes)  # the layer's weight gradients until shipped
                 slots.append(bwd.end)
-            self.alloc(ckpt_alloc[b], g_ready, wl.checkpoint_bytes)
+            if not wl.offload_checkpoints or self.hw.unified:  # else it waits in host memory
+                self.alloc(ckpt_alloc[b], g_ready, wl.checkpoint_bytes)
         embed_bwd = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3, after=g_ready)
         emb_grad = 0 if c.tie_embeddings else c.vocab_size * c.hidden_size * wl.cb
         self.alloc(embed_bwd.start, None, emb_grad)
         # post_backward: ship the resident gradients, then wait until every gradient sits in fp32
-        nbytes = c.embedding_params * wl.cb
+        nbytes = c.embedding_params * (4 if first else wl.cb)
         grad = self.span(S.D2H, S.GRAD, RESIDENT_LAYER, self.transfer_s(S.D2H, nbytes, embed_bwd.end),
                          after=embed_bwd.end, nbytes=nbytes)
         self.alloc(grad.end, None, -(head_grad + emb_grad))
         acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, grad.end, first))
-        self.host = max(self.host, *acc_ends)
+        self.landed.append((RESIDENT_LAYER, c.embedding_params, acc_ends[-1]))
+        if self.wl.n_nvme_layers or not first or self.wl.clip:  # the main thread waits for the gradients
+            self.host = max(self.host, *acc_ends)
 
     def accumulate(self, layer: int, n_params: int, after: float, first: bool) -> float:
+        if first and not self.wl.n_nvme_layers:  # landed in fp32 by DMA: no host work
+            return after
         rate = self.hw.cpu_grad_copy_Gparams if first else self.hw.cpu_grad_add_Gparams
         return self.span(S.CPU, S.ACCUMULATE, layer, n_params / (rate * 1e9), after=after, issued=False).end
+
+    def update_s(self, n_params: int) -> float:
+        """One unit's host update: fused AdamW (clip inside the kernel), plus the cast when a copy streams."""
+        hw = self.hw
+        cast = n_params / (hw.cpu_cast_Gparams * 1e9) if self.wl.resolved_stream == "copy" else 0.0
+        return n_params / (hw.cpu_adamw_Gparams * 1e9) + cast
+
+    def previous_updates(self) -> None:
+        """Deferred updates (clipping): the previous step's, in forward order, run from the step's start behind
+        its forward (steady state: each step is preceded by one like it)."""
+        c = self.wl.model
+        half = c.embedding_params // 2
+        t = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half), issued=False).end
+        self.updated["embed"] = self.span(S.H2D, S.LOAD, RESIDENT_LAYER, self.transfer_s(S.H2D, half * self.wl.cb, t),
+                                          after=t, nbytes=half * self.wl.cb, issued=False).end
+        for i in range(self.wl.n_layers):
+            self.updated[i] = self.span(S.CPU, S.OPTIMIZER, i, self.update_s(c.layer_params), issued=False).end
+        self.updated["head"] = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half), issued=False).end
+
+    def overlapped_updates(self) -> None:
+        """After the last micro-batch: per-unit norms for clipping as gradients land; without clipping each unit's
+        update follows its landing (eager) and the step ends when the embedding's is done (the next forward needs
+        it first); with clipping the updates belong to the next step's forward (`previous_updates`)."""
+        hw = self.hw
+        for layer, n, t in self.landed:
+            if self.wl.clip:
+                self.span(S.CPU, S.OPTIMIZER, layer, n * 4 / (hw.host_mem_GBps * 1e9), after=t, issued=False)
+            else:
+                self.span(S.CPU, S.OPTIMIZER, layer, self.update_s(n), after=t, issued=False)
+        self.host = max(self.host, self.free[S.CPU])
 
     def optimizer(self) -> None:
         """Global-norm clip and AdamW on the host after the last backward, then the cast of the masters into the
@@ -200,8 +243,16 @@ class _Sim:
 def simulate(hw: Hardware, wl: Workload) -> Timeline:
     sim = _Sim(hw, wl)
     sim.t.gpu_base_bytes = wl.resident_bytes + wl.n_slots * wl.slot_bytes
+    overlapped = not wl.n_nvme_layers and not hw.unified  # the engine's HostAdam (all state in RAM, CUDA)
+    if overlapped and wl.clip:
+        sim.previous_updates()
     acc_ends: list[float] = []
     for m in range(wl.accumulate):
+        if m == wl.accumulate - 1:
+            sim.landed = []
         sim.micro_batch(first=m == 0, acc_ends=acc_ends)
-    sim.optimizer()
+    if overlapped:
+        sim.overlapped_updates()
+    else:
+        sim.optimizer()
     return sim.t

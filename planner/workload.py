@@ -34,6 +34,9 @@ class Workload:
     stream: str = "copy"  # copy: a pinned compute-dtype copy streams; master: the fp32 master streams, cast on device
     ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer fp32 state (None: all the RAM left)
     n_nvme_layers: int = 0  # set by the planner when it places layers on the SSD
+    clip: bool = True  # gradient clipping: host updates wait for the whole backward (else they start as it goes)
+    offload_checkpoints: bool = True  # block inputs kept in host memory (the engine's CUDA default)
+    loss_chunk_tokens: int | None = 4096  # the head + loss run over this many tokens at a time (lm.py)
 
     def __post_init__(self) -> None:
         checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
@@ -119,6 +122,11 @@ class Workload:
         return 12 * self.model.vocab_size
 
     @property
+    def logits_tokens(self) -> int:
+        """Tokens whose logits exist at once: one chunk of the loss."""
+        return min(self.micro_tokens, self.loss_chunk_tokens or self.micro_tokens)
+
+    @property
     def checkpoint_bytes(self) -> int:
         """One kept block input [B, T, D] in the compute dtype."""
         return self.micro_tokens * self.model.hidden_size * self.cb
@@ -152,7 +160,13 @@ class Workload:
 
     @property
     def grad_bytes(self) -> int:
+        """A layer's gradients of a later micro-batch (compute dtype, into the staging ring)."""
         return self.model.layer_params * self.cb
+
+    @property
+    def landing_grad_bytes(self) -> int:
+        """A layer's gradients of a step's first micro-batch: cast to fp32 on the device, DMA'd into the buffer."""
+        return self.model.layer_params * 4
 
     # ---- host bytes ----
     def host_bytes(self) -> dict[str, int]:
@@ -164,6 +178,8 @@ class Workload:
         if self.resolved_stream == "copy":
             out["stream_copy"] = c.n_params * cb  # page-locked in place: exact sizes
         out["grad_staging"] = S.staging_numel(c.layer_params, c.embedding_params) * cb
+        if self.offload_checkpoints:
+            out["checkpoints"] = self.plan.n_checkpoints * self.checkpoint_bytes
         if self.n_nvme_layers:
             out["nvme_buffers"] = NVME_BUFFERS * c.layer_params * NVME_STATE_BYTES
         return out
@@ -172,8 +188,10 @@ class Workload:
         if hw_unified:
             return 0
         h = self.host_bytes()
-        masters = 4 * self.model.n_params if self.resolved_stream == "master" else 0  # page-locked in place
-        return h.get("stream_copy", 0) + h["grad_staging"] + masters
+        n = self.model.n_params
+        # page-locked in place: the gradient buffers (they land by DMA), and whole tiles when the master streams
+        tiles = 16 * n if self.resolved_stream == "master" else 4 * n
+        return h.get("stream_copy", 0) + h["grad_staging"] + h.get("checkpoints", 0) + tiles
 
     @property
     def nvme_bytes(self) -> int:
