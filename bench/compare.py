@@ -27,6 +27,8 @@ import time
 import zlib
 from pathlib import Path
 
+import lightning as L
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -162,32 +164,27 @@ def run_one(a) -> dict:
                 wall_s=round(time.perf_counter() - t0, 1), **profile)
 
 
-def _compute_busy_callback():
-    import lightning as L
-    import torch
+class ComputeBusy(L.Callback):
+    """Profiles one whole step (batch start to next batch start) and reports how much of it the compute stream
+    spent running kernels (the union of its kernel intervals over the step's wall time)."""
 
-    class ComputeBusy(L.Callback):
-        """Profiles one whole step (batch start to next batch start) and reports how much of it the compute
-        stream spent running kernels (the union of its kernel intervals over the step's wall time)."""
+    def __init__(self, step: int, out: dict) -> None:
+        self.step, self.out, self.prof, self.t0 = step, out, None, 0.0
 
-        def __init__(self, step: int, out: dict) -> None:
-            self.step, self.out, self.prof, self.t0 = step, out, None, 0.0
-
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if trainer.global_step == self.step and self.prof is None:
-                torch.cuda.synchronize()
-                self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
-                self.prof.__enter__()
-                self.t0 = time.perf_counter()
-            elif trainer.global_step == self.step + 1 and self.prof is not None and "compute_busy" not in self.out:
-                torch.cuda.synchronize()
-                wall = time.perf_counter() - self.t0
-                self.prof.__exit__(None, None, None)
-                path = Path(os.environ.get("OUT", "/tmp")) / "megatrain_step_profile.json"
-                self.prof.export_chrome_trace(str(path))
-                self.out.update(_busy_from_trace(path, wall))
-
-    return ComputeBusy
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import torch
+        if trainer.global_step == self.step and self.prof is None:
+            torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif trainer.global_step == self.step + 1 and self.prof is not None and "compute_busy" not in self.out:
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+            path = Path(os.environ.get("OUT", "/tmp")) / "megatrain_step_profile.json"
+            self.prof.export_chrome_trace(str(path))
+            self.out.update(_busy_from_trace(path, wall))
 
 
 def _busy_from_trace(path: Path, wall: float) -> dict:
@@ -210,10 +207,6 @@ def _busy_from_trace(path: Path, wall: float) -> dict:
     return dict(profiled_step_s=round(wall, 4), compute_busy_s=round(busy[compute], 4),
                 compute_busy=round(busy[compute] / wall, 3),
                 other_streams_busy_s={str(s): round(b, 4) for s, b in busy.items() if s != compute})
-
-
-def ComputeBusy(step: int, out: dict):  # noqa: N802 (a factory: lightning imports only in the child)
-    return _compute_busy_callback()(step, out)
 
 
 # ---------------------------------------------------------------- the parent: alternate, collect, compare

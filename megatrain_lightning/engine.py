@@ -81,7 +81,7 @@ class _HostCheckpoints:
     def begin(self, x: Tensor) -> None:
         n = self.engine.plan.n_checkpoints * x.numel()
         if self._host is None or self._host.numel() < n or self._host.dtype != x.dtype:
-            self._host = None
+            self._host = None  # unregister and free the old buffer before page-locking the new one
             self._host = pinned_empty(n, x.dtype, pin=True)
         self.saved = []
 
@@ -255,6 +255,7 @@ class StreamingEngine:
         tensor); later ones go through a compute-dtype staging buffer that the host thread adds into fp32."""
         if self.updater is not None:
             self.updater.wait(unit_index)  # never overwrite gradients an update still reads
+        self._prune()
         if self.fresh_grads:
             future = self._land(unit_index, grads)
         else:
@@ -329,6 +330,15 @@ class StreamingEngine:
             done.synchronize()
         with self._host_span(unit_index, S.ACCUMULATE, unit.grad.nbytes):
             unit.grad.add_(buf)
+
+    def _prune(self) -> None:
+        """Drops finished host jobs (raising a failed one's error): with eager updates nothing waits for them
+        until a flush, so the list would grow for the whole run."""
+        done = [f for f in self._pending if f.done()]
+        for f in done:
+            f.result()
+        if done:
+            self._pending = [f for f in self._pending if not f.done()]
 
     def wait_grads(self) -> None:
         """Blocks until every shipped gradient sits in the fp32 buffers (and, on the last micro-batch, its norms and

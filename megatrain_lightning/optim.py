@@ -87,6 +87,14 @@ def bind_grads(pairs: list[tuple[Tensor, Tensor]]) -> None:
         p.grad = g
 
 
+def _run_closure(closure: Callable | None) -> Any:
+    """What torch.optim's step does with a closure: forward and backward with grad enabled, the loss returned."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def clip_scale(grads: list[Tensor], max_norm: float, squares: list[Tensor | None] | None = None
                ) -> tuple[Tensor, Tensor]:
     """clip_grad_norm_'s coefficient c = min(1, max_norm / (‖g‖ + 1e-6)) over `grads`, returned as the fused
@@ -197,10 +205,7 @@ class HostAdam:
 
     # ---- the step ----
     def __call__(self, closure: Callable | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
         for p, _ in grads:
             p.grad = None
@@ -241,8 +246,8 @@ class HostAdam:
             lo, hi = _span(unit, bound)
             unit.stream[lo:hi].copy_(unit.master[lo:hi])
         if trace is not None:
-            trace.add_host(key[0], S.CPU, S.OPTIMIZER, start,
-                           time.perf_counter(), sum(b.param.numel() for b in bound) * 28)
+            nbytes = 28 * sum(b.param.numel() for b in bound)  # AdamW reads p, g, m, v and writes p, m, v (fp32)
+            trace.add_host(key[0], S.CPU, S.OPTIMIZER, start, time.perf_counter(), nbytes)
 
     def wait(self, unit: int, part: int | None = None) -> None:
         """Blocks until the queued update of `unit` (or one part of it) has been applied."""
@@ -330,10 +335,7 @@ class PagedStep:
 
         read_ahead()  # the first reads run while the closure computes
         try:
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
+            loss = _run_closure(closure)
             # each step below updates exactly the parameters that have a gradient at the time
             grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
             for p, _ in grads:

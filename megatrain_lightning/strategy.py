@@ -372,7 +372,6 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if trace is not None:
             trace.add_host(-1, S.CPU, S.CAST, start, time.perf_counter(), self.store.n_params * 4)
         self._resident_flat.copy_(self.store.units[-1].stream, non_blocking=True)
-        self.engine.fresh_grads = True
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
