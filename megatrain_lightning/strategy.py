@@ -303,6 +303,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.engine.fresh_grads = True
         if self.updater is not None:
             self._resident_stale = {0, 1}
+            if self.engine.device.type == "cpu":
+                # the "device" is the host: overlapping would only split the same cores between the update and the
+                # next forward (the planner's unified model: the update runs after backward)
+                self.flush()
             return out
         # file-backed units: the paged step ran synchronously
         if self.store.nvme is not None:
