@@ -98,26 +98,29 @@ def test_memory_per_tier_by_hand():
 
 
 def test_predicted_step_time_matches_a_measured_cpu_run(tmp_path):
-    """The engine's step on this CPU (time between step starts, which includes the host updates it overlaps)
-    against the planner with a profile calibrated here (25%)."""
+    """The engine's step on this CPU (batch start to batch end: forward, backward and the host update, which a CPU
+    device runs within the step) against the planner with a profile calibrated here (25%)."""
     from planner.calibrate import calibrate
 
     config = Config("probe", vocab_size=256, n_layer=4, hidden_size=256, n_head=4, n_kv_head=2,
                     intermediate_size=704, max_seq_len=512)
     T, B = 128, 8
     g = torch.Generator().manual_seed(0)
-    batches = [torch.randint(0, 256, (B, T + 1), generator=g) for _ in range(5)]
-    starts: list[float] = []
+    batches = [torch.randint(0, 256, (B, T + 1), generator=g) for _ in range(10)]
+    spans: list[list[float]] = []
 
-    class StepStarts(L.Callback):
+    class StepSpans(L.Callback):
         def on_train_batch_start(self, *args) -> None:
-            starts.append(time.perf_counter())
+            spans.append([time.perf_counter()])
 
-    trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", precision="32-true", max_steps=5,
+        def on_train_batch_end(self, *args) -> None:
+            spans[-1].append(time.perf_counter())
+
+    trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", precision="32-true", max_steps=10,
                         gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[StepStarts()])
-    trainer.fit(CausalLM(config, warmup_steps=1, max_steps=5), train_dataloaders=DataLoader(batches, batch_size=None))
-    measured = statistics.median(b - a for a, b in zip(starts[1:], starts[2:]))  # steps 2-4
+                        enable_model_summary=False, limit_val_batches=0, callbacks=[StepSpans()])
+    trainer.fit(CausalLM(config, warmup_steps=1, max_steps=10), train_dataloaders=DataLoader(batches, batch_size=None))
+    measured = statistics.median(b - a for a, b in spans[1:])  # steps 2-10
 
     hw = calibrate(str(tmp_path), quick=True, width=config, seq_len=T, cpu=True)
     predicted = plan(hw, Workload(config, seq_len=T, micro_batch=B, precision="32-true"), advise=False).step_time_s
