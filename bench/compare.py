@@ -130,7 +130,8 @@ def run_one(a) -> dict:
     config = Config.from_name(a.model, **overrides)
     if system == "megatrain":
         strategy = MegatrainStrategy(trace_dir=a.trace_dir, trace_step=a.warmup + 1,
-                                     prefetch_depth=a.prefetch_depth, checkpoint_interval=a.checkpoint_interval)
+                                     prefetch_depth=a.prefetch_depth, checkpoint_interval=a.checkpoint_interval,
+                                     device_state_GiB=a.device_state_GiB)
     elif system == "fsdp":
         from lightning.pytorch.strategies import FSDPStrategy
         strategy = FSDPStrategy(cpu_offload=True, auto_wrap_policy={Block}, activation_checkpointing_policy={Block},
@@ -161,7 +162,16 @@ def run_one(a) -> dict:
                 model_tflops=round(6 * config.n_params * tokens / step / 1e12, 1),
                 peak_gpu_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
                 host_rss_GiB=round(rss_bytes() / 2**30, 2), host_bytes_per_param=round(rss_bytes() / config.n_params, 2),
-                wall_s=round(time.perf_counter() - t0, 1), **profile)
+                wall_s=round(time.perf_counter() - t0, 1), **profile, **kept_units(trainer.strategy))
+
+
+def kept_units(strategy) -> dict:
+    """megatrain: the units whose state the GPU kept (device_state_GiB)."""
+    states = getattr(getattr(strategy, "engine", None), "device_states", None)
+    if getattr(strategy, "engine", None) is None:
+        return {}
+    units = sorted(states.units) if states is not None else []
+    return dict(device_state_GiB=round(states.nbytes / 2**30, 2) if states else 0.0, device_units=len(units))
 
 
 class ComputeBusy(L.Callback):
@@ -247,6 +257,8 @@ def main() -> None:
     ap.add_argument("--systems", default=",".join(SYSTEMS))
     ap.add_argument("--prefetch-depth", type=int, default=2)
     ap.add_argument("--checkpoint-interval", type=int, default=1)
+    ap.add_argument("--device-state-GiB", type=float, default=None,
+                    help="megatrain: GPU memory for the state of the first units (default: the strategy's auto)")
     ap.add_argument("--planner-hardware", default="h200")
     ap.add_argument("--timeout", type=int, default=600, help="seconds per run")
     ap.add_argument("--profile", action="store_true", help="megatrain: measure compute-stream busy time")

@@ -49,7 +49,7 @@ def strategy(cfg: DictConfig, trace_dir: str | None = None, init_from: str | Non
                              storage=cfg.kind, stream=cfg.get("stream", "auto"),
                              ram_budget_GiB=cfg.get("ram_budget_GiB"), nvme_dir=cfg.get("nvme_dir", "nvme_state"),
                              compile=cfg.get("compile"), offload_checkpoints=cfg.get("offload_checkpoints"),
-                             trace_dir=trace_dir)
+                             device_state_GiB=cfg.get("device_state_GiB"), trace_dir=trace_dir)
 
 
 def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:

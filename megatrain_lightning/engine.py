@@ -153,6 +153,7 @@ class StreamingEngine:
         self.fresh_grads = True  # the next shipped gradients overwrite the fp32 buffers instead of adding
         self.final = False  # set by the strategy around the closure of the step's last micro-batch
         self.updater = None  # optim.HostAdam when the optimizer runs overlapped (`attach_updater`)
+        self.device_states = None  # device_state.DeviceStates: units whose state the device keeps
         self.after_forward = None  # called when the trunk's forward has been issued (the strategy's hook)
         self.trace: Trace | None = None
         self._anchor = torch.zeros((), device=device, requires_grad=True)
@@ -161,6 +162,11 @@ class StreamingEngine:
         """`trace_of`: where the updater records its host spans (default: the engine's current trace)."""
         self.updater = updater
         updater.attach(self._worker, trace_of or (lambda: self.trace))
+
+    def attach_device_states(self, states) -> None:
+        """Units in `states` take their weights from the device master and keep their gradients on the device."""
+        self.device_states = states
+        states.trace_of = lambda: self.trace
 
     @property
     def slot_bytes(self) -> int:
@@ -237,6 +243,9 @@ class StreamingEngine:
     def _load(self, i: int, slot: _Slot) -> None:
         unit = self.store.units[i]
         n = unit.layout.numel
+        if self.device_states is not None and i in self.device_states:
+            self._cast_kept(i, slot, n)
+            return
         if self.updater is not None:
             self.updater.wait(i)  # the last step's update of this layer (and its streamed copy) is done
         with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
@@ -249,10 +258,25 @@ class StreamingEngine:
             if self.cuda:
                 slot.ready.record(self.h2d)
 
+    def _cast_kept(self, i: int, slot: _Slot, n: int) -> None:
+        """A unit whose state the device keeps: its weights are the device master cast into the slot (no H2D), once
+        the last update of it has run."""
+        states = self.device_states
+        with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
+            if self.cuda:
+                states.wait_updated(self.h2d)
+                self.h2d.wait_event(slot.free)
+            slot.compute[:n].copy_(states.master(i))
+            if self.cuda:
+                slot.ready.record(self.h2d)
+
     def ship_grads(self, unit_index: int, grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> None:
         """Sends one unit's gradients (device, compute dtype, in layout order) to the host. The first micro-batch
         of a step lands them in the fp32 gradient buffer directly (cast to fp32 on the device, one DMA per
         tensor); later ones go through a compute-dtype staging buffer that the host thread adds into fp32."""
+        if self.device_states is not None and unit_index in self.device_states:
+            self.device_states.land(unit_index, grads, fresh=self.fresh_grads)  # on the compute stream
+            return
         if self.updater is not None:
             self.updater.wait(unit_index)  # never overwrite gradients an update still reads
         self._prune()

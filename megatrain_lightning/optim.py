@@ -8,6 +8,7 @@ moments, and it runs PyTorch's fused CPU kernel.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
 from collections import deque
@@ -95,14 +96,15 @@ def _run_closure(closure: Callable | None) -> Any:
         return closure()
 
 
-def clip_scale(grads: list[Tensor], max_norm: float, squares: list[Tensor | None] | None = None
-               ) -> tuple[Tensor, Tensor]:
-    """clip_grad_norm_'s coefficient c = min(1, max_norm / (‖g‖ + 1e-6)) over `grads`, returned as the fused
-    kernel's grad_scale 1 / c: the update divides each gradient by it instead of a separate pass over every
-    gradient (fp32 rounding apart, the same). `squares`: squared norms already computed (None where not)."""
-    squares = squares or [None] * len(grads)
-    sq = [s if s is not None else torch.dot(g.reshape(-1), g.reshape(-1)) for g, s in zip(grads, squares)]
-    total = torch.stack(sq).sum().sqrt()
+def square_norm(g: Tensor) -> Tensor:
+    return torch.dot(g.reshape(-1), g.reshape(-1))  # a dot product runs on every core (vector_norm's does not)
+
+
+def clip_scale(squares: list[Tensor], max_norm: float) -> tuple[Tensor, Tensor]:
+    """clip_grad_norm_'s coefficient c = min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖² the sum of `squares` (host
+    scalars), returned with ‖g‖ as the fused kernel's grad_scale 1 / c: the update divides each gradient by it
+    instead of a separate pass over every gradient (fp32 rounding apart, the same)."""
+    total = torch.stack(squares).sum().sqrt()
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     return total, (1.0 / coef).reshape(())
 
@@ -154,9 +156,29 @@ class HostAdam:
         self.eager_steps = 0  # steps whose updates started during backward (tests and logs read it)
         self._hp: list[dict] | None = None  # hyperparameters of the step being applied
         self._clip: tuple[str, Tensor | float] | None = None
+        self.device = None  # device_state.DeviceStates: units updated on the device (`attach_device`)
+        self._kept: list[_Bound] = []  # their parameters, as views of the device tiles
+        self._kept_steps: Tensor | None = None  # the device's copy of their step counts (the fused kernel's input)
 
     def attach(self, executor, trace_of: Callable[[], Any]) -> None:
         self.executor, self.trace_of = executor, trace_of
+
+    def attach_device(self, states) -> None:
+        """Units in `states` update on the device, in one fused call per parameter group after the closure; their
+        step counts stay in the host optimizer state (what checkpoints save) and are copied in per step."""
+        self.device = states
+        self._kept = []
+        for b in self.bound:
+            if b.unit not in states:
+                continue
+            entry = self.store.units[b.unit].layout.entries[b.entry]
+            master, m, v = states.state(b.unit)
+            param, exp_avg, exp_avg_sq, grad = (t[entry.offset:entry.offset + entry.numel].view(entry.shape)
+                                                for t in (master, m, v, states.grad(b.unit)))
+            self._kept.append(_Bound(b.unit, b.entry, b.group, param, grad, exp_avg, exp_avg_sq, b.step))
+        self._kept_steps = torch.zeros(len(self._kept), dtype=torch.float32, device=states.device)
+        self.order = [k for k in self.order if k[0] not in states]
+        self.parts = {k: v for k, v in self.parts.items() if k[0] not in states}
 
     def begin_step(self, eager: bool, need_norms: bool) -> None:
         """Before the closure of an optimizer step (main thread): how this step's updates run. The hyperparameters
@@ -179,11 +201,10 @@ class HostAdam:
 
     def _final(self, unit: int, hp: list[dict], need_norms: bool, eager: bool, trace) -> None:
         keys = [(unit, part) for part in (0, 1) if (unit, part) in self.parts]
-        if need_norms:  # squared norms: a dot product runs on every core (vector_norm's reduction does not)
+        if need_norms:
             for key in keys:
                 for b in self.parts[key]:
-                    flat = b.grad.reshape(-1)
-                    b.norm = torch.dot(flat, flat)
+                    b.norm = square_norm(b.grad)
         if eager:
             for key in keys:
                 self._update(key, hp, None, trace)
@@ -191,17 +212,16 @@ class HostAdam:
     # ---- clipping (Lightning's precision plugin calls these instead of touching .grad) ----
     def clip_by_norm(self, max_norm: float) -> Tensor:
         self.wait_all()
-        order = [self._by_param[id(p)] for g in self.optimizer.param_groups for p in g["params"]]
-        total, scale = clip_scale([b.grad for b in order], max_norm, [b.norm for b in order])
+        kept = self.device.units if self.device is not None else ()
+        squares = [b.norm if b.norm is not None else square_norm(b.grad) for b in self.bound if b.unit not in kept]
+        if self._kept:
+            squares.append(self.device.square_norms([b.grad for b in self._kept]))
+        total, scale = clip_scale(squares, max_norm)
         self._clip = ("norm", scale)
         return total
 
     def clip_by_value(self, value: float) -> None:
         self._clip = ("value", float(value))
-
-    @functools.cached_property
-    def _by_param(self) -> dict[int, _Bound]:
-        return {id(b.param): b for b in self.bound}
 
     # ---- the step ----
     def __call__(self, closure: Callable | None = None) -> Any:
@@ -212,8 +232,10 @@ class HostAdam:
         self.step()  # the optimizer's own step with no gradients: only its hooks and the scheduler's marker
         for p, g in grads:
             p.grad = g
+        hp, clip = (self._hp, None) if self.eager else (self._snapshot(), self._clip)  # as optimizer.step reads them
+        if self._kept:
+            self._update_kept(hp, clip)
         if not self.eager:
-            hp, clip = self._snapshot(), self._clip  # as optimizer.step would read them now
             for key in self.order:
                 self.pending[key] = self.executor.submit(self._update, key, hp, clip, self.trace_of())
         self._hp, self._clip, self.eager = None, None, False
@@ -248,6 +270,36 @@ class HostAdam:
         if trace is not None:
             nbytes = 28 * sum(b.param.numel() for b in bound)  # AdamW reads p, g, m, v and writes p, m, v (fp32)
             trace.add_host(key[0], S.CPU, S.OPTIMIZER, start, time.perf_counter(), nbytes)
+
+    def _update_kept(self, hp: list[dict], clip: tuple[str, Tensor | float] | None) -> None:
+        """One step of the units the device keeps, on the device's current stream; then their write-through."""
+        states, kept = self.device, self._kept
+        trace = self.trace_of()
+        states.before_update()
+        nbytes = 28 * sum(b.param.numel() for b in kept)
+        with trace.device_span(-1, S.COMPUTE, S.OPTIMIZER, nbytes) if trace is not None else contextlib.nullcontext():
+            scale = None
+            if clip is not None and clip[0] == "norm":
+                scale = clip[1].to(states.device)
+            elif clip is not None:
+                grads = [b.grad for b in kept]
+                torch._foreach_clamp_min_(grads, -clip[1])
+                torch._foreach_clamp_max_(grads, clip[1])
+            counts = torch.stack([b.step for b in kept])
+            if states.cuda:  # page-locked, so the copy does not wait for the device to finish backward
+                counts = counts.pin_memory()
+            self._kept_steps.copy_(counts, non_blocking=states.cuda)
+            steps = list(self._kept_steps.unbind())
+            for g_index in sorted({b.group for b in kept}):
+                idx = [k for k, b in enumerate(kept) if b.group == g_index]
+                h = hp[g_index]
+                adam([kept[k].param for k in idx], [kept[k].grad for k in idx], [kept[k].exp_avg for k in idx],
+                     [kept[k].exp_avg_sq for k in idx], [], [steps[k] for k in idx], fused=True,
+                     decoupled_weight_decay=h["decoupled"], amsgrad=False, beta1=float(h["betas"][0]),
+                     beta2=float(h["betas"][1]), lr=float(h["lr"]), weight_decay=float(h["weight_decay"]),
+                     eps=float(h["eps"]), maximize=h["maximize"], grad_scale=scale, found_inf=None)
+            torch._foreach_add_([b.step for b in kept], 1.0)  # the host counts stay the truth
+        states.after_update()
 
     def wait(self, unit: int, part: int | None = None) -> None:
         """Blocks until the queued update of `unit` (or one part of it) has been applied."""
@@ -316,7 +368,7 @@ class PagedStep:
     def clip_by_norm(self, max_norm: float) -> Tensor:
         """As HostAdam: the coefficient goes into the fused kernel (Adam.step passes `optimizer.grad_scale`)."""
         grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
-        total, self.optimizer.grad_scale = clip_scale(grads, max_norm)
+        total, self.optimizer.grad_scale = clip_scale([square_norm(g) for g in grads], max_norm)
         return total
 
     def clip_by_value(self, value: float) -> None:

@@ -45,6 +45,27 @@ def nvme_layers(layer_numels: list[int], resident_numel: int, budget_bytes: floa
     return len(layer_numels)
 
 
+# Device bytes per parameter of a unit whose state is kept on the device (device_state.py): fp32 master, Adam m and
+# v, gradient. Its write-through to the host after each update moves master, m and v.
+DEVICE_STATE_BYTES = 16
+WRITE_THROUGH_BYTES = 12
+
+
+def device_units(numels: list[int], budget_bytes: float) -> list[int]:
+    """Units (indices into `numels`: trunk layers, then the resident unit last) whose state the device keeps within
+    `budget_bytes`: the resident unit first (its embedding is the forward's first need), then trunk layers in
+    forward order (the host's updates of the later ones hide behind the forward of these), each taken if it
+    still fits."""
+    resident = len(numels) - 1
+    chosen, left = [], budget_bytes
+    for i in [resident, *range(resident)]:
+        need = DEVICE_STATE_BYTES * numels[i]
+        if need <= left:
+            chosen.append(i)
+            left -= need
+    return sorted(chosen)
+
+
 # Event kinds
 FORWARD = "forward"  # a block's forward without autograd (checkpoints kept every K layers)
 RECOMPUTE = "recompute"  # a block's forward again, with autograd, in backward
@@ -56,6 +77,7 @@ ACCUMULATE = "accumulate"  # host adds shipped gradients into fp32 gradient buff
 OPTIMIZER = "optimizer"  # host AdamW
 CAST = "cast"  # host casts fp32 masters into the streamed compute-dtype copy
 CHECKPOINT = "checkpoint"  # a block input moved to host memory in forward, and back in backward
+STATE = "state"  # a device-kept unit's updated state written through to the host (device_state.py)
 
 
 @dataclass(frozen=True)

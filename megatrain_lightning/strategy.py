@@ -28,6 +28,7 @@ from typing_extensions import override
 from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import hf
 from megatrain_lightning import schedule as S
+from megatrain_lightning.device_state import DeviceStates
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
@@ -55,6 +56,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         init_from: str | Path | None = None,
         compile: bool | None = None,
         offload_checkpoints: bool | None = None,
+        device_state_GiB: float | None = None,
         device: _DEVICE | None = None,
         trace_dir: str | Path | None = None,
         trace_step: int = 2,
@@ -69,6 +71,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
             raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+        if device_state_GiB is not None and (isinstance(device_state_GiB, bool) or not device_state_GiB >= 0):
+            raise ValueError(f"device_state_GiB must be >= 0 (or None: auto), got {device_state_GiB!r}")
         if ram_budget_GiB is not None and not ram_budget_GiB > 0:
             raise ValueError(f"ram_budget_GiB must be > 0 (or None: all available RAM), got {ram_budget_GiB!r}")
         if device is not None:
@@ -88,6 +92,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true, false or null (on for CUDA), got {value!r}")
         self.compile, self.offload_checkpoints = compile, offload_checkpoints
+        # device memory for the optimizer state of the first units (device_state.py); None: 40% of what is free on
+        # a CUDA device once the engine is built, none on the CPU
+        self.device_state_GiB = device_state_GiB
         self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
         self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
@@ -146,6 +153,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
             if self.updater is not None:
                 self.engine.attach_updater(self.updater, trace_of=lambda: self.engine.trace or self._host_trace)
                 self.engine.after_forward = self._after_trunk_forward
+                self._keep_device_states()
             # Lightning clips by norm by multiplying every .grad before optimizer.step; the host step instead takes
             # the coefficient and applies it inside the fused kernel (and, overlapped, per unit when it updates it)
             plugin = self.precision_plugin
@@ -235,6 +243,31 @@ class MegatrainStrategy(SingleDeviceStrategy):
             return
         _move_except(self.lightning_module, self.root_device, lambda m: isinstance(m, Trunk))
 
+    def _keep_device_states(self) -> None:
+        """Chooses the units whose state the device keeps (their AdamW then runs there) and hands them to the
+        engine and the updater. Not while a hook can read or change gradients: those of kept units are only on the
+        device."""
+        states = self.engine.device_states
+        if states is None:
+            budget = self.device_state_GiB
+            if budget is None:
+                cuda = self.root_device.type == "cuda"
+                budget = 0.4 * torch.cuda.mem_get_info(self.root_device)[0] / 2**30 if cuda else 0.0
+            if budget > 0 and self._gradient_hooks():
+                log.info("device_state_GiB: a hook reads gradients (on_before_optimizer_step, "
+                         "configure_gradient_clipping or optimizer_step): every update runs on the host")
+                budget = 0.0
+            units = S.device_units([u.layout.numel for u in self.store.units], budget * 2**30)
+            if not units:
+                return
+            states = DeviceStates(self.store, units, self.root_device)
+            self.engine.attach_device_states(states)
+            resident = len(self.store.units) - 1
+            log.info(f"device_state_GiB={budget:.3g}: the device keeps and updates the state of "
+                     f"{len(units) - (resident in units)} of {resident} layers"
+                     f"{' and the embedding/head' if resident in units else ''} ({states.nbytes / 2**30:.3g} GiB)")
+        self.updater.attach_device(states)
+
     def _resolve_stream(self, layouts: list[Layout], dtype: torch.dtype) -> str:
         """stream="auto": with every layer in RAM the fp32 master streams and the device casts it (the host's
         per-layer update is then only AdamW, which is what bounds an overlapped step; PCIe has room for the
@@ -302,7 +335,11 @@ class MegatrainStrategy(SingleDeviceStrategy):
             self.engine.final = False
         self.engine.fresh_grads = True
         if self.updater is not None:
-            self._resident_stale = {0, 1}
+            states, resident = self.engine.device_states, len(self.store.units) - 1
+            if states is not None and resident in states:  # updated on the device: cast its master in place
+                self._resident_flat.copy_(states.master(resident))
+            else:
+                self._resident_stale = {0, 1}
             if self.engine.device.type == "cpu":
                 # the "device" is the host: overlapping would only split the same cores between the update and the
                 # next forward (the planner's unified model: the update runs after backward)
@@ -320,14 +357,15 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def _eager_updates(self) -> bool:
         """Updates may start during backward only when nothing between backward and optimizer.step can read or
         change gradients: no clipping and no hook there."""
-        trainer = self.lightning_module.trainer
-        if trainer.gradient_clip_val:
-            return False
-        module = self.lightning_module
+        return not self.lightning_module.trainer.gradient_clip_val and not self._gradient_hooks()
+
+    def _gradient_hooks(self) -> bool:
+        """Whether user code may see gradients between backward and the update."""
+        module, trainer = self.lightning_module, self.lightning_module.trainer
         if any(is_overridden(h, module, pl.LightningModule)
                for h in ("on_before_optimizer_step", "configure_gradient_clipping", "optimizer_step")):
-            return False
-        return not any(is_overridden("on_before_optimizer_step", cb, pl.Callback) for cb in trainer.callbacks)
+            return True
+        return any(is_overridden("on_before_optimizer_step", cb, pl.Callback) for cb in trainer.callbacks)
 
     def _refresh_resident(self, part: int) -> None:
         """Copies an updated part of the resident unit (0: its first tensor, the embedding; 1: the rest) to its
@@ -351,6 +389,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
             return
         self.engine.wait_grads()
         self.updater.wait_all()
+        if self.engine.device_states is not None:
+            self.engine.device_states.sync()
         self._refresh_resident(0)
         self._refresh_resident(1)
         if self._host_trace is not None:
@@ -419,7 +459,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def _trace_meta(self) -> dict:
         return dict(device=str(self.root_device), compute_dtype=str(self.compute_dtype),
                     n_layers=self.engine.plan.n_layers, checkpoint_interval=self.checkpoint_interval,
-                    prefetch_depth=self.prefetch_depth, n_params=self.store.n_params, stream=self.store.stream)
+                    prefetch_depth=self.prefetch_depth, n_params=self.store.n_params, stream=self.store.stream,
+                    device_units=sorted(self.engine.device_states.units) if self.engine.device_states else [])
 
     # ---- checkpoints: directories of per-unit safetensors (checkpoint.py), written from the store ----
     @override
@@ -462,6 +503,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         ckpt.load_store(self._ckpt_dir, self.store)
         self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
         self._publish_weights()
+        if self.engine.device_states is not None:
+            self.engine.device_states.load()
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:

@@ -34,7 +34,8 @@ def token_file(path: Path, n_windows: int = 18, vocab: int = 256) -> Path:
 
 def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir: str | None = None,
         save_every: int | None = None, resume: str | None = None, precision: str = "32-true",
-        ram_budget_GiB: float | None = None, nvme_dir: str | None = None) -> None:
+        ram_budget_GiB: float | None = None, nvme_dir: str | None = None,
+        device_state_GiB: float | None = None) -> None:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny")
@@ -46,7 +47,7 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     if save_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=save_every, save_top_k=-1))
     strategy = MegatrainStrategy(storage=storage, ram_budget_GiB=ram_budget_GiB,
-                                 nvme_dir=nvme_dir or str(out / "nvme"))
+                                 nvme_dir=nvme_dir or str(out / "nvme"), device_state_GiB=device_state_GiB)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", precision=precision, max_steps=max_steps,
                         accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=bool(save_every), callbacks=callbacks, enable_progress_bar=False,

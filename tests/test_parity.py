@@ -2,6 +2,8 @@
 
 import pytest
 
+from megatrain_lightning import schedule as S
+
 from tests.helpers import make_batches, make_model, megatrain_run, reference_run, rel_err
 
 STEPS, ACCUMULATE, CLIP = 5, 2, 1.0
@@ -57,3 +59,40 @@ def test_overlapped_update_modes_match_plain_pytorch(accumulate, clip, algorithm
         assert abs(got - want) <= TOL * abs(want), (losses, ref_losses)
     for name in ref_weights:
         assert rel_err(weights[name], ref_weights[name]) < TOL, name
+
+
+def _kept_budget_GiB(model, n_layers: int) -> float:
+    """device_state_GiB that keeps the resident unit (embedding, norm, head) and the first `n_layers` layers."""
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    trunk = sum(p.numel() for p in model.model.layers.parameters())
+    resident = sum(p.numel() for p in model.parameters()) - trunk
+    return S.DEVICE_STATE_BYTES * (resident + n_layers * layer) / 2**30
+
+
+@pytest.mark.parametrize("accumulate,clip,algorithm,kept", [(1, None, "norm", 2), (2, 0.5, "norm", 2),
+                                                            (1, 0.05, "value", 2), (2, 0.5, "norm", 4)])
+def test_device_kept_state_matches_plain_pytorch(accumulate, clip, algorithm, kept):
+    """Units whose state the device keeps (here the CPU stands in for it: same code, separate tensors) accumulate
+    gradients there, update in one fused call and write their state through to the host store, beside units the
+    host updates (none when all 4 layers are kept). The weights compared are the host store's."""
+    model = make_model("tiny")
+    batches = make_batches(model.config, STEPS * accumulate)
+    ref_losses, _, ref_weights = reference_run(model, batches, STEPS, accumulate, clip, clip_algorithm=algorithm)
+    losses, _, weights, strategy = megatrain_run(model, batches, STEPS, accumulate, clip, clip_algorithm=algorithm,
+                                                 record_grads=False, device_state_GiB=_kept_budget_GiB(model, kept))
+    n_layers = model.config.n_layer
+    assert sorted(strategy.engine.device_states.units) == [*range(kept), n_layers]
+    assert len(strategy.updater.order) == n_layers - kept  # the host updates the other layers
+    for got, want in zip(losses, ref_losses, strict=True):
+        assert abs(got - want) <= TOL * abs(want), (losses, ref_losses)
+    for name in ref_weights:
+        assert rel_err(weights[name], ref_weights[name]) < TOL, name
+
+
+def test_gradient_hook_keeps_every_update_on_the_host():
+    """A hook that reads gradients sees the host's: no unit's state is kept on the device then."""
+    model = make_model("tiny")
+    batches = make_batches(model.config, 2)
+    _, grads, _, strategy = megatrain_run(model, batches, 2, 1, 1.0, device_state_GiB=1.0)
+    assert strategy.engine.device_states is None
+    assert all(g.abs().sum() > 0 for g in grads.values())

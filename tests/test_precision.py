@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from megatrain_lightning import schedule as S
 from megatrain_lightning.engine import _functional
 from tests.helpers import make_batches, make_model, megatrain_run, reference_run, rel_err
 
@@ -88,3 +89,28 @@ def test_cuda_compiled_blocks_track_fp32_reference():
     assert strategy.compile is None and strategy.engine._call is not _functional  # the default: compiled on CUDA
     for name in ref_weights:
         assert rel_err(weights[name], ref_weights[name]) < 1e-2, name
+
+
+@CUDA_ONLY
+@pytest.mark.parametrize("accumulate,clip", [(1, None), (2, 1.0)])
+def test_cuda_device_kept_state_tracks_fp32_reference(accumulate, clip):
+    """Units whose state the GPU keeps (updated by the fused CUDA AdamW, written through to the host) beside units
+    the host updates: within bf16 tolerances of plain fp32 PyTorch, and of the same run with every update on the
+    host. The default (auto) keeps all of tiny on the GPU."""
+    model = make_model("tiny")
+    batches = make_batches(model.config, 5 * accumulate)
+    _, _, ref_weights = reference_run(model, batches, 5, accumulate, clip, lr=1e-3)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    resident = sum(p.numel() for p in model.parameters()) - model.config.n_layer * layer
+    kept_GiB = S.DEVICE_STATE_BYTES * (resident + 2 * layer) / 2**30
+    runs = {gib: megatrain_run(model, batches, 5, accumulate, clip, precision="bf16-mixed", lr=1e-3, device="cuda",
+                               record_grads=False, device_state_GiB=gib) for gib in (0.0, kept_GiB, None)}
+    assert runs[0.0][3].engine.device_states is None
+    assert sorted(runs[kept_GiB][3].engine.device_states.units) == [0, 1, model.config.n_layer]
+    assert len(runs[None][3].engine.device_states.units) == model.config.n_layer + 1
+    for gib, (losses, _, weights, _) in runs.items():
+        for got, want in zip(losses, runs[0.0][0], strict=True):
+            assert abs(got - want) <= 1e-2 * abs(want), gib
+        for name in ref_weights:
+            assert rel_err(weights[name], ref_weights[name]) < 1e-2, (gib, name)
+            assert rel_err(weights[name], runs[0.0][2][name]) < 1e-3, (gib, name)

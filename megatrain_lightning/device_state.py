@@ -1,0 +1,126 @@
+"""Units whose optimizer state is also kept in device memory: their AdamW runs on the device.
+
+With gradient clipping, no update can start before backward has produced the last gradient (the global norm
+needs them all), and the host's AdamW (memory-bound, ~28 bytes per parameter) then takes about as long as a
+forward pass of the whole model. Device memory the engine does not use can hold the [master | m | v | grad]
+tiles of the first units in forward order, which the next forward needs first: their gradients accumulate there
+(no D2H), their update is one fused kernel on the device, and their weights are cast from the device master (no
+H2D). The host keeps every other unit, whose updates still hide behind the next forward.
+
+The host store stays the authority: after each update the device state is written through to the host tile on
+its own D2H stream, so a flush (checkpoint, validation, end of fit) finds the store complete; after the store is
+changed from outside (checkpoint load) `load()` copies it back in.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+
+from megatrain_lightning import schedule as S
+from megatrain_lightning.store import HostStore, _register
+
+class DeviceStates:
+    def __init__(self, store: HostStore, units: list[int], device: torch.device) -> None:
+        self.store, self.device, self.units = store, device, set(units)
+        self.cuda = device.type == "cuda"
+        self.tiles = {i: torch.empty(4 * store.units[i].layout.numel, dtype=torch.float32, device=device)
+                      for i in sorted(self.units)}
+        if self.cuda:
+            self.d2h = torch.cuda.Stream(device)
+            self.updated = torch.cuda.Event()  # the last device update finished (the compute stream)
+            self.saved = {i: torch.cuda.Event() for i in self.units}  # its write-through finished
+            for i in self.units:  # the write-through DMA needs the host state page-locked
+                unit = store.units[i]
+                if unit.stream is not unit.master:  # stream=master registered the whole tile already
+                    _register(unit.tile[:3 * unit.layout.numel])
+        self.trace_of = lambda: None  # where write-through spans are recorded (the engine's current trace)
+        self.load()
+
+    def __contains__(self, unit: int) -> bool:
+        return unit in self.units
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tiles.values())
+
+    def _split(self, i: int) -> list[Tensor]:
+        return list(self.tiles[i].split(self.store.units[i].layout.numel))  # master, m, v, grad
+
+    def master(self, i: int) -> Tensor:
+        return self._split(i)[0]
+
+    def state(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
+        master, m, v, _ = self._split(i)
+        return master, m, v
+
+    def grad(self, i: int) -> Tensor:
+        return self._split(i)[3]
+
+    def load(self) -> None:
+        """Copies [master | m | v] of every kept unit from the host store (at setup, and after the store changed)."""
+        self.sync()
+        for i, tile in self.tiles.items():
+            n = self.store.units[i].layout.numel
+            tile[:3 * n].copy_(self.store.units[i].tile[:3 * n])
+        if self.cuda:
+            torch.cuda.current_stream().synchronize()
+
+    def land(self, i: int, grads, fresh: bool) -> None:
+        """Adds (or, for a step's first micro-batch, writes) one unit's gradients (device, compute dtype, layout
+        order; None: the loss did not reach it) into its fp32 gradient, on the current stream."""
+        layout = self.store.units[i].layout
+        views = layout.views(self.grad(i))
+        for entry, g in zip(layout.entries, grads):
+            if g is None:
+                if fresh:
+                    views[entry.name].zero_()
+            elif fresh:
+                views[entry.name].copy_(g)
+            else:
+                views[entry.name].add_(g)
+
+    def square_norms(self, grads: list[Tensor]) -> Tensor:
+        """Sum of squared 2-norms of device gradients, as a host scalar (one synchronization)."""
+        if not grads:
+            return torch.zeros((), dtype=torch.float32)
+        return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().cpu()
+
+    def before_update(self) -> None:
+        """The compute stream waits for the last write-through of every kept unit (an update overwrites its state)."""
+        if self.cuda:
+            for event in self.saved.values():
+                torch.cuda.current_stream().wait_event(event)
+
+    def after_update(self) -> None:
+        """Marks the update done and writes every kept unit's new state through to the host store."""
+        if not self.cuda:
+            for i, tile in self.tiles.items():
+                n = self.store.units[i].layout.numel
+                self.store.units[i].tile[:3 * n].copy_(tile[:3 * n])
+                self.store.units[i].refresh_stream()
+            return
+        self.updated.record()
+        self.d2h.wait_event(self.updated)
+        for i, tile in self.tiles.items():
+            unit = self.store.units[i]
+            n = unit.layout.numel
+            trace = self.trace_of()
+            span = trace.device_span(i, S.D2H, S.STATE, S.WRITE_THROUGH_BYTES * n, self.d2h) if trace else nullcontext()
+            with torch.cuda.stream(self.d2h), span:
+                unit.tile[:3 * n].copy_(tile[:3 * n], non_blocking=True)
+                if unit.stream is not unit.master:  # the streamed copy too (read by a flush or a checkpoint)
+                    unit.stream.copy_(tile[:n], non_blocking=True)
+            self.saved[i].record(self.d2h)
+
+    def wait_updated(self, stream) -> None:
+        """`stream` (None: no CUDA) waits until the last device update has run."""
+        if stream is not None:
+            stream.wait_event(self.updated)
+
+    def sync(self) -> None:
+        """Blocks until every write-through reached the host."""
+        if self.cuda:
+            self.d2h.synchronize()
