@@ -138,23 +138,23 @@ def run_one(a) -> dict:
                                 use_orig_params=True, state_dict_type="sharded")
     else:
         strategy = "deepspeed_stage_3_offload"
-    timer = StepTimer()
+    timer = StepTimer(sync_at={a.warmup, a.warmup + a.steps})  # the timed window's edges
     callbacks = [timer]
     profile = {}
     if system == "megatrain" and a.profile:
         callbacks.append(ComputeBusy(a.warmup + a.steps, profile))  # after the timed steps
     trainer = L.Trainer(strategy=strategy, accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=1,
-                        precision="bf16-mixed", max_steps=a.warmup + a.steps + (2 if a.profile else 0),
+                        precision="bf16-mixed", max_steps=a.warmup + a.steps + (PROFILED_STEPS + 1 if a.profile else 0),
                         gradient_clip_val=a.clip, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=callbacks)
-    n = (a.warmup + a.steps + 2) * a.micro_batch
+    n = (a.warmup + a.steps + PROFILED_STEPS + 2) * a.micro_batch
     data = DataLoader(RandomTokens(config.vocab_size, a.seq_len, n), batch_size=a.micro_batch)
     t0 = time.perf_counter()
     trainer.fit(build_lm(a, config, system), train_dataloaders=data)
     times = timer.times[a.warmup - 1:a.warmup - 1 + a.steps]  # timer.times[0] is step 2 (step 1 has no start)
     tokens = a.micro_batch * a.seq_len
-    step = statistics.median(times)
+    step = statistics.fmean(times)  # the window between two synchronizations: its mean is the throughput
     return dict(system=system, model=a.model, n_layer=config.n_layer, n_params=config.n_params,
                 micro_batch=a.micro_batch, seq_len=a.seq_len, tokens_per_step=tokens, clip=a.clip,
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
@@ -174,9 +174,12 @@ def kept_units(strategy) -> dict:
     return dict(device_state_GiB=round(states.nbytes / 2**30, 2) if states else 0.0, device_units=len(units))
 
 
+PROFILED_STEPS = 3  # synchronized only at the window's edges, like the timed steps
+
+
 class ComputeBusy(L.Callback):
-    """Profiles one whole step (batch start to next batch start) and reports how much of it the compute stream
-    spent running kernels (the union of its kernel intervals over the step's wall time)."""
+    """Profiles PROFILED_STEPS whole steps (batch start to batch start) and reports how much of them the compute
+    stream spent running kernels (the union of its kernel intervals over the window's wall time)."""
 
     def __init__(self, step: int, out: dict) -> None:
         self.step, self.out, self.prof, self.t0 = step, out, None, 0.0
@@ -188,9 +191,10 @@ class ComputeBusy(L.Callback):
             self.prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
             self.prof.__enter__()
             self.t0 = time.perf_counter()
-        elif trainer.global_step == self.step + 1 and self.prof is not None and "compute_busy" not in self.out:
+        elif (trainer.global_step == self.step + PROFILED_STEPS and self.prof is not None
+              and "compute_busy" not in self.out):
             torch.cuda.synchronize()
-            wall = time.perf_counter() - self.t0
+            wall = (time.perf_counter() - self.t0) / PROFILED_STEPS
             self.prof.__exit__(None, None, None)
             path = Path(os.environ.get("OUT", "/tmp")) / "megatrain_step_profile.json"
             self.prof.export_chrome_trace(str(path))
@@ -214,6 +218,7 @@ def _busy_from_trace(path: Path, wall: float) -> dict:
 
     busy = {s: union(iv) / 1e6 for s, iv in by_stream.items()}
     compute = max(busy, key=busy.get)
+    busy = {s: b / PROFILED_STEPS for s, b in busy.items()}
     return dict(profiled_step_s=round(wall, 4), compute_busy_s=round(busy[compute], 4),
                 compute_busy=round(busy[compute] / wall, 3),
                 other_streams_busy_s={str(s): round(b, 4) for s, b in busy.items() if s != compute})

@@ -33,14 +33,20 @@ class RandomTokens(Dataset):
 
 
 class StepTimer(L.Callback):
-    def __init__(self) -> None:
+    """Time at the end of each optimizer step. The device is synchronized only after the steps in `sync_at`
+    (global step counts): a synchronize after every step would also wait for work a step leaves to overlap the
+    next one (write-through of device-kept state), which is not what training does. Time a window of steps
+    between two synchronized ones: its mean is the throughput."""
+
+    def __init__(self, sync_at: set[int] | None = None) -> None:
         self.times: list[float] = []
+        self.sync_at = sync_at
         self._last = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and (self.sync_at is None or trainer.global_step in self.sync_at):
             torch.cuda.synchronize()
         now = time.perf_counter()
         if self._last is not None:
