@@ -235,6 +235,7 @@ def planner_prediction(a) -> dict | None:
         over.append(f"+model.n_layer={a.n_layer}")
     if a.clip:
         over.append(f"trainer.gradient_clip_val={a.clip}")
+    over.append(f"storage.device_state_GiB={'null' if a.device_state_GiB is None else a.device_state_GiB}")
     r = subprocess.run([sys.executable, "-m", "planner.check", *over, "--json"], cwd=ROOT, capture_output=True,
                        text=True)
     if r.returncode not in (0, 1):

@@ -149,6 +149,18 @@ def link_rates(device: torch.device, nbytes: int) -> dict[str, float]:
     return {"h2d_GBps": round(h2d, 1), "d2h_GBps": round(d2h, 1), "duplex_GBps": round(max(duplex, h2d, d2h), 1)}
 
 
+def gpu_adamw_Gparams(device: torch.device, n_params: int) -> float:
+    """The fused AdamW kernel over device-kept state (fp32 master, m, v, gradient), with a clip scale."""
+    p, g, m, v = (torch.rand(n_params, device=device) for _ in range(4))
+    step, scale = torch.zeros((), device=device), torch.ones((), device=device)
+
+    def update() -> None:
+        torch.optim.adam.adam([p], [g], [m], [v], [], [step], fused=True, decoupled_weight_decay=True,
+                              amsgrad=False, beta1=0.9, beta2=0.95, lr=1e-4, weight_decay=0.1, eps=1e-8,
+                              maximize=False, grad_scale=scale, found_inf=None)
+    return round(n_params / _best(update, sync=torch.cuda.synchronize) / 1e9, 1)
+
+
 def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, width: Config | None = None,
               seq_len: int | None = None, cpu: bool = False) -> Hardware:
     """Measures this machine. `quick`: smaller problems (a few seconds on 2 cores; what the tests use).
@@ -165,6 +177,7 @@ def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, w
         hw["bf16_TFLOPS"] = round(matmul_TFLOPS(device, torch.bfloat16, 8192, sync), 1)
         hw["fp32_TFLOPS"] = round(matmul_TFLOPS(device, torch.float32, 8192, sync), 1)
         hw.update(link_rates(device, 1 << 30))
+        hw["gpu_adamw_Gparams"] = gpu_adamw_Gparams(device, 1 << 28)
         width = width or Config.from_name("llama-3-8b", n_layer=1)
         seq_len = seq_len or 1024
         tokens = (2 * seq_len, 16 * seq_len)
@@ -183,6 +196,7 @@ def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, w
     hw["block_efficiency"], hw["layer_overhead_ms"] = block_fit(device, dtype, width, tokens, seq_len, matmul, sync)
     hw.update(host_rates(4_000_000 if quick else 50_000_000))
     if not cuda:
+        hw["gpu_adamw_Gparams"] = hw["cpu_adamw_Gparams"]  # unused: nothing is kept on a device that is the host
         hw["hbm_GiB"] = hw["host_ram_GiB"]
         hw["h2d_GBps"] = hw["d2h_GBps"] = hw["duplex_GBps"] = hw["host_mem_GBps"]
     hw.update(disk_rates(disk_path, 64 if quick else disk_mib))

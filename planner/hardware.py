@@ -33,6 +33,7 @@ class Hardware:
     host_reserved_GiB: float  # OS, libraries, CUDA host state: RAM the training state cannot use
     host_mem_GBps: float  # host memcpy
     cpu_adamw_Gparams: float  # global-norm clip + fused AdamW over the fp32 store, parameters per second
+    gpu_adamw_Gparams: float  # fused AdamW on the GPU over the state it keeps (device_state_GiB), parameters per second
     cpu_cast_Gparams: float  # fp32 master -> streamed compute-dtype copy
     cpu_grad_copy_Gparams: float  # first micro-batch: shipped gradient copied into the fp32 buffer
     cpu_grad_add_Gparams: float  # later micro-batches: shipped gradient added into the fp32 buffer

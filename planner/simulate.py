@@ -124,10 +124,10 @@ class _Sim:
         ckpt_alloc: dict[int, float] = {}
         for i in p.forward_loads():
             free_at = max(slots.pop(), self.updated.get(i, 0.0))  # the engine waits for the layer's update
-            load = self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
-                             nbytes=wl.load_bytes)
-            fwd = self.span(S.COMPUTE, S.FORWARD, i, self.layer_s(1), after=max(load.end, x_ready))
+            fwd = self.span(S.COMPUTE, S.FORWARD, i, self.layer_s(1), after=max(self.load(i, free_at), x_ready))
             x_ready = fwd.end
+            if first:
+                self.write_through(i, fwd.end)
             if i % p.k == 0:
                 ckpt_alloc[i // p.k] = fwd.start
             self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok)
@@ -143,14 +143,16 @@ class _Sim:
         for b, (s0, e0) in reversed(list(enumerate(p.blocks))):
             recomputed = []
             for j in range(s0, e0):
-                free_at = slots.pop()
-                load = self.span(S.H2D, S.LOAD, j, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
-                                 nbytes=wl.load_bytes)
-                rec = self.span(S.COMPUTE, S.RECOMPUTE, j, self.layer_s(1), after=load.end)
+                rec = self.span(S.COMPUTE, S.RECOMPUTE, j, self.layer_s(1), after=self.load(j, slots.pop()))
                 recomputed.append((j, rec))
             for j, rec in reversed(recomputed):
                 bwd = self.span(S.COMPUTE, S.BACKWARD, j, self.layer_s(2), after=g_ready)
                 g_ready = bwd.end
+                self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok)
+                self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok)
+                slots.append(bwd.end)
+                if j in wl.kept:  # its gradient stays on the device, in its fp32 buffer
+                    continue
                 if ship >= S.STAGING_RING:  # the staging buffer is reused: wait for the host to consume it
                     self.host = max(self.host, acc_ends[-S.STAGING_RING])
                 nbytes = wl.landing_grad_bytes if first else wl.grad_bytes
@@ -159,15 +161,17 @@ class _Sim:
                 acc_ends.append(self.accumulate(j, c.layer_params, grad.end, first))
                 self.landed.append((j, c.layer_params, acc_ends[-1]))
                 ship += 1
-                self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok)
-                self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok)
                 self.alloc(bwd.start, grad.end, wl.grad_bytes)  # the layer's weight gradients until shipped
-                slots.append(bwd.end)
             if not wl.offload_checkpoints or self.hw.unified:  # else it waits in host memory
                 self.alloc(ckpt_alloc[b], g_ready, wl.checkpoint_bytes)
         embed_bwd = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3, after=g_ready)
         emb_grad = 0 if c.tie_embeddings else c.vocab_size * c.hidden_size * wl.cb
         self.alloc(embed_bwd.start, None, emb_grad)
+        if wl.n_layers in wl.kept:  # the resident gradients stay on the device
+            self.alloc(embed_bwd.end, None, -(head_grad + emb_grad))
+            if self.wl.n_nvme_layers or not first or self.wl.clip:
+                self.host = max(self.host, *acc_ends, embed_bwd.end)
+            return
         # post_backward: ship the resident gradients, then wait until every gradient sits in fp32
         nbytes = c.embedding_params * (4 if first else wl.cb)
         grad = self.span(S.D2H, S.GRAD, RESIDENT_LAYER, self.transfer_s(S.D2H, nbytes, embed_bwd.end),
@@ -177,6 +181,29 @@ class _Sim:
         self.landed.append((RESIDENT_LAYER, c.embedding_params, acc_ends[-1]))
         if self.wl.n_nvme_layers or not first or self.wl.clip:  # the main thread waits for the gradients
             self.host = max(self.host, *acc_ends)
+
+    def load(self, i: int, free_at: float) -> float:
+        """When layer i's weights are in their slot: H2D, or (kept on the device) a cast of the device master."""
+        wl = self.wl
+        if i in wl.kept:
+            return free_at
+        return self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
+                         nbytes=wl.load_bytes).end
+
+    def write_through(self, i: int, after: float) -> None:
+        """The previous step's write-through of the kept state, paced by the engine into the D2H lane's idle time:
+        modelled as an equal piece behind each forward layer."""
+        wl = self.wl
+        if not wl.kept:
+            return
+        nbytes = S.WRITE_THROUGH_BYTES * wl.kept_params // wl.n_layers
+        self.span(S.D2H, S.STATE, i, self.transfer_s(S.D2H, nbytes, after), after=after, nbytes=nbytes, issued=False)
+
+    def device_update(self) -> None:
+        """The kept units' fused AdamW on the device after backward: reads p, g, m, v and writes p, m, v (fp32)."""
+        wl, hw = self.wl, self.hw
+        if wl.kept:
+            self.span(S.COMPUTE, S.OPTIMIZER, RESIDENT_LAYER, wl.kept_params / (hw.gpu_adamw_Gparams * 1e9))
 
     def accumulate(self, layer: int, n_params: int, after: float, first: bool) -> float:
         if first and not self.wl.n_nvme_layers:  # landed in fp32 by DMA: no host work
@@ -193,14 +220,19 @@ class _Sim:
     def previous_updates(self) -> None:
         """Deferred updates (clipping): the previous step's, in forward order, run from the step's start behind
         its forward (steady state: each step is preceded by one like it)."""
-        c = self.wl.model
+        c, kept = self.wl.model, self.wl.kept
         half = c.embedding_params // 2
-        t = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half), issued=False).end
-        self.updated["embed"] = self.span(S.H2D, S.LOAD, RESIDENT_LAYER, self.transfer_s(S.H2D, half * self.wl.cb, t),
-                                          after=t, nbytes=half * self.wl.cb, issued=False).end
+        if self.wl.n_layers not in kept:
+            t = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half), issued=False).end
+            self.updated["embed"] = self.span(S.H2D, S.LOAD, RESIDENT_LAYER,
+                                              self.transfer_s(S.H2D, half * self.wl.cb, t), after=t,
+                                              nbytes=half * self.wl.cb, issued=False).end
         for i in range(self.wl.n_layers):
-            self.updated[i] = self.span(S.CPU, S.OPTIMIZER, i, self.update_s(c.layer_params), issued=False).end
-        self.updated["head"] = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half), issued=False).end
+            if i not in kept:
+                self.updated[i] = self.span(S.CPU, S.OPTIMIZER, i, self.update_s(c.layer_params), issued=False).end
+        if self.wl.n_layers not in kept:
+            self.updated["head"] = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half),
+                                             issued=False).end
 
     def overlapped_updates(self) -> None:
         """After the last micro-batch: per-unit norms for clipping as gradients land; without clipping each unit's
@@ -242,7 +274,7 @@ class _Sim:
 
 def simulate(hw: Hardware, wl: Workload) -> Timeline:
     sim = _Sim(hw, wl)
-    sim.t.gpu_base_bytes = wl.resident_bytes + wl.n_slots * wl.slot_bytes
+    sim.t.gpu_base_bytes = wl.resident_bytes + wl.n_slots * wl.slot_bytes + wl.kept_bytes
     overlapped = not wl.n_nvme_layers and not hw.unified  # the engine's HostAdam (all state in RAM, CUDA)
     if overlapped and wl.clip:
         sim.previous_updates()
@@ -252,6 +284,7 @@ def simulate(hw: Hardware, wl: Workload) -> Timeline:
             sim.landed = []
         sim.micro_batch(first=m == 0, acc_ends=acc_ends)
     if overlapped:
+        sim.device_update()
         sim.overlapped_updates()
     else:
         sim.optimizer()

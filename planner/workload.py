@@ -37,6 +37,11 @@ class Workload:
     clip: bool = True  # gradient clipping: host updates wait for the whole backward (else they start as it goes)
     offload_checkpoints: bool = True  # block inputs kept in host memory (the engine's CUDA default)
     loss_chunk_tokens: int | None = 4096  # the head + loss run over this many tokens at a time (lm.py)
+    # GPU memory for the state of the first units, updated on the GPU (device_state.py); None: the engine's auto,
+    # 40% of the GPU memory free once the engine is built. `kept` (unit indices, the resident unit as n_layers) is
+    # what the planner resolves it to.
+    device_state_GiB: float | None = 0.0
+    kept: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
@@ -55,6 +60,8 @@ class Workload:
             raise PlanError("storage.kind", f"must be one of {STORAGES}, got {self.storage!r}")
         if self.stream not in STREAMS:
             raise PlanError("storage.stream", f"must be one of {STREAMS}, got {self.stream!r}")
+        if self.device_state_GiB is not None and self.device_state_GiB < 0:
+            raise PlanError("storage.device_state_GiB", f"must be >= 0 (or null: auto), got {self.device_state_GiB}")
         if self.ram_budget_GiB is not None and self.ram_budget_GiB <= 0:
             raise PlanError("storage.ram_budget_GiB", f"must be > 0, got {self.ram_budget_GiB}")
 
@@ -146,6 +153,16 @@ class Workload:
     def resident_bytes(self) -> int:
         """Embedding, final norm and head as a compute-dtype copy on the device."""
         return self.model.embedding_params * self.cb
+
+    @property
+    def kept_params(self) -> int:
+        """Parameters whose state the device keeps."""
+        c = self.model
+        return sum(c.embedding_params if i == self.n_layers else c.layer_params for i in self.kept)
+
+    @property
+    def kept_bytes(self) -> int:
+        return S.DEVICE_STATE_BYTES * self.kept_params
 
     # ---- transfer bytes per layer ----
     @property

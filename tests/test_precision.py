@@ -113,4 +113,6 @@ def test_cuda_device_kept_state_tracks_fp32_reference(accumulate, clip):
             assert abs(got - want) <= 1e-2 * abs(want), gib
         for name in ref_weights:
             assert rel_err(weights[name], ref_weights[name]) < 1e-2, (gib, name)
-            assert rel_err(weights[name], runs[0.0][2][name]) < 1e-3, (gib, name)
+            # the fused CUDA and CPU AdamW kernels round differently in the last fp32 bit; the bf16 forward turns
+            # that into ~1e-3 on the embedding (rows of rare tokens, where Adam's m / sqrt(v) is near +-1)
+            assert rel_err(weights[name], runs[0.0][2][name]) < 3e-3, (gib, name)
