@@ -78,6 +78,7 @@ def main() -> None:
     ap.add_argument("--storage", default="ram", choices=["ram", "nvme"])
     ap.add_argument("--ram-budget-GiB", type=float, default=None, help="storage=nvme: RAM for per-layer fp32 state")
     ap.add_argument("--nvme-dir", default="nvme_state")
+    ap.add_argument("--device-state-GiB", type=float, default=None, help="GPU memory for kept state (default: auto)")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -89,8 +90,8 @@ def main() -> None:
     accel = "gpu" if torch.cuda.is_available() else "cpu"
     strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth, stream=a.stream,
                                  storage=a.storage, ram_budget_GiB=a.ram_budget_GiB, nvme_dir=a.nvme_dir,
-                                 trace_dir=a.trace_dir, trace_step=2)
-    timer = StepTimer()
+                                 device_state_GiB=a.device_state_GiB, trace_dir=a.trace_dir, trace_step=2)
+    timer = StepTimer(sync_at={1, a.steps + 1})  # step 1 is the warm-up; the window is steps 2 .. steps + 1
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=1, precision=a.precision,
                         max_steps=a.steps + 1, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -102,7 +103,7 @@ def main() -> None:
     trainer.fit(CausalLM(config, lr=1e-4, warmup_steps=1, max_steps=a.steps + 1), train_dataloaders=data)
     wall = time.perf_counter() - t0
     tokens = a.micro_batch * a.accumulate * a.seq_len
-    step = statistics.median(timer.times)  # the first step (warm-up) has no entry
+    step = statistics.fmean(timer.times)  # the window between two synchronizations: its mean is the throughput
     result = dict(model=a.model, n_layer=config.n_layer, untied=a.untied, n_params=config.n_params,
                   device=torch.cuda.get_device_name() if accel == "gpu" else "cpu", precision=a.precision,
                   micro_batch=a.micro_batch, accumulate=a.accumulate, seq_len=a.seq_len, tokens_per_step=tokens,
@@ -114,7 +115,8 @@ def main() -> None:
                   host_peak_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
                   host_bytes_per_param=round(rss_bytes() / config.n_params, 2),
                   store_bytes_per_param=round(strategy.store.nbytes / config.n_params, 2), stream=strategy.store.stream,
-                  wall_s=round(wall, 1), storage=a.storage,
+                  wall_s=round(wall, 1), storage=a.storage, device_units=len(strategy.engine.device_states.units)
+                  if strategy.engine.device_states else 0,
                   nvme_layers=sum(u.on_disk for u in strategy.store.units),
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log])
     line = json.dumps(result)
