@@ -8,10 +8,10 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.checkpoint import checkpoint
 from torchmetrics.aggregation import MeanMetric
 
 from megatrain_lightning.config import Config
+from megatrain_lightning.loss import linear_cross_entropy
 from megatrain_lightning.model import Llama
 
 
@@ -21,8 +21,8 @@ class CausalLM(L.LightningModule):
                  loss_chunk_tokens: int | None = 4096, model: Llama | None = None) -> None:
         """`model`: an already built Llama (tests pass one to share initial weights); otherwise the model is built
         in `configure_model`, which the megatrain strategy runs on the meta device. `loss_chunk_tokens`: the head
-        and loss run over this many tokens at a time, recomputed in backward, so the [tokens, vocab] fp32 logits
-        never exist whole (None: all at once)."""
+        and loss run over this many tokens at a time, their gradients formed in forward (loss.py), so the [tokens,
+        vocab] fp32 logits never exist whole (None: all at once, through autograd)."""
         super().__init__()
         if loss_chunk_tokens is not None and (not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1):
             raise ValueError(f"loss_chunk_tokens must be a positive integer or None, got {loss_chunk_tokens!r}")
@@ -47,16 +47,9 @@ class CausalLM(L.LightningModule):
         hidden = self.model(x).flatten(0, 1)  # [B*T, D]
         y = y.flatten()
         chunk = self.hparams.get("loss_chunk_tokens")
-        if chunk is None or hidden.shape[0] <= chunk:
+        if chunk is None:
             return F.cross_entropy(self.model.logits(hidden).float(), y, ignore_index=-100)
-        # summed per chunk, then divided by the count of trained tokens: the same mean as one call over all
-        total = sum(checkpoint(self._chunk_loss, h, t, use_reentrant=False)
-                    for h, t in zip(hidden.split(chunk), y.split(chunk)))
-        return total / (y != -100).sum()
-
-    def _chunk_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
-        logits = self.model.logits(hidden).float()  # [chunk, V]: freed after forward, recomputed in backward
-        return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum")
+        return linear_cross_entropy(hidden, self.model.lm_head.weight, y, chunk)  # [chunk, V] logits at a time
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.loss(batch)

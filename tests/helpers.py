@@ -49,6 +49,8 @@ def reference_run(model: Llama, batches, steps: int, accumulate: int, clip: floa
                   clip_algorithm: str = "norm"):
     """Plain PyTorch: torch.optim.AdamW, clip_grad_norm_, LambdaLR, gradient accumulation like Lightning's."""
     model = copy.deepcopy(model)
+    # the same loss function as the run under test (tests/test_loss.py checks it against F.cross_entropy over all
+    # logits): this loop checks the engine, store and optimizer, not the loss
     lm = CausalLM(model.config, model=model, **lm_kwargs(steps, lr))
     conf = lm.configure_optimizers()
     opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
