@@ -11,6 +11,7 @@ hidden-state and weight gradients right away, and scaled by the incoming gradien
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE_INDEX = -100
@@ -41,20 +42,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.mul_(valid[:, None])
                 g = probs.to(dtype)
                 grad_h[start:start + chunk] = g @ w
-                grad_w += (g.t() @ h).float()
+                grad_w.add_(g.t() @ h)  # [V, D] in the compute dtype, added into fp32 without an fp32 copy
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
+        grad_h, grad_w = ctx.saved_tensors  # scaled in place: [V, D] fp32 is large (a second backward raises)
         h_dtype, w_dtype = ctx.dtypes
-        return (grad_h * grad.to(grad_h.dtype)).to(h_dtype), (grad_w * grad).to(w_dtype), None, None
+        return grad_h.mul_(grad.to(grad_h.dtype)).to(h_dtype), grad_w.mul_(grad).to(w_dtype), None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `labels` (IGNORE_INDEX: not trained on), `chunk` tokens of
     logits at a time; equals F.cross_entropy(hidden @ weight.T, labels, ignore_index=-100) and its gradients."""
-    total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        total = _LinearCrossEntropy.apply(hidden, weight, labels, chunk)
+    else:  # validation: the loss alone, chunk by chunk
+        total = sum(F.cross_entropy((h @ weight.t()).float(), y, ignore_index=IGNORE_INDEX, reduction="sum")
+                    for h, y in zip(hidden.split(chunk), labels.split(chunk)))
     return total / (labels != IGNORE_INDEX).sum()

@@ -105,11 +105,10 @@ class _Sim:
         return flops / rate + passes * hw.layer_overhead_ms / 1e3
 
     def head_s(self) -> float:
-        """Head forward + backward with the loss: 3 passes of its matmul, 4 when the loss runs in chunks (each chunk's
-        logits are recomputed in backward)."""
+        """Head forward + backward with the loss: 3 passes of its matmul (chunked: all in forward, loss.py)."""
         wl, hw = self.wl, self.hw
         rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
-        passes = 4 if wl.logits_tokens < wl.micro_tokens else 3
+        passes = 3
         return passes * wl.head_flops * wl.micro_tokens / rate + passes * hw.layer_overhead_ms / 1e3
 
     # ---- the step ----
@@ -134,7 +133,7 @@ class _Sim:
             slots.append(fwd.end)
         head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(),
                          after=max(x_ready, self.updated.get("head", 0.0)))
-        self.alloc(head.start, head.end, wl.logits_bytes_per_token * wl.logits_tokens)
+        self.alloc(head.start, head.end, wl.head_bytes)
         head_grad = c.vocab_size * c.hidden_size * wl.cb
         self.alloc(head.end, None, head_grad)  # freed once the resident gradients shipped (below)
         g_ready = head.end

@@ -123,10 +123,17 @@ class Workload:
         return 3 * self.cb * self.model.intermediate_size + 8 * self.model.hidden_size
 
     @property
-    def logits_bytes_per_token(self) -> int:
-        """Peak of the head + loss (lm.py): backward holds the saved fp32 log-softmax, its incoming gradient and
-        the gradient it produces, 3 x 4 bytes per vocabulary entry (forward peaks lower: 2 + 4 + 4 in bf16)."""
-        return 12 * self.model.vocab_size
+    def head_bytes(self) -> int:
+        """Peak device bytes of the head + loss beyond its input. One pass (loss_chunk_tokens=None): autograd's
+        cross-entropy over all logits holds the saved fp32 log-softmax, its incoming gradient and the gradient it
+        produces, 3 x 4 bytes per vocabulary entry and token. Chunked (lm.py -> loss.py): one chunk's fp32 logits
+        turned into probabilities plus their compute-dtype copy, the fp32 weight gradient and one chunk's
+        compute-dtype part of it, and the hidden-state gradient."""
+        c, cb, V = self.model, self.cb, self.model.vocab_size
+        if self.loss_chunk_tokens is None:
+            return 12 * V * self.micro_tokens
+        return ((4 + cb) * V * self.logits_tokens + (4 + cb) * V * c.hidden_size
+                + cb * self.micro_tokens * c.hidden_size)
 
     @property
     def logits_tokens(self) -> int:

@@ -51,3 +51,14 @@ def test_chunked_loss_under_bf16_autocast_tracks_fp32():
 def test_chunk_must_be_positive():
     with pytest.raises(ValueError, match="loss_chunk_tokens"):
         CausalLM(make_model("tiny").config, loss_chunk_tokens=0)
+
+
+def test_chunked_loss_without_grad_equals_with():
+    """Validation (no grad): the same loss, without forming gradients."""
+    model = make_model("tiny")
+    batch = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(5))
+    lm = CausalLM(model.config, model=copy.deepcopy(model), loss_chunk_tokens=5)
+    with_grad = lm.loss(batch)
+    with torch.no_grad():
+        without = lm.loss(batch)
+    assert not without.requires_grad and torch.allclose(without, with_grad.detach(), rtol=1e-6)

@@ -76,7 +76,9 @@ def test_memory_per_tier_by_hand():
     tok, d, V, I = 4 * 256, c.hidden_size, c.vocab_size, c.intermediate_size
     base = c.embedding_params * 2 + 2 * c.layer_params * 2  # resident bf16 copy + 2 slots (K=1, depth 2)
     ckpts = c.n_layer * tok * d * 2
-    loss = base + ckpts + 12 * V * tok
+    # the chunked loss (one chunk here): fp32 logits -> probabilities + their bf16 copy, the fp32 weight gradient
+    # + one chunk's bf16 part of it, the hidden-state gradient
+    loss = base + ckpts + 6 * V * tok + 6 * V * d + 2 * tok * d
     act = ((12 + 8) * d + 8 * I + 4 * c.n_kv_head * c.head_dim) * tok
     last = base + ckpts + V * d * 2 + act + (6 * I + 8 * d) * tok + c.layer_params * 2
     assert simulate(_hw(), wl).gpu_peak_bytes == max(loss, last)
