@@ -12,6 +12,7 @@ gradient buffers while the device goes on.
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
@@ -20,8 +21,10 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.store import HostStore, Unit, pinned_empty
+from megatrain_lightning.store import HostStore, Unit, available_ram_bytes, pinned_empty
 from megatrain_lightning.trace import Trace
+
+log = logging.getLogger(__name__)
 
 
 class _Slot:
@@ -71,19 +74,35 @@ def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extr
 
 class _HostCheckpoints:
     """Block inputs kept in page-locked host memory instead of device memory (memory flat in depth): each goes out
-    on the D2H stream as forward produces it and comes back on the H2D stream one block ahead of backward."""
+    on the D2H stream as forward produces it and comes back on the H2D stream one block ahead of backward.
+    `auto`: only while the RAM the OS still has leaves RAM_MARGIN beside them (else they stay on the device)."""
 
-    def __init__(self, engine: StreamingEngine) -> None:
-        self.engine = engine
+    RAM_MARGIN = 4 * 2**30
+
+    def __init__(self, engine: StreamingEngine, auto: bool) -> None:
+        self.engine, self.auto = engine, auto
         self._host: Tensor | None = None  # [n_checkpoints * numel] pinned, reused while the size fits
         self.saved: list[tuple[Tensor, torch.Size, torch.dtype, torch.cuda.Event]] = []
+        self.active = False  # the last training forward's block inputs are here
+        self._warned = False
 
-    def begin(self, x: Tensor) -> None:
+    def begin(self, x: Tensor) -> bool:
+        """Before a training forward: whether its block inputs go to host memory."""
         n = self.engine.plan.n_checkpoints * x.numel()
         if self._host is None or self._host.numel() < n or self._host.dtype != x.dtype:
             self._host = None  # unregister and free the old buffer before page-locking the new one
+            need = n * x.element_size()
+            if self.auto and need > available_ram_bytes() - self.RAM_MARGIN:
+                if not self._warned:
+                    log.warning(f"offload_checkpoints: the block inputs ({need / 2**30:.1f} GiB) stay on the device: "
+                                "host RAM has no room for them (offload_checkpoints=true insists)")
+                    self._warned = True
+                self.active = False
+                return False
             self._host = pinned_empty(n, x.dtype, pin=True)
         self.saved = []
+        self.active = True
+        return True
 
     def put(self, x: Tensor) -> None:
         eng = self.engine
@@ -115,13 +134,14 @@ class _HostCheckpoints:
 class StreamingEngine:
     def __init__(self, store: HostStore, blocks: list[nn.Module], device: torch.device,
                  checkpoint_interval: int, prefetch_depth: int, compile: bool = False,
-                 offload_checkpoints: bool = False) -> None:
+                 offload_checkpoints: bool | None = False) -> None:
         """`compile`: run blocks through torch.compile (one graph per layer signature). `offload_checkpoints`: keep
-        the block inputs in host memory (CUDA only; on the CPU the device is the host)."""
+        the block inputs in host memory (CUDA only; on the CPU the device is the host); None: when RAM has room."""
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
         self._call = torch.compile(_functional, dynamic=False) if compile else _functional
-        self.host_checkpoints = _HostCheckpoints(self) if offload_checkpoints and self.cuda else None
+        self.host_checkpoints = (_HostCheckpoints(self, auto=offload_checkpoints is None)
+                                 if offload_checkpoints is not False and self.cuda else None)
         self.plan = S.Plan(len(blocks), checkpoint_interval)
         self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
         # one stateless template per distinct layer signature; the blocks themselves hold meta tensors
@@ -185,8 +205,8 @@ class StreamingEngine:
         checkpoints: list[Tensor] = []
         pf = _Prefetcher(self, self.plan.forward_loads())
         host = self.host_checkpoints if keep else None
-        if host is not None:
-            host.begin(x)
+        if host is not None and not host.begin(x):
+            host = None
         for i in range(self.plan.n_layers):
             if keep and i % self.plan.k == 0:
                 if host is not None:
@@ -205,7 +225,7 @@ class StreamingEngine:
         pf = _Prefetcher(self, self.plan.backward_loads())
         pos = 0
         amp = torch.autocast(self.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
-        host = self.host_checkpoints
+        host = self.host_checkpoints if self.host_checkpoints is not None and self.host_checkpoints.active else None
         fetched = host.fetch(len(self.plan.blocks) - 1) if host is not None else None
         for b, (start, end) in reversed(list(enumerate(self.plan.blocks))):
             if host is not None:

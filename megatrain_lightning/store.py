@@ -16,6 +16,7 @@ through the engine's small pinned staging ring, and the host adds them into `gra
 
 from __future__ import annotations
 
+import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,6 +96,18 @@ def pinned_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
     if pin and numel:
         _register(t)
     return t
+
+
+def available_ram_bytes() -> int:
+    """What the OS can still give this process (MemAvailable), or all physical memory where that is unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _register(t: Tensor) -> None:

@@ -9,7 +9,6 @@ device as a compute-dtype copy, and runs the user's Adam/AdamW on the host.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,7 +31,7 @@ from megatrain_lightning.device_state import DeviceStates
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
-from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout
+from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout, available_ram_bytes
 from megatrain_lightning.trace import Trace
 
 log = logging.getLogger(__name__)
@@ -87,7 +86,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.ram_budget_GiB, self.nvme_dir = ram_budget_GiB, Path(nvme_dir)
         self.init_from = Path(init_from) if init_from is not None else None  # a Hugging Face checkpoint directory
         # None: on for a CUDA device (blocks compiled with torch.compile; block inputs kept in host memory so that
-        # device memory does not grow with depth), off on the CPU
+        # device memory does not grow with depth, while the RAM left has room for them), off on the CPU
         for name, value in (("compile", compile), ("offload_checkpoints", offload_checkpoints)):
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be true, false or null (on for CUDA), got {value!r}")
@@ -231,8 +230,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         cuda = device.type == "cuda"
         self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth,
                                       compile=cuda if self.compile is None else self.compile,
-                                      offload_checkpoints=cuda if self.offload_checkpoints is None
-                                      else self.offload_checkpoints)
+                                      offload_checkpoints=self.offload_checkpoints)
         trunk.engine = self.engine
         self.model_to_device()
 
@@ -291,7 +289,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
             cb = torch.finfo(dtype).bits // 8
             staging = S.staging_numel(max(trunk), layouts[-1].numel) * cb
             others = cb * sum(trunk) + staging + S.NVME_BUFFERS * S.DISK_STATE_BYTES * max(trunk)
-            budget = _available_ram_bytes() - others - 2 * 2**30
+            budget = available_ram_bytes() - others - 2 * 2**30
         n = S.nvme_layers(trunk, layouts[-1].numel, budget)
         floor = S.RAM_STATE_BYTES * layouts[-1].numel + (S.RAM_STATE_BYTES - S.DISK_STATE_BYTES) * sum(trunk)
         if floor > budget:
@@ -538,17 +536,6 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="Layer-streaming single-GPU training "
                                    "with host-resident fp32 state", override=True)
-
-
-def _available_ram_bytes() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 # ---- module surgery helpers ----

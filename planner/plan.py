@@ -72,7 +72,7 @@ def usable_ram_bytes(hw: Hardware) -> int:
 def place(hw: Hardware, wl: Workload) -> Workload:
     """Resolves storage.stream=auto, the units whose state the GPU keeps and, for storage=nvme, how many layers keep
     their state on the SSD."""
-    return _place_state(hw, wl)
+    return _offload_when_room(hw, _place_state(hw, wl))
 
 
 def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
@@ -89,14 +89,24 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
     return replace(wl, kept=tuple(S.device_units(numels, budget * GiB)))
 
 
+def _offload_when_room(hw: Hardware, wl: Workload) -> Workload:
+    """offload_checkpoints=None, the engine's rule: block inputs go to host memory while the RAM left has room for
+    them (never with no separate device)."""
+    if wl.offload_checkpoints is not None:
+        return wl
+    on = replace(wl, offload_checkpoints=True)
+    fits = not hw.unified and ram_need(hw, on) <= usable_ram_bytes(hw)
+    return on if fits else replace(wl, offload_checkpoints=False)
+
+
 def _place_state(hw: Hardware, wl: Workload) -> Workload:
     if wl.storage == "nvme":
         if wl.stream == "master" and wl.cb != 4:
             raise PlanError("storage.stream", "storage=nvme streams the compute-dtype copy kept in RAM; "
                                               "use storage.stream=copy or auto")
         wl = replace(wl, stream="copy")
-        others = sum(v for k, v in replace(wl, n_nvme_layers=wl.n_layers).host_bytes().items()
-                     if k != "state")
+        others = sum(v for k, v in replace(wl, n_nvme_layers=wl.n_layers, offload_checkpoints=bool(
+                     wl.offload_checkpoints)).host_bytes().items() if k != "state")
         budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
         n = S.nvme_layers([wl.model.layer_params] * wl.n_layers, wl.model.embedding_params, budget)
@@ -178,6 +188,10 @@ def advice(a: Answer) -> list[str]:
         if ks and max(ks) != wl.checkpoint_interval:
             out.append(f"checkpoint interval: up to storage.checkpoint_interval={max(ks)} fits the GPU "
                        f"(now {wl.checkpoint_interval})")
+    if not hw.unified and not wl.offload_checkpoints:
+        ckpt = wl.plan.n_checkpoints * wl.checkpoint_bytes
+        out.append(f"block inputs: {ckpt / GiB:.1f} GiB stay on the GPU (storage.offload_checkpoints=false, or auto "
+                   "and RAM has no room for them): GPU memory grows with depth")
     if not hw.unified and wl.storage == "ram" and wl.device_state_GiB is not None:
         auto = _keep_on_device(hw, replace(wl, device_state_GiB=None))
         t = simulate(hw, auto).step_time_s

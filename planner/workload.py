@@ -35,7 +35,7 @@ class Workload:
     ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer fp32 state (None: all the RAM left)
     n_nvme_layers: int = 0  # set by the planner when it places layers on the SSD
     clip: bool = True  # gradient clipping: host updates wait for the whole backward (else they start as it goes)
-    offload_checkpoints: bool = True  # block inputs kept in host memory (the engine's CUDA default)
+    offload_checkpoints: bool | None = True  # block inputs kept in host memory; None: when RAM has room (resolved)
     loss_chunk_tokens: int | None = 4096  # the head + loss run over this many tokens at a time (lm.py)
     # GPU memory for the state of the first units, updated on the GPU (device_state.py); None: the engine's auto,
     # 40% of the GPU memory free once the engine is built. `kept` (unit indices, the resident unit as n_layers) is

@@ -69,3 +69,22 @@ def test_cuda_weight_loads_overlap_compute(tmp_path):
         nxt = min((e for e in loads if e["layer"] == i + 1), key=lambda e: e["start"])
         overlapped += nxt["start"] < fwd[i]["end"]
     assert overlapped == len(fwd) - 1
+
+
+def test_block_inputs_stay_on_the_device_when_ram_has_no_room(monkeypatch, caplog):
+    """offload_checkpoints=None (the CUDA default): block inputs go to pinned host memory only while the RAM the OS
+    still has leaves a margin beside them; otherwise the pass keeps them on the device and says so once."""
+    from types import SimpleNamespace
+
+    from megatrain_lightning import engine as E
+
+    host = E._HostCheckpoints(SimpleNamespace(plan=S.Plan(8, 1)), auto=True)
+    x = torch.zeros(4, 1024, 64)  # 8 block inputs of 1 MiB
+    monkeypatch.setattr(E, "available_ram_bytes", lambda: host.RAM_MARGIN + 4 * 2**20)
+    with caplog.at_level("WARNING"):
+        assert not host.begin(x) and not host.begin(x)
+    assert not host.active and host._host is None
+    assert sum("stay on the device" in r.message for r in caplog.records) == 1
+    monkeypatch.setattr(E, "available_ram_bytes", lambda: host.RAM_MARGIN + 16 * 2**20)
+    monkeypatch.setattr(E, "pinned_empty", lambda n, dtype, pin: torch.empty(n, dtype=dtype))  # no CUDA here
+    assert host.begin(x) and host.active and host._host.numel() == 8 * x.numel()

@@ -101,13 +101,18 @@ def _run(args, capsys):
 
 
 def test_known_answer_llama100b_fits_an_h200_with_1_5_tb_of_ram(capsys):
-    # 16 B/param of state is 1.6 TB: the block inputs (29.5 GB here) must stay on the GPU to fit
-    code, out, _ = _run(["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=1536", "trainer=gpu",
-                         "data.seq_len=4096", "data.micro_batch=4", "storage.offload_checkpoints=false"], capsys)
-    assert code == 0 and "\nFITS\n" in out, out
+    # 16 B/param of state is 1.6 TB: the block inputs (29.5 GB here) must stay on the GPU to fit, which the default
+    # (offload_checkpoints=null: to host memory only while RAM has room) does by itself
     code, out, _ = _run(["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=1536", "trainer=gpu",
                          "data.seq_len=4096", "data.micro_batch=4"], capsys)
+    assert code == 0 and "\nFITS\n" in out and "block inputs: 27.5 GiB stay on the GPU" in out, out
+    code, out, _ = _run(["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=1536", "trainer=gpu",
+                         "data.seq_len=4096", "data.micro_batch=4", "storage.offload_checkpoints=true"], capsys)
     assert code == 1 and "RAM short by" in out, out
+    # with RAM to spare they go to host memory
+    code, out, _ = _run(["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=2048", "trainer=gpu",
+                         "data.seq_len=4096", "data.micro_batch=4"], capsys)
+    assert code == 0 and "block inputs" not in out, out
 
 
 def test_known_answer_llama100b_does_not_fit_128_gib_and_a_64_gib_ssd(capsys):
