@@ -5,7 +5,7 @@ set -u
 . bench/device_env.sh
 BUDGETS=${1:-0 39 auto}
 if [ -z "${SKIP_TESTS:-}" ]; then
-  echo "== tests"; timeout 240 python3 -m pytest -q -x -p no:logging --tb=short tests/test_precision.py tests/test_engine.py > "$OUT/tests.txt" 2>&1
+  echo "== tests"; timeout 240 python3 -m pytest -q -x --tb=short --show-capture=no tests/test_precision.py tests/test_engine.py > "$OUT/tests.txt" 2>&1
   tail -3 "$OUT/tests.txt"
 fi
 for b in $BUDGETS; do
