@@ -125,7 +125,7 @@ class DeviceStates:
             n = unit.layout.numel
             span = trace.device_span(i, S.D2H, S.STATE, S.WRITE_THROUGH_BYTES * n, self.d2h) if trace \
                 else nullcontext()
-            pieces = [(unit.tile, tile, lo) for lo in range(0, 3 * n, WRITE_CHUNK)]
+            pieces = [(unit.tile[:3 * n], tile[:3 * n], lo) for lo in range(0, 3 * n, WRITE_CHUNK)]  # not the grad
             if unit.stream is not unit.master:  # the streamed copy too (read by a flush or a checkpoint)
                 pieces += [(unit.stream, tile[:n], lo) for lo in range(0, n, WRITE_CHUNK)]
             with torch.cuda.stream(self.d2h), span:
