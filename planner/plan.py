@@ -176,8 +176,8 @@ def advice(a: Answer) -> list[str]:
         out.append(f"NVMe: needs {by_name['NVMe'].need_bytes / 1e12:.2f} TB of free SSD, has "
                    f"{hw.nvme_capacity_TB:g} TB")
     if wl.resolved_stream == "master" and wl.cb == 2:
-        out.append("stream: RAM has no room for a bf16 copy of the weights, so the fp32 master streams (4 bytes per "
-                   "parameter over PCIe instead of 2; the device casts)")
+        out.append("stream: the fp32 master streams (4 bytes per parameter over PCIe instead of 2, the device casts; "
+                   "the host's update is then AdamW alone); storage.stream=copy keeps a bf16 copy in RAM instead")
     if "GPU" in by_name and not by_name["GPU"].fits:
         mb = _largest(lambda m: _gpu_fits(hw, replace(wl, micro_batch=m)), wl.micro_batch - 1)
         out.append(f"GPU: {by_name['GPU'].need_bytes / GiB:.1f} GiB needed of {hw.hbm_GiB:g}; "

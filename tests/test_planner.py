@@ -242,3 +242,14 @@ def test_device_state_by_hand():
     assert sum(s.nbytes for s in kept_t.spans if s.kind == "state") == pytest.approx(
         12 * (2 * c.layer_params + c.embedding_params), abs=c.n_layer)
     assert {s.layer for s in kept_t.spans if s.kind == "optimizer" and s.lane == "cpu"} == {2, 3}  # the host's
+
+
+def test_advice_names_the_device_state_budget_that_would_help(capsys):
+    """Every update on the host with clipping: the planner says what the default budget would keep and predict."""
+    args = ["model=llama-3.2-3b", "+model.tie_embeddings=false", "hardware=h200", "trainer=gpu", "data.seq_len=1024",
+            "data.micro_batch=32", "trainer.gradient_clip_val=1.0"]
+    code, out, _ = _run([*args, "storage.device_state_GiB=0"], capsys)
+    assert code == 0 and "device state: storage.device_state_GiB=null (auto: 54 GiB" in out, out
+    assert "28 of 28 layers and the embedding/head" in out
+    code, out, _ = _run(args, capsys)  # the default already keeps them: nothing to advise
+    assert code == 0 and "device state:" not in out, out
