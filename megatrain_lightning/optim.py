@@ -137,7 +137,10 @@ class HostAdam:
 
     Adam(W) is element-wise, so per-unit calls give exactly the numbers of one call over everything; clipping
     takes `clip_grad_norm_`'s coefficient and applies it inside the fused kernel (fp32 rounding apart, the same).
-    The resident unit updates in two parts: its first tensor (the embedding, needed first) and the rest."""
+    The resident unit updates in two parts: its first tensor (the embedding, needed first) and the rest.
+
+    Units whose state the device keeps (`attach_device`, device_state.py) leave the host's order: they update on the
+    device in one fused call per parameter group, after the closure, with the same hyperparameters and coefficient."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, store: HostStore, bound: list[_Bound]) -> None:
         functools.update_wrapper(self, optimizer.step)  # keeps the LR scheduler's marker on the wrapped step
