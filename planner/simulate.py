@@ -166,20 +166,18 @@ class _Sim:
         embed_bwd = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3, after=g_ready)
         emb_grad = 0 if c.tie_embeddings else c.vocab_size * c.hidden_size * wl.cb
         self.alloc(embed_bwd.start, None, emb_grad)
-        if wl.n_layers in wl.kept:  # the resident gradients stay on the device
-            self.alloc(embed_bwd.end, None, -(head_grad + emb_grad))
-            if self.wl.n_nvme_layers or not first or self.wl.clip:
-                self.host = max(self.host, *acc_ends, embed_bwd.end)
-            return
-        # post_backward: ship the resident gradients, then wait until every gradient sits in fp32
-        nbytes = c.embedding_params * (4 if first else wl.cb)
-        grad = self.span(S.D2H, S.GRAD, RESIDENT_LAYER, self.transfer_s(S.D2H, nbytes, embed_bwd.end),
-                         after=embed_bwd.end, nbytes=nbytes)
-        self.alloc(grad.end, None, -(head_grad + emb_grad))
-        acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, grad.end, first))
-        self.landed.append((RESIDENT_LAYER, c.embedding_params, acc_ends[-1]))
+        # post_backward: ship the resident gradients (unless they stay on the device), then wait until every
+        # gradient sits in fp32
+        shipped = embed_bwd.end
+        if wl.n_layers not in wl.kept:
+            nbytes = c.embedding_params * (4 if first else wl.cb)
+            shipped = self.span(S.D2H, S.GRAD, RESIDENT_LAYER, self.transfer_s(S.D2H, nbytes, embed_bwd.end),
+                                after=embed_bwd.end, nbytes=nbytes).end
+            acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, shipped, first))
+            self.landed.append((RESIDENT_LAYER, c.embedding_params, acc_ends[-1]))
+        self.alloc(shipped, None, -(head_grad + emb_grad))
         if self.wl.n_nvme_layers or not first or self.wl.clip:  # the main thread waits for the gradients
-            self.host = max(self.host, *acc_ends)
+            self.host = max(self.host, shipped, *acc_ends)
 
     def load(self, i: int, free_at: float) -> float:
         """When layer i's weights are in their slot: H2D, or (kept on the device) a cast of the device master."""
