@@ -31,7 +31,9 @@ class DeviceStates:
         self.store, self.device, self.units = store, device, set(units)
         self.cuda = device.type == "cuda"
         self.tiles = {i: torch.empty(4 * store.units[i].layout.numel, dtype=torch.float32, device=device)
-                      for i in sorted(self.units)}
+                      for i in sorted(self.units)}  # [master | m | v | grad], like the host tile
+        self._parts = {i: tuple(t.split(store.units[i].layout.numel)) for i, t in self.tiles.items()}
+        self._grad_views = {i: store.units[i].layout.views(self._parts[i][3]) for i in self.tiles}
         if self.cuda:
             self.d2h = torch.cuda.Stream(device)
             self.updated = torch.cuda.Event()  # the last device update finished (the compute stream)
@@ -53,33 +55,25 @@ class DeviceStates:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tiles.values())
 
-    def _split(self, i: int) -> list[Tensor]:
-        return list(self.tiles[i].split(self.store.units[i].layout.numel))  # master, m, v, grad
+    def parts(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Unit i's flat fp32 master, Adam m, Adam v and gradient on the device."""
+        return self._parts[i]
 
     def master(self, i: int) -> Tensor:
-        return self._split(i)[0]
-
-    def state(self, i: int) -> tuple[Tensor, Tensor, Tensor]:
-        master, m, v, _ = self._split(i)
-        return master, m, v
-
-    def grad(self, i: int) -> Tensor:
-        return self._split(i)[3]
+        return self._parts[i][0]
 
     def load(self) -> None:
         """Copies [master | m | v] of every kept unit from the host store (at setup, and after the store changed)."""
         self.sync()
         for i, tile in self.tiles.items():
             n = self.store.units[i].layout.numel
-            tile[:3 * n].copy_(self.store.units[i].tile[:3 * n])
-        if self.cuda:
-            torch.cuda.current_stream().synchronize()
+            tile[:3 * n].copy_(self.store.units[i].tile[:3 * n])  # synchronous: the host tile may change next
 
     def land(self, i: int, grads, fresh: bool) -> None:
         """Adds (or, for a step's first micro-batch, writes) one unit's gradients (device, compute dtype, layout
         order; None: the loss did not reach it) into its fp32 gradient, on the current stream."""
         layout = self.store.units[i].layout
-        views = layout.views(self.grad(i))
+        views = self._grad_views[i]
         for entry, g in zip(layout.entries, grads):
             if g is None:
                 if fresh:
@@ -88,12 +82,6 @@ class DeviceStates:
                 views[entry.name].copy_(g)
             else:
                 views[entry.name].add_(g)
-
-    def square_norms(self, grads: list[Tensor]) -> Tensor:
-        """Sum of squared 2-norms of device gradients, as a host scalar (one synchronization)."""
-        if not grads:
-            return torch.zeros((), dtype=torch.float32)
-        return torch.stack([torch.dot(g.reshape(-1), g.reshape(-1)) for g in grads]).sum().cpu()
 
     def before_update(self) -> None:
         """The compute stream waits for the last write-through of every kept unit (an update overwrites its state)."""

@@ -122,6 +122,27 @@ class _Bound:
     norm: Tensor | None = None  # this step's squared gradient 2-norm, computed on the host thread for clipping
 
 
+def _fused_adam(bounds: list[_Bound], steps: list[Tensor], hp: list[dict],
+                clip: tuple[str, Tensor | float] | None) -> None:
+    """One Adam(W) step of `bounds` (host or device tensors alike; `steps` their step counts on the same device):
+    a value clip clamps the gradients first, a norm clip's 1 / c goes in as the kernel's grad_scale."""
+    scale = None
+    if clip is not None and clip[0] == "norm":
+        scale = clip[1].to(bounds[0].param.device)
+    elif clip is not None:
+        grads = [b.grad for b in bounds]
+        torch._foreach_clamp_min_(grads, -clip[1])
+        torch._foreach_clamp_max_(grads, clip[1])
+    for g_index in sorted({b.group for b in bounds}):
+        idx = [k for k, b in enumerate(bounds) if b.group == g_index]
+        h = {k: (float(v) if isinstance(v, Tensor) else v) for k, v in hp[g_index].items()}  # host scalars
+        adam([bounds[k].param for k in idx], [bounds[k].grad for k in idx], [bounds[k].exp_avg for k in idx],
+             [bounds[k].exp_avg_sq for k in idx], [], [steps[k] for k in idx], fused=True,
+             decoupled_weight_decay=h["decoupled"], amsgrad=False, beta1=float(h["betas"][0]),
+             beta2=float(h["betas"][1]), lr=h["lr"], weight_decay=h["weight_decay"], eps=h["eps"],
+             maximize=h["maximize"], grad_scale=scale, found_inf=None)
+
+
 HP_KEYS = ("lr", "betas", "weight_decay", "eps", "maximize")
 
 
@@ -171,14 +192,12 @@ class HostAdam:
         step counts stay in the host optimizer state (what checkpoints save) and are copied in per step."""
         self.device = states
         self._kept = []
+        views = {i: [self.store.units[i].layout.views(t) for t in states.parts(i)] for i in states.units}
         for b in self.bound:
-            if b.unit not in states:
-                continue
-            entry = self.store.units[b.unit].layout.entries[b.entry]
-            master, m, v = states.state(b.unit)
-            param, exp_avg, exp_avg_sq, grad = (t[entry.offset:entry.offset + entry.numel].view(entry.shape)
-                                                for t in (master, m, v, states.grad(b.unit)))
-            self._kept.append(_Bound(b.unit, b.entry, b.group, param, grad, exp_avg, exp_avg_sq, b.step))
+            if b.unit in states:
+                name = self.store.units[b.unit].layout.entries[b.entry].name
+                master, m, v, grad = (part[name] for part in views[b.unit])
+                self._kept.append(_Bound(b.unit, b.entry, b.group, master, grad, m, v, b.step))
         self._kept_steps = torch.zeros(len(self._kept), dtype=torch.float32, device=states.device)
         self.order = [k for k in self.order if k[0] not in states]
         self.parts = {k: v for k, v in self.parts.items() if k[0] not in states}
@@ -217,8 +236,8 @@ class HostAdam:
         self.wait_all()
         kept = self.device.units if self.device is not None else ()
         squares = [b.norm if b.norm is not None else square_norm(b.grad) for b in self.bound if b.unit not in kept]
-        if self._kept:
-            squares.append(self.device.square_norms([b.grad for b in self._kept]))
+        if self._kept:  # one synchronization: backward has to have ended anyway
+            squares.append(torch.stack([square_norm(b.grad) for b in self._kept]).sum().cpu())
         total, scale = clip_scale(squares, max_norm)
         self._clip = ("norm", scale)
         return total
@@ -254,18 +273,7 @@ class HostAdam:
         """Applies one step to one unit part (on the host thread); `trace` is the trace active when it was queued."""
         bound = self.parts[key]
         start = time.perf_counter()
-        grads = [b.grad for b in bound]
-        scale = clip[1] if clip is not None and clip[0] == "norm" else None
-        if clip is not None and clip[0] == "value":
-            torch._foreach_clamp_min_(grads, -clip[1])
-            torch._foreach_clamp_max_(grads, clip[1])
-        for g_index in sorted({b.group for b in bound}):
-            bs = [b for b in bound if b.group == g_index]
-            h = hp[g_index]
-            adam([b.param for b in bs], [b.grad for b in bs], [b.exp_avg for b in bs], [b.exp_avg_sq for b in bs],
-                 [], [b.step for b in bs], fused=True, decoupled_weight_decay=h["decoupled"], amsgrad=False,
-                 beta1=h["betas"][0], beta2=h["betas"][1], lr=h["lr"], weight_decay=h["weight_decay"],
-                 eps=h["eps"], maximize=h["maximize"], grad_scale=scale, found_inf=None)
+        _fused_adam(bound, [b.step for b in bound], hp, clip)
         unit = self.store.units[key[0]]
         if unit.stream is not unit.master:  # cast the updated part into the streamed copy
             lo, hi = _span(unit, bound)
@@ -281,26 +289,11 @@ class HostAdam:
         states.before_update()
         nbytes = 28 * sum(b.param.numel() for b in kept)
         with trace.device_span(-1, S.COMPUTE, S.OPTIMIZER, nbytes) if trace is not None else contextlib.nullcontext():
-            scale = None
-            if clip is not None and clip[0] == "norm":
-                scale = clip[1].to(states.device)
-            elif clip is not None:
-                grads = [b.grad for b in kept]
-                torch._foreach_clamp_min_(grads, -clip[1])
-                torch._foreach_clamp_max_(grads, clip[1])
             counts = torch.stack([b.step for b in kept])
             if states.cuda:  # page-locked, so the copy does not wait for the device to finish backward
                 counts = counts.pin_memory()
             self._kept_steps.copy_(counts, non_blocking=states.cuda)
-            steps = list(self._kept_steps.unbind())
-            for g_index in sorted({b.group for b in kept}):
-                idx = [k for k, b in enumerate(kept) if b.group == g_index]
-                h = hp[g_index]
-                adam([kept[k].param for k in idx], [kept[k].grad for k in idx], [kept[k].exp_avg for k in idx],
-                     [kept[k].exp_avg_sq for k in idx], [], [steps[k] for k in idx], fused=True,
-                     decoupled_weight_decay=h["decoupled"], amsgrad=False, beta1=float(h["betas"][0]),
-                     beta2=float(h["betas"][1]), lr=float(h["lr"]), weight_decay=float(h["weight_decay"]),
-                     eps=float(h["eps"]), maximize=h["maximize"], grad_scale=scale, found_inf=None)
+            _fused_adam(kept, list(self._kept_steps.unbind()), hp, clip)
             torch._foreach_add_([b.step for b in kept], 1.0)  # the host counts stay the truth
         states.after_update()
 
