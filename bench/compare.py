@@ -167,11 +167,12 @@ def run_one(a) -> dict:
 
 def kept_units(strategy) -> dict:
     """megatrain: the units whose state the GPU kept (device_state_GiB)."""
-    states = getattr(getattr(strategy, "engine", None), "device_states", None)
-    if getattr(strategy, "engine", None) is None:
+    engine = getattr(strategy, "engine", None)
+    if engine is None:  # a peer
         return {}
-    units = sorted(states.units) if states is not None else []
-    return dict(device_state_GiB=round(states.nbytes / 2**30, 2) if states else 0.0, device_units=len(units))
+    states = engine.device_states
+    return dict(device_state_GiB=round(states.nbytes / 2**30, 2) if states else 0.0,
+                device_units=len(states.units) if states else 0)
 
 
 PROFILED_STEPS = 3  # synchronized only at the window's edges, like the timed steps

@@ -129,11 +129,6 @@ class DeviceStates:
             self._writer.result()
             self._writer = None
 
-    def wait_updated(self, stream) -> None:
-        """`stream` (None: no CUDA) waits until the last device update has run."""
-        if stream is not None:
-            stream.wait_event(self.updated)
-
     def sync(self) -> None:
         """Blocks until every write-through reached the host."""
         self._wait_writer()

@@ -263,30 +263,21 @@ class StreamingEngine:
     def _load(self, i: int, slot: _Slot) -> None:
         unit = self.store.units[i]
         n = unit.layout.numel
-        if self.device_states is not None and i in self.device_states:
-            self._cast_kept(i, slot, n)
-            return
-        if self.updater is not None:
+        states = self.device_states if self.device_states is not None and i in self.device_states else None
+        if self.updater is not None and states is None:
             self.updater.wait(i)  # the last step's update of this layer (and its streamed copy) is done
         with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
             if self.cuda:
                 self.h2d.wait_event(slot.free)  # the compute stream is done with the slot's previous layer
-            with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d if self.cuda else None):
-                slot.buf[:n].copy_(unit.stream, non_blocking=self.cuda)
-                if slot.compute is not slot.buf:  # the fp32 master streamed: cast it here, off the compute stream
-                    slot.compute[:n].copy_(slot.buf[:n])
-            if self.cuda:
-                slot.ready.record(self.h2d)
-
-    def _cast_kept(self, i: int, slot: _Slot, n: int) -> None:
-        """A unit whose state the device keeps: its weights are the device master cast into the slot (no H2D), once
-        the last update of it has run."""
-        states = self.device_states
-        with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
-            if self.cuda:
-                states.wait_updated(self.h2d)
-                self.h2d.wait_event(slot.free)
-            slot.compute[:n].copy_(states.master(i))
+            if states is not None:  # the device keeps its state: cast the device master once its update ran (no H2D)
+                if self.cuda:
+                    self.h2d.wait_event(states.updated)
+                slot.compute[:n].copy_(states.master(i))
+            else:
+                with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d if self.cuda else None):
+                    slot.buf[:n].copy_(unit.stream, non_blocking=self.cuda)
+                    if slot.compute is not slot.buf:  # the fp32 master streamed: cast it here, off the compute stream
+                        slot.compute[:n].copy_(slot.buf[:n])
             if self.cuda:
                 slot.ready.record(self.h2d)
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning import schedule as S
 from megatrain_lightning.config import Config
 from megatrain_lightning.lm import CausalLM
 from megatrain_lightning.model import Llama
@@ -35,6 +36,11 @@ def make_batches(config: Config, n: int, batch: int = 2, seq_len: int = 16, seed
 def make_model(name: str = "tiny", seed: int = 0, **overrides) -> Llama:
     torch.manual_seed(seed)
     return Llama(Config.from_name(name, **overrides))
+
+
+def kept_budget_GiB(config: Config, n_layers: int) -> float:
+    """device_state_GiB that keeps the resident unit (embedding, final norm, head) and the first `n_layers` layers."""
+    return S.DEVICE_STATE_BYTES * (config.embedding_params + n_layers * config.layer_params) / 2**30
 
 
 def loader(batches: list[torch.Tensor]) -> DataLoader:

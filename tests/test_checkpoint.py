@@ -20,6 +20,7 @@ from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import schedule as S
 from megatrain_lightning.config import Config
 from tests import resume_run
+from tests.helpers import kept_budget_GiB
 from tests.resume_run import TOTAL_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,9 +36,8 @@ def _budget_GiB(on_disk: int) -> float:
 
 
 NVME = dict(storage="nvme", ram_budget_GiB=_budget_GiB(3))  # 3 of tiny's 4 layers on disk
-_c = Config.from_name("tiny")
 # the "device" (the CPU here) keeps and updates the state of the embedding/head and the first 2 layers
-KEPT = dict(device_state_GiB=S.DEVICE_STATE_BYTES * (_c.embedding_params + 2 * _c.layer_params) / 2**30)
+KEPT = dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2))
 MODES = {"ram": {}, "nvme": NVME, "kept": KEPT}
 
 

@@ -2,9 +2,7 @@
 
 import pytest
 
-from megatrain_lightning import schedule as S
-
-from tests.helpers import make_batches, make_model, megatrain_run, reference_run, rel_err
+from tests.helpers import kept_budget_GiB, make_batches, make_model, megatrain_run, reference_run, rel_err
 
 STEPS, ACCUMULATE, CLIP = 5, 2, 1.0
 TOL = 1e-5  # relative, per tensor: ‖megatrain − reference‖ / ‖reference‖
@@ -61,14 +59,6 @@ def test_overlapped_update_modes_match_plain_pytorch(accumulate, clip, algorithm
         assert rel_err(weights[name], ref_weights[name]) < TOL, name
 
 
-def _kept_budget_GiB(model, n_layers: int) -> float:
-    """device_state_GiB that keeps the resident unit (embedding, norm, head) and the first `n_layers` layers."""
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    trunk = sum(p.numel() for p in model.model.layers.parameters())
-    resident = sum(p.numel() for p in model.parameters()) - trunk
-    return S.DEVICE_STATE_BYTES * (resident + n_layers * layer) / 2**30
-
-
 @pytest.mark.parametrize("accumulate,clip,algorithm,kept", [(1, None, "norm", 2), (2, 0.5, "norm", 2),
                                                             (1, 0.05, "value", 2), (2, 0.5, "norm", 4)])
 def test_device_kept_state_matches_plain_pytorch(accumulate, clip, algorithm, kept):
@@ -79,7 +69,7 @@ def test_device_kept_state_matches_plain_pytorch(accumulate, clip, algorithm, ke
     batches = make_batches(model.config, STEPS * accumulate)
     ref_losses, _, ref_weights = reference_run(model, batches, STEPS, accumulate, clip, clip_algorithm=algorithm)
     losses, _, weights, strategy = megatrain_run(model, batches, STEPS, accumulate, clip, clip_algorithm=algorithm,
-                                                 record_grads=False, device_state_GiB=_kept_budget_GiB(model, kept))
+                                                 record_grads=False, device_state_GiB=kept_budget_GiB(model.config, kept))
     n_layers = model.config.n_layer
     assert sorted(strategy.engine.device_states.units) == [*range(kept), n_layers]
     assert len(strategy.updater.order) == n_layers - kept  # the host updates the other layers

@@ -3,9 +3,8 @@
 import pytest
 import torch
 
-from megatrain_lightning import schedule as S
 from megatrain_lightning.engine import _functional
-from tests.helpers import make_batches, make_model, megatrain_run, reference_run, rel_err
+from tests.helpers import kept_budget_GiB, make_batches, make_model, megatrain_run, reference_run, rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -100,9 +99,7 @@ def test_cuda_device_kept_state_tracks_fp32_reference(accumulate, clip):
     model = make_model("tiny")
     batches = make_batches(model.config, 5 * accumulate)
     _, _, ref_weights = reference_run(model, batches, 5, accumulate, clip, lr=1e-3)
-    layer = sum(p.numel() for p in model.model.layers[0].parameters())
-    resident = sum(p.numel() for p in model.parameters()) - model.config.n_layer * layer
-    kept_GiB = S.DEVICE_STATE_BYTES * (resident + 2 * layer) / 2**30
+    kept_GiB = kept_budget_GiB(model.config, 2)
     runs = {gib: megatrain_run(model, batches, 5, accumulate, clip, precision="bf16-mixed", lr=1e-3, device="cuda",
                                record_grads=False, device_state_GiB=gib) for gib in (0.0, kept_GiB, None)}
     assert runs[0.0][3].engine.device_states is None
