@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.store import HostStore, _register
+from megatrain_lightning.store import HostStore
 
 WRITE_CHUNK = 64 * 2**20  # fp32 elements (256 MiB, ~5 ms at 55 GB/s) per write-through copy
 
@@ -39,9 +39,7 @@ class DeviceStates:
             self.updated = torch.cuda.Event()  # the last device update finished (the compute stream)
             self.saved = {i: torch.cuda.Event() for i in self.units}  # its write-through finished
             for i in self.units:  # the write-through DMA needs the host state page-locked
-                unit = store.units[i]
-                if unit.stream is not unit.master:  # stream=master registered the whole tile already
-                    _register(unit.tile[:3 * unit.layout.numel])
+                store.units[i].lock_tile()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="megatrain-write-through",
                                           initializer=torch.cuda.set_device, initargs=(device,)) if self.cuda else None
         self._writer: Future | None = None  # the running write-through

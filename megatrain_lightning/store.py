@@ -62,12 +62,14 @@ class Unit:
     def __init__(self, layout: Layout, stream: Tensor | None, pin: bool, on_disk: bool = False) -> None:
         n = layout.numel
         self.layout, self.on_disk = layout, on_disk
+        self._lock: weakref.finalize | None = None  # the page-lock of the gradient or of the whole tile
+        self._tile_locked = False
         if on_disk:  # [master | m | v] lives in a file; only the gradient is here
             self.tile = self.grad = torch.zeros(n, dtype=torch.float32)
             self.master = self.exp_avg = self.exp_avg_sq = None
             self.stream = stream
             if pin and n:
-                _register(self.grad)
+                self._lock = _register(self.grad)
             return
         self.tile = torch.zeros(4 * n, dtype=torch.float32)  # [master | m | v | grad]
         self.master, self.exp_avg, self.exp_avg_sq, self.grad = self.tile.split(n)
@@ -76,11 +78,18 @@ class Unit:
         if stream is None:
             self.stream = self.master
             if pin and n:
-                _register(self.tile)
+                self._lock, self._tile_locked = _register(self.tile), True
         else:
             self.stream = stream  # compute-dtype weights, a slice of the store's one pinned block
             if pin and n:
-                _register(self.grad)
+                self._lock = _register(self.grad)
+
+    def lock_tile(self) -> None:
+        """Page-locks the whole tile, for DMA of master, m and v too (device_state.py's write-through). The gradient
+        alone may share a page with v: it is unlocked first, since a page can be registered only once."""
+        if self._lock is not None and not self._tile_locked:
+            self._lock()  # unregister the gradient now
+            self._lock, self._tile_locked = _register(self.tile), True
 
     def refresh_stream(self, master: Tensor | None = None) -> None:
         """Casts the fp32 master (or, for a file-backed unit, the given loaded one) into the streamed copy."""
@@ -110,15 +119,16 @@ def available_ram_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-def _register(t: Tensor) -> None:
-    """Page-locks `t`'s memory for asynchronous DMA until `t`'s storage is freed."""
+def _register(t: Tensor) -> weakref.finalize:
+    """Page-locks `t`'s memory for asynchronous DMA until `t`'s storage is freed (or the returned finalizer is
+    called)."""
     cudart = torch.cuda.cudart()
     ptr, nbytes = t.data_ptr(), t.nbytes
     err = cudart.cudaHostRegister(ptr, nbytes, 0)
     if int(err) != 0:
         raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}): the OS refused to page-lock "
                            "host memory for transfers (check `ulimit -l` and free RAM)")
-    weakref.finalize(t.untyped_storage(), cudart.cudaHostUnregister, ptr)
+    return weakref.finalize(t.untyped_storage(), cudart.cudaHostUnregister, ptr)
 
 
 class HostStore:

@@ -88,3 +88,25 @@ def test_block_inputs_stay_on_the_device_when_ram_has_no_room(monkeypatch, caplo
     monkeypatch.setattr(E, "available_ram_bytes", lambda: host.RAM_MARGIN + 16 * 2**20)
     monkeypatch.setattr(E, "pinned_empty", lambda n, dtype, pin: torch.empty(n, dtype=dtype))  # no CUDA here
     assert host.begin(x) and host.active and host._host.numel() == 8 * x.numel()
+
+
+def test_locking_a_whole_tile_unlocks_its_gradient_first(monkeypatch):
+    """stream=copy page-locks only a unit's gradient; kept units need the whole tile for their write-through. The
+    gradient and v may share a page, which CUDA registers only once: the gradient's lock goes first."""
+    import weakref
+
+    from megatrain_lightning import store as st
+
+    calls = []
+
+    def fake_register(t):  # no CUDA here: record what would be (un)registered
+        calls.append(("register", t.data_ptr(), t.nbytes))
+        return weakref.finalize(t.untyped_storage(), lambda p=t.data_ptr(): calls.append(("unregister", p)))
+
+    monkeypatch.setattr(st, "_register", fake_register)
+    layout = st.Layout([("w", torch.Size([3, 5]))])
+    unit = st.Unit(layout, stream=torch.empty(15, dtype=torch.bfloat16), pin=True)
+    assert calls == [("register", unit.grad.data_ptr(), unit.grad.nbytes)]
+    unit.lock_tile()
+    unit.lock_tile()  # once is enough
+    assert calls[1:] == [("unregister", unit.grad.data_ptr()), ("register", unit.tile.data_ptr(), unit.tile.nbytes)]
