@@ -130,11 +130,9 @@ def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config:
         files = {}
         for i, (prefix, unit) in enumerate(zip(store.names, store.units)):
             state = store.read_state(i)  # [master | m | v]
-            n = unit.layout.numel
             tensors = []
-            for part, key in enumerate(("", *(m + "/" for m in MOMENTS))):
-                views = unit.layout.views(state[part * n:(part + 1) * n])
-                tensors += [(key + prefix + e.name, views[e.name]) for e in unit.layout.entries]
+            for part, key in zip(unit.layout.split_state(state), ("", *(m + "/" for m in MOMENTS))):
+                tensors += [(key + prefix + name, view) for name, view in unit.layout.views(part).items()]
             files[unit_file(i)] = write_safetensors(tmp / unit_file(i), tensors)
         torch.save(_plain(meta), tmp / META)
         if model_config is not None:
@@ -248,16 +246,25 @@ def load_store(path: Path, store: HostStore) -> None:
     if problems or len(units) != len(store.units):
         raise CheckpointError(f"checkpoint {path} is of another model shape ({len(units)} units vs "
                               f"{len(store.units)}); mismatched tensors:\n  " + "\n  ".join(problems[:50]))
+    # Adam moments exist for the trainable parameters only: a checkpoint saved with other parameters frozen
+    # would resume other optimizer state than it saved
+    trained = {k.split("/", 1)[1] for h in headers for k in h if k.startswith(MOMENTS[0] + "/")}
+    trainable = {prefix + e.name for prefix, u in zip(store.names, store.units) for e in u.layout.trainable_entries}
+    problems = [f"{k}: trainable now, frozen when saved" for k in sorted(trainable - trained)]
+    problems += [f"{k}: frozen now, trained when saved" for k in sorted(trained - trainable)]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} was saved with other parameters frozen (requires_grad=False); "
+                              "resume with the same ones frozen:\n  " + "\n  ".join(problems[:50]))
     for i, (entry, unit) in enumerate(zip(units, store.units)):
-        n, prefix = unit.layout.numel, store.names[i]
-        state = torch.empty(3 * n, dtype=torch.float32) if unit.on_disk else unit.tile[:3 * n]
+        prefix = store.names[i]
+        state = torch.empty(unit.layout.state_numel, dtype=torch.float32) if unit.on_disk \
+            else unit.tile[:unit.layout.state_numel]
         file = path / entry["file"]
         try:
             with safe_open(str(file), framework="pt") as f:
-                for part, key in enumerate(("", *(m + "/" for m in MOMENTS))):
-                    views = unit.layout.views(state[part * n:(part + 1) * n])
-                    for e in unit.layout.entries:
-                        views[e.name].copy_(f.get_tensor(key + prefix + e.name))
+                for part, key in zip(unit.layout.split_state(state), ("", *(m + "/" for m in MOMENTS))):
+                    for name, view in unit.layout.views(part).items():
+                        view.copy_(f.get_tensor(key + prefix + name))
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for damaged files

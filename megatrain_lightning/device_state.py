@@ -31,9 +31,9 @@ class DeviceStates:
     def __init__(self, store: HostStore, units: list[int], device: torch.device) -> None:
         self.store, self.device, self.units = store, device, set(units)
         self.cuda = device.type == "cuda"
-        self.tiles = {i: torch.empty(4 * store.units[i].layout.numel, dtype=torch.float32, device=device)
+        self.tiles = {i: torch.empty(store.units[i].layout.tile_numel, dtype=torch.float32, device=device)
                       for i in sorted(self.units)}  # [master | m | v | grad], like the host tile
-        self._parts = {i: tuple(t.split(store.units[i].layout.numel)) for i, t in self.tiles.items()}
+        self._parts = {i: store.units[i].layout.split_state(t) for i, t in self.tiles.items()}
         self._grad_views = {i: store.units[i].layout.views(self._parts[i][3]) for i in self.tiles}
         if self.cuda:
             self.d2h = torch.cuda.Stream(device)
@@ -65,15 +65,15 @@ class DeviceStates:
         """Copies [master | m | v] of every kept unit from the host store (at setup, and after the store changed)."""
         self.sync()
         for i, tile in self.tiles.items():
-            n = self.store.units[i].layout.numel
-            tile[:3 * n].copy_(self.store.units[i].tile[:3 * n])  # synchronous: the host tile may change next
+            n = self.store.units[i].layout.state_numel
+            tile[:n].copy_(self.store.units[i].tile[:n])  # synchronous: the host tile may change next
 
     def land(self, i: int, grads, fresh: bool) -> None:
-        """Adds (or, for a step's first micro-batch, writes) one unit's gradients (device, compute dtype, layout
-        order; None: the loss did not reach it) into its fp32 gradient, on the current stream."""
+        """Adds (or, for a step's first micro-batch, writes) one unit's gradients (device, compute dtype, its
+        trainable parameters in layout order; None: the loss did not reach it) into its fp32 gradient, on the current stream."""
         layout = self.store.units[i].layout
         views = self._grad_views[i]
-        for entry, g in zip(layout.entries, grads):
+        for entry, g in zip(layout.trainable_entries, grads):
             if g is None:
                 if fresh:
                     views[entry.name].zero_()
@@ -93,8 +93,8 @@ class DeviceStates:
         """Marks the update done and starts writing every kept unit's new state through to the host store."""
         if not self.cuda:
             for i, tile in self.tiles.items():
-                n = self.store.units[i].layout.numel
-                self.store.units[i].tile[:3 * n].copy_(tile[:3 * n])
+                n = self.store.units[i].layout.state_numel
+                self.store.units[i].tile[:n].copy_(tile[:n])
                 self.store.units[i].refresh_stream()
             return
         self.updated.record()
@@ -109,10 +109,9 @@ class DeviceStates:
         done = torch.cuda.Event(blocking=True)  # the thread sleeps in synchronize instead of spinning a core
         for i, tile in self.tiles.items():
             unit = self.store.units[i]
-            n = unit.layout.numel
-            span = trace.device_span(i, S.D2H, S.STATE, S.WRITE_THROUGH_BYTES * n, self.d2h) if trace \
-                else nullcontext()
-            pieces = [(unit.tile[:3 * n], tile[:3 * n], lo) for lo in range(0, 3 * n, WRITE_CHUNK)]  # not the grad
+            n, state = unit.layout.numel, unit.layout.state_numel
+            span = trace.device_span(i, S.D2H, S.STATE, 4 * state, self.d2h) if trace else nullcontext()
+            pieces = [(unit.tile[:state], tile[:state], lo) for lo in range(0, state, WRITE_CHUNK)]  # not the grad
             if unit.stream is not unit.master:  # the streamed copy too (read by a flush or a checkpoint)
                 pieces += [(unit.stream, tile[:n], lo) for lo in range(0, n, WRITE_CHUNK)]
             with torch.cuda.stream(self.d2h), span:

@@ -238,15 +238,18 @@ class StreamingEngine:
             for i in range(start, end):
                 slot = pf.acquire(pos)
                 pos += 1
-                params = {n: v.detach().requires_grad_() for n, v in self._views(i, slot).items()}
+                params = self._views(i, slot)
+                for e in self.store.units[i].layout.trainable_entries:  # frozen parameters get no gradient
+                    params[e.name] = params[e.name].detach().requires_grad_()
+                trainable = [params[e.name] for e in self.store.units[i].layout.trainable_entries]
                 x_in = x.detach().requires_grad_()
                 with torch.enable_grad(), amp, self._span(i, S.COMPUTE, S.RECOMPUTE):
                     x = self._run(i, params, x_in, extras)
-                saved.append((i, slot, x_in, params, x))
+                saved.append((i, slot, x_in, trainable, x))
             checkpoints[b] = None  # free as we go
-            for i, slot, x_in, params, out in reversed(saved):
+            for i, slot, x_in, trainable, out in reversed(saved):
                 with self._span(i, S.COMPUTE, S.BACKWARD):
-                    grads = torch.autograd.grad(out, [x_in, *params.values()], grad, allow_unused=True)
+                    grads = torch.autograd.grad(out, [x_in, *trainable], grad, allow_unused=True)
                 grad = grads[0]
                 self.ship_grads(i, grads[1:])
                 pf.release(slot)
@@ -282,7 +285,8 @@ class StreamingEngine:
                 slot.ready.record(self.h2d)
 
     def ship_grads(self, unit_index: int, grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> None:
-        """Sends one unit's gradients (device, compute dtype, in layout order) to the host. The first micro-batch
+        """Sends one unit's gradients (device, compute dtype, its trainable parameters in layout order; None where
+        the loss did not reach one) to the host. The first micro-batch
         of a step lands them in the fp32 gradient buffer directly (cast to fp32 on the device, one DMA per
         tensor); later ones go through a compute-dtype staging buffer that the host thread adds into fp32."""
         if self.device_states is not None and unit_index in self.device_states:
@@ -302,12 +306,12 @@ class StreamingEngine:
     def _land(self, unit_index: int, grads) -> Future:
         unit = self.store.units[unit_index]
         views = unit.layout.views(unit.grad)
-        missing = [e.name for e, g in zip(unit.layout.entries, grads) if g is None]
+        missing = [e.name for e, g in zip(unit.layout.trainable_entries, grads) if g is None]
         done = None
         if self.cuda:
             self.d2h.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.d2h), self._span(unit_index, S.D2H, S.GRAD, unit.grad.nbytes, self.d2h):
-                for entry, g in zip(unit.layout.entries, grads):
+                for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is not None:
                         views[entry.name].copy_(g.float(), non_blocking=True)  # the cast runs on this stream
                         g.record_stream(self.d2h)  # keep the allocator from reusing g before the copy ran
@@ -315,7 +319,7 @@ class StreamingEngine:
             done.record(self.d2h)
         else:
             with self._span(unit_index, S.D2H, S.GRAD, unit.grad.nbytes):
-                for entry, g in zip(unit.layout.entries, grads):
+                for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is not None:
                         views[entry.name].copy_(g)
         return self._worker.submit(self._landed, views, missing, done)
@@ -330,20 +334,20 @@ class StreamingEngine:
     def _stage(self, unit_index: int, grads) -> Future:
         unit = self.store.units[unit_index]
         if unit_index == len(self.store.units) - 1:
-            buf, ring_pos = self._resident_staging, None
+            buf, ring_pos = self._resident_staging[:unit.layout.trainable], None
         else:
             ring_pos = self._ring_pos
             self._ring_pos = (ring_pos + 1) % S.STAGING_RING
             if self._ring_busy[ring_pos] is not None:
                 self._ring_busy[ring_pos].result()  # the worker still reads this slot: wait for it
-            buf = self._ring[ring_pos][:unit.layout.numel]
+            buf = self._ring[ring_pos][:unit.layout.trainable]
         staging = unit.layout.views(buf)
         nbytes = buf.nbytes
         done = None
         if self.cuda:
             self.d2h.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.d2h), self._span(unit_index, S.D2H, S.GRAD, nbytes, self.d2h):
-                for entry, g in zip(unit.layout.entries, grads):
+                for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is None:
                         staging[entry.name].zero_()
                     else:
@@ -353,7 +357,7 @@ class StreamingEngine:
             done.record(self.d2h)
         else:
             with self._span(unit_index, S.D2H, S.GRAD, nbytes):
-                for entry, g in zip(unit.layout.entries, grads):
+                for entry, g in zip(unit.layout.trainable_entries, grads):
                     staging[entry.name].copy_(g) if g is not None else staging[entry.name].zero_()
         future = self._worker.submit(self._accumulate, unit_index, unit, buf, done)
         if ring_pos is not None:

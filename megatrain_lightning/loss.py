@@ -25,7 +25,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
         h_all, w = hidden.to(dtype), weight.to(dtype)
         grad_h = torch.empty_like(h_all)
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        want_w = ctx.needs_input_grad[1]  # a frozen head needs no [V, D] gradient
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_w else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         with torch.autocast(device, enabled=False):
             for start in range(0, h_all.shape[0], chunk):
@@ -42,7 +43,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs.mul_(valid[:, None])
                 g = probs.to(dtype)
                 grad_h[start:start + chunk] = g @ w
-                grad_w.add_(g.t() @ h)  # [V, D] in the compute dtype, added into fp32 without an fp32 copy
+                if want_w:
+                    grad_w.add_(g.t() @ h)  # [V, D] in the compute dtype, added into fp32 without an fp32 copy
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
@@ -51,7 +53,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         grad_h, grad_w = ctx.saved_tensors  # scaled in place: [V, D] fp32 is large (a second backward raises)
         h_dtype, w_dtype = ctx.dtypes
-        return grad_h.mul_(grad.to(grad_h.dtype)).to(h_dtype), grad_w.mul_(grad).to(w_dtype), None, None
+        grad_w = grad_w.mul_(grad).to(w_dtype) if grad_w is not None else None
+        return grad_h.mul_(grad.to(grad_h.dtype)).to(h_dtype), grad_w, None, None
 
 
 def linear_cross_entropy(hidden: Tensor, weight: Tensor, labels: Tensor, chunk: int) -> Tensor:

@@ -1,6 +1,6 @@
 """The file-backed tier: layers whose fp32 state does not fit the RAM budget keep it in one file each.
 
-A file holds the unit's flat [master | adam m | adam v] (12 bytes per parameter). Their gradients and their
+A file holds the unit's flat [master | adam m | adam v] (12 bytes per trainable parameter, 4 per frozen one). Their gradients and their
 streamed compute-dtype copy stay in RAM (the forward and the gradient clipping need them there). The host
 optimizer reads a layer's state ahead of need into one of a few reused RAM tiles, updates it, and writes it
 behind on a second thread while the next layer is read and updated.
@@ -28,8 +28,6 @@ from torch import Tensor
 
 from megatrain_lightning import schedule as S
 
-STATE_PARTS = 3  # master, exp_avg, exp_avg_sq
-
 
 @dataclass
 class IOStats:
@@ -49,7 +47,7 @@ class IOStats:
 
 class NvmeTier:
     def __init__(self, directory: str | Path, numels: dict[int, int], buffers: int = S.NVME_BUFFERS) -> None:
-        """`numels`: unit index -> parameter count of each file-backed unit."""
+        """`numels`: unit index -> fp32 elements of each file-backed unit's [master | m | v]."""
         if not numels:
             raise ValueError("NvmeTier needs at least one unit")
         root = Path(directory)
@@ -57,7 +55,7 @@ class NvmeTier:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise OSError(e.errno, f"cannot create storage.nvme_dir {root}: {e.strerror}") from e
-        need = sum(numels.values()) * STATE_PARTS * 4
+        need = sum(numels.values()) * 4
         free = shutil.disk_usage(root).free
         if need > free:
             raise OSError(errno.ENOSPC, f"storage.nvme_dir {root} has {free / 1e9:.1f} GB free; the file-backed "
@@ -66,10 +64,10 @@ class NvmeTier:
         self.dir = Path(tempfile.mkdtemp(prefix="megatrain-", dir=root))
         self.numels = dict(numels)
         max_numel = max(numels.values())
-        self.n_buffers, self._tile_bytes = buffers, STATE_PARTS * max_numel * 4
+        self.n_buffers, self._tile_bytes = buffers, max_numel * 4
         self._tiles: queue.Queue[Tensor] = queue.Queue()
         for _ in range(buffers):
-            self._tiles.put(torch.empty(STATE_PARTS * max_numel, dtype=torch.float32))
+            self._tiles.put(torch.empty(max_numel, dtype=torch.float32))
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-read")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-write")
         self._writes: dict[int, Future] = {}
@@ -88,7 +86,7 @@ class NvmeTier:
     # ---- whole-unit I/O on the background threads ----
     def read(self, index: int) -> Future:
         """Starts reading a unit's state into a free tile; the future's result is the tile
-        ([3 * numel] fp32: master | m | v). Blocks while every tile is in use."""
+        ([master | m | v], fp32). Blocks while every tile is in use."""
         start = time.perf_counter()
         tile = self._tiles.get()
         self.stats.wait_s += time.perf_counter() - start
@@ -140,7 +138,7 @@ class NvmeTier:
 
     def _timed(self, kind: str, io, index: int, tile: Tensor) -> None:
         """Moves a unit's state between its file and `tile`, adding the bytes and seconds to the stats."""
-        n = self.numels[index] * STATE_PARTS
+        n = self.numels[index]
         start = time.perf_counter()
         io(self.path(index), tile[:n])
         with self._lock:
@@ -149,14 +147,14 @@ class NvmeTier:
 
     # ---- synchronous access (setup, checkpoints, imports) ----
     def load(self, index: int) -> Tensor:
-        """A unit's state as a fresh [3 * numel] tensor (master | m | v)."""
+        """A unit's state as a fresh [master | m | v] tensor."""
         self.flush()
-        out = torch.empty(self.numels[index] * STATE_PARTS, dtype=torch.float32)
+        out = torch.empty(self.numels[index], dtype=torch.float32)
         _read_file(self.path(index), out)
         return out
 
     def store(self, index: int, state: Tensor) -> None:
-        """Writes (or creates) a unit's file from a [3 * numel] tensor."""
+        """Writes (or creates) a unit's file from a [master | m | v] tensor."""
         self.flush()
         _write_file(self.path(index), state)
 

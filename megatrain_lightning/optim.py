@@ -54,6 +54,10 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
             name = param_names.get(id(p))
             if name is None:
                 raise ValueError("the optimizer holds a tensor that is not a parameter of the LightningModule")
+            if not p.requires_grad:
+                # frozen: PyTorch's optimizers skip a parameter without a gradient (no step, no weight decay, no
+                # state); the store gives it neither moments nor a gradient buffer
+                continue
             i, entry = store.index[name]
             unit = store.units[i]
             grad = unit.grad[entry.offset:entry.offset + entry.numel].view(entry.shape)
@@ -396,12 +400,12 @@ class PagedStep:
                 i, future = ahead.popleft()
                 tile = tier.take(future)
                 unit = self.store.units[i]
-                n = unit.layout.numel
+                n, t = unit.layout.numel, unit.layout.trainable
                 try:
                     for b in self.paged[i]:
                         _point(b.param, tile, b.offset)
                         _point(b.exp_avg, tile, n + b.offset)
-                        _point(b.exp_avg_sq, tile, 2 * n + b.offset)
+                        _point(b.exp_avg_sq, tile, n + t + b.offset)
                         b.param.grad = b.grad
                     self.step()
                 except BaseException:

@@ -51,15 +51,15 @@ DEVICE_STATE_BYTES = 16
 WRITE_THROUGH_BYTES = 12
 
 
-def device_units(numels: list[int], budget_bytes: float) -> list[int]:
-    """Units (indices into `numels`: trunk layers, then the resident unit last) whose state the device keeps within
-    `budget_bytes`: the resident unit first (its embedding is the forward's first need), then trunk layers in
-    forward order (the host's updates of the later ones hide behind the forward of these), each taken if it
-    still fits."""
-    resident = len(numels) - 1
+def device_units(unit_bytes: list[float], budget_bytes: float) -> list[int]:
+    """Units (indices into `unit_bytes`, each unit's fp32 tile: trunk layers, then the resident unit last) whose
+    state the device keeps within `budget_bytes`: the resident unit first (its embedding is the forward's first
+    need), then trunk layers in forward order (the host's updates of the later ones hide behind the forward of
+    these), each taken if it still fits."""
+    resident = len(unit_bytes) - 1
     chosen, left = [], budget_bytes
     for i in [resident, *range(resident)]:
-        need = DEVICE_STATE_BYTES * numels[i]
+        need = unit_bytes[i]
         if need <= left:
             chosen.append(i)
             left -= need

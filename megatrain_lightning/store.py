@@ -43,36 +43,73 @@ class Entry:
 
 
 class Layout:
-    """Where each named parameter sits inside a unit's flat buffers (packed, in module order)."""
+    """Where each named parameter sits inside a unit's flat buffers: packed in module order, trainable parameters
+    first. Frozen ones (`frozen`: requires_grad=False) follow them, so the Adam moments and the gradient, which only
+    trainable parameters have, are the first `trainable` elements of the same layout (a frozen base model under
+    LoRA adapters then costs 4 bytes per parameter of host state instead of 16)."""
 
-    def __init__(self, named_shapes: list[tuple[str, torch.Size]]) -> None:
+    def __init__(self, named_shapes: list[tuple[str, torch.Size]], frozen: set[str] | frozenset = frozenset()) -> None:
+        ordered = [x for x in named_shapes if x[0] not in frozen] + [x for x in named_shapes if x[0] in frozen]
         self.entries: list[Entry] = []
         offset = 0
-        for name, shape in named_shapes:
+        for name, shape in ordered:
             self.entries.append(Entry(name, offset, torch.Size(shape)))
             offset += torch.Size(shape).numel()
         self.numel = offset
+        self.n_trainable = sum(name not in frozen for name, _ in named_shapes)
+        self.trainable = sum(e.numel for e in self.entries[:self.n_trainable])  # elements of moments and gradient
         self.signature = tuple((e.name, tuple(e.shape)) for e in self.entries)
 
+    @property
+    def trainable_entries(self) -> list[Entry]:
+        return self.entries[:self.n_trainable]
+
+    @property
+    def state_numel(self) -> int:
+        """fp32 elements of [master | m | v]: the master of every parameter, the moments of the trainable ones."""
+        return self.numel + 2 * self.trainable
+
+    @property
+    def tile_numel(self) -> int:
+        """fp32 elements of [master | m | v | grad]."""
+        return self.numel + 3 * self.trainable
+
+    def split_state(self, flat: Tensor) -> tuple[Tensor, ...]:
+        """[master | m | v | grad] as its four parts, or [master | m | v] as its three (four, the last empty, when
+        nothing is trainable: the two are then the same size)."""
+        n, t = self.numel, self.trainable
+        if flat.numel() not in (self.state_numel, self.tile_numel):
+            raise ValueError(f"a buffer of {flat.numel()} elements is not a state or tile of this layout")
+        return tuple(flat.split([n, t, t, t] if flat.numel() == self.tile_numel else [n, t, t]))
+
     def views(self, flat: Tensor) -> dict[str, Tensor]:
-        return {e.name: flat[e.offset:e.offset + e.numel].view(e.shape) for e in self.entries}
+        """Named views of a flat buffer of every parameter (`numel`: masters, weights) or of the trainable ones
+        (`trainable`: moments, gradients)."""
+        if flat.numel() == self.numel:
+            entries = self.entries
+        elif flat.numel() == self.trainable:
+            entries = self.trainable_entries
+        else:
+            raise ValueError(f"a buffer of {flat.numel()} elements is not one of this layout ({self.numel} "
+                             f"parameters, {self.trainable} trainable)")
+        return {e.name: flat[e.offset:e.offset + e.numel].view(e.shape) for e in entries}
 
 
 class Unit:
     def __init__(self, layout: Layout, stream: Tensor | None, pin: bool, on_disk: bool = False) -> None:
-        n = layout.numel
+        n, t = layout.numel, layout.trainable
         self.layout, self.on_disk = layout, on_disk
         self._lock: weakref.finalize | None = None  # the page-lock of the gradient or of the whole tile
         self._tile_locked = False
         if on_disk:  # [master | m | v] lives in a file; only the gradient is here
-            self.tile = self.grad = torch.zeros(n, dtype=torch.float32)
+            self.tile = self.grad = torch.zeros(t, dtype=torch.float32)
             self.master = self.exp_avg = self.exp_avg_sq = None
             self.stream = stream
-            if pin and n:
+            if pin and t:
                 self._lock = _register(self.grad)
             return
-        self.tile = torch.zeros(4 * n, dtype=torch.float32)  # [master | m | v | grad]
-        self.master, self.exp_avg, self.exp_avg_sq, self.grad = self.tile.split(n)
+        self.tile = torch.zeros(layout.tile_numel, dtype=torch.float32)  # [master | m | v | grad]
+        self.master, self.exp_avg, self.exp_avg_sq, self.grad = layout.split_state(self.tile)
         # page-locked where it is (the pinned allocator would round up to 2^k): the gradient, which lands by DMA,
         # and the master too when it is what streams (then the whole tile: one registration, no shared pages)
         if stream is None:
@@ -81,7 +118,7 @@ class Unit:
                 self._lock, self._tile_locked = _register(self.tile), True
         else:
             self.stream = stream  # compute-dtype weights, a slice of the store's one pinned block
-            if pin and n:
+            if pin and t:
                 self._lock = _register(self.grad)
 
     def lock_tile(self) -> None:
@@ -159,7 +196,7 @@ class HostStore:
                 copy = self._streams[offset:offset + layout.numel]
                 offset += layout.numel
             self.units.append(Unit(layout, copy, pin, on_disk=i in on_disk))
-        self.nvme = NvmeTier(nvme_dir or "nvme_state", {i: layouts[i].numel for i in sorted(on_disk)}) \
+        self.nvme = NvmeTier(nvme_dir or "nvme_state", {i: layouts[i].state_numel for i in sorted(on_disk)}) \
             if on_disk else None
         # full parameter name -> (unit index, entry)
         self.index = {prefix + e.name: (i, e) for i, (prefix, u) in enumerate(zip(names, self.units))
@@ -169,7 +206,8 @@ class HostStore:
         """Copies a unit's (materialized) tensors into its fp32 master (Adam moments zero) and its streamed copy."""
         unit = self.units[index]
         n = unit.layout.numel
-        state = torch.zeros(3 * n, dtype=torch.float32) if unit.on_disk else unit.tile[:3 * n]
+        state = torch.zeros(unit.layout.state_numel, dtype=torch.float32) if unit.on_disk \
+            else unit.tile[:unit.layout.state_numel]
         views = unit.layout.views(state[:n])
         with torch.no_grad():
             for name, tensor in named_tensors:
@@ -182,17 +220,16 @@ class HostStore:
         unit = self.units[index]
         if unit.on_disk:
             return self.nvme.load(index)
-        return unit.tile[:3 * unit.layout.numel]
+        return unit.tile[:unit.layout.state_numel]
 
     def write_state(self, index: int, state: Tensor) -> None:
         """Replaces a unit's [master | m | v] and refreshes its streamed copy."""
         unit = self.units[index]
-        n = unit.layout.numel
         if unit.on_disk:
             self.nvme.store(index, state)
         elif state.data_ptr() != unit.tile.data_ptr():
-            unit.tile[:3 * n].copy_(state)
-        unit.refresh_stream(state[:n])
+            unit.tile[:unit.layout.state_numel].copy_(state)
+        unit.refresh_stream(state[:unit.layout.numel])
 
     @property
     def nbytes(self) -> int:
@@ -204,14 +241,14 @@ class HostStore:
         return sum(u.layout.numel for u in self.units)
 
     def named(self, which: str = "master") -> dict[str, Tensor]:
-        """Full-name tensors of one of 'master', 'exp_avg', 'exp_avg_sq', 'grad': views into RAM units, and copies
-        read from disk for file-backed units (writing to those changes nothing)."""
+        """Full-name tensors of one of 'master', 'exp_avg', 'exp_avg_sq', 'grad' (the last three: trainable parameters
+        only): views into RAM units, and copies read from disk for file-backed units (writing to those changes
+        nothing)."""
         part = {"master": 0, "exp_avg": 1, "exp_avg_sq": 2}
         out: dict[str, Tensor] = {}
         for i, (prefix, unit) in enumerate(zip(self.names, self.units)):
             if unit.on_disk and which in part:
-                n = unit.layout.numel
-                flat = self.read_state(i)[part[which] * n:(part[which] + 1) * n]
+                flat = unit.layout.split_state(self.read_state(i))[part[which]]
             else:
                 flat = getattr(unit, which)
             for name, view in unit.layout.views(flat).items():

@@ -177,8 +177,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self._trunk_prefix = prefix + "."
         device, dtype = self.root_device, self.compute_dtype
         refs = list(_param_refs(module, skip=trunk).values())  # resident: [(name, [(module, attr, parameter)])]
-        layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()]) for block in trunk]
-        layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs]))
+        layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()],
+                          frozen={n for n, p in block.named_parameters() if not p.requires_grad}) for block in trunk]
+        layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs],
+                              frozen={name for name, owners in refs if not owners[0][2].requires_grad}))
         names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
         stream = self._resolve_stream(layouts, dtype)
         nvme_units = self._nvme_units(layouts, dtype, stream)
@@ -220,12 +222,12 @@ class MegatrainStrategy(SingleDeviceStrategy):
         # a device copy in the compute dtype (never an alias of the host store, even when the device is the CPU)
         self._resident_flat = torch.empty(unit.layout.numel, dtype=dtype, device=device).copy_(unit.stream)
         views = unit.layout.views(self._resident_flat)
-        self._resident_params = []
+        params = {}
         for name, owners in refs:
-            p = nn.Parameter(views[name], requires_grad=owners[0][2].requires_grad)
+            p = params[name] = nn.Parameter(views[name], requires_grad=owners[0][2].requires_grad)
             _assign(owners, p)
-            self._resident_params.append(p)
             self._param_names[id(p)] = name
+        self._resident_params = [params[e.name] for e in unit.layout.trainable_entries]  # what gets gradients
         self.store = store
         cuda = device.type == "cuda"
         self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth,
@@ -255,7 +257,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
                 log.info("device_state_GiB: a hook reads gradients (on_before_optimizer_step, "
                          "configure_gradient_clipping or optimizer_step): every update runs on the host")
                 budget = 0.0
-            units = S.device_units([u.layout.numel for u in self.store.units], budget * 2**30)
+            units = S.device_units([4 * u.layout.tile_numel for u in self.store.units], budget * 2**30)
             if not units:
                 return
             states = DeviceStates(self.store, units, self.root_device)

@@ -86,7 +86,7 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
         free = hw.hbm_GiB * GiB - hw.gpu_reserved_GiB * GiB - wl.resident_bytes - wl.n_slots * wl.slot_bytes
         budget = 0.4 * max(free, 0) / GiB
     numels = [wl.model.layer_params] * wl.n_layers + [wl.model.embedding_params]
-    return replace(wl, kept=tuple(S.device_units(numels, budget * GiB)))
+    return replace(wl, kept=tuple(S.device_units([S.DEVICE_STATE_BYTES * n for n in numels], budget * GiB)))
 
 
 def _offload_when_room(hw: Hardware, wl: Workload) -> Workload:

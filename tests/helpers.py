@@ -72,7 +72,7 @@ def reference_run(model: Llama, batches, steps: int, accumulate: int, clip: floa
             losses.append(loss.item())
             (loss / accumulate).backward()
         if step == 0:
-            first_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+            first_grads = {n: p.grad.clone() for n, p in lm.named_parameters() if p.grad is not None}
         # in the optimizer's parameter order, as Lightning clips: the global norm is then summed identically
         params = [p for g in opt.param_groups for p in g["params"]]
         if clip and clip_algorithm == "norm":

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megatrain_lightning.lm import CausalLM
-from tests.helpers import make_model, rel_err
+from tests.helpers import make_batches, make_model, rel_err
 
 
 def _loss_and_grads(model, batch, chunk, scale=1.0):
@@ -31,6 +31,20 @@ def test_chunked_loss_matches_one_pass(chunk, preset):
     assert abs(got_loss - want_loss) <= 1e-6 * abs(want_loss)
     for name in want:
         assert rel_err(got[name], want[name]) < 1e-5, name
+
+
+def test_frozen_head_gets_no_gradient():
+    """A frozen head (requires_grad=False) gets no weight gradient; the hidden states' still match."""
+    model = make_model("tiny")
+    model.lm_head.weight.requires_grad_(False)
+    batch = make_batches(model.config, 1)[0]
+    want_loss, want = _loss_and_grads(model, batch, None)
+    got_loss, got = _loss_and_grads(model, batch, 7)
+    assert got["model.lm_head.weight"] is None and want["model.lm_head.weight"] is None
+    assert abs(got_loss - want_loss) <= 1e-6 * abs(want_loss)
+    for name in want:
+        if want[name] is not None:
+            assert rel_err(got[name], want[name]) < 1e-5, name
 
 
 def test_chunked_loss_under_bf16_autocast_tracks_fp32():

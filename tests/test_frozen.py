@@ -1,0 +1,83 @@
+"""Frozen parameters (requires_grad=False, still handed to the optimizer as `AdamW(self.parameters())` does) are
+never updated, get no weight decay and keep neither Adam moments nor a gradient buffer, as under plain PyTorch."""
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.config import Config
+from tests.helpers import (RecordingLM, kept_budget_GiB, lm_kwargs, loader, make_batches, make_model, megatrain_run,
+                           reference_run, rel_err)
+from tests.test_checkpoint import _budget_GiB
+
+STEPS, TOL = 4, 1e-5
+# the embedding, a whole layer, one matrix of another layer and the final norm (the head stays trainable)
+FROZEN = ("model.embed_tokens.weight", "model.layers.1.", "model.layers.0.self_attn.q_proj.weight",
+          "model.norm.weight")
+
+
+def _frozen_model():
+    model = make_model("tiny")
+    for name, p in model.named_parameters():
+        if name.startswith(FROZEN):
+            p.requires_grad_(False)
+    assert sum(not p.requires_grad for p in model.parameters()) == 3 + 9  # what FROZEN names
+    return model
+
+
+@pytest.mark.parametrize("clip,strategy_kwargs", [
+    (None, {}),  # eager host updates behind backward
+    (1.0, {}),  # deferred behind the next forward, norm clipping over the trainable gradients only
+    (1.0, dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2))),  # kept on the "device"
+    (1.0, dict(storage="nvme", ram_budget_GiB=_budget_GiB(3))),  # file-backed layers, paged step
+])
+def test_frozen_parameters_match_plain_pytorch(clip, strategy_kwargs, tmp_path):
+    model = _frozen_model()
+    batches = make_batches(model.config, STEPS * 2)
+    ref_losses, _, ref_weights = reference_run(model, batches, STEPS, 2, clip)
+    if strategy_kwargs.get("storage") == "nvme":
+        strategy_kwargs = {**strategy_kwargs, "nvme_dir": tmp_path}
+    losses, _, weights, strategy = megatrain_run(model, batches, STEPS, 2, clip, record_grads=False,
+                                                 **strategy_kwargs)
+    for got, want in zip(losses, ref_losses, strict=True):
+        assert abs(got - want) <= TOL * abs(want)
+    initial = {"model." + n: p for n, p in model.named_parameters()}
+    for name, want in ref_weights.items():
+        assert rel_err(weights[name], want) < TOL, name
+        frozen = not initial[name].requires_grad
+        assert torch.equal(weights[name], initial[name]) == frozen, name  # frozen: bit-identical, others moved
+    # no moments and no gradient buffer for frozen parameters
+    store = strategy.store
+    trainable = {n for n, p in initial.items() if p.requires_grad}
+    assert store.named("exp_avg").keys() == store.named("grad").keys() == trainable
+
+
+def test_frozen_parameters_cost_less_host_memory():
+    """4 bytes per frozen parameter (its master) instead of 16 (master, m, v, gradient)."""
+    full, frozen = make_model("tiny"), _frozen_model()
+    n_frozen = sum(p.numel() for p in frozen.parameters() if not p.requires_grad)
+    sizes = []
+    for model in (full, frozen):
+        _, _, _, strategy = megatrain_run(model, make_batches(model.config, 1), 1, 1, None, record_grads=False)
+        sizes.append(sum(u.tile.nbytes for u in strategy.store.units))
+    assert sizes[0] - sizes[1] == 12 * n_frozen
+
+
+def test_resume_with_other_parameters_frozen_is_an_error(tmp_path):
+    model = _frozen_model()
+    batches = make_batches(model.config, 2)
+
+    def fit(m, **kwargs):
+        lm = RecordingLM(m.config, model=copy.deepcopy(m), **lm_kwargs(2))
+        trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", max_steps=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(lm, train_dataloaders=loader(batches), **kwargs)
+        return trainer
+
+    fit(model).save_checkpoint(tmp_path / "ckpt")
+    with pytest.raises(ckpt.CheckpointError, match=r"other parameters frozen.*\n.*model.model.embed_tokens.weight: trainable now"):
+        fit(make_model("tiny"), ckpt_path=tmp_path / "ckpt")
