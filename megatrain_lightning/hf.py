@@ -120,7 +120,8 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
         raise ckpt.CheckpointError(f"{src} has no {ckpt.MODEL_CONFIG}: only checkpoints of megatrain's CausalLM "
                                    "can be exported")
     config = Config(**json.loads((src / ckpt.MODEL_CONFIG).read_text()))
-    units = [src / u["file"] for u in json.loads((src / ckpt.MANIFEST).read_text())["units"]]
+    entries = json.loads((src / ckpt.MANIFEST).read_text())["units"]
+    units = [src / u["file"] for u in entries]
     masters = [[k for k in ckpt.read_header(f) if k != "__metadata__" and "/" not in k] for f in units]
     prefix = _hf_prefix(k for keys in masters for k in keys)  # "exp_avg/..." keys are optimizer state
     out = Path(out_dir)
@@ -139,10 +140,10 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
             written.append((name, [n for n, _ in shard]))
             shard.clear()
 
-        for file, keys in zip(units, masters):  # one unit file at a time
+        for file, keys, entry in zip(units, masters, entries):  # one unit file at a time
             with safe_open(str(file), framework="pt") as f:
                 for key in keys:
-                    t = f.get_tensor(key).to(DTYPES[dtype]).contiguous()
+                    t = ckpt.get_verified(f, key, entry, file).to(DTYPES[dtype]).contiguous()
                     if shard and shard_bytes + t.nbytes > limit:
                         flush()
                         shard_bytes = 0

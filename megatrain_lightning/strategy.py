@@ -81,6 +81,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         super().__init__(device=device if device is not None else "cpu", **kwargs)
         self._device_given = device is not None
         self.parallel_devices: list[torch.device] | None = None  # Lightning's connector fills in its choice
+        self.num_nodes = 1  # likewise (checked in _configure_launcher)
         self.checkpoint_interval, self.prefetch_depth, self.storage = checkpoint_interval, prefetch_depth, storage
         self.stream = stream
         self.ram_budget_GiB, self.nvme_dir = ram_budget_GiB, Path(nvme_dir)
@@ -116,6 +117,15 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if not self._device_given and self.parallel_devices:
             return self.parallel_devices[0]
         return self._root_device
+
+    @override
+    def _configure_launcher(self) -> None:
+        # the connector has just filled in devices and nodes: one device is all this strategy trains on yet, and
+        # training on fewer devices than asked for would be silently wrong
+        devices = len(self.parallel_devices or ()) or 1
+        if devices > 1 or self.num_nodes > 1:
+            raise ValueError(f"the megatrain strategy trains on one device; got devices={devices}, "
+                             f"num_nodes={self.num_nodes} (use devices=1)")
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -156,7 +166,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
             # Lightning clips by norm by multiplying every .grad before optimizer.step; the host step instead takes
             # the coefficient and applies it inside the fused kernel (and, overlapped, per unit when it updates it)
             plugin = self.precision_plugin
-            plugin.clip_grad_by_norm = lambda optimizer, clip_val: step.clip_by_norm(clip_val)
+            plugin.clip_grad_by_norm = lambda optimizer, clip_val: self._check_norm(step.clip_by_norm(clip_val))
             plugin.clip_grad_by_value = lambda optimizer, clip_val: step.clip_by_value(clip_val)
         self.setup_precision_plugin()
 
@@ -301,6 +311,26 @@ class MegatrainStrategy(SingleDeviceStrategy):
         return list(range(n))
 
     # ---- the training step ----
+    @override
+    def pre_backward(self, closure_loss: Tensor) -> None:
+        # A non-finite loss stops the run before its gradients can reach an update (eager updates start during
+        # backward). The check synchronizes once per micro-batch, after the forward: the backward's first loads
+        # are issued after it.
+        if not torch.isfinite(closure_loss.detach()).item():
+            self._diverged(f"the loss is {closure_loss.item()}")
+
+    def _check_norm(self, total: Tensor) -> Tensor:
+        """The global gradient norm, computed for clipping: logged, and checked before any update uses it."""
+        if not torch.isfinite(total):
+            self._diverged(f"the gradient norm is {total.item()}")
+        self.lightning_module.log("grad_norm", total.to(self.root_device), on_step=True, on_epoch=False)
+        return total
+
+    def _diverged(self, what: str) -> None:
+        trainer = self.lightning_module.trainer
+        raise FloatingPointError(f"training diverged at step {trainer.global_step}: {what}. The run stopped before this step's update; the last checkpoint is intact "
+                                 "(lower the learning rate, or check the data of this batch)")
+
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         grads = [p.grad for p in self._resident_params]
@@ -489,18 +519,29 @@ class MegatrainStrategy(SingleDeviceStrategy):
 
     @override
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
-        self._ckpt_dir = ckpt.resolve(checkpoint_path)
-        if self._ckpt_dir != Path(checkpoint_path):
-            log.info(f"resuming from {self._ckpt_dir}, the last complete checkpoint in {checkpoint_path}")
-        return ckpt.load_meta(self._ckpt_dir)
+        """Loads the store from `checkpoint_path`, or from the newest intact checkpoint of a directory of them (a
+        damaged newer one is named in a warning); returns Lightning's part."""
+        found = ckpt.candidates(checkpoint_path)
+        self.flush()
+        for k, path in enumerate(found):
+            try:
+                meta = ckpt.load_meta(path)
+                ckpt.load_store(path, self.store)  # every unit: a partial load is overwritten by the next try
+                break
+            except ckpt.CheckpointError as e:
+                if k + 1 == len(found):
+                    raise
+                log.warning(f"{e}\nresuming from the next older checkpoint instead: {found[k + 1]}")
+        if path != Path(checkpoint_path):
+            log.info(f"resuming from {path}, the last intact checkpoint in {checkpoint_path}")
+        self._ckpt_dir = path
+        return meta
 
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if self._ckpt_dir is None:
             raise ValueError("the megatrain strategy loads its own checkpoint directories (trainer.fit(ckpt_path="
                              "...)); a state dict alone does not hold the weights")
-        self.flush()
-        ckpt.load_store(self._ckpt_dir, self.store)
         self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
         self._publish_weights()
         if self.engine.device_states is not None:

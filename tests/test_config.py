@@ -98,5 +98,5 @@ def test_train_py_saves_and_a_new_process_resumes(tmp_path):
     second = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/b",
                              f"resume={tmp_path}/a/checkpoints"], cwd=root, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "epoch=0-step=2.ckpt, the last complete checkpoint" in second.stdout + second.stderr
+    assert "epoch=0-step=2.ckpt, the last intact checkpoint" in second.stdout + second.stderr
     assert (tmp_path / "b" / "checkpoints" / "epoch=0-step=4.ckpt" / "manifest.json").is_file()
