@@ -261,6 +261,17 @@ def get_verified(f, key: str, entry: dict[str, Any], file: Path) -> Tensor:
     return t
 
 
+def read_masters(path: Path) -> dict[str, Tensor]:
+    """Every parameter's fp32 master weight in checkpoint `path`, verified against its hash."""
+    out = {}
+    for entry in _manifest(path)["units"]:
+        file = path / entry["file"]
+        read_header(file)
+        with safe_open(str(file), framework="pt") as f:
+            out.update({k: get_verified(f, k, entry, file) for k in f.keys() if "/" not in k})
+    return out
+
+
 def load_meta(path: Path) -> dict[str, Any]:
     if not (path / META).is_file():
         raise CheckpointError(f"checkpoint file missing: {path / META}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -32,6 +33,30 @@ class CausalLM(L.LightningModule):
         self.config = config
         self.model = model
         self.val_loss = MeanMetric()
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path, map_location=None, hparams_file=None, strict=None, **kwargs):
+        """Also takes the megatrain strategy's checkpoint directories (or a directory of them: the newest): the
+        model is built on the CPU and holds the checkpoint's fp32 master weights (for evaluation or export; to
+        go on training, pass the directory to `trainer.fit(ckpt_path=...)`)."""
+        if not Path(checkpoint_path).is_dir():
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                                hparams_file=hparams_file, strict=strict, **kwargs)
+        from megatrain_lightning import checkpoint as ckpt
+
+        path = ckpt.resolve(checkpoint_path)
+        meta = ckpt.load_meta(path)
+        hp = {**meta.get("hyper_parameters", {}), **kwargs}
+        lm = cls(Config(**hp.pop("model_config")), **hp)
+        lm.configure_model()
+        masters = ckpt.read_masters(path)
+        missing, unexpected = lm.load_state_dict({**meta.get("state_dict", {}), **masters}, strict=False)
+        loaded = {lm.get_parameter(k).data_ptr() for k in masters if k not in unexpected}
+        missing = [k for k in missing if lm.get_parameter(k).data_ptr() not in loaded]  # tied: loaded as the other
+        if missing or unexpected:
+            raise ckpt.CheckpointError(f"checkpoint {path} does not match {cls.__name__}: missing {missing[:10]}, "
+                                       f"unexpected {unexpected[:10]}")
+        return lm.to(map_location) if map_location is not None else lm
 
     def configure_model(self) -> None:
         if self.model is None:

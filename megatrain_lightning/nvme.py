@@ -158,6 +158,13 @@ class NvmeTier:
         self.flush()
         _write_file(self.path(index), state)
 
+    def load_master(self, index: int, offset: int, numel: int) -> Tensor:
+        """`numel` fp32 elements of a unit's master from element `offset` (one tensor, for a state dict)."""
+        self.flush()
+        out = torch.empty(numel, dtype=torch.float32)
+        _read_file(self.path(index), out, offset * 4)
+        return out
+
     def store_master(self, index: int, offset: int, values: Tensor) -> None:
         """Writes fp32 `values` into a unit's master at element `offset` (imports write tensor by tensor)."""
         self.flush()
@@ -168,13 +175,13 @@ def _bytes(t: Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def _read_file(path: Path, out: Tensor) -> None:
+def _read_file(path: Path, out: Tensor, offset: int = 0) -> None:
     view, want = _bytes(out), out.nbytes
     fd = os.open(path, os.O_RDONLY)
     try:
         got = 0
         while got < want:
-            n = os.preadv(fd, [view[got:]], got)
+            n = os.preadv(fd, [view[got:]], offset + got)
             if n == 0:
                 raise OSError(errno.EIO, f"{path} is truncated: {got} of {want} bytes")
             got += n

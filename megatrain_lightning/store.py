@@ -240,6 +240,14 @@ class HostStore:
     def n_params(self) -> int:
         return sum(u.layout.numel for u in self.units)
 
+    def master_of(self, name: str) -> Tensor:
+        """One parameter's fp32 master: a view for a RAM unit, a copy read from its file for a file-backed one."""
+        i, entry = self.index[name]
+        unit = self.units[i]
+        if unit.on_disk:
+            return self.nvme.load_master(i, entry.offset, entry.numel).view(entry.shape)
+        return unit.master[entry.offset:entry.offset + entry.numel].view(entry.shape)
+
     def named(self, which: str = "master") -> dict[str, Tensor]:
         """Full-name tensors of one of 'master', 'exp_avg', 'exp_avg_sq', 'grad' (the last three: trainable parameters
         only): views into RAM units, and copies read from disk for file-backed units (writing to those changes

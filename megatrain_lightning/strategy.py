@@ -8,6 +8,7 @@ device as a compute-dtype copy, and runs the user's Adam/AdamW on the host.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from contextlib import contextmanager
@@ -110,6 +111,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.updater: HostAdam | None = None  # the overlapped host optimizer (every unit in RAM)
         self._resident_stale: set[int] = set()  # parts of the resident unit updated since their device copy
         self._host_trace: Trace | None = None  # a traced step whose host updates still run behind the next forward
+        self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
 
     @property
     @override
@@ -239,6 +241,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
             self._param_names[id(p)] = name
         self._resident_params = [params[e.name] for e in unit.layout.trainable_entries]  # what gets gradients
         self.store = store
+        hook = functools.partial(MegatrainStrategy._state_dict_from_store, self)  # a plain callable: torch marks it
+        for m in module.modules():  # module.state_dict() then holds the trained weights (`_state_dict_from_store`)
+            m.register_state_dict_post_hook(hook)
         cuda = device.type == "cuda"
         self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth,
                                       compile=cuda if self.compile is None else self.compile,
@@ -493,11 +498,27 @@ class MegatrainStrategy(SingleDeviceStrategy):
                     device_units=sorted(self.engine.device_states.units) if self.engine.device_states else [])
 
     # ---- checkpoints: directories of per-unit safetensors (checkpoint.py), written from the store ----
+    def _state_dict_from_store(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta) -> None:
+        """A state_dict hook on every module of the model: the parameters the store holds (the trunk's are meta
+        tensors, the resident ones a compute-dtype device copy) appear as their fp32 masters, so `state_dict()`
+        after (or during) fit is the trained model, materialized tensor by tensor on request."""
+        if not self._masters_in_state_dict:
+            return
+        self.flush()
+        for attr, p in module._parameters.items():
+            name = self._param_names.get(id(p)) if p is not None else None
+            if name is not None and prefix + attr in state_dict:
+                state_dict[prefix + attr] = self.store.master_of(name)
+
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
         # the module's own small state (buffers, metric states); the parameters are saved from the store
-        return {k: v for k, v in self.lightning_module.state_dict().items()
-                if k not in self.store.index and k not in self._aliases}
+        self._masters_in_state_dict = False
+        try:
+            state = self.lightning_module.state_dict()
+        finally:
+            self._masters_in_state_dict = True
+        return {k: v for k, v in state.items() if k not in self.store.index and k not in self._aliases}
 
     @override
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

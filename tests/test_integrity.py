@@ -136,3 +136,37 @@ def test_the_gradient_norm_is_logged(tmp_path):
 def test_more_than_one_device_is_refused(kwargs, shown):
     with pytest.raises(ValueError, match=f"the megatrain strategy trains on one device; got {shown}"):
         L.Trainer(strategy="megatrain", accelerator="cpu", logger=False, **kwargs)
+
+
+@pytest.mark.parametrize("preset,strategy_kwargs", [("tiny", {}), ("tiny-qwen2", {}), ("tiny", "nvme")])
+def test_state_dict_and_load_from_checkpoint_give_the_trained_weights(preset, strategy_kwargs, tmp_path):
+    """After fit, `lm.state_dict()` holds the store's fp32 masters (not meta tensors), also of file-backed layers,
+    and `CausalLM.load_from_checkpoint(directory)` builds a CPU model with them (tied weights included)."""
+    from megatrain_lightning.lm import CausalLM
+
+    if strategy_kwargs == "nvme":
+        strategy_kwargs = dict(nvme_dir=tmp_path / "nvme", **NVME)
+    model = make_model(preset)
+    trainer, lm = _fit(model, 2, **strategy_kwargs)
+    masters = trainer.strategy.store.named("master")
+    state = lm.state_dict()
+    params = {k: v for k, v in state.items() if k.startswith("model.")}
+    assert params.keys() == {"model." + k for k in model.state_dict()}
+    for k, v in params.items():
+        assert v.device.type == "cpu" and not v.is_meta and v.dtype == torch.float32, k
+        want = masters.get(k, masters.get("model.model.embed_tokens.weight"))  # tied head: the embedding's master
+        assert torch.equal(v, want), k
+    assert not torch.equal(params["model.model.layers.0.mlp.up_proj.weight"],
+                           model.state_dict()["model.layers.0.mlp.up_proj.weight"])  # trained, not the initial
+
+    trainer.save_checkpoint(tmp_path / "ckpt" / "step2.ckpt")
+    loaded = CausalLM.load_from_checkpoint(tmp_path / "ckpt")
+    assert loaded.hparams.lr == lm.hparams.lr
+    for k, v in loaded.state_dict().items():
+        if k in params:
+            assert torch.equal(v, params[k]), k
+    batch = make_batches(model.config, 1)[0]
+    with torch.no_grad():
+        reference = copy.deepcopy(model)
+        reference.load_state_dict({k.removeprefix("model."): v for k, v in params.items()})
+        assert torch.allclose(loaded.model(batch), reference(batch))
