@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from megatrain_lightning.config import Config
 from megatrain_lightning.data import ByteTextDataModule, JsonlDataModule, TokensDataModule
 from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.preemption import SaveOnSignal
 from megatrain_lightning.strategy import MegatrainStrategy
 
 
@@ -54,11 +55,13 @@ def strategy(cfg: DictConfig, trace_dir: str | None = None, init_from: str | Non
 
 def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
     out_dir = Path(out_dir)
-    # each save writes the whole training state once; last.ckpt links to the newest
-    checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last="link",
+    # each save writes the whole training state once; the newest `keep_checkpoints` stay (an older intact one is
+    # what a resume falls back to when the newest is damaged); last.ckpt links to the newest
+    checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last="link", monitor="step", mode="max",
+                                  save_top_k=cfg.get("keep_checkpoints", 2),
                                   every_n_train_steps=cfg.trainer.val_check_interval)
     init_from = cfg.model.get("path") if cfg.model.name == "hf" else None
-    return L.Trainer(strategy=strategy(cfg.storage, init_from=init_from), callbacks=[checkpoints],
+    return L.Trainer(strategy=strategy(cfg.storage, init_from=init_from), callbacks=[checkpoints, SaveOnSignal()],
                      logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, **cfg.trainer)
 
 

@@ -7,6 +7,8 @@ It saves the store's final state (master weights, Adam moments) and the per-micr
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -16,7 +18,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import save_file
 
-from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning import MegatrainStrategy, SaveOnSignal
 from megatrain_lightning.config import Config
 from megatrain_lightning.data import TokensDataModule
 from tests.helpers import RecordingLM, lm_kwargs
@@ -35,7 +37,8 @@ def token_file(path: Path, n_windows: int = 18, vocab: int = 256) -> Path:
 def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir: str | None = None,
         save_every: int | None = None, resume: str | None = None, precision: str = "32-true",
         ram_budget_GiB: float | None = None, nvme_dir: str | None = None,
-        device_state_GiB: float | None = None) -> None:
+        device_state_GiB: float | None = None, signal_at_batch: int | None = None) -> None:
+    """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny")
@@ -46,6 +49,8 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     callbacks = []
     if save_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=save_every, save_top_k=-1))
+    if signal_at_batch is not None:
+        callbacks += [SaveOnSignal(ckpt_dir), _SignalAt(signal_at_batch)]
     strategy = MegatrainStrategy(storage=storage, ram_budget_GiB=ram_budget_GiB,
                                  nvme_dir=nvme_dir or str(out / "nvme"), device_state_GiB=device_state_GiB)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", precision=precision, max_steps=max_steps,
@@ -58,6 +63,15 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
         state.update({f"{which}/{k}": v.contiguous() for k, v in strategy.store.named(which).items()})
     save_file(state, out / "state.safetensors")
     (out / "losses.json").write_text(json.dumps({"losses": lm.losses, "global_step": trainer.global_step}))
+
+
+class _SignalAt(L.Callback):
+    def __init__(self, batch: int) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch:
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 if __name__ == "__main__":

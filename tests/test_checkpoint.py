@@ -160,6 +160,24 @@ resume_run.run({data!r}, {str(tmp_path / 'killed')!r}, 4, ckpt_dir={str(ckpt_dir
     _assert_same_state(state, want_state)
 
 
+def test_sigterm_mid_accumulation_finishes_the_step_saves_and_exits_143(data, straight, tmp_path):
+    """SIGTERM during the first micro-batch of step 2 (of 2 per step): the step finishes, a checkpoint of step 2 is
+    written, the process exits 143 (128 + SIGTERM); resuming from the directory equals the straight run."""
+    ckpt_dir = tmp_path / "ckpt"
+    args = dict(data=data, out_dir=str(tmp_path / "first"), max_steps=TOTAL_STEPS, ckpt_dir=str(ckpt_dir),
+                signal_at_batch=2)
+    proc = _subprocess(args, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "SIGTERM: saved" in err and "after step 2" in err
+    assert [p.name for p in ckpt.candidates(ckpt_dir)] == ["interrupted-step=2.ckpt"]
+    resume_run.run(data, str(tmp_path / "second"), TOTAL_STEPS, resume=str(ckpt_dir))
+    want_losses, want_state, _ = straight["ram"]
+    losses, state, step = _result(tmp_path / "second")
+    assert step == TOTAL_STEPS and losses == want_losses[2 * resume_run.ACCUMULATE:]
+    _assert_same_state(state, want_state)
+
+
 # ---- errors that name the problem ----
 @pytest.fixture(scope="module")
 def saved(data, tmp_path_factory) -> Path:

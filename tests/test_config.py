@@ -95,8 +95,11 @@ def test_train_py_saves_and_a_new_process_resumes(tmp_path):
                            cwd=root, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-2000:]
     assert (tmp_path / "a" / "checkpoints" / "last.ckpt" / "manifest.json").is_file()
-    second = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/b",
+    second = subprocess.run([sys.executable, "train.py", *common, "trainer.max_steps=8", f"hydra.run.dir={tmp_path}/b",
                              f"resume={tmp_path}/a/checkpoints"], cwd=root, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-2000:]
     assert "epoch=0-step=2.ckpt, the last intact checkpoint" in second.stdout + second.stderr
-    assert (tmp_path / "b" / "checkpoints" / "epoch=0-step=4.ckpt" / "manifest.json").is_file()
+    # saved at steps 4, 6 and 8: the newest keep_checkpoints=2 stay
+    saved = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
+    assert saved == ["epoch=0-step=6.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"], saved
+    assert (tmp_path / "b" / "checkpoints" / "epoch=0-step=8.ckpt" / "manifest.json").is_file()
