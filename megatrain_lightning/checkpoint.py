@@ -36,6 +36,7 @@ import xxhash
 from safetensors import safe_open
 from torch import Tensor
 
+from megatrain_lightning import ownership
 from megatrain_lightning.store import HostStore
 
 FORMAT = "megatrain-checkpoint"
@@ -136,8 +137,10 @@ def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config:
         raise OSError(errno.ENOSPC, f"not enough disk space for checkpoint {path}: it needs {need / 1e9:.2f} GB, "
                       f"{parent} has {free / 1e9:.2f} GB free (nothing was written; earlier checkpoints are "
                       "intact)")
+    ownership.remove_dead(parent, ".*.tmp-*", "a partial checkpoint")  # a save killed midway
     tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
+    ownership.mark(tmp)
     try:
         files, hashes = {}, []
         for i, (prefix, unit) in enumerate(zip(store.names, store.units)):
@@ -163,6 +166,7 @@ def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config:
                               for (f, b), p, h in zip(files.items(), store.names, hashes)]}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         _fsync_file(tmp / MANIFEST)
+        ownership.unmark(tmp)  # complete: no longer a partial checkpoint that a later run may remove
         _fsync_dir(tmp)
         old = None
         if path.exists():

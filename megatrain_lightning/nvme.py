@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from megatrain_lightning import schedule as S
+from megatrain_lightning import ownership, schedule as S
 
 
 @dataclass
@@ -60,8 +60,10 @@ class NvmeTier:
         if need > free:
             raise OSError(errno.ENOSPC, f"storage.nvme_dir {root} has {free / 1e9:.1f} GB free; the file-backed "
                           f"layers need {need / 1e9:.1f} GB")
+        ownership.remove_dead(root, "megatrain-*", "the NVMe state")  # of a killed run (SIGKILL skips cleanup)
         # a private working directory: two runs sharing nvme_dir never touch each other's state
         self.dir = Path(tempfile.mkdtemp(prefix="megatrain-", dir=root))
+        ownership.mark(self.dir)
         self.numels = dict(numels)
         max_numel = max(numels.values())
         self.n_buffers, self._tile_bytes = buffers, max_numel * 4

@@ -32,6 +32,7 @@ from megatrain_lightning.device_state import DeviceStates
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
+from megatrain_lightning.ownership import DirectoryLock
 from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout, available_ram_bytes
 from megatrain_lightning.trace import Trace
 
@@ -112,6 +113,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self._resident_stale: set[int] = set()  # parts of the resident unit updated since their device copy
         self._host_trace: Trace | None = None  # a traced step whose host updates still run behind the next forward
         self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
+        self._locks: list[DirectoryLock] = []  # checkpoint directories this fit writes to
 
     @property
     @override
@@ -155,6 +157,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             if not self.lightning_module.automatic_optimization:
                 raise ValueError("the megatrain strategy supports automatic optimization only")
+            self._lock_checkpoint_dirs(trainer)
             self.setup_optimizers(trainer)
             if len(self.optimizers) != 1:
                 raise ValueError(f"the megatrain strategy supports one optimizer, got {len(self.optimizers)}")
@@ -171,6 +174,13 @@ class MegatrainStrategy(SingleDeviceStrategy):
             plugin.clip_grad_by_norm = lambda optimizer, clip_val: self._check_norm(step.clip_by_norm(clip_val))
             plugin.clip_grad_by_value = lambda optimizer, clip_val: step.clip_by_value(clip_val)
         self.setup_precision_plugin()
+
+    def _lock_checkpoint_dirs(self, trainer: pl.Trainer) -> None:
+        """Two runs saving into one directory would replace each other's checkpoints: the second is refused."""
+        for callback in trainer.checkpoint_callbacks:
+            dirpath = getattr(callback, "dirpath", None)
+            if dirpath and not any(lock.path.parent == Path(dirpath) for lock in self._locks):
+                self._locks.append(DirectoryLock(Path(dirpath), "checkpoints"))
 
     # ---- building the store and the engine ----
     def _build(self) -> None:
@@ -590,6 +600,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def teardown(self) -> None:
         # the trunk stays on meta and the state in the store: nothing to move back to the CPU
         self.flush()
+        for lock in self._locks:
+            lock.release()
+        self._locks = []
         self.precision_plugin.teardown()
         assert self.accelerator is not None
         self.accelerator.teardown()

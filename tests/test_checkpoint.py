@@ -153,11 +153,44 @@ resume_run.run({data!r}, {str(tmp_path / 'killed')!r}, 4, ckpt_dir={str(ckpt_dir
     assert len(partial) == 1 and not ckpt.is_complete(partial[0])  # the interrupted save, never renamed
     assert ckpt.resolve(ckpt_dir).name == "epoch=0-step=2.ckpt"
 
-    resume_run.run(data, str(tmp_path / "resumed"), TOTAL_STEPS, resume=str(ckpt_dir))
+    resume_run.run(data, str(tmp_path / "resumed"), TOTAL_STEPS, resume=str(ckpt_dir), ckpt_dir=str(ckpt_dir),
+                   save_every=2)
     losses, state, step = _result(tmp_path / "resumed")
     want_losses, want_state, _ = straight["ram"]
     assert step == TOTAL_STEPS and losses == want_losses[2 * resume_run.ACCUMULATE:]
     _assert_same_state(state, want_state)
+    # the resumed run's first save removed the partial one of the killed process (and only that)
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == [f"epoch={e}-step={s}.ckpt" for e, s in
+                                                          ((0, 2), (0, 4), (1, 6))]
+
+
+def test_leftovers_of_dead_runs_are_removed_only_when_ours_and_dead(tmp_path):
+    """A SIGKILLed storage=nvme run leaves its private state directory: the next run on the same nvme_dir removes it,
+    but not a live run's, nor a directory it did not create."""
+    from megatrain_lightning import ownership
+    from megatrain_lightning.nvme import NvmeTier
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    for name, pid in (("megatrain-dead", dead.pid), ("megatrain-alive", os.getpid())):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / ownership.OWNER).write_text(f"{__import__('socket').gethostname()} {pid}")
+    (tmp_path / "megatrain-unmarked").mkdir()
+    tier = NvmeTier(tmp_path, {0: 8})
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "megatrain-dead" not in left and {"megatrain-alive", "megatrain-unmarked", tier.dir.name} <= set(left)
+
+
+def test_a_second_run_on_the_same_checkpoint_directory_is_refused(data, tmp_path):
+    from megatrain_lightning.ownership import DirectoryLock
+
+    held = DirectoryLock(tmp_path / "ckpt", "checkpoints")  # another run's, as far as the next one can tell
+    with pytest.raises(RuntimeError, match=rf"another run \(host and pid: \S+ {os.getpid()}\) is writing checkpoints "
+                                           rf"to {tmp_path / 'ckpt'}"):
+        resume_run.run(data, str(tmp_path / "run"), 2, ckpt_dir=str(tmp_path / "ckpt"), save_every=2)
+    held.release()
+    resume_run.run(data, str(tmp_path / "run"), 2, ckpt_dir=str(tmp_path / "ckpt"), save_every=2)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["epoch=0-step=2.ckpt"]  # no lock file left
 
 
 def test_sigterm_mid_accumulation_finishes_the_step_saves_and_exits_143(data, straight, tmp_path):
