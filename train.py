@@ -1,40 +1,68 @@
-"""Train a Llama-family model with the megatrain strategy: `python train.py model=llama-3.2-1b trainer=gpu`."""
+"""Train a Llama-family model with the megatrain strategy: `python train.py model=llama-3.2-1b trainer=gpu`.
+
+Arguments are Hydra overrides of `conf/` (the same as `python -m planner.check`). Exit status: 0 done, 1 the
+planner says the run cannot fit, 2 bad input (one line naming the field or file), 128 + N stopped by signal N
+after saving a checkpoint.
+"""
+
+from __future__ import annotations
 
 import logging
+import sys
+import time
+from pathlib import Path
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
-
-from planner.check import check
+from planner.check import check, compose_run
+from planner.errors import PlanError
 from planner.report import text
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("train")
 
 
-@hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    if cfg.preflight:  # ask the planner before allocating anything (preflight=false skips this)
-        answer = check(cfg)
-        if not answer.fits:
-            raise SystemExit(text(answer, tokens=answer.wl.step_tokens * cfg.trainer.max_steps)
-                             + "\n\nstopped before training: the run cannot fit (preflight=false overrides)")
-        log.info(f"planner: fits; predicted {answer.step_time_s:.3g} s/step on {answer.hw.name}, bottleneck "
-                 f"{answer.bottleneck[0]}")
+def main(argv: list[str]) -> int:
+    try:
+        cfg, run_dir = compose_run(argv)
+        answer = check(cfg) if cfg["preflight"] else None  # before anything is allocated (preflight=false skips)
+    except (PlanError, FileNotFoundError) as e:
+        return _bad_input(e)
+    if answer is not None and not answer.fits:
+        print(text(answer, tokens=answer.wl.step_tokens * cfg["trainer"]["max_steps"]), file=sys.stderr)
+        print("\nstopped before training: the run cannot fit (preflight=false overrides)", file=sys.stderr)
+        return 1
 
-    import lightning as L
+    from omegaconf import OmegaConf
 
-    import megatrain_lightning  # noqa: F401  (registers the "megatrain" strategy)
     from megatrain_lightning import build
+    from megatrain_lightning.errors import UserError
 
-    L.seed_everything(cfg.seed)
-    config = build.model_config(cfg.model)
-    data = build.datamodule(cfg.data, config, cfg.seed)
-    module = build.lightning_module(cfg, config)
-    trainer = build.trainer(cfg, HydraConfig.get().runtime.output_dir)
-    # resume=DIR: a checkpoint directory, or a run's checkpoints/ (the last complete checkpoint in it)
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
+    cfg = OmegaConf.create(cfg)
+    try:
+        build.check(cfg)  # every field and file, before a run directory exists
+        run_dir.mkdir(parents=True, exist_ok=True)
+        build.logging_to(run_dir)
+        if answer is not None:
+            log.info(f"planner: fits; predicted {answer.step_time_s:.3g} s/step on {answer.hw.name}, bottleneck "
+                     f"{answer.bottleneck[0]}")
+        import lightning as L
+
+        L.seed_everything(cfg.seed, verbose=False)
+        config = build.model_config(cfg.model)
+        data = build.datamodule(cfg.data, config, cfg.seed)
+        module = build.lightning_module(cfg, config)
+        trainer = build.trainer(cfg, run_dir)
+        start = time.perf_counter()
+        # resume=DIR: a checkpoint directory, or a run's checkpoints/ (the last intact checkpoint in it)
+        trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
+    except (UserError, FileNotFoundError) as e:
+        return _bad_input(e)
+    log.info(build.summary(trainer, run_dir, time.perf_counter() - start, answer))
+    return 0
+
+
+def _bad_input(e: BaseException) -> int:
+    print(f"error: {str(e).strip()}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main(sys.argv[1:]))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -11,15 +13,80 @@ from omegaconf import DictConfig, OmegaConf
 
 from megatrain_lightning.config import Config
 from megatrain_lightning.data import ByteTextDataModule, JsonlDataModule, TokensDataModule
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.lm import CausalLM
 from megatrain_lightning.preemption import SaveOnSignal
-from megatrain_lightning.strategy import MegatrainStrategy
+from megatrain_lightning.strategy import PRECISIONS, MegatrainStrategy
+
+
+def check(cfg: DictConfig) -> None:
+    """Every field train.py takes and every file it names, checked before anything is built (Lightning and the
+    data modules would otherwise fail later, with a traceback or, for some, not at all)."""
+    tr, optim, data = cfg.trainer, cfg.optim, cfg.data
+
+    def need(ok: bool, field: str, what: str, value) -> None:
+        if not ok:
+            raise UserError(f"{field}: must be {what}, got {value!r}")
+
+    def integer(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    for field in ("max_steps", "val_check_interval", "accumulate_grad_batches", "log_every_n_steps"):
+        v = tr.get(field, 1)
+        need(integer(v) and v >= 1, f"trainer.{field}", "an integer >= 1", v)
+    clip = tr.get("gradient_clip_val")
+    need(clip is None or (isinstance(clip, (int, float)) and clip >= 0), "trainer.gradient_clip_val",
+         ">= 0 (or null: no clipping)", clip)
+    need(tr.get("precision") in PRECISIONS, "trainer.precision", " or ".join(PRECISIONS), tr.get("precision"))
+    need(isinstance(optim.lr, (int, float)) and optim.lr > 0, "optim.lr", "> 0", optim.lr)
+    need(isinstance(optim.weight_decay, (int, float)) and optim.weight_decay >= 0, "optim.weight_decay", ">= 0",
+         optim.weight_decay)
+    betas = list(optim.betas) if OmegaConf.is_list(optim.betas) else optim.betas
+    need(isinstance(betas, list) and len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+         "optim.betas", "two numbers in [0, 1)", betas)
+    need(integer(optim.warmup_steps) and optim.warmup_steps >= 0, "optim.warmup_steps", "an integer >= 0",
+         optim.warmup_steps)
+    need(isinstance(optim.min_lr_ratio, (int, float)) and 0 <= optim.min_lr_ratio <= 1, "optim.min_lr_ratio",
+         "in [0, 1]", optim.min_lr_ratio)
+    for field in ("seq_len", "micro_batch"):
+        need(integer(data[field]) and data[field] >= 1, f"data.{field}", "an integer >= 1", data[field])
+    keep = cfg.get("keep_checkpoints", 2)
+    need(integer(keep) and (keep >= 1 or keep == -1), "keep_checkpoints", "an integer >= 1 (or -1: all)", keep)
+    files = [("data.path", data.get("path"), data.kind != "bytes" or data.get("path") is not None),
+             ("data.tokenizer", data.get("tokenizer"), data.kind == "jsonl"),
+             ("resume", cfg.resume, cfg.resume is not None)]
+    if cfg.model.name == "hf":
+        files.append(("model.path", cfg.model.get("path"), True))
+    for field, value, needed in files:
+        if needed and (value in (None, "", "???")):
+            raise UserError(f"{field}: required (data={data.kind}, model={cfg.model.name})")
+        if needed and not Path(value).exists():
+            raise UserError(f"{field}: {value} does not exist")
+    if tr.get("accelerator") in ("gpu", "cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError(f"trainer.accelerator: {tr.accelerator} asked for, but no CUDA GPU is visible "
+                            "(leave trainer=gpu out to train on the CPU)")
+    if cfg.storage.kind == "nvme":
+        nvme = Path(cfg.storage.nvme_dir)
+        try:
+            nvme.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=nvme):
+                pass
+        except OSError as e:
+            raise UserError(f"storage.nvme_dir: {nvme} is not a writable directory ({e.strerror})") from None
 
 
 def model_config(cfg: DictConfig) -> Config:
     if cfg.name == "hf" and OmegaConf.is_missing(cfg, "path"):
-        raise ValueError("model=hf needs model.path: a Hugging Face checkpoint directory")
-    return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))
+        raise UserError("model.path: required: model=hf needs model.path, a Hugging Face checkpoint directory")
+    try:
+        return Config.from_dict(OmegaConf.to_container(cfg, resolve=True))
+    except UserError:
+        raise
+    except ValueError as e:  # config.py is pure Python (the planner loads it) and raises plain ValueErrors
+        raise UserError(f"model: {e}") from None
 
 
 DATA_KINDS = ("bytes", "tokens", "jsonl")
@@ -27,17 +94,17 @@ DATA_KINDS = ("bytes", "tokens", "jsonl")
 
 def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataModule:
     if cfg.kind not in DATA_KINDS:
-        raise ValueError(f"unknown data kind {cfg.kind!r}; known: {', '.join(DATA_KINDS)}")
+        raise UserError(f"unknown data kind {cfg.kind!r}; known: {', '.join(DATA_KINDS)}")
     if cfg.seq_len > config.max_seq_len:
-        raise ValueError(f"data.seq_len {cfg.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+        raise UserError(f"data.seq_len {cfg.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
     common = dict(seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=seed)
     if cfg.kind == "bytes":
         if config.vocab_size < 256:
-            raise ValueError(f"byte-level data needs vocab_size >= 256, the model has {config.vocab_size}")
+            raise UserError(f"byte-level data needs vocab_size >= 256, the model has {config.vocab_size}")
         return ByteTextDataModule(cfg.path, **common)
     for key in ("path",) + (("tokenizer",) if cfg.kind == "jsonl" else ()):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
-            raise ValueError(f"data={cfg.kind} needs data.{key}")
+            raise UserError(f"data={cfg.kind} needs data.{key}")
     common.update(val_fraction=cfg.val_fraction, vocab_size=config.vocab_size)
     if cfg.kind == "tokens":
         return TokensDataModule(cfg.path, dtype=cfg.get("dtype"), **common)
@@ -63,6 +130,49 @@ def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
     init_from = cfg.model.get("path") if cfg.model.name == "hf" else None
     return L.Trainer(strategy=strategy(cfg.storage, init_from=init_from), callbacks=[checkpoints, SaveOnSignal()],
                      logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, **cfg.trainer)
+
+
+class _NoTips(logging.Filter):
+    """Lightning's advertising lines (they start with a light bulb)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.getMessage()).startswith("💡")
+
+
+def logging_to(run_dir: Path) -> None:
+    """One line per message on the console and in `run_dir`/train.log (Lightning's loggers propagate to these
+    instead of printing through handlers of their own)."""
+    fmt = logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(), logging.FileHandler(run_dir / "train.log")]
+    for h in handlers:
+        h.setFormatter(fmt)
+        h.addFilter(_NoTips())
+    logging.basicConfig(level=logging.INFO, handlers=handlers, force=True)
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+        lg = logging.getLogger(name)
+        lg.handlers.clear()
+        lg.propagate = True
+
+
+def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> str:
+    """The end-of-run lines: where things are, the last losses, the speed against the planner's."""
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    steps = trainer.global_step
+    lines = [f"done: {steps} steps in {seconds:.1f} s; run directory {run_dir}"]
+    callback = trainer.checkpoint_callback
+    last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
+    if last:
+        lines.append(f"last checkpoint: {last}")
+    losses = ", ".join(f"{k} {metrics[k]:.4g}" for k in ("train_loss", "val_loss", "val_ppl") if k in metrics)
+    if losses:
+        lines.append(losses)
+    if steps:
+        measured = seconds / steps
+        line = f"{measured:.3g} s/step end to end (setup, validation and saves included)"
+        if answer is not None:
+            line += f"; the planner predicted {answer.step_time_s:.3g} s/step of training alone"
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:

@@ -37,6 +37,7 @@ from safetensors import safe_open
 from torch import Tensor
 
 from megatrain_lightning import ownership
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.store import HostStore
 
 FORMAT = "megatrain-checkpoint"
@@ -51,7 +52,7 @@ _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", t
            torch.bool: "BOOL"}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, incomplete, corrupted, or of another model."""
 
 

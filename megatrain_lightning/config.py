@@ -64,8 +64,8 @@ class Config:
         name = d.pop("name")
         if name == "hf":
             path = d.pop("path", None)
-            if not path:
-                raise ValueError("model=hf needs model.path: a Hugging Face checkpoint directory")
+            if not path or path == "???":  # "???": Hydra's mark of a value nobody gave
+                raise ValueError("model.path: required: model=hf needs model.path, a Hugging Face checkpoint directory")
             config_file = Path(path) / "config.json"
             if not config_file.is_file():
                 raise FileNotFoundError(f"Hugging Face config not found: {config_file}")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from megatrain_lightning.errors import UserError
+
 DEFAULT_CORPUS = Path(__file__).parent / "corpus" / "licenses.txt"
 IGNORE = -100  # label of tokens that are not trained on (cross_entropy's ignore_index)
 TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
@@ -71,9 +73,9 @@ class ResumableLoader(DataLoader):
 
 def _check_batching(seq_len: int, micro_batch: int) -> None:
     if seq_len < 1:
-        raise ValueError(f"data.seq_len must be >= 1, got {seq_len}")
+        raise UserError(f"data.seq_len must be >= 1, got {seq_len}")
     if micro_batch < 1:
-        raise ValueError(f"data.micro_batch must be >= 1, got {micro_batch}")
+        raise UserError(f"data.micro_batch must be >= 1, got {micro_batch}")
 
 
 def _require_file(path: Path, what: str) -> Path:
@@ -88,7 +90,7 @@ class ByteWindows(Dataset):
 
     def __init__(self, data: torch.Tensor, seq_len: int, n_samples: int, seed: int) -> None:
         if len(data) <= seq_len + 1:
-            raise ValueError(f"text of {len(data)} bytes is too short for seq_len {seq_len}")
+            raise UserError(f"text of {len(data)} bytes is too short for seq_len {seq_len}")
         self.data, self.seq_len, self.n_samples, self.seed = data, seq_len, n_samples, seed
 
     def __len__(self) -> int:
@@ -130,7 +132,7 @@ class PackedWindows(Dataset):
 
     def __init__(self, tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None) -> None:
         if len(tokens) < seq_len + 1:
-            raise ValueError(f"{len(tokens)} tokens are too few for one window of seq_len {seq_len} + 1")
+            raise UserError(f"{len(tokens)} tokens are too few for one window of seq_len {seq_len} + 1")
         self.tokens, self.mask, self.seq_len = tokens, mask, seq_len
 
     def __len__(self) -> int:
@@ -154,7 +156,7 @@ class _PackedDataModule(L.LightningDataModule):
         super().__init__()
         _check_batching(seq_len, micro_batch)
         if not 0 <= val_fraction < 1:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
+            raise UserError(f"data.val_fraction must be in [0, 1), got {val_fraction}")
         self.seq_len, self.micro_batch, self.val_fraction = seq_len, micro_batch, val_fraction
         self.seed, self.vocab_size, self.num_workers = seed, vocab_size, num_workers
 
@@ -164,9 +166,12 @@ class _PackedDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         tokens, mask = self._tokens()
         if self.vocab_size is not None and len(tokens):
-            top = max(int(tokens[i:i + (1 << 24)].max()) for i in range(0, len(tokens), 1 << 24))
-            if top >= self.vocab_size:
-                raise ValueError(f"token id {top} in the data is outside the model's vocabulary ({self.vocab_size})")
+            chunks = range(0, len(tokens), 1 << 24)
+            top = max(int(tokens[i:i + (1 << 24)].max()) for i in chunks)
+            low = min(int(tokens[i:i + (1 << 24)].min()) for i in chunks)
+            if top >= self.vocab_size or low < 0:
+                raise UserError(f"token id {top if top >= self.vocab_size else low} in the data is outside the "
+                                f"model's vocabulary ({self.vocab_size})")
         split = int(len(tokens) * (1 - self.val_fraction))
         self.train = PackedWindows(tokens[:split], self.seq_len, None if mask is None else mask[:split])
         self.val = None
@@ -175,7 +180,7 @@ class _PackedDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train) < self.micro_batch:
-            raise ValueError(f"{len(self.train)} training windows are fewer than one micro-batch of {self.micro_batch}")
+            raise UserError(f"{len(self.train)} training windows are fewer than one micro-batch of {self.micro_batch}")
         return ResumableLoader(self.train, self.micro_batch, self.seed, shuffle=True, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
@@ -196,16 +201,28 @@ class TokensDataModule(_PackedDataModule):
         if path.suffix == ".npy":
             tokens = np.load(path, mmap_mode="r")
             if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32, np.int32, np.int64):
-                raise ValueError(f"{path}: expected a 1-D array of token ids (uint16/uint32/int32/int64), got "
+                raise UserError(f"{path}: expected a 1-D array of token ids (uint16/uint32/int32/int64), got "
                                  f"{tokens.ndim}-D {tokens.dtype}")
             return tokens, None
         if self.dtype not in TOKEN_DTYPES:
-            raise ValueError(f"data.dtype must be one of {sorted(TOKEN_DTYPES)} for a raw token file, got "
+            raise UserError(f"data.dtype must be one of {sorted(TOKEN_DTYPES)} for a raw token file, got "
                              f"{self.dtype!r}")
         width = np.dtype(TOKEN_DTYPES[self.dtype]).itemsize
+        if path.stat().st_size == 0:  # numpy cannot map an empty file
+            raise UserError(f"{path}: 0 tokens are too few for one window of seq_len {self.seq_len} + 1")
         if path.stat().st_size % width:
-            raise ValueError(f"{path} has {path.stat().st_size} bytes, not a whole number of {self.dtype} tokens")
+            raise UserError(f"{path} has {path.stat().st_size} bytes, not a whole number of {self.dtype} tokens")
         return np.memmap(path, dtype=TOKEN_DTYPES[self.dtype], mode="r"), None
+
+
+def _decoded(lines, path: Path):
+    """The (line number, line) pairs of a text file, a decoding error named with the file and line."""
+    lineno = 0
+    try:
+        for lineno, line in lines:
+            yield lineno, line
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason} at byte {e.start} of a read block)") from None
 
 
 class JsonlDataModule(_PackedDataModule):
@@ -219,7 +236,7 @@ class JsonlDataModule(_PackedDataModule):
                  num_workers: int = 0) -> None:
         super().__init__(seq_len, micro_batch, val_fraction, seed, vocab_size, num_workers)
         if (prompt_field is None) != (response_field is None):
-            raise ValueError("data.prompt_field and data.response_field go together")
+            raise UserError("data.prompt_field and data.response_field go together")
         self.path, self.tokenizer_path = Path(path), Path(tokenizer)
         self.text_field, self.prompt_field, self.response_field = text_field, prompt_field, response_field
         self.eos_token = eos_token
@@ -234,22 +251,23 @@ class JsonlDataModule(_PackedDataModule):
         if self.eos_token is not None:
             eos_id = tok.token_to_id(self.eos_token)
             if eos_id is None:
-                raise ValueError(f"data.eos_token {self.eos_token!r} is not in {self.tokenizer_path}")
+                raise UserError(f"data.eos_token {self.eos_token!r} is not in {self.tokenizer_path}")
             eos = [eos_id]
         pairs = self.prompt_field is not None
         tokens, mask = array("I"), array("B")  # 4 and 1 bytes per token (a list would take ~36)
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(tqdm(f, desc=f"tokenizing {path.name}", unit=" records"), 1):
+        # the bar closes (ends its line) before an error about the data is printed
+        with open(path, encoding="utf-8") as f, tqdm(f, desc=f"tokenizing {path.name}", unit=" records") as bar:
+            for lineno, line in _decoded(enumerate(bar, 1), path):
                 if not line.strip():
                     continue
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: not valid JSON ({e})") from e
+                    raise UserError(f"{path}:{lineno}: not valid JSON ({e})") from e
                 fields = (self.prompt_field, self.response_field) if pairs else (self.text_field,)
                 missing = [k for k in fields if not isinstance(record.get(k), str)]
                 if missing:
-                    raise ValueError(f"{path}:{lineno}: no text field {missing[0]!r}")
+                    raise UserError(f"{path}:{lineno}: no text field {missing[0]!r}")
                 if pairs:
                     prompt = tok.encode(record[self.prompt_field], add_special_tokens=False).ids
                     response = tok.encode(record[self.response_field], add_special_tokens=False).ids + eos

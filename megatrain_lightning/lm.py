@@ -12,6 +12,7 @@ from torch import Tensor
 from torchmetrics.aggregation import MeanMetric
 
 from megatrain_lightning.config import Config
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.loss import linear_cross_entropy
 from megatrain_lightning.model import Llama
 
@@ -26,7 +27,7 @@ class CausalLM(L.LightningModule):
         vocab] fp32 logits never exist whole (None: all at once, through autograd)."""
         super().__init__()
         if loss_chunk_tokens is not None and (not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1):
-            raise ValueError(f"loss_chunk_tokens must be a positive integer or None, got {loss_chunk_tokens!r}")
+            raise UserError(f"loss_chunk_tokens must be a positive integer or None, got {loss_chunk_tokens!r}")
         self.save_hyperparameters(ignore=["model", "config"])
         # plain fields, so checkpoints load with torch.load(weights_only=True)
         self.hparams["model_config"] = {f: getattr(config, f) for f in Config.field_names()}

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.optim.adam import adam
 
 from megatrain_lightning import schedule as S
-
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.store import HostStore
 
 SUPPORTED = (torch.optim.AdamW, torch.optim.Adam)
@@ -46,14 +46,14 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
     bound: list[_Bound] = []
     for g_index, group in enumerate(optimizer.param_groups):
         if group.get("amsgrad"):
-            raise ValueError("the megatrain strategy does not support amsgrad=True")
+            raise UserError("the megatrain strategy does not support amsgrad=True")
         if group.get("differentiable") or group.get("capturable"):
-            raise ValueError("the megatrain strategy does not support differentiable or capturable Adam")
+            raise UserError("the megatrain strategy does not support differentiable or capturable Adam")
         host_params = []
         for p in group["params"]:
             name = param_names.get(id(p))
             if name is None:
-                raise ValueError("the optimizer holds a tensor that is not a parameter of the LightningModule")
+                raise UserError("the optimizer holds a tensor that is not a parameter of the LightningModule")
             if not p.requires_grad:
                 # frozen: PyTorch's optimizers skip a parameter without a gradient (no step, no weight decay, no
                 # state); the store gives it neither moments nor a gradient buffer

@@ -30,6 +30,7 @@ from megatrain_lightning import hf
 from megatrain_lightning import schedule as S
 from megatrain_lightning.device_state import DeviceStates
 from megatrain_lightning.engine import StreamingEngine
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
 from megatrain_lightning.ownership import DirectoryLock
@@ -65,17 +66,17 @@ class MegatrainStrategy(SingleDeviceStrategy):
     ) -> None:
         # validated here so a bad value fails when the Trainer is built, not minutes into a run
         if not isinstance(checkpoint_interval, int) or checkpoint_interval < 1:
-            raise ValueError(f"checkpoint_interval must be an integer >= 1, got {checkpoint_interval!r}")
+            raise UserError(f"checkpoint_interval must be an integer >= 1, got {checkpoint_interval!r}")
         if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
-            raise ValueError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
+            raise UserError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
         if storage not in STORAGES:
-            raise ValueError(f"storage must be one of {STORAGES}, got {storage!r}")
+            raise UserError(f"storage must be one of {STORAGES}, got {storage!r}")
         if stream not in STREAMS:
-            raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
+            raise UserError(f"stream must be one of {STREAMS}, got {stream!r}")
         if device_state_GiB is not None and (isinstance(device_state_GiB, bool) or not device_state_GiB >= 0):
-            raise ValueError(f"device_state_GiB must be >= 0 (or None: auto), got {device_state_GiB!r}")
+            raise UserError(f"device_state_GiB must be >= 0 (or None: auto), got {device_state_GiB!r}")
         if ram_budget_GiB is not None and not ram_budget_GiB > 0:
-            raise ValueError(f"ram_budget_GiB must be > 0 (or None: all available RAM), got {ram_budget_GiB!r}")
+            raise UserError(f"ram_budget_GiB must be > 0 (or None: all available RAM), got {ram_budget_GiB!r}")
         if device is not None:
             device = torch.device(device)
             if device.type == "cuda" and device.index is None:
@@ -92,7 +93,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         # device memory does not grow with depth, while the RAM left has room for them), off on the CPU
         for name, value in (("compile", compile), ("offload_checkpoints", offload_checkpoints)):
             if value is not None and not isinstance(value, bool):
-                raise ValueError(f"{name} must be true, false or null (on for CUDA), got {value!r}")
+                raise UserError(f"{name} must be true, false or null (on for CUDA), got {value!r}")
         self.compile, self.offload_checkpoints = compile, offload_checkpoints
         # device memory for the optimizer state of the first units (device_state.py); None: 40% of what is free on
         # a CUDA device once the engine is built, none on the CPU
@@ -128,7 +129,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         # training on fewer devices than asked for would be silently wrong
         devices = len(self.parallel_devices or ()) or 1
         if devices > 1 or self.num_nodes > 1:
-            raise ValueError(f"the megatrain strategy trains on one device; got devices={devices}, "
+            raise UserError(f"the megatrain strategy trains on one device; got devices={devices}, "
                              f"num_nodes={self.num_nodes} (use devices=1)")
 
     @property
@@ -138,7 +139,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
             return torch.bfloat16
         if type(plugin) is Precision:
             return torch.float32
-        raise ValueError(f"the megatrain strategy supports precision {' or '.join(map(repr, PRECISIONS))}; "
+        raise UserError(f"the megatrain strategy supports precision {' or '.join(map(repr, PRECISIONS))}; "
                          f"got {getattr(plugin, 'precision', type(plugin).__name__)!r}")
 
     @contextmanager
@@ -156,11 +157,11 @@ class MegatrainStrategy(SingleDeviceStrategy):
             self._build()
         if trainer.state.fn == TrainerFn.FITTING:
             if not self.lightning_module.automatic_optimization:
-                raise ValueError("the megatrain strategy supports automatic optimization only")
+                raise UserError("the megatrain strategy supports automatic optimization only")
             self._lock_checkpoint_dirs(trainer)
             self.setup_optimizers(trainer)
             if len(self.optimizers) != 1:
-                raise ValueError(f"the megatrain strategy supports one optimizer, got {len(self.optimizers)}")
+                raise UserError(f"the megatrain strategy supports one optimizer, got {len(self.optimizers)}")
             self._grad_pairs = bind_optimizer(self.optimizers[0], self.store, self._param_names)
             step = self.optimizers[0].step
             self.updater = step if isinstance(step, HostAdam) else None
@@ -187,15 +188,15 @@ class MegatrainStrategy(SingleDeviceStrategy):
         module = self.lightning_module
         trunks = [(n, m) for n, m in module.named_modules() if isinstance(m, Trunk)]
         if not trunks:
-            raise ValueError(
+            raise UserError(
                 f"{type(module).__name__} has no streamable blocks: the megatrain strategy streams the blocks of a "
                 "`megatrain_lightning.Trunk` (wrap the model's repeated layers in one and call it as "
                 "`x = trunk(x, *extras)`)")
         if len(trunks) > 1:
-            raise ValueError(f"the megatrain strategy streams one Trunk per model; found {[n for n, _ in trunks]}")
+            raise UserError(f"the megatrain strategy streams one Trunk per model; found {[n for n, _ in trunks]}")
         prefix, trunk = trunks[0]
         if len(trunk) == 0:
-            raise ValueError(f"the Trunk {prefix!r} has no blocks")
+            raise UserError(f"the Trunk {prefix!r} has no blocks")
         self._trunk_prefix = prefix + "."
         device, dtype = self.root_device, self.compute_dtype
         refs = list(_param_refs(module, skip=trunk).values())  # resident: [(name, [(module, attr, parameter)])]
@@ -230,7 +231,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
                 _assign(owners, nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad))
         for m in meta_owners.values() if self.init_from is None else ():
             if not callable(getattr(m, "reset_parameters", None)):
-                raise ValueError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
+                raise UserError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
                                  "reset_parameters()")
             m.reset_parameters()
         store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
@@ -300,7 +301,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         file-backed layers are on disk)."""
         if self.storage == "nvme":
             if self.stream == "master" and dtype != torch.float32:
-                raise ValueError("storage='nvme' streams the compute-dtype copy kept in RAM; use stream='copy' or "
+                raise UserError("storage='nvme' streams the compute-dtype copy kept in RAM; use stream='copy' or "
                                  "'auto'")
             return "copy"
         return "master" if self.stream == "auto" else self.stream
@@ -320,7 +321,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         n = S.nvme_layers(trunk, layouts[-1].numel, budget)
         floor = S.RAM_STATE_BYTES * layouts[-1].numel + (S.RAM_STATE_BYTES - S.DISK_STATE_BYTES) * sum(trunk)
         if floor > budget:
-            raise ValueError(f"storage=nvme: the RAM budget ({budget / 2**30:.3g} GiB) cannot hold even the state "
+            raise UserError(f"storage=nvme: the RAM budget ({budget / 2**30:.3g} GiB) cannot hold even the state "
                              f"that stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: gradients "
                              "and the embedding/head state)")
         return list(range(n))
@@ -571,7 +572,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
     @override
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if self._ckpt_dir is None:
-            raise ValueError("the megatrain strategy loads its own checkpoint directories (trainer.fit(ckpt_path="
+            raise UserError("the megatrain strategy loads its own checkpoint directories (trainer.fit(ckpt_path="
                              "...)); a state dict alone does not hold the weights")
         self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
         self._publish_weights()
@@ -583,7 +584,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         for optimizer, saved in zip(self.optimizers, checkpoint["optimizer_states"]):
             groups = saved["param_groups"]
             if len(groups) != len(optimizer.param_groups):
-                raise ValueError(f"checkpoint has {len(groups)} optimizer param groups, the optimizer has "
+                raise UserError(f"checkpoint has {len(groups)} optimizer param groups, the optimizer has "
                                  f"{len(optimizer.param_groups)}")
             params = [p for g in optimizer.param_groups for p in g["params"]]
             for group, g in zip(optimizer.param_groups, groups):
@@ -622,7 +623,7 @@ def _reset(module: nn.Module) -> None:
         module.reset_parameters()
         return
     if any(True for _ in module.parameters(recurse=False)):
-        raise ValueError(f"cannot initialize {type(module).__name__} built on the meta device: it has no "
+        raise UserError(f"cannot initialize {type(module).__name__} built on the meta device: it has no "
                          "reset_parameters()")
     for child in module.children():
         _reset(child)

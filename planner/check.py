@@ -25,7 +25,7 @@ from planner.workload import Workload
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-def compose(overrides: list[str]) -> Any:
+def compose(overrides: list[str], with_hydra: bool = False) -> Any:
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -33,15 +33,50 @@ def compose(overrides: list[str]) -> Any:
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        if GlobalHydra.instance().is_initialized():  # inside train.py's @hydra.main: the same conf/ tree
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+        if GlobalHydra.instance().is_initialized():  # inside a caller's own Hydra context: the same conf/ tree
+            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
         else:
             with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-                cfg = hydra_compose(config_name="config", overrides=overrides)
-        return OmegaConf.to_container(cfg, resolve=True)
+                cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
+        if not with_hydra:
+            return OmegaConf.to_container(cfg, resolve=True)
+        run_dir = str(cfg.hydra.run.dir)  # of Hydra's own settings, the one train.py uses
+        out = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
+        return {**out, "hydra": {"run": {"dir": run_dir}}}
     except (HydraException, OmegaConfBaseException) as e:
         field = next((o.split("=")[0] for o in overrides if o.split("=")[0].lstrip("+~") in str(e)), "overrides")
         raise PlanError(field, str(e).splitlines()[0]) from None
+
+
+# characters that Hydra's override grammar does not take unquoted in a value, but that paths and tokens contain
+# (a checkpoint's `epoch=0-step=20.ckpt`, an eos token `<|end_of_text|>`)
+_NEEDS_QUOTES = set("=<>|")
+
+
+def quote_values(overrides: list[str]) -> list[str]:
+    """`key=value` overrides with such a value quoted, so they can be written as the project prints them."""
+    out = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        if eq and _NEEDS_QUOTES & set(value) and value[:1] not in "'\"[{":
+            value = "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        out.append(key + eq + value)
+    return out
+
+
+def gpu_defaults(overrides: list[str]) -> list[str]:
+    """A GPU hardware preset with no trainer settings plans the run a GPU makes (trainer=gpu: bf16-mixed), not the
+    CPU-capable default trainer (32-true), which train.py would pick only on a machine without a GPU."""
+    preset = next((o.split("=", 1)[1] for o in overrides if o.startswith("hardware=")), "auto")
+    if preset not in ("auto", "cpu") and not any(o.lstrip("+~").startswith("trainer") for o in overrides):
+        return [*overrides, "trainer=gpu"]
+    return overrides
+
+
+def compose_run(overrides: list[str]) -> tuple[dict[str, Any], Path]:
+    """train.py's config (plain containers) and its run directory (`hydra.run.dir`, not created)."""
+    cfg = compose(quote_values(overrides), with_hydra=True)
+    return cfg, Path(cfg.pop("hydra")["run"]["dir"])
 
 
 def hardware(cfg: dict[str, Any]) -> Hardware:
@@ -96,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.tokens <= 0:
             raise PlanError("--tokens", f"must be > 0, got {args.tokens:g}")
-        answer = check(compose(overrides))
+        answer = check(compose(gpu_defaults(overrides)))
     except PlanError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

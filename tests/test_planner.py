@@ -254,3 +254,13 @@ def test_advice_names_the_device_state_budget_that_would_help(capsys):
     assert "28 of 28 layers and the embedding/head" in out
     code, out, _ = _run(args, capsys)  # the default already keeps them: nothing to advise
     assert code == 0 and "device state:" not in out, out
+
+
+def test_a_gpu_preset_plans_the_gpu_run_unless_the_trainer_is_given(capsys):
+    args = ["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=1536", "data.seq_len=4096",
+            "data.micro_batch=4"]
+    _, implicit, _ = _run(args, capsys)
+    _, explicit, _ = _run([*args, "trainer=gpu"], capsys)
+    assert "bf16-mixed" in implicit.splitlines()[0] and implicit == explicit
+    _, cpu_style, _ = _run([*args, "trainer.precision=32-true"], capsys)  # told otherwise: as told
+    assert "32-true" in cpu_style.splitlines()[0]

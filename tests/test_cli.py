@@ -1,0 +1,100 @@
+"""train.py's one error path: every mistake a user can make in its arguments or files ends with exit status 2 and
+one line naming the field or file (no traceback); values with '=', '<' or '|' are taken as written."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train  # noqa: E402  (the entry point, run in this process)
+
+
+@pytest.fixture
+def files(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator(["the sky is blue"], trainers.WordLevelTrainer(special_tokens=["<unk>", "<eos>"]))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "the sky"}\n{"text": "is blue"\n')
+    (tmp_path / "latin1.jsonl").write_bytes('{"text": "caf\u00e9"}\n'.encode("latin-1"))
+    np.save(tmp_path / "negative.npy", np.array([1, 2, -3] * 400, dtype=np.int32))
+    (tmp_path / "empty.bin").write_bytes(b"")
+    (tmp_path / "not_a_dir").write_text("a file where a directory should be")
+    return tmp_path
+
+
+def _cases(d: Path) -> list[tuple[list[str], str]]:
+    tok = f"data.tokenizer={d}/tokenizer.json"
+    return [
+        (["data.micro_batch=0"], r"data\.micro_batch: must be an integer >= 1, got 0"),
+        (["trainer.precision=16-mixed"], r"trainer\.precision: must be .*bf16-mixed.*32-true.*got '16-mixed'"),
+        (["model=hf"], r"model\.path: required"),
+        (["model=nonexistent"], r"^error: model: .*nonexistent"),
+        (["trainer.no_such_field=1"], r"trainer\.no_such_field"),
+        (["optim.lr=-1"], r"optim\.lr: must be > 0, got -1"),
+        (["optim.betas=[0.9]"], r"optim\.betas: must be two numbers"),
+        (["trainer.val_check_interval=0"], r"trainer\.val_check_interval: must be an integer >= 1, got 0"),
+        (["trainer.max_steps=0"], r"trainer\.max_steps: must be an integer >= 1, got 0"),
+        (["trainer.gradient_clip_val=-1"], r"trainer\.gradient_clip_val: must be >= 0"),
+        (["keep_checkpoints=0"], r"keep_checkpoints: must be an integer >= 1 \(or -1: all\)"),
+        ([f"resume={d}/runs/x/checkpoints/epoch=0-step=20.ckpt"], r"resume: .*epoch=0-step=20\.ckpt does not exist"),
+        (["data=tokens", f"data.path={d}/missing.npy"], r"data\.path: .*missing\.npy does not exist"),
+        (["data=jsonl", f"data.path={d}/broken.jsonl"], r"data\.tokenizer: required"),
+        (["data=jsonl", f"data.path={d}/broken.jsonl", tok], r"broken\.jsonl:2: not valid JSON"),
+        (["data=jsonl", f"data.path={d}/latin1.jsonl", tok], r"latin1\.jsonl:1: not UTF-8 text"),
+        (["data=jsonl", f"data.path={d}/broken.jsonl", tok, "data.eos_token=<|end_of_text|>"],
+         r"data\.eos_token '<\|end_of_text\|>' is not in"),
+        (["data=tokens", f"data.path={d}/negative.npy"], r"token id -3 in the data is outside the model's vocabulary"),
+        (["data=tokens", f"data.path={d}/empty.bin"], r"0 tokens are too few for one window"),
+        (["data.seq_len=100000"], r"data\.seq_len:? 100000 exceeds .*max_seq_len"),
+        (["storage=nvme", f"storage.nvme_dir={d}/not_a_dir/sub"], r"storage\.nvme_dir: .*not_a_dir/sub is not a "
+                                                                   r"writable directory"),
+        (["trainer=gpu", "preflight=false"], r"trainer\.accelerator: gpu asked for, but no CUDA GPU is visible"),
+    ]
+
+
+@pytest.fixture
+def restore_logging():
+    """train.main configures logging for its run; put pytest's back afterwards."""
+    names = ("", "lightning", "lightning.pytorch", "lightning.fabric")
+    saved = {n: (logging.getLogger(n).handlers[:], logging.getLogger(n).propagate, logging.getLogger(n).level)
+             for n in names}
+    yield
+    for n, (handlers, propagate, level) in saved.items():
+        lg = logging.getLogger(n)
+        lg.handlers[:], lg.propagate, lg.level = handlers, propagate, level
+
+
+def test_bad_input_exits_2_with_one_line_naming_it(files, capsys, restore_logging):
+    import re
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("the trainer=gpu case needs a machine without a GPU")
+    run = files / "run"
+    for args, pattern in _cases(files):
+        code = train.main([*args, f"hydra.run.dir={run}"])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, (args, err)
+        errors = [line for line in err if line.startswith("error: ")]
+        assert len(errors) == 1 and re.search(pattern, errors[0]), (args, err)
+        assert not any("Traceback" in line for line in err), (args, err)
+
+
+def test_a_config_mistake_leaves_no_run_directory_and_exits_2_in_a_real_process(tmp_path):
+    proc = subprocess.run([sys.executable, "train.py", "data.micro_batch=0", f"hydra.run.dir={tmp_path}/run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: data.micro_batch: must be an integer >= 1, got 0"
+    assert not (tmp_path / "run").exists()
