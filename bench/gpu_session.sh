@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# One device-machine session: the test suite on CUDA, llama-3.2-3b (untied) steps, the Hydra entry point.
-# Run from the repo root with .whl carried: bash bench/gpu_session.sh  (results under $OUT)
+# One device-machine session, parameterized (results under $OUT):
+#   bash bench/gpu_session.sh ["STEP.PY ARGS" ...]
+# - tests: pytest ${TESTS:-tests} on CUDA (SKIP_TESTS=1 skips);
+# - bench: bench/step.py once per argument string, for this tree and for each tree in $TREES (an A/B against an
+#   older commit extracted beside it: TREES=.prev), every line tagged with its tree in $OUT/bench.jsonl;
+# - train.py: a short llama-3.2-1b run through the Hydra entry point (SKIP_TRAIN=1 skips).
 set -u
 . bench/device_env.sh
-echo "== tests"; timeout 300 python3 -m pytest -q -x tests 2>&1 | tail -15 | tee "$OUT/tests.txt"
-echo "== bench"
-for args in "--micro-batch 8 --accumulate 4" "--micro-batch 32 --accumulate 1"; do
-  timeout 420 python3 bench/step.py --model llama-3.2-3b --untied $args --seq-len 1024 --steps 4 \
-    --trace-dir "$OUT/trace_${args// /_}" --out "$OUT/bench.jsonl" 2>&1 | grep -E "^\{|Error|error" | tail -3
+if [ -z "${SKIP_TESTS:-}" ]; then
+  echo "== tests"; timeout 420 python3 -m pytest -q -x ${TESTS:-tests} 2>&1 | tail -15 | tee "$OUT/tests.txt"
+fi
+for args in "$@"; do
+  for tree in . ${TREES:-}; do
+    echo "== bench [$tree] $args"
+    (cd "$tree" && PYTHONPATH=/tmp/site:. timeout 420 python3 bench/step.py $args) 2>&1 | grep -E "^\{|Error|error" \
+      | tail -3 | sed "s|^{|{\"tree\": \"$tree\", |" | tee -a "$OUT/bench.jsonl" | cut -c1-400
+  done
 done
-rm -rf /tmp/run; echo "== train.py"
-timeout 240 python3 train.py model=llama-3.2-1b trainer=gpu trainer.max_steps=10 trainer.val_check_interval=10 \
-  trainer.limit_val_batches=2 hydra.run.dir=/tmp/run 2>&1 | tr '\r' '\n' | grep -E "Epoch 0: 100%|Error|error|stopped" | tail -4
-ls -la /tmp/run/checkpoints 2>&1 | tail -3
+if [ -z "${SKIP_TRAIN:-}" ]; then
+  rm -rf /tmp/run; echo "== train.py"
+  timeout 240 python3 train.py model=llama-3.2-1b trainer=gpu trainer.max_steps=10 trainer.val_check_interval=10 \
+    trainer.limit_val_batches=2 hydra.run.dir=/tmp/run 2>&1 | tr '\r' '\n' | grep -E "train\]|Error|error" | tail -8
+  ls -la /tmp/run/checkpoints 2>&1 | tail -3
+fi

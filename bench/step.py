@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import statistics
 import time
@@ -54,6 +55,20 @@ class StepTimer(L.Callback):
         self._last = now
 
 
+class FrozenLM(CausalLM):
+    """CausalLM whose parameters matching a pattern are frozen once built (before the strategy takes them)."""
+
+    def __init__(self, pattern: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pattern = re.compile(pattern)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        for name, p in self.named_parameters():
+            if self.pattern.search(name):
+                p.requires_grad_(False)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -79,6 +94,8 @@ def main() -> None:
     ap.add_argument("--ram-budget-GiB", type=float, default=None, help="storage=nvme: RAM for per-layer fp32 state")
     ap.add_argument("--nvme-dir", default="nvme_state")
     ap.add_argument("--device-state-GiB", type=float, default=None, help="GPU memory for kept state (default: auto)")
+    ap.add_argument("--freeze", default=None, metavar="REGEX",
+                    help="requires_grad=False for parameters whose name matches (e.g. a LoRA-style frozen base)")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -100,7 +117,9 @@ def main() -> None:
                       batch_size=a.micro_batch)  # no workers: a fork would copy-on-write the store
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    trainer.fit(CausalLM(config, lr=1e-4, warmup_steps=1, max_steps=a.steps + 1), train_dataloaders=data)
+    lm = (FrozenLM(a.freeze, config, lr=1e-4, warmup_steps=1, max_steps=a.steps + 1) if a.freeze else
+          CausalLM(config, lr=1e-4, warmup_steps=1, max_steps=a.steps + 1))
+    trainer.fit(lm, train_dataloaders=data)
     wall = time.perf_counter() - t0
     tokens = a.micro_batch * a.accumulate * a.seq_len
     step = statistics.fmean(timer.times)  # the window between two synchronizations: its mean is the throughput
@@ -117,7 +136,8 @@ def main() -> None:
                   store_bytes_per_param=round(strategy.store.nbytes / config.n_params, 2), stream=strategy.store.stream,
                   wall_s=round(wall, 1), storage=a.storage, device_units=len(strategy.engine.device_states.units)
                   if strategy.engine.device_states else 0,
-                  nvme_layers=sum(u.on_disk for u in strategy.store.units),
+                  nvme_layers=sum(u.on_disk for u in strategy.store.units), freeze=a.freeze,
+                  frozen_params=sum(u.layout.numel - u.layout.trainable for u in strategy.store.units),
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log])
     line = json.dumps(result)
     print(line, flush=True)
