@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     ex.add_argument("--max-shard-GB", type=float, default=5.0)
     args = ap.parse_args(argv)
-    out = export(args.checkpoint, args.out_dir, args.dtype, args.max_shard_GB)
-    print(f"wrote {out}")
+    source = ckpt.resolve(args.checkpoint)
+    out = export(source, args.out_dir, args.dtype, args.max_shard_GB)
+    print(f"wrote {out} ({args.dtype}) from the checkpoint {source}")
 
 
 if __name__ == "__main__":

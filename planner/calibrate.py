@@ -13,6 +13,7 @@ import datetime
 import os
 import platform
 import shutil
+import sys
 import threading
 import time
 from typing import Callable
@@ -162,10 +163,10 @@ def gpu_adamw_Gparams(device: torch.device, n_params: int) -> float:
 
 
 def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, width: Config | None = None,
-              seq_len: int | None = None, cpu: bool = False) -> Hardware:
+              seq_len: int | None = None, cpu: bool = False, say=lambda what: None) -> Hardware:
     """Measures this machine. `quick`: smaller problems (a few seconds on 2 cores; what the tests use).
     `width`/`seq_len`: the block shape to fit the block efficiency on (default: an 8B-wide block on a GPU).
-    `cpu`: profile the CPU as the device even where a GPU exists."""
+    `cpu`: profile the CPU as the device even where a GPU exists. `say`: called with each stage's name."""
     cuda = torch.cuda.is_available() and not cpu
     device = torch.device("cuda" if cuda else "cpu")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
@@ -174,9 +175,12 @@ def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, w
         props = torch.cuda.get_device_properties(device)
         hw.update(name="local", gpu=props.name, unified=False, hbm_GiB=round(props.total_memory / 2**30, 1),
                   gpu_reserved_GiB=1.0, host_reserved_GiB=6.0)
+        say("matrix products (bf16, fp32)")
         hw["bf16_TFLOPS"] = round(matmul_TFLOPS(device, torch.bfloat16, 8192, sync), 1)
         hw["fp32_TFLOPS"] = round(matmul_TFLOPS(device, torch.float32, 8192, sync), 1)
+        say("host <-> GPU copies")
         hw.update(link_rates(device, 1 << 30))
+        say("AdamW on the GPU")
         hw["gpu_adamw_Gparams"] = gpu_adamw_Gparams(device, 1 << 28)
         width = width or Config.from_name("llama-3-8b", n_layer=1)
         seq_len = seq_len or 1024
@@ -186,6 +190,7 @@ def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, w
         hw.update(name="local", gpu=f"none: the CPU is the device ({platform.processor() or platform.machine()}, "
                                     f"{os.cpu_count()} cores)", unified=True, gpu_reserved_GiB=0.0, host_reserved_GiB=2.0)
         n = 1024
+        say("matrix products (fp32, bf16)")
         hw["fp32_TFLOPS"] = round(matmul_TFLOPS(device, torch.float32, n, sync), 4)
         hw["bf16_TFLOPS"] = round(matmul_TFLOPS(device, torch.bfloat16, n, sync), 4)
         width = width or Config(hidden_size=256, n_head=4, n_kv_head=2, intermediate_size=704)
@@ -193,12 +198,15 @@ def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, w
         tokens = (seq_len, 8 * seq_len)
         dtype = torch.float32
     matmul = hw["bf16_TFLOPS"] if dtype == torch.bfloat16 else hw["fp32_TFLOPS"]
+    say("a transformer block at two batch sizes")
     hw["block_efficiency"], hw["layer_overhead_ms"] = block_fit(device, dtype, width, tokens, seq_len, matmul, sync)
+    say("host memory copies and AdamW")
     hw.update(host_rates(4_000_000 if quick else 50_000_000))
     if not cuda:
         hw["gpu_adamw_Gparams"] = hw["cpu_adamw_Gparams"]  # unused: nothing is kept on a device that is the host
         hw["hbm_GiB"] = hw["host_ram_GiB"]
         hw["h2d_GBps"] = hw["d2h_GBps"] = hw["duplex_GBps"] = hw["host_mem_GBps"]
+    say(f"disk reads and writes under {disk_path}")
     hw.update(disk_rates(disk_path, 64 if quick else disk_mib))
     return Hardware.from_dict(hw)
 
@@ -218,11 +226,16 @@ def main() -> None:
     ap.add_argument("--disk-mib", type=int, default=1024, help="size of the disk test file")
     ap.add_argument("--quick", action="store_true", help="small problems: seconds, less exact")
     a = ap.parse_args()
-    hw = calibrate(a.disk_path, a.disk_mib, a.quick)
-    text = to_yaml(hw).replace('name: "local"', f'name: {os.path.splitext(os.path.basename(a.out))[0]}')
+    start = time.perf_counter()
+    hw = calibrate(a.disk_path, a.disk_mib, a.quick,
+                   say=lambda what: print(f"[{time.perf_counter() - start:5.1f} s] measuring {what}", file=sys.stderr))
+    name = os.path.splitext(os.path.basename(a.out))[0]
+    text = to_yaml(hw).replace('name: "local"', f'name: {name}')
     with open(a.out, "w") as f:
         f.write(text)
     print(text, end="")
+    print(f"wrote {a.out} in {time.perf_counter() - start:.0f} s; from conf/hardware/ it is hardware={name}",
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

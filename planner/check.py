@@ -89,7 +89,11 @@ def hardware(cfg: dict[str, Any]) -> Hardware:
         if gpu:
             base["gpu"], base["hbm_GiB"] = gpu[0], round(gpu[1], 1)
         base["host_ram_GiB"] = round(host_ram_GiB(), 1)
-        base["nvme_capacity_TB"] = round(disk_free_TB(str(cfg["storage"].get("nvme_dir") or ".")), 3)
+        nvme_dir = str(cfg["storage"].get("nvme_dir") or ".")
+        base["nvme_capacity_TB"] = round(disk_free_TB(nvme_dir), 6)
+        if cfg["storage"]["kind"] == "nvme" and base["nvme_capacity_TB"] <= 0:  # what a full or tiny disk shows
+            raise PlanError("storage.nvme_dir", f"{nvme_dir} has no free space (its filesystem has "
+                                                f"{disk_free_TB(nvme_dir) * 1e3:.3g} GB free)")
         base.update({k: v for k, v in hw.items() if v is not None and k != "name"})
         hw = base
     return Hardware.from_dict(hw)
@@ -138,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(as_dict(answer, args.tokens), indent=1) if args.json else text(answer, args.tokens))
     if args.plot:
         plot(answer, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
     return 0 if answer.fits else 1
 
 

@@ -59,6 +59,7 @@ def _cases(d: Path) -> list[tuple[list[str], str]]:
         (["data.seq_len=100000"], r"data\.seq_len:? 100000 exceeds .*max_seq_len"),
         (["storage=nvme", f"storage.nvme_dir={d}/not_a_dir/sub"], r"storage\.nvme_dir: .*not_a_dir/sub is not a "
                                                                    r"writable directory"),
+        (["storage=nvme", "storage.ram_budget_GiB=0.0001"], r"storage\.ram_budget_GiB: 0\.0001 GiB cannot hold"),
         (["trainer=gpu", "preflight=false"], r"trainer\.accelerator: gpu asked for, but no CUDA GPU is visible"),
     ]
 

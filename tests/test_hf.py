@@ -66,7 +66,7 @@ def test_import_matches_transformers_logits(variant, tmp_path):
 
 
 @pytest.mark.parametrize("storage", ["ram", "nvme"])
-def test_export_loads_in_transformers_and_round_trips(storage, tmp_path):
+def test_export_loads_in_transformers_and_round_trips(storage, tmp_path, capsys):
     ref = _hf_model("llama", tmp_path / "hf")
     original = {}
     for f in hf.shards(tmp_path / "hf"):
@@ -81,6 +81,7 @@ def test_export_loads_in_transformers_and_round_trips(storage, tmp_path):
     trainer.save_checkpoint(tmp_path / "imported.ckpt")
     hf.main(["export", str(tmp_path / "imported.ckpt"), str(tmp_path / "out"), "--dtype", "float32",
              "--max-shard-GB", "0.0001"])
+    assert f"from the checkpoint {tmp_path / 'imported.ckpt'}" in capsys.readouterr().out  # names what it exported
     exported = {}
     for f in hf.shards(tmp_path / "out"):
         exported.update(load_file(f))

@@ -155,9 +155,10 @@ def test_json_and_plot(tmp_path, capsys):
     args = ["model=llama-3.2-1b", "hardware=a100-80gb", "--json"]
     if _has_matplotlib():
         args += ["--plot", str(png)]
-    code, out, _ = _run(args, capsys)
+    code, out, err = _run(args, capsys)
     answer = json.loads(out)
     assert code == 0 and answer["fits"] and answer["model"] == "llama-3.2-1b"
+    assert (f"wrote {png}" in err) == _has_matplotlib()  # says where the plot went; stdout stays plain JSON
     assert answer["tokens_per_s"] == pytest.approx(answer["tokens_per_step"] / answer["step_time_s"])
     assert {t["name"] for t in answer["tiers"]} == {"GPU", "pinned host", "RAM"}
     if _has_matplotlib():
@@ -264,3 +265,13 @@ def test_a_gpu_preset_plans_the_gpu_run_unless_the_trainer_is_given(capsys):
     assert "bf16-mixed" in implicit.splitlines()[0] and implicit == explicit
     _, cpu_style, _ = _run([*args, "trainer.precision=32-true"], capsys)  # told otherwise: as told
     assert "32-true" in cpu_style.splitlines()[0]
+
+
+def test_nvme_mistakes_name_the_storage_field(capsys, monkeypatch):
+    """A RAM budget below what stays in RAM (the engine refuses it too), and an nvme_dir without free space, are bad
+    input naming storage.*, not a FITS or a complaint about hardware.nvme_capacity_TB."""
+    code, _, err = _run(["storage=nvme", "storage.ram_budget_GiB=0.0001"], capsys)
+    assert code == 2 and err.startswith("error: storage.ram_budget_GiB: 0.0001 GiB cannot hold even the state"), err
+    monkeypatch.setattr("planner.check.disk_free_TB", lambda path: 0.0)
+    code, _, err = _run(["storage=nvme", "storage.nvme_dir=/mnt/full"], capsys)
+    assert code == 2 and err.startswith("error: storage.nvme_dir: /mnt/full has no free space"), err
