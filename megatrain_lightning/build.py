@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -120,6 +120,20 @@ def strategy(cfg: DictConfig, trace_dir: str | None = None, init_from: str | Non
                              device_state_GiB=cfg.get("device_state_GiB"), trace_dir=trace_dir)
 
 
+class _Bar(TQDMProgressBar):
+    """tqdm's bar counting micro-batches: its total is the epoch's, or the micro-batches max_steps leaves when fewer
+    (Lightning's counts optimizer steps there: 12 micro-batches of 6 steps showed as 12/?, or 25/4 elsewhere;
+    Rich's bar heads it "Epoch 0/-2")."""
+
+    @property
+    def total_train_batches(self) -> int | float:
+        t = self.trainer
+        total = t.num_training_batches
+        if t.max_steps > 0:
+            total = min(total, (t.max_steps - t.global_step) * t.accumulate_grad_batches)
+        return total
+
+
 def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
     out_dir = Path(out_dir)
     # each save writes the whole training state once; the newest `keep_checkpoints` stay (an older intact one is
@@ -128,7 +142,8 @@ def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
                                   save_top_k=cfg.get("keep_checkpoints", 2),
                                   every_n_train_steps=cfg.trainer.val_check_interval)
     init_from = cfg.model.get("path") if cfg.model.name == "hf" else None
-    return L.Trainer(strategy=strategy(cfg.storage, init_from=init_from), callbacks=[checkpoints, SaveOnSignal()],
+    bar = _Bar(refresh_rate=cfg.trainer.get("log_every_n_steps", 1))
+    return L.Trainer(strategy=strategy(cfg.storage, init_from=init_from), callbacks=[checkpoints, SaveOnSignal(), bar],
                      logger=CSVLogger(out_dir, name="logs"), default_root_dir=out_dir, **cfg.trainer)
 
 

@@ -103,3 +103,22 @@ def test_train_py_saves_and_a_new_process_resumes(tmp_path):
     saved = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir())
     assert saved == ["epoch=0-step=6.ckpt", "epoch=0-step=8.ckpt", "last.ckpt"], saved
     assert (tmp_path / "b" / "checkpoints" / "epoch=0-step=8.ckpt" / "manifest.json").is_file()
+
+
+def test_progress_bar_total_counts_micro_batches():
+    """train.py's bar: 6 steps of 2 micro-batches are 12 batches, not Lightning's 6 (its bar showed 12/? and 25/4);
+    an epoch shorter than that bounds it."""
+    from types import SimpleNamespace
+
+    bar = build._Bar()
+    bar._trainer = SimpleNamespace(num_training_batches=12500, max_steps=6, global_step=0, accumulate_grad_batches=2)
+    assert bar.total_train_batches == 12
+    bar._trainer.num_training_batches, bar._trainer.global_step = 5, 2
+    assert bar.total_train_batches == 5
+
+
+def test_run_directories_started_in_one_second_differ():
+    from planner.check import compose_run
+
+    dirs = {compose_run([])[1] for _ in range(3)}
+    assert len(dirs) == 3 and all(d.parent.name == "runs" for d in dirs)
