@@ -266,8 +266,10 @@ def get_verified(f, key: str, entry: dict[str, Any], file: Path) -> Tensor:
     return t
 
 
-def read_masters(path: Path) -> dict[str, Tensor]:
-    """Every parameter's fp32 master weight in checkpoint `path`, verified against its hash."""
+def read_masters(path: str | Path) -> dict[str, Tensor]:
+    """Every parameter's fp32 master weight in checkpoint `path` (or the newest in a directory of them), verified
+    against its hash: the trained weights for a module's `load_state_dict`."""
+    path = resolve(path)
     out = {}
     for entry in _manifest(path)["units"]:
         file = path / entry["file"]
