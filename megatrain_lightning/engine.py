@@ -68,6 +68,25 @@ class _Prefetcher:
         self._fill()
 
 
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # what every nn.Module has: parameters, buffers, hooks, training
+
+
+def _configuration(block: nn.Module) -> tuple:
+    """What, besides its weights, decides what a block computes: each submodule's type and own attributes (plain
+    values compared by value, any other object by identity: a shared object is the same, per-block ones differ)."""
+    def key(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (tuple, list)):
+            return type(v), tuple(key(x) for x in v)
+        if isinstance(v, dict):
+            return dict, tuple(sorted((repr(k), key(x)) for k, x in v.items()))
+        return "object", id(v)
+
+    return tuple((name, type(m), tuple(sorted((k, key(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS)))
+                 for name, m in block.named_modules())
+
+
 def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor) -> Tensor:
     return functional_call(template, params, (x, *extras), strict=True)
 
@@ -144,9 +163,10 @@ class StreamingEngine:
                                  if offload_checkpoints is not False and self.cuda else None)
         self.plan = S.Plan(len(blocks), checkpoint_interval)
         self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
-        # one stateless template per distinct layer signature; the blocks themselves hold meta tensors
+        # one stateless template per distinct layer signature and configuration (a per-layer sliding window or
+        # layer index changes what a block computes); the blocks themselves hold meta tensors
         templates: dict[tuple, nn.Module] = {}
-        self.templates = [templates.setdefault((type(b), store.units[i].layout.signature), b)
+        self.templates = [templates.setdefault((store.units[i].layout.signature, _configuration(b)), b)
                           for i, b in enumerate(blocks)]
         self.buffers = [{n: t.to(device) for n, t in b.named_buffers()} for b in blocks]
         max_numel = max(u.layout.numel for u in store.units[:len(blocks)])

@@ -1,0 +1,63 @@
+"""A Trunk of the user's own blocks: blocks that differ only in a Python attribute (a per-layer scale, window or
+layer index) compute what they would under Lightning's default strategy (each is its own template)."""
+
+import copy
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from megatrain_lightning import MegatrainStrategy, Trunk
+from tests.helpers import loader, rel_err
+
+
+class Scaled(nn.Module):
+    def __init__(self, dim: int, scale: float, layer_idx: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.scale, self.layer_idx = scale, layer_idx  # not parameters: only the block's configuration
+
+    def forward(self, x):
+        return x + self.scale * torch.tanh(self.proj(x)) * (1 + self.layer_idx % 2)
+
+
+class Toy(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = nn.Embedding(32, 16)
+        self.trunk = Trunk([Scaled(16, scale=0.5 * (i + 1), layer_idx=i) for i in range(4)])
+        self.head = nn.Linear(16, 32)
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        logits = self.head(self.trunk(self.embed(batch[:, :-1])))
+        loss = F.cross_entropy(logits.flatten(0, 1), batch[:, 1:].flatten())
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=True)
+
+
+def _fit(strategy):
+    toy = Toy()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 32, (2, 9), generator=g) for _ in range(6)]
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=2,
+                        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(toy, train_dataloaders=loader(batches))
+    return toy, trainer
+
+
+def test_blocks_that_differ_only_in_attributes_match_the_default_strategy():
+    want, _ = _fit("auto")
+    got, trainer = _fit(MegatrainStrategy())
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
+    masters = trainer.strategy.store.named("master")
+    for name, p in want.named_parameters():
+        assert rel_err(masters[name], p.detach()) < 1e-5, name
+    assert len(set(map(id, trainer.strategy.engine.templates))) == 4  # one template per configuration
