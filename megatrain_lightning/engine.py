@@ -168,7 +168,8 @@ class StreamingEngine:
         templates: dict[tuple, nn.Module] = {}
         self.templates = [templates.setdefault((store.units[i].layout.signature, _configuration(b)), b)
                           for i, b in enumerate(blocks)]
-        self.buffers = [{n: t.to(device) for n, t in b.named_buffers()} for b in blocks]
+        self.blocks = blocks
+        self.load_buffers()
         max_numel = max(u.layout.numel for u in store.units[:len(blocks)])
         self._slots = [_Slot(max_numel, store.stream_dtype, store.compute_dtype, device, self.cuda)
                        for _ in range(self.n_slots)]
@@ -198,6 +199,10 @@ class StreamingEngine:
         self.trace: Trace | None = None
         self._anchor = torch.zeros((), device=device, requires_grad=True)
 
+    def load_buffers(self) -> None:
+        """The device's copy of each block's buffers (on the CPU, the blocks' own tensors)."""
+        self.buffers = [{n: t.to(self.device) for n, t in b.named_buffers()} for b in self.blocks]
+
     def attach_updater(self, updater, trace_of=None) -> None:
         """`trace_of`: where the updater records its host spans (default: the engine's current trace)."""
         self.updater = updater
@@ -221,14 +226,18 @@ class StreamingEngine:
         return self._forward(x, extras, keep=False)[0]
 
     # ---- passes ----
-    def _forward(self, x: Tensor, extras: tuple[Tensor, ...], keep: bool) -> tuple[Tensor, list[Tensor]]:
+    def _forward(self, x: Tensor, extras: tuple[Tensor, ...], keep: bool) -> tuple[Tensor, list[Tensor], list]:
+        """The trunk's output; with `keep`, the input of every block of K layers (None where it went to host
+        memory) and the RNG state entering it (its recompute draws the same random numbers)."""
         checkpoints: list[Tensor] = []
         pf = _Prefetcher(self, self.plan.forward_loads())
         host = self.host_checkpoints if keep else None
         if host is not None and not host.begin(x):
             host = None
+        rng = []
         for i in range(self.plan.n_layers):
             if keep and i % self.plan.k == 0:
+                rng.append(self._rng_state())
                 if host is not None:
                     host.put(x)
                     checkpoints.append(None)
@@ -238,9 +247,9 @@ class StreamingEngine:
             with self._span(i, S.COMPUTE, S.FORWARD):
                 x = self._run(i, self._views(i, slot), x, extras)
             pf.release(slot)
-        return x, checkpoints
+        return x, checkpoints, rng
 
-    def _backward(self, checkpoints: list[Tensor], extras: tuple[Tensor, ...], grad: Tensor,
+    def _backward(self, checkpoints: list[Tensor], rng: list, extras: tuple[Tensor, ...], grad: Tensor,
                   autocast: tuple[bool, torch.dtype]) -> Tensor:
         pf = _Prefetcher(self, self.plan.backward_loads())
         pos = 0
@@ -255,17 +264,19 @@ class StreamingEngine:
             else:
                 x = checkpoints[b]
             saved = []
-            for i in range(start, end):
-                slot = pf.acquire(pos)
-                pos += 1
-                params = self._views(i, slot)
-                for e in self.store.units[i].layout.trainable_entries:  # frozen parameters get no gradient
-                    params[e.name] = params[e.name].detach().requires_grad_()
-                trainable = [params[e.name] for e in self.store.units[i].layout.trainable_entries]
-                x_in = x.detach().requires_grad_()
-                with torch.enable_grad(), amp, self._span(i, S.COMPUTE, S.RECOMPUTE):
-                    x = self._run(i, params, x_in, extras)
-                saved.append((i, slot, x_in, trainable, x))
+            with torch.random.fork_rng(self._rng_devices, device_type=self.device.type):
+                self._set_rng_state(rng[b])  # dropout masks as in forward (torch.utils.checkpoint does this)
+                for i in range(start, end):
+                    slot = pf.acquire(pos)
+                    pos += 1
+                    params = self._views(i, slot)
+                    for e in self.store.units[i].layout.trainable_entries:  # frozen parameters get no gradient
+                        params[e.name] = params[e.name].detach().requires_grad_()
+                    trainable = [params[e.name] for e in self.store.units[i].layout.trainable_entries]
+                    x_in = x.detach().requires_grad_()
+                    with torch.enable_grad(), amp, self._span(i, S.COMPUTE, S.RECOMPUTE):
+                        x = self._run(i, params, x_in, extras)
+                    saved.append((i, slot, x_in, trainable, x))
             checkpoints[b] = None  # free as we go
             for i, slot, x_in, trainable, out in reversed(saved):
                 with self._span(i, S.COMPUTE, S.BACKWARD):
@@ -275,6 +286,19 @@ class StreamingEngine:
                 pf.release(slot)
             del saved
         return grad
+
+    @property
+    def _rng_devices(self) -> list[int]:
+        return [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.cuda \
+            else []
+
+    def _rng_state(self) -> tuple[Tensor, Tensor | None]:
+        return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None
+
+    def _set_rng_state(self, state: tuple[Tensor, Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.device)
 
     def _views(self, i: int, slot: _Slot) -> dict[str, Tensor]:
         return self.store.units[i].layout.views(slot.compute)
@@ -427,13 +451,13 @@ class _StreamedTrunk(torch.autograd.Function):
         dev = engine.device.type
         ctx.engine, ctx.extras = engine, extras
         ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        out, ctx.checkpoints = engine._forward(x, extras, keep=True)
+        out, ctx.checkpoints, ctx.rng = engine._forward(x, extras, keep=True)
         if engine.after_forward is not None:
             engine.after_forward()
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad_x = ctx.engine._backward(ctx.checkpoints, ctx.extras, grad, ctx.autocast)
+        grad_x = ctx.engine._backward(ctx.checkpoints, ctx.rng, ctx.extras, grad, ctx.autocast)
         ctx.checkpoints = None
         return (None, grad_x, None, *([None] * len(ctx.extras)))

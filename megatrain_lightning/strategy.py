@@ -219,7 +219,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
                 if self.init_from is None:  # imported weights replace these anyway
                     _reset(block)
             store.fill(i, list(block.named_parameters()))
-            block.to("meta")  # the store holds the weights now; free the module's copy
+            _parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
             for n, p in block.named_parameters():
                 self._param_names[id(p)] = f"{prefix}.{i}.{n}"
 
@@ -575,6 +575,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
             raise UserError("the megatrain strategy loads its own checkpoint directories (trainer.fit(ckpt_path="
                              "...)); a state dict alone does not hold the weights")
         self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
+        self.engine.load_buffers()  # the blocks' buffers, as the checkpoint had them
         self._publish_weights()
         if self.engine.device_states is not None:
             self.engine.device_states.load()
@@ -627,6 +628,15 @@ def _reset(module: nn.Module) -> None:
                          "reset_parameters()")
     for child in module.children():
         _reset(child)
+
+
+def _parameters_to_meta(module: nn.Module) -> None:
+    """Replaces every parameter by a meta tensor of its shape (flags kept); buffers keep their values (a router's
+    bias, a per-layer mask), which the engine copies to the device."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
 
 
 def _param_refs(root: nn.Module, skip: nn.Module) -> dict[int, tuple[str, list[tuple[nn.Module, str, Tensor]]]]:

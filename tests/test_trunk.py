@@ -1,9 +1,8 @@
 """A Trunk of the user's own blocks: blocks that differ only in a Python attribute (a per-layer scale, window or
 layer index) compute what they would under Lightning's default strategy (each is its own template)."""
 
-import copy
-
 import lightning as L
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -22,14 +21,31 @@ class Scaled(nn.Module):
         return x + self.scale * torch.tanh(self.proj(x)) * (1 + self.layer_idx % 2)
 
 
+class Dropped(nn.Module):
+    """A block with dropout and a buffer (like a router's bias, not a parameter: it gets no update)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(0.3)
+        self.register_buffer("bias", torch.linspace(-1, 1, dim))
+
+    def forward(self, x):
+        return x + self.drop(torch.tanh(self.proj(x) + self.bias))
+
+
 class Toy(L.LightningModule):
-    def __init__(self) -> None:
+    def __init__(self, block=None) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.embed = nn.Embedding(32, 16)
-        self.trunk = Trunk([Scaled(16, scale=0.5 * (i + 1), layer_idx=i) for i in range(4)])
+        make = block or (lambda i: Scaled(16, scale=0.5 * (i + 1), layer_idx=i))
+        self.trunk = Trunk([make(i) for i in range(4)])
         self.head = nn.Linear(16, 32)
         self.losses = []
+
+    def on_train_start(self) -> None:
+        torch.manual_seed(2)  # the same random numbers from here under either strategy
 
     def training_step(self, batch, batch_idx):
         logits = self.head(self.trunk(self.embed(batch[:, :-1])))
@@ -41,8 +57,8 @@ class Toy(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=1e-2, fused=True)
 
 
-def _fit(strategy):
-    toy = Toy()
+def _fit(strategy, block=None):
+    toy = Toy(block)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 32, (2, 9), generator=g) for _ in range(6)]
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, accumulate_grad_batches=2,
@@ -61,3 +77,16 @@ def test_blocks_that_differ_only_in_attributes_match_the_default_strategy():
     for name, p in want.named_parameters():
         assert rel_err(masters[name], p.detach()) < 1e-5, name
     assert len(set(map(id, trainer.strategy.engine.templates))) == 4  # one template per configuration
+
+
+@pytest.mark.parametrize("checkpoint_interval", [1, 2])
+def test_dropout_recomputes_the_forward_masks_and_buffers_work(checkpoint_interval):
+    """The recompute in backward draws the same dropout masks as the forward (as torch.utils.checkpoint does with
+    its RNG state preserved): losses and weights equal Lightning's default strategy; a block's buffer is used."""
+    want, _ = _fit("auto", block=lambda i: Dropped(16))
+    got, trainer = _fit(MegatrainStrategy(checkpoint_interval=checkpoint_interval), block=lambda i: Dropped(16))
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
+    masters = trainer.strategy.store.named("master")
+    for name, p in want.named_parameters():
+        assert rel_err(masters[name], p.detach()) < 1e-5, name
