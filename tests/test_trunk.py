@@ -90,3 +90,47 @@ def test_dropout_recomputes_the_forward_masks_and_buffers_work(checkpoint_interv
     masters = trainer.strategy.store.named("master")
     for name, p in want.named_parameters():
         assert rel_err(masters[name], p.detach()) < 1e-5, name
+
+
+class Masked(nn.Module):
+    """y = (x * w) * dropout mask: y / (x * w) shows the forward's mask; d(sum(y * c))/dx = c * w * mask shows the
+    recompute's."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(dim))
+        self.drop = nn.Dropout(0.5)
+
+    def forward(self, x):
+        return self.drop(x * self.w)
+
+
+class MaskProbe(L.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.trunk = Trunk([Masked(64)])
+        self.seen = []
+
+    def training_step(self, batch, batch_idx):
+        x = batch.float().requires_grad_()
+        y = self.trunk(x)
+        x.register_hook(lambda g: self.seen.append(((y.detach() != 0), (g != 0))))
+        return (y * 3.0).sum()
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=0.0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("compile", [False, True])
+def test_cuda_recompute_draws_the_forward_dropout_mask(compile):
+    """On the GPU, eager and torch.compile'd blocks: the mask the backward uses is the one the forward drew."""
+    probe = MaskProbe()
+    trainer = L.Trainer(strategy=MegatrainStrategy(compile=compile), accelerator="gpu", devices=1, max_steps=3,
+                        precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(probe, train_dataloaders=loader([torch.ones(8, 64) for _ in range(3)]))
+    assert len(probe.seen) == 3
+    for forward_mask, backward_mask in probe.seen:
+        assert 0.3 < forward_mask.float().mean() < 0.7  # dropout did drop
+        assert torch.equal(forward_mask, backward_mask)
