@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from pathlib import Path
 
 from planner.check import check, compose_run
 from planner.errors import PlanError

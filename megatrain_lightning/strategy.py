@@ -28,6 +28,7 @@ from typing_extensions import override
 from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import hf
 from megatrain_lightning import schedule as S
+from megatrain_lightning import surgery
 from megatrain_lightning.device_state import DeviceStates
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.errors import UserError
@@ -199,7 +200,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
             raise UserError(f"the Trunk {prefix!r} has no blocks")
         self._trunk_prefix = prefix + "."
         device, dtype = self.root_device, self.compute_dtype
-        refs = list(_param_refs(module, skip=trunk).values())  # resident: [(name, [(module, attr, parameter)])]
+        refs = list(surgery.param_refs(module, skip=trunk).values())  # resident: [(name, [(module, attr, parameter)])]
         layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()],
                           frozen={n for n, p in block.named_parameters() if not p.requires_grad}) for block in trunk]
         layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs],
@@ -217,9 +218,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
             if any(p.is_meta for p in block.parameters()):
                 block.to_empty(device="cpu")
                 if self.init_from is None:  # imported weights replace these anyway
-                    _reset(block)
+                    surgery.reset(block)
             store.fill(i, list(block.named_parameters()))
-            _parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
+            surgery.parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
             for n, p in block.named_parameters():
                 self._param_names[id(p)] = f"{prefix}.{i}.{n}"
 
@@ -228,7 +229,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         for _, owners in refs:
             p = owners[0][2]
             if p.is_meta:
-                _assign(owners, nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad))
+                surgery.assign(owners, nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad))
         for m in meta_owners.values() if self.init_from is None else ():
             if not callable(getattr(m, "reset_parameters", None)):
                 raise UserError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
@@ -237,7 +238,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
         for name, owners in refs:
             for m, attr, _ in owners[1:]:
-                self._aliases[_full_name(module, m, attr)] = name
+                self._aliases[surgery.full_name(module, m, attr)] = name
         if self.init_from is not None:
             hf.load_into_store(self.init_from, store, self._aliases)
             log.info(f"initialized from the Hugging Face checkpoint {self.init_from}")
@@ -248,7 +249,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         params = {}
         for name, owners in refs:
             p = params[name] = nn.Parameter(views[name], requires_grad=owners[0][2].requires_grad)
-            _assign(owners, p)
+            surgery.assign(owners, p)
             self._param_names[id(p)] = name
         self._resident_params = [params[e.name] for e in unit.layout.trainable_entries]  # what gets gradients
         self.store = store
@@ -267,7 +268,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         # everything but the trunk (buffers, metric states); the trunk's blocks stay on the meta device
         if self.engine is None:
             return
-        _move_except(self.lightning_module, self.root_device, lambda m: isinstance(m, Trunk))
+        surgery.move_except(self.lightning_module, self.root_device, lambda m: isinstance(m, Trunk))
 
     def _keep_device_states(self) -> None:
         """Chooses the units whose state the device keeps (their AdamW then runs there) and hands them to the
@@ -615,74 +616,3 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def register_strategies(cls, strategy_registry) -> None:
         strategy_registry.register(cls.strategy_name, cls, description="Layer-streaming single-GPU training "
                                    "with host-resident fp32 state", override=True)
-
-
-# ---- module surgery helpers ----
-def _reset(module: nn.Module) -> None:
-    """Initializes a freshly materialized module: the highest module of each subtree with `reset_parameters`."""
-    if callable(getattr(module, "reset_parameters", None)):
-        module.reset_parameters()
-        return
-    if any(True for _ in module.parameters(recurse=False)):
-        raise UserError(f"cannot initialize {type(module).__name__} built on the meta device: it has no "
-                         "reset_parameters()")
-    for child in module.children():
-        _reset(child)
-
-
-def _parameters_to_meta(module: nn.Module) -> None:
-    """Replaces every parameter by a meta tensor of its shape (flags kept); buffers keep their values (a router's
-    bias, a per-layer mask), which the engine copies to the device."""
-    for m in module.modules():
-        for name, p in m._parameters.items():
-            if p is not None:
-                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
-
-
-def _param_refs(root: nn.Module, skip: nn.Module) -> dict[int, tuple[str, list[tuple[nn.Module, str, Tensor]]]]:
-    """Parameters outside `skip`, by identity: their first full name and every (module, attribute) holding them."""
-    refs: dict[int, tuple[str, list]] = {}
-
-    def visit(m: nn.Module, prefix: str) -> None:
-        if m is skip:
-            return
-        for attr, p in m._parameters.items():
-            if p is None:
-                continue
-            refs.setdefault(id(p), (prefix + attr, []))[1].append((m, attr, p))
-        for name, child in m._modules.items():
-            if child is not None:
-                visit(child, f"{prefix}{name}.")
-
-    visit(root, "")
-    return refs
-
-
-def _assign(owners: list[tuple[nn.Module, str, Tensor]], p: nn.Parameter) -> None:
-    for m, attr, _ in owners:
-        m._parameters[attr] = p
-
-
-def _full_name(root: nn.Module, target: nn.Module, attr: str) -> str:
-    for name, m in root.named_modules(remove_duplicate=False):
-        if m is target:
-            return f"{name}.{attr}" if name else attr
-    raise LookupError(attr)
-
-
-def _move_except(module: nn.Module, device: torch.device, stop: Callable[[nn.Module], bool]) -> None:
-    """Moves `module` to `device` except subtrees where `stop` holds (and their ancestors' own parameters,
-    which the strategy already placed)."""
-    def contains(m: nn.Module) -> bool:
-        return any(stop(x) for x in m.modules())
-
-    if stop(module):
-        return
-    if not contains(module):
-        module.to(device)
-        return
-    for name, b in module._buffers.items():
-        if b is not None:
-            module._buffers[name] = b.to(device)
-    for child in module.children():
-        _move_except(child, device, stop)

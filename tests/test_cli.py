@@ -3,7 +3,6 @@ one line naming the field or file (no traceback); values with '=', '<' or '|' ar
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import sys

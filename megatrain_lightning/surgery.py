@@ -1,0 +1,81 @@
+"""Module surgery for the strategy: initializing blocks built on the meta device, finding the parameters outside
+the trunk (tied ones once), swapping parameters in place, and moving all but the trunk to the device."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from megatrain_lightning.errors import UserError
+
+
+def reset(module: nn.Module) -> None:
+    """Initializes a freshly materialized module: the highest module of each subtree with `reset_parameters`."""
+    if callable(getattr(module, "reset_parameters", None)):
+        module.reset_parameters()
+        return
+    if any(True for _ in module.parameters(recurse=False)):
+        raise UserError(f"cannot initialize {type(module).__name__} built on the meta device: it has no "
+                         "reset_parameters()")
+    for child in module.children():
+        reset(child)
+
+
+def parameters_to_meta(module: nn.Module) -> None:
+    """Replaces every parameter by a meta tensor of its shape (flags kept); buffers keep their values (a router's
+    bias, a per-layer mask), which the engine copies to the device."""
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                m._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), p.requires_grad)
+
+
+def param_refs(root: nn.Module, skip: nn.Module) -> dict[int, tuple[str, list[tuple[nn.Module, str, Tensor]]]]:
+    """Parameters outside `skip`, by identity: their first full name and every (module, attribute) holding them."""
+    refs: dict[int, tuple[str, list]] = {}
+
+    def visit(m: nn.Module, prefix: str) -> None:
+        if m is skip:
+            return
+        for attr, p in m._parameters.items():
+            if p is None:
+                continue
+            refs.setdefault(id(p), (prefix + attr, []))[1].append((m, attr, p))
+        for name, child in m._modules.items():
+            if child is not None:
+                visit(child, f"{prefix}{name}.")
+
+    visit(root, "")
+    return refs
+
+
+def assign(owners: list[tuple[nn.Module, str, Tensor]], p: nn.Parameter) -> None:
+    for m, attr, _ in owners:
+        m._parameters[attr] = p
+
+
+def full_name(root: nn.Module, target: nn.Module, attr: str) -> str:
+    for name, m in root.named_modules(remove_duplicate=False):
+        if m is target:
+            return f"{name}.{attr}" if name else attr
+    raise LookupError(attr)
+
+
+def move_except(module: nn.Module, device: torch.device, stop: Callable[[nn.Module], bool]) -> None:
+    """Moves `module` to `device` except subtrees where `stop` holds (and their ancestors' own parameters,
+    which the strategy already placed)."""
+    def contains(m: nn.Module) -> bool:
+        return any(stop(x) for x in m.modules())
+
+    if stop(module):
+        return
+    if not contains(module):
+        module.to(device)
+        return
+    for name, b in module._buffers.items():
+        if b is not None:
+            module._buffers[name] = b.to(device)
+    for child in module.children():
+        move_except(child, device, stop)
