@@ -202,11 +202,11 @@ class TokensDataModule(_PackedDataModule):
             tokens = np.load(path, mmap_mode="r")
             if tokens.ndim != 1 or tokens.dtype not in (np.uint16, np.uint32, np.int32, np.int64):
                 raise UserError(f"{path}: expected a 1-D array of token ids (uint16/uint32/int32/int64), got "
-                                 f"{tokens.ndim}-D {tokens.dtype}")
+                                f"{tokens.ndim}-D {tokens.dtype}")
             return tokens, None
         if self.dtype not in TOKEN_DTYPES:
             raise UserError(f"data.dtype must be one of {sorted(TOKEN_DTYPES)} for a raw token file, got "
-                             f"{self.dtype!r}")
+                            f"{self.dtype!r}")
         width = np.dtype(TOKEN_DTYPES[self.dtype]).itemsize
         if path.stat().st_size == 0:  # numpy cannot map an empty file
             raise UserError(f"{path}: 0 tokens are too few for one window of seq_len {self.seq_len} + 1")

@@ -131,7 +131,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         devices = len(self.parallel_devices or ()) or 1
         if devices > 1 or self.num_nodes > 1:
             raise UserError(f"the megatrain strategy trains on one device; got devices={devices}, "
-                             f"num_nodes={self.num_nodes} (use devices=1)")
+                            f"num_nodes={self.num_nodes} (use devices=1)")
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -141,7 +141,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if type(plugin) is Precision:
             return torch.float32
         raise UserError(f"the megatrain strategy supports precision {' or '.join(map(repr, PRECISIONS))}; "
-                         f"got {getattr(plugin, 'precision', type(plugin).__name__)!r}")
+                        f"got {getattr(plugin, 'precision', type(plugin).__name__)!r}")
 
     @contextmanager
     @override
@@ -233,7 +233,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         for m in meta_owners.values() if self.init_from is None else ():
             if not callable(getattr(m, "reset_parameters", None)):
                 raise UserError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
-                                 "reset_parameters()")
+                                "reset_parameters()")
             m.reset_parameters()
         store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
         for name, owners in refs:
@@ -303,7 +303,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         if self.storage == "nvme":
             if self.stream == "master" and dtype != torch.float32:
                 raise UserError("storage='nvme' streams the compute-dtype copy kept in RAM; use stream='copy' or "
-                                 "'auto'")
+                                "'auto'")
             return "copy"
         return "master" if self.stream == "auto" else self.stream
 
@@ -323,8 +323,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         floor = S.RAM_STATE_BYTES * layouts[-1].numel + (S.RAM_STATE_BYTES - S.DISK_STATE_BYTES) * sum(trunk)
         if floor > budget:
             raise UserError(f"storage=nvme: the RAM budget ({budget / 2**30:.3g} GiB) cannot hold even the state "
-                             f"that stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: gradients "
-                             "and the embedding/head state)")
+                            f"that stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: gradients "
+                            "and the embedding/head state)")
         return list(range(n))
 
     # ---- the training step ----
@@ -574,7 +574,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
         if self._ckpt_dir is None:
             raise UserError("the megatrain strategy loads its own checkpoint directories (trainer.fit(ckpt_path="
-                             "...)); a state dict alone does not hold the weights")
+                            "...)); a state dict alone does not hold the weights")
         self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
         self.engine.load_buffers()  # the blocks' buffers, as the checkpoint had them
         self._publish_weights()
@@ -587,7 +587,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
             groups = saved["param_groups"]
             if len(groups) != len(optimizer.param_groups):
                 raise UserError(f"checkpoint has {len(groups)} optimizer param groups, the optimizer has "
-                                 f"{len(optimizer.param_groups)}")
+                                f"{len(optimizer.param_groups)}")
             params = [p for g in optimizer.param_groups for p in g["params"]]
             for group, g in zip(optimizer.param_groups, groups):
                 group.update({k: v for k, v in g.items() if k != "params"})

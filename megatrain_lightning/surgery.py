@@ -18,7 +18,7 @@ def reset(module: nn.Module) -> None:
         return
     if any(True for _ in module.parameters(recurse=False)):
         raise UserError(f"cannot initialize {type(module).__name__} built on the meta device: it has no "
-                         "reset_parameters()")
+                        "reset_parameters()")
     for child in module.children():
         reset(child)
 
