@@ -142,7 +142,7 @@ def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
                                   save_top_k=cfg.get("keep_checkpoints", 2),
                                   every_n_train_steps=cfg.trainer.val_check_interval)
     init_from = cfg.model.get("path") if cfg.model.name == "hf" else None
-    callbacks = [checkpoints, SaveOnSignal()]
+    callbacks = [checkpoints, SaveOnSignal()] if cfg.get("save_on_signal", True) else [checkpoints]
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(_Bar(refresh_rate=cfg.trainer.get("log_every_n_steps", 1)))
     return L.Trainer(strategy=strategy(cfg.storage, init_from=init_from), callbacks=callbacks,

@@ -122,3 +122,11 @@ def test_run_directories_started_in_one_second_differ():
 
     dirs = {compose_run([])[1] for _ in range(3)}
     assert len(dirs) == 3 and all(d.parent.name == "runs" for d in dirs)
+
+
+@pytest.mark.parametrize("flag,present", [("true", True), ("false", False)])
+def test_save_on_signal_is_configurable(flag, present, tmp_path):
+    from megatrain_lightning import SaveOnSignal
+
+    trainer = build.trainer(_compose([f"save_on_signal={flag}"]), tmp_path)
+    assert any(isinstance(c, SaveOnSignal) for c in trainer.callbacks) == present

@@ -43,3 +43,18 @@ def test_quick_start_train_py_runs_as_written(tmp_path):
     (run,) = (tmp_path / "runs").iterdir()
     assert (run / "checkpoints" / "last.ckpt" / "manifest.json").is_file()
     assert "done: 400 steps" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_calibrate_runs_as_written(tmp_path):
+    """The README's calibrate line, in a directory with a conf/hardware/ of its own: a preset the planner reads."""
+    (command,) = _commands("python -m planner.calibrate")
+    (tmp_path / "conf" / "hardware").mkdir(parents=True)
+    proc = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import yaml
+
+    from planner.hardware import Hardware
+
+    preset = yaml.safe_load((tmp_path / "conf" / "hardware" / "local.yaml").read_text())
+    assert Hardware.from_dict(preset).host_ram_GiB > 0 and "wrote conf/hardware/local.yaml" in proc.stderr
