@@ -216,9 +216,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
 
         for i, block in enumerate(trunk):
             if any(p.is_meta for p in block.parameters()):
-                block.to_empty(device="cpu")
-                if self.init_from is None:  # imported weights replace these anyway
-                    surgery.reset(block)
+                surgery.materialize(block, initialize=self.init_from is None)  # imported weights replace these
             store.fill(i, list(block.named_parameters()))
             surgery.parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
             for n, p in block.named_parameters():

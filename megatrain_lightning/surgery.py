@@ -23,6 +23,34 @@ def reset(module: nn.Module) -> None:
         reset(child)
 
 
+def materialize(block: nn.Module, initialize: bool) -> None:
+    """Gives a block built on the meta device CPU memory, initialized by its `reset_parameters` when `initialize`.
+    Its buffers' values were never computed (meta tensors have none): each must be set by `reset_parameters`, or
+    the block would run with whatever the memory held; a sentinel fill shows the ones left unset."""
+    unset = {n for n, b in block.named_buffers() if b.is_meta}
+    block.to_empty(device="cpu")
+    buffers = dict(block.named_buffers())
+    for n in unset:
+        buffers[n].fill_(_sentinel(buffers[n].dtype))
+    if initialize:
+        reset(block)
+    unset = sorted(n for n in unset if _untouched(buffers[n]))
+    if unset:
+        raise UserError(f"{type(block).__name__} was built on the meta device and its buffers {unset} have no values "
+                        "(a meta tensor holds none): set them in reset_parameters(), or build the module outside "
+                        "configure_model")
+
+
+def _sentinel(dtype: torch.dtype):
+    return float("nan") if dtype.is_floating_point else False if dtype == torch.bool else torch.iinfo(dtype).min
+
+
+def _untouched(t: Tensor) -> bool:
+    if t.dtype == torch.bool:
+        return False  # no value tells unset from set
+    return bool(t.isnan().all() if t.is_floating_point() else (t == _sentinel(t.dtype)).all())
+
+
 def parameters_to_meta(module: nn.Module) -> None:
     """Replaces every parameter by a meta tensor of its shape (flags kept); buffers keep their values (a router's
     bias, a per-layer mask), which the engine copies to the device."""

@@ -134,3 +134,53 @@ def test_cuda_recompute_draws_the_forward_dropout_mask(compile):
     for forward_mask, backward_mask in probe.seen:
         assert 0.3 < forward_mask.float().mean() < 0.7  # dropout did drop
         assert torch.equal(forward_mask, backward_mask)
+
+
+class Buffered(nn.Module):
+    """A block built in configure_model (on the meta device) with a buffer; `set_in_reset` chooses whether its
+    reset_parameters sets the buffer."""
+
+    def __init__(self, dim: int, set_in_reset: bool) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.set_in_reset = set_in_reset
+        self.register_buffer("bias", torch.linspace(-1, 1, dim))
+
+    def reset_parameters(self) -> None:
+        self.proj.reset_parameters()
+        if self.set_in_reset:
+            with torch.no_grad():
+                self.bias.copy_(torch.linspace(-1, 1, self.bias.numel()))
+
+    def forward(self, x):
+        return x + torch.tanh(self.proj(x) + self.bias)
+
+
+class BuiltLate(Toy):
+    def __init__(self, set_in_reset: bool) -> None:
+        L.LightningModule.__init__(self)
+        self.set_in_reset, self.losses = set_in_reset, []
+
+    def configure_model(self) -> None:
+        self.embed = nn.Embedding(32, 16)
+        self.trunk = Trunk([Buffered(16, self.set_in_reset) for _ in range(2)])
+        self.head = nn.Linear(16, 32)
+
+
+def test_a_meta_built_block_buffer_must_be_set_by_reset_parameters():
+    """Built on the meta device, a buffer has no value: reset_parameters sets it, or the run stops naming it."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 32, (2, 9), generator=g) for _ in range(2)]
+
+    def fit(set_in_reset):
+        model = BuiltLate(set_in_reset)
+        trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", max_steps=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(model, train_dataloaders=loader(batches))
+        return trainer
+
+    trainer = fit(True)
+    assert all(torch.equal(b["bias"], torch.linspace(-1, 1, 16)) for b in trainer.strategy.engine.buffers)
+    with pytest.raises(ValueError, match=r"Buffered was built on the meta device and its buffers \['bias'\] have no "
+                                         "values"):
+        fit(False)
