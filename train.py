@@ -1,8 +1,8 @@
 """Train a Llama-family model with the megatrain strategy: `python train.py model=llama-3.2-1b trainer=gpu`.
 
 Arguments are Hydra overrides of `conf/` (the same as `python -m planner.check`). Exit status: 0 done, 1 the
-planner says the run cannot fit, 2 bad input (one line naming the field or file), 128 + N stopped by signal N
-after saving a checkpoint.
+planner says the run cannot fit, 2 bad input (one line naming the field or file), 3 training diverged (the step
+named), 128 + N stopped by signal N after saving a checkpoint.
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def main(argv: list[str]) -> int:
         trainer.fit(module, datamodule=data, ckpt_path=cfg.resume)
     except (UserError, FileNotFoundError) as e:
         return _bad_input(e)
+    except FloatingPointError as e:  # diverged: the message names the step; the last checkpoint is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     log.info(build.summary(trainer, run_dir, time.perf_counter() - start, answer))
     return 0
 

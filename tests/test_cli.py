@@ -98,3 +98,12 @@ def test_a_config_mistake_leaves_no_run_directory_and_exits_2_in_a_real_process(
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: data.micro_batch: must be an integer >= 1, got 0"
     assert not (tmp_path / "run").exists()
+
+
+def test_a_diverging_run_exits_3_with_the_step_named(tmp_path, capsys, restore_logging):
+    code = train.main(["optim.lr=1e6", "optim.warmup_steps=0", "trainer.max_steps=40", "trainer.val_check_interval=40",
+                       f"hydra.run.dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 3 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert errors[0].startswith("error: training diverged at step ")
