@@ -34,15 +34,22 @@ DISK_STATE_BYTES = 12
 NVME_BUFFERS = 3
 
 
-def nvme_layers(layer_numels: list[int], resident_numel: int, budget_bytes: float) -> int:
-    """How many trunk layers, counted from the first, keep their state in files so that the per-layer fp32
-    state left in RAM fits `budget_bytes` (len(layer_numels) when even that does not fit)."""
-    ram = RAM_STATE_BYTES * (sum(layer_numels) + resident_numel)
-    for n, numel in enumerate(layer_numels):
+def nvme_layers(layer_ram: list[float], layer_disk: list[float], resident_ram: float, budget_bytes: float) -> int:
+    """How many trunk layers, counted from the first, keep their state in files so that the fp32 state left in RAM
+    fits `budget_bytes` (len(layer_ram) when even that does not fit). `layer_ram`: each layer's state bytes in RAM
+    (RAM_STATE_BYTES per trained parameter), `layer_disk`: the part of it a file takes over (DISK_STATE_BYTES)."""
+    ram = sum(layer_ram) + resident_ram
+    for n, moved in enumerate(layer_disk):
         if ram <= budget_bytes:
             return n
-        ram -= DISK_STATE_BYTES * numel
-    return len(layer_numels)
+        ram -= moved
+    return len(layer_ram)
+
+
+def nvme_floor(layer_ram: list[float], layer_disk: list[float], resident_ram: float) -> float:
+    """The state bytes that stay in RAM with every layer's in a file (gradients, the embedding/head state): a RAM
+    budget below it cannot work."""
+    return resident_ram + sum(layer_ram) - sum(layer_disk)
 
 
 # Device bytes per parameter of a unit whose state is kept on the device (device_state.py): fp32 master, Adam m and

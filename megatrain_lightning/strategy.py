@@ -317,8 +317,12 @@ class MegatrainStrategy(SingleDeviceStrategy):
             staging = S.staging_numel(max(trunk), layouts[-1].numel) * cb
             others = cb * sum(trunk) + staging + S.NVME_BUFFERS * S.DISK_STATE_BYTES * max(trunk)
             budget = available_ram_bytes() - others - 2 * 2**30
-        n = S.nvme_layers(trunk, layouts[-1].numel, budget)
-        floor = S.RAM_STATE_BYTES * layouts[-1].numel + (S.RAM_STATE_BYTES - S.DISK_STATE_BYTES) * sum(trunk)
+        # fp32 bytes: a layer in RAM holds its tile, a file takes over [master | m | v] (frozen parameters: the
+        # master alone)
+        state = ([4 * lay.tile_numel for lay in layouts[:-1]], [4 * lay.state_numel for lay in layouts[:-1]],
+                 4 * layouts[-1].tile_numel)
+        n = S.nvme_layers(*state, budget)
+        floor = S.nvme_floor(*state)
         if floor > budget:
             raise UserError(f"storage=nvme: the RAM budget ({budget / 2**30:.3g} GiB) cannot hold even the state "
                             f"that stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: gradients "

@@ -31,7 +31,9 @@ def _budget_GiB(on_disk: int) -> float:
     c = Config.from_name("tiny")
     layers = [c.layer_params] * c.n_layer
     budget = S.RAM_STATE_BYTES * (sum(layers) + c.embedding_params) - S.DISK_STATE_BYTES * c.layer_params * on_disk
-    assert S.nvme_layers(layers, c.embedding_params, budget) == on_disk
+    state = ([S.RAM_STATE_BYTES * n for n in layers], [S.DISK_STATE_BYTES * n for n in layers],
+             S.RAM_STATE_BYTES * c.embedding_params)
+    assert S.nvme_layers(*state, budget) == on_disk
     return budget / 2**30
 
 

@@ -101,3 +101,18 @@ def test_cuda_frozen_parameters_stay_and_the_rest_track_fp32(strategy_kwargs):
             assert rel_err(weights[name], want) < 1e-2, name
         else:
             assert torch.equal(weights[name], initial[name]), name
+
+
+def test_nvme_placement_counts_what_frozen_layers_hold(tmp_path):
+    """storage=nvme puts a layer on disk only when its state does not fit: a frozen layer holds 4 bytes/parameter,
+    so a budget that holds the frozen model's state keeps every layer in RAM (at 16 bytes/parameter it did not)."""
+    model = _frozen_model()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    budget_GiB = (16 * trainable + 4 * frozen) / 2**30
+    _, _, weights, strategy = megatrain_run(model, make_batches(model.config, 2), 2, 1, None, record_grads=False,
+                                            storage="nvme", ram_budget_GiB=budget_GiB, nvme_dir=tmp_path)
+    assert not any(u.on_disk for u in strategy.store.units)
+    _, _, _, strategy = megatrain_run(model, make_batches(model.config, 2), 2, 1, None, record_grads=False,
+                                      storage="nvme", ram_budget_GiB=budget_GiB * 0.9, nvme_dir=tmp_path)
+    assert any(u.on_disk for u in strategy.store.units)  # below it, the first layers go to their files
