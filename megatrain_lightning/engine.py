@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from megatrain_lightning import schedule as S
+from megatrain_lightning import surgery
 from megatrain_lightning.store import HostStore, Unit, available_ram_bytes, pinned_empty
 from megatrain_lightning.trace import Trace
 
@@ -66,25 +67,6 @@ class _Prefetcher:
             slot.free.record(torch.cuda.current_stream())
         self.engine._free.append(slot)
         self._fill()
-
-
-_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # what every nn.Module has: parameters, buffers, hooks, training
-
-
-def _configuration(block: nn.Module) -> tuple:
-    """What, besides its weights, decides what a block computes: each submodule's type and own attributes (plain
-    values compared by value, any other object by identity: a shared object is the same, per-block ones differ)."""
-    def key(v):
-        if v is None or isinstance(v, (bool, int, float, str)):
-            return v
-        if isinstance(v, (tuple, list)):
-            return type(v), tuple(key(x) for x in v)
-        if isinstance(v, dict):
-            return dict, tuple(sorted((repr(k), key(x)) for k, x in v.items()))
-        return "object", id(v)
-
-    return tuple((name, type(m), tuple(sorted((k, key(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS)))
-                 for name, m in block.named_modules())
 
 
 def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor) -> Tensor:
@@ -166,7 +148,7 @@ class StreamingEngine:
         # one stateless template per distinct layer signature and configuration (a per-layer sliding window or
         # layer index changes what a block computes); the blocks themselves hold meta tensors
         templates: dict[tuple, nn.Module] = {}
-        self.templates = [templates.setdefault((store.units[i].layout.signature, _configuration(b)), b)
+        self.templates = [templates.setdefault((store.units[i].layout.signature, surgery.configuration(b)), b)
                           for i, b in enumerate(blocks)]
         self.blocks = blocks
         self.load_buffers()

@@ -1,5 +1,6 @@
-"""Module surgery for the strategy: initializing blocks built on the meta device, finding the parameters outside
-the trunk (tied ones once), swapping parameters in place, and moving all but the trunk to the device."""
+"""Module surgery for the strategy and the engine: initializing blocks built on the meta device, finding the
+parameters outside the trunk (tied ones once), swapping parameters in place, moving all but the trunk to the
+device, and telling which blocks compute alike (one template each)."""
 
 from __future__ import annotations
 
@@ -107,3 +108,22 @@ def move_except(module: nn.Module, device: torch.device, stop: Callable[[nn.Modu
             module._buffers[name] = b.to(device)
     for child in module.children():
         move_except(child, device, stop)
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))  # what every nn.Module has: parameters, buffers, hooks, training
+
+
+def configuration(block: nn.Module) -> tuple:
+    """What, besides its weights, decides what a block computes: each submodule's type and own attributes (plain
+    values compared by value, any other object by identity: a shared object is the same, per-block ones differ)."""
+    def key(v):
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        if isinstance(v, (tuple, list)):
+            return type(v), tuple(key(x) for x in v)
+        if isinstance(v, dict):
+            return dict, tuple(sorted((repr(k), key(x)) for k, x in v.items()))
+        return "object", id(v)
+
+    return tuple((name, type(m), tuple(sorted((k, key(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS)))
+                 for name, m in block.named_modules())
