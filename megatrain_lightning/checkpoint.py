@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import shutil
 import struct
@@ -46,6 +47,8 @@ MANIFEST = "manifest.json"
 META = "lightning.pt"
 MODEL_CONFIG = "model_config.json"
 MOMENTS = ("exp_avg", "exp_avg_sq")
+
+log = logging.getLogger(__name__)
 
 _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -255,6 +258,24 @@ def _manifest(path: Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} (format {manifest.get('format')!r})")
     return manifest
+
+
+def load_newest_intact(path: str | Path, store: HostStore) -> tuple[Path, dict[str, Any]]:
+    """Loads `store` from checkpoint `path`, or from the newest intact checkpoint of a directory of them (a damaged
+    newer one is named in a warning); returns the checkpoint used and Lightning's part of it."""
+    found = candidates(path)
+    for k, candidate in enumerate(found):
+        try:
+            meta = load_meta(candidate)
+            load_store(candidate, store)  # every unit: a partial load is overwritten by the next try
+            break
+        except CheckpointError as e:
+            if k + 1 == len(found):
+                raise
+            log.warning(f"{e}\nresuming from the next older checkpoint instead: {found[k + 1]}")
+    if candidate != Path(path):
+        log.info(f"resuming from {candidate}, the last intact checkpoint in {path}")
+    return candidate, meta
 
 
 def get_verified(f, key: str, entry: dict[str, Any], file: Path) -> Tensor:

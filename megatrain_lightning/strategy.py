@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import hf
+from megatrain_lightning import placement
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
 from megatrain_lightning.device_state import DeviceStates
@@ -35,7 +36,7 @@ from megatrain_lightning.errors import UserError
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
 from megatrain_lightning.ownership import DirectoryLock
-from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout, available_ram_bytes
+from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout
 from megatrain_lightning.trace import Trace
 
 log = logging.getLogger(__name__)
@@ -206,8 +207,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs],
                               frozen={name for name, owners in refs if not owners[0][2].requires_grad}))
         names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
-        stream = self._resolve_stream(layouts, dtype)
-        nvme_units = self._nvme_units(layouts, dtype, stream)
+        stream = placement.resolve_stream(self.storage, self.stream, dtype)
+        nvme_units = placement.nvme_units(layouts, dtype, self.ram_budget_GiB) if self.storage == "nvme" else []
         store = HostStore(layouts, names, dtype, pin=device.type == "cuda", stream=stream,
                           nvme_units=nvme_units, nvme_dir=self.nvme_dir)
         if nvme_units:
@@ -292,42 +293,6 @@ class MegatrainStrategy(SingleDeviceStrategy):
                      f"{len(units) - (resident in units)} of {resident} layers"
                      f"{' and the embedding/head' if resident in units else ''} ({states.nbytes / 2**30:.3g} GiB)")
         self.updater.attach_device(states)
-
-    def _resolve_stream(self, layouts: list[Layout], dtype: torch.dtype) -> str:
-        """stream="auto": with every layer in RAM the fp32 master streams and the device casts it (the host's
-        per-layer update is then only AdamW, which is what bounds an overlapped step; PCIe has room for the
-        doubled bytes, and RAM saves the copy). storage=nvme streams the compute-dtype copy (the masters of
-        file-backed layers are on disk)."""
-        if self.storage == "nvme":
-            if self.stream == "master" and dtype != torch.float32:
-                raise UserError("storage='nvme' streams the compute-dtype copy kept in RAM; use stream='copy' or "
-                                "'auto'")
-            return "copy"
-        return "master" if self.stream == "auto" else self.stream
-
-    def _nvme_units(self, layouts: list[Layout], dtype: torch.dtype, stream: str) -> list[int]:
-        """storage=nvme: the first trunk layers whose state does not fit the RAM budget (the planner's rule)."""
-        if self.storage != "nvme":
-            return []
-        trunk = [lay.numel for lay in layouts[:-1]]
-        if self.ram_budget_GiB is not None:
-            budget = self.ram_budget_GiB * 2**30
-        else:  # all the RAM the rest of the run leaves
-            cb = torch.finfo(dtype).bits // 8
-            staging = S.staging_numel(max(trunk), layouts[-1].numel) * cb
-            others = cb * sum(trunk) + staging + S.NVME_BUFFERS * S.DISK_STATE_BYTES * max(trunk)
-            budget = available_ram_bytes() - others - 2 * 2**30
-        # fp32 bytes: a layer in RAM holds its tile, a file takes over [master | m | v] (frozen parameters: the
-        # master alone)
-        state = ([4 * lay.tile_numel for lay in layouts[:-1]], [4 * lay.state_numel for lay in layouts[:-1]],
-                 4 * layouts[-1].tile_numel)
-        n = S.nvme_layers(*state, budget)
-        floor = S.nvme_floor(*state)
-        if floor > budget:
-            raise UserError(f"storage=nvme: the RAM budget ({budget / 2**30:.3g} GiB) cannot hold even the state "
-                            f"that stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: gradients "
-                            "and the embedding/head state)")
-        return list(range(n))
 
     # ---- the training step ----
     @override
@@ -556,19 +521,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
         """Loads the store from `checkpoint_path`, or from the newest intact checkpoint of a directory of them (a
         damaged newer one is named in a warning); returns Lightning's part."""
-        found = ckpt.candidates(checkpoint_path)
         self.flush()
-        for k, path in enumerate(found):
-            try:
-                meta = ckpt.load_meta(path)
-                ckpt.load_store(path, self.store)  # every unit: a partial load is overwritten by the next try
-                break
-            except ckpt.CheckpointError as e:
-                if k + 1 == len(found):
-                    raise
-                log.warning(f"{e}\nresuming from the next older checkpoint instead: {found[k + 1]}")
-        if path != Path(checkpoint_path):
-            log.info(f"resuming from {path}, the last intact checkpoint in {checkpoint_path}")
+        path, meta = ckpt.load_newest_intact(checkpoint_path, self.store)
         self._ckpt_dir = path
         return meta
 

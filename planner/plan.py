@@ -112,13 +112,13 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
         layer, n = wl.model.layer_params, wl.n_layers
         state = ([S.RAM_STATE_BYTES * layer] * n, [S.DISK_STATE_BYTES * layer] * n,
                  S.RAM_STATE_BYTES * wl.model.embedding_params)
-        floor = S.nvme_floor(*state)  # the engine's rule (strategy._nvme_units)
+        floor = S.nvme_floor(*state)  # the engine's rule (placement.nvme_units)
         if wl.ram_budget_GiB is not None and floor > budget:
             raise PlanError("storage.ram_budget_GiB", f"{wl.ram_budget_GiB:g} GiB cannot hold even the state that "
                             f"stays in RAM with every layer on disk ({floor / GiB:.3g} GiB: gradients and the "
                             "embedding/head state)")
         return replace(wl, n_nvme_layers=S.nvme_layers(*state, budget))
-    if wl.stream == "auto":  # the engine's rule (strategy._resolve_stream): the master streams
+    if wl.stream == "auto":  # the engine's rule (placement.resolve_stream): the master streams
         wl = replace(wl, stream="master")
     return _keep_on_device(hw, wl)
 
