@@ -27,6 +27,8 @@ from megatrain_lightning.trace import Trace
 
 log = logging.getLogger(__name__)
 
+ADD_PIECE = 1 << 20  # elements of staged gradients cast to fp32 at a time by the host's add (4 MiB: cache-sized)
+
 
 class _Slot:
     """A device buffer that holds one layer's weights (and their compute-dtype cast when the fp32 master streams)."""
@@ -71,6 +73,16 @@ class _Prefetcher:
 
 def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor) -> Tensor:
     return functional_call(template, params, (x, *extras), strict=True)
+
+
+def _add_fp32(sums: list[Tensor | None] | None, grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
+    """Running fp32 sums of one layer's weight gradients over the sweep's chunks (None: not reached yet)."""
+    if sums is None:
+        return [None if g is None else g.float() if g.dtype != torch.float32 else g for g in grads]
+    for k, g in enumerate(grads):
+        if g is not None:
+            sums[k] = g.float() if sums[k] is None else sums[k].add_(g)
+    return sums
 
 
 class _HostCheckpoints:
@@ -135,10 +147,16 @@ class _HostCheckpoints:
 class StreamingEngine:
     def __init__(self, store: HostStore, blocks: list[nn.Module], device: torch.device,
                  checkpoint_interval: int, prefetch_depth: int, compile: bool = False,
-                 offload_checkpoints: bool | None = False) -> None:
+                 offload_checkpoints: bool | None = False, chunk_tokens: int | None = None,
+                 per_sample_extras: tuple[int, ...] = ()) -> None:
         """`compile`: run blocks through torch.compile (one graph per layer signature). `offload_checkpoints`: keep
-        the block inputs in host memory (CUDA only; on the CPU the device is the host); None: when RAM has room."""
+        the block inputs in host memory (CUDA only; on the CPU the device is the host); None: when RAM has room.
+        `chunk_tokens`: the batch sweep's chunk (schedule.chunk_sequences; None: from free device memory, the whole
+        batch on the CPU). `per_sample_extras`: indices of extras whose first dimension is the batch's (sliced with
+        each chunk); the others are shared by every sequence (rotary tables)."""
         self.store, self.device = store, device
+        self.chunk_tokens, self.per_sample_extras = chunk_tokens, tuple(per_sample_extras)
+        self._chunk_of: dict[tuple, int] = {}  # (batch, seq_len, dtype) -> sequences per chunk, chosen once
         self.cuda = device.type == "cuda"
         self._call = torch.compile(_functional, dynamic=False) if compile else _functional
         self.host_checkpoints = (_HostCheckpoints(self, auto=offload_checkpoints is None)
@@ -173,10 +191,12 @@ class StreamingEngine:
         self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-host", initializer=torch.set_num_threads,
                                           initargs=(torch.get_num_threads(),))
         self._pending: list[Future] = []
+        self._add_scratch: Tensor | None = None  # the host thread's fp32 piece for adding staged gradients
         self.fresh_grads = True  # the next shipped gradients overwrite the fp32 buffers instead of adding
         self.final = False  # set by the strategy around the closure of the step's last micro-batch
         self.updater = None  # optim.HostAdam when the optimizer runs overlapped (`attach_updater`)
         self.device_states = None  # device_state.DeviceStates: units whose state the device keeps
+        self.step_cache = None  # device_state.StepCache: units whose weights and gradient sum stay for a step
         self.after_forward = None  # called when the trunk's forward has been issued (the strategy's hook)
         self.trace: Trace | None = None
         self._anchor = torch.zeros((), device=device, requires_grad=True)
@@ -208,36 +228,77 @@ class StreamingEngine:
         return self._forward(x, extras, keep=False)[0]
 
     # ---- passes ----
-    def _forward(self, x: Tensor, extras: tuple[Tensor, ...], keep: bool) -> tuple[Tensor, list[Tensor], list]:
+    def _chunks(self, x: Tensor) -> list[tuple[int, int]]:
+        """The sweep's chunks of x [B, T, ...]: sequence ranges, chosen once per batch shape."""
+        B, T = x.shape[0], (x.shape[1] if x.dim() > 2 else 1)
+        key = (B, T, x.dtype)
+        if key not in self._chunk_of:
+            if self.cuda and self.chunk_tokens is None:
+                free, _ = torch.cuda.mem_get_info(self.device)
+                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            else:
+                free = float("inf")  # the CPU: the device is the host
+            n = S.chunk_sequences(B, T, self.chunk_tokens, x[0].numel() // T * x.element_size(), free)
+            self._chunk_of[key] = n
+            if n < B:
+                log.info(f"batch sweep: {B} sequences of {T} tokens run in chunks of {n}")
+        return S.chunks(B, self._chunk_of[key])
+
+    def _chunk_extras(self, extras: tuple[Tensor, ...], lo: int, hi: int, whole: bool) -> tuple[Tensor, ...]:
+        if whole:
+            return extras
+        return tuple(e[lo:hi] if j in self.per_sample_extras else e for j, e in enumerate(extras))
+
+    def _forward(self, x: Tensor, extras: tuple[Tensor, ...], keep: bool) -> tuple[Tensor, list[Tensor], tuple]:
         """The trunk's output; with `keep`, the input of every block of K layers (None where it went to host
-        memory) and the RNG state entering it (its recompute draws the same random numbers)."""
+        memory), and the chunks with the RNG state entering each layer's chunk (its recompute draws the same random
+        numbers)."""
         checkpoints: list[Tensor] = []
         pf = _Prefetcher(self, self.plan.forward_loads())
         host = self.host_checkpoints if keep else None
         if host is not None and not host.begin(x):
             host = None
-        rng = []
+        chunks = self._chunks(x)
+        whole = len(chunks) == 1
+        rng: list[list] = []  # [layer][chunk]
         for i in range(self.plan.n_layers):
             if keep and i % self.plan.k == 0:
-                rng.append(self._rng_state())
                 if host is not None:
                     host.put(x)
                     checkpoints.append(None)
                 else:
                     checkpoints.append(x)  # [B, T, D] input of block i // k
             slot = pf.acquire(i)
+            params = self._views(i, slot)
+            if keep:
+                rng.append([])
             with self._span(i, S.COMPUTE, S.FORWARD):
-                x = self._run(i, self._views(i, slot), x, extras)
+                out = None if whole else torch.empty_like(x)  # [B, T, D], filled chunk by chunk
+                for lo, hi in chunks:
+                    if keep:
+                        rng[i].append(self._rng_state())
+                    y = self._run(i, params, x if whole else x[lo:hi], self._chunk_extras(extras, lo, hi, whole))
+                    if whole:
+                        out = y
+                    else:
+                        out[lo:hi].copy_(y)
+                    del y
+                x = out
             pf.release(slot)
-        return x, checkpoints, rng
+        return x, checkpoints, (chunks, rng)
 
-    def _backward(self, checkpoints: list[Tensor], rng: list, extras: tuple[Tensor, ...], grad: Tensor,
+    def _backward(self, checkpoints: list[Tensor], replay: tuple, extras: tuple[Tensor, ...], grad: Tensor,
                   autocast: tuple[bool, torch.dtype]) -> Tensor:
+        """Blocks last to first. A block's weights load once; each chunk of the batch is recomputed through the block
+        with autograd and backpropagated; its weight gradients add up over the chunks in fp32 on the device and
+        leave once, after the last chunk."""
         pf = _Prefetcher(self, self.plan.backward_loads())
         pos = 0
         amp = torch.autocast(self.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
         host = self.host_checkpoints if self.host_checkpoints is not None and self.host_checkpoints.active else None
         fetched = host.fetch(len(self.plan.blocks) - 1) if host is not None else None
+        chunks, rng = replay  # the forward's chunks: the RNG states are per layer and chunk
+        whole = len(chunks) == 1
         for b, (start, end) in reversed(list(enumerate(self.plan.blocks))):
             if host is not None:
                 x, ready = fetched
@@ -245,28 +306,50 @@ class StreamingEngine:
                 fetched = host.fetch(b - 1) if b > 0 else None  # the next block's input comes in meanwhile
             else:
                 x = checkpoints[b]
-            saved = []
-            with torch.random.fork_rng(self._rng_devices, device_type=self.device.type):
-                self._set_rng_state(rng[b])  # dropout masks as in forward (torch.utils.checkpoint does this)
-                for i in range(start, end):
-                    slot = pf.acquire(pos)
-                    pos += 1
-                    params = self._views(i, slot)
-                    for e in self.store.units[i].layout.trainable_entries:  # frozen parameters get no gradient
-                        params[e.name] = params[e.name].detach().requires_grad_()
-                    trainable = [params[e.name] for e in self.store.units[i].layout.trainable_entries]
-                    x_in = x.detach().requires_grad_()
-                    with torch.enable_grad(), amp, self._span(i, S.COMPUTE, S.RECOMPUTE):
-                        x = self._run(i, params, x_in, extras)
-                    saved.append((i, slot, x_in, trainable, x))
             checkpoints[b] = None  # free as we go
-            for i, slot, x_in, trainable, out in reversed(saved):
-                with self._span(i, S.COMPUTE, S.BACKWARD):
-                    grads = torch.autograd.grad(out, [x_in, *trainable], grad, allow_unused=True)
-                grad = grads[0]
-                self.ship_grads(i, grads[1:])
-                pf.release(slot)
-            del saved
+            slots: dict[int, _Slot] = {}
+            params: dict[int, dict[str, Tensor]] = {}
+            trainable: dict[int, list[Tensor]] = {}
+            sums: dict[int, list[Tensor | None]] = {}  # fp32 weight gradients over the chunks so far
+            grad_in = grad if whole else torch.empty_like(grad)  # [B, T, D] gradient of the block's input
+            for c, (lo, hi) in enumerate(chunks):
+                part = self._chunk_extras(extras, lo, hi, whole)
+                saved = []
+                h = x if whole else x[lo:hi]
+                with torch.random.fork_rng(self._rng_devices, device_type=self.device.type):
+                    for i in range(start, end):
+                        if c == 0:  # the block's weights arrive in the first chunk and stay for the others
+                            slots[i] = pf.acquire(pos)
+                            pos += 1
+                            params[i] = self._views(i, slots[i])
+                            for e in self.store.units[i].layout.trainable_entries:  # frozen ones get no gradient
+                                params[i][e.name] = params[i][e.name].detach().requires_grad_()
+                            trainable[i] = [params[i][e.name] for e in self.store.units[i].layout.trainable_entries]
+                        self._set_rng_state(rng[i][c])  # dropout masks as in forward (as torch.utils.checkpoint)
+                        h_in = h.detach().requires_grad_()
+                        with torch.enable_grad(), amp, self._span(i, S.COMPUTE, S.RECOMPUTE):
+                            h = self._run(i, params[i], h_in, part)
+                        saved.append((i, h_in, h))
+                g = grad if whole else grad[lo:hi]
+                for i, h_in, out in reversed(saved):
+                    with self._span(i, S.COMPUTE, S.BACKWARD):
+                        grads = torch.autograd.grad(out, [h_in, *trainable[i]], g, allow_unused=True)
+                    g = grads[0]
+                    if whole:
+                        self.ship_grads(i, grads[1:])
+                        pf.release(slots.pop(i))
+                    else:
+                        sums[i] = _add_fp32(sums.get(i), grads[1:])
+                del saved
+                if whole:
+                    grad_in = g
+                else:
+                    grad_in[lo:hi].copy_(g)
+                del g
+            for i in reversed(slots):  # chunked: every chunk done, each layer's gradients leave once
+                self.ship_grads(i, sums.pop(i))
+                pf.release(slots[i])
+            grad = grad_in
         return grad
 
     @property
@@ -293,7 +376,9 @@ class StreamingEngine:
         unit = self.store.units[i]
         n = unit.layout.numel
         states = self.device_states if self.device_states is not None and i in self.device_states else None
-        if self.updater is not None and states is None:
+        cache = self.step_cache if self.step_cache is not None and i in self.step_cache else None
+        cached = cache is not None and i in cache.valid
+        if self.updater is not None and states is None and not cached:
             self.updater.wait(i)  # the last step's update of this layer (and its streamed copy) is done
         with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
             if self.cuda:
@@ -302,11 +387,16 @@ class StreamingEngine:
                 if self.cuda:
                     self.h2d.wait_event(states.updated)
                 slot.compute[:n].copy_(states.master(i))
+            elif cached:  # loaded earlier in this step: the weights have not changed since (no H2D)
+                slot.compute[:n].copy_(cache.weights[i])
             else:
                 with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d if self.cuda else None):
                     slot.buf[:n].copy_(unit.stream, non_blocking=self.cuda)
                     if slot.compute is not slot.buf:  # the fp32 master streamed: cast it here, off the compute stream
                         slot.compute[:n].copy_(slot.buf[:n])
+                if cache is not None:  # the rest of the step takes them from here (same stream: in order)
+                    cache.weights[i].copy_(slot.compute[:n])
+                    cache.valid.add(i)
             if self.cuda:
                 slot.ready.record(self.h2d)
 
@@ -318,18 +408,24 @@ class StreamingEngine:
         if self.device_states is not None and unit_index in self.device_states:
             self.device_states.land(unit_index, grads, fresh=self.fresh_grads)  # on the compute stream
             return
+        sums = self.step_cache if self.step_cache is not None and unit_index in self.step_cache else None
+        if sums is not None:  # summed on the device over the step's micro-batches; the last one ships the sum
+            sums.land(unit_index, grads, fresh=self.fresh_grads)
+            if not self.final:
+                return
+            grads = sums.grads(unit_index)
         if self.updater is not None:
             self.updater.wait(unit_index)  # never overwrite gradients an update still reads
         self._prune()
-        if self.fresh_grads:
-            future = self._land(unit_index, grads)
+        if self.fresh_grads or sums is not None:
+            future = self._land(unit_index, grads, sums)
         else:
             future = self._stage(unit_index, grads)
         self._pending.append(future)
         if self.final and self.updater is not None:
             self._pending.append(self.updater.after_landing(unit_index))
 
-    def _land(self, unit_index: int, grads) -> Future:
+    def _land(self, unit_index: int, grads, sums=None) -> Future:
         unit = self.store.units[unit_index]
         views = unit.layout.views(unit.grad)
         missing = [e.name for e, g in zip(unit.layout.trainable_entries, grads) if g is None]
@@ -348,6 +444,8 @@ class StreamingEngine:
                 for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is not None:
                         views[entry.name].copy_(g)
+        if sums is not None:
+            sums.shipped(unit_index, done)
         return self._worker.submit(self._landed, views, missing, done)
 
     @staticmethod
@@ -394,7 +492,17 @@ class StreamingEngine:
         if done is not None:
             done.synchronize()
         with self._host_span(unit_index, S.ACCUMULATE, unit.grad.nbytes):
-            unit.grad.add_(buf)
+            if buf.dtype == torch.float32:
+                unit.grad.add_(buf)
+                return
+            # fp32 += bf16 in one op takes PyTorch's mixed-dtype path, 2.5x slower on the CPU than casting a
+            # cache-sized piece into fp32 first and adding that (2-core VM, 1 Mi-element pieces: 0.51 vs 1.5 Gparam/s)
+            if self._add_scratch is None:
+                self._add_scratch = torch.empty(ADD_PIECE, dtype=torch.float32)
+            for lo in range(0, buf.numel(), ADD_PIECE):
+                piece = self._add_scratch[:min(ADD_PIECE, buf.numel() - lo)]
+                piece.copy_(buf[lo:lo + piece.numel()])
+                unit.grad[lo:lo + piece.numel()].add_(piece)
 
     def _prune(self) -> None:
         """Drops finished host jobs (raising a failed one's error): with eager updates nothing waits for them
@@ -433,13 +541,13 @@ class _StreamedTrunk(torch.autograd.Function):
         dev = engine.device.type
         ctx.engine, ctx.extras = engine, extras
         ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
-        out, ctx.checkpoints, ctx.rng = engine._forward(x, extras, keep=True)
+        out, ctx.checkpoints, ctx.replay = engine._forward(x, extras, keep=True)
         if engine.after_forward is not None:
             engine.after_forward()
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        grad_x = ctx.engine._backward(ctx.checkpoints, ctx.rng, ctx.extras, grad, ctx.autocast)
+        grad_x = ctx.engine._backward(ctx.checkpoints, ctx.replay, ctx.extras, grad, ctx.autocast)
         ctx.checkpoints = None
         return (None, grad_x, None, *([None] * len(ctx.extras)))

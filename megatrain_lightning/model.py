@@ -25,10 +25,14 @@ class Trunk(nn.ModuleList):
 
     Any model can use it: wrap the repeated layers in a `Trunk` and call `trunk(x, *extras)`. Blocks must be
     stateless between calls; `extras` (e.g. rotary tables) are shared by every block and receive no gradient.
+    The megatrain strategy may run a batch in chunks of whole sequences (x[lo:hi]): an extra is then passed whole,
+    shared by every sequence, unless its index is in `per_sample_extras` (its first dimension is the batch's, e.g.
+    a per-sequence mask, and it is sliced with x).
     """
 
-    def __init__(self, blocks=None) -> None:
+    def __init__(self, blocks=None, per_sample_extras: tuple[int, ...] = ()) -> None:
         super().__init__(blocks)
+        self.per_sample_extras = tuple(per_sample_extras)
         # set by the megatrain strategy: a callable (x, *extras) -> x that streams the blocks
         self.engine: Callable[..., Tensor] | None = None
 

@@ -56,21 +56,55 @@ def nvme_floor(layer_ram: list[float], layer_disk: list[float], resident_ram: fl
 # v, gradient. Its write-through to the host after each update moves master, m and v.
 DEVICE_STATE_BYTES = 16
 WRITE_THROUGH_BYTES = 12
+# Device bytes per trained parameter of a gradient sum kept on the device for a step (device_state.StepCache; its
+# weights add the compute dtype's bytes), and the share of the device memory free once the engine and the kept state
+# are built that the step cache may take (auto)
+DEVICE_GRAD_BYTES = 4
+DEVICE_GRADS_SHARE = 0.4
 
 
-def device_units(unit_bytes: list[float], budget_bytes: float) -> list[int]:
+def device_units(unit_bytes: list[float], budget_bytes: float, skip: tuple[int, ...] | set[int] = ()) -> list[int]:
     """Units (indices into `unit_bytes`, each unit's fp32 tile: trunk layers, then the resident unit last) whose
     state the device keeps within `budget_bytes`: the resident unit first (its embedding is the forward's first
     need), then trunk layers in forward order (the host's updates of the later ones hide behind the forward of
-    these), each taken if it still fits."""
+    these), each taken if it still fits. The same rule picks the units whose gradient sums stay on the device over
+    an accumulation (`unit_bytes` then their fp32 gradients, `skip` the units kept whole)."""
     resident = len(unit_bytes) - 1
     chosen, left = [], budget_bytes
     for i in [resident, *range(resident)]:
+        if i in skip:
+            continue
         need = unit_bytes[i]
         if need <= left:
             chosen.append(i)
             left -= need
     return sorted(chosen)
+
+
+# The batch sweep: while a layer's weights are on the device it runs the whole batch, a chunk of whole sequences at a
+# time, so activation memory is one chunk's while weights cross PCIe twice and gradients once per micro-batch,
+# whatever its size. A layer's activations and working set for one chunk, in units of the chunk's input: the planner
+# measures ~33x for Llama shapes (autograd's saved tensors plus a layer pass's transients, workload.py); the margin
+# covers other blocks. Half of the device memory free at the batch's first forward may go to one chunk.
+ACTIVATION_PER_INPUT = 40
+CHUNK_MEMORY_SHARE = 0.5
+
+
+def chunk_sequences(batch: int, seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int,
+                    free_bytes: float) -> int:
+    """Sequences per chunk of the sweep. `chunk_tokens` set: that many tokens (at least one sequence); None (auto):
+    as many sequences as CHUNK_MEMORY_SHARE of `free_bytes` holds at ACTIVATION_PER_INPUT times their input."""
+    if chunk_tokens is not None:
+        return max(1, min(batch, chunk_tokens // seq_len))
+    if free_bytes == float("inf"):
+        return batch
+    per_seq = ACTIVATION_PER_INPUT * input_bytes_per_token * seq_len
+    return max(1, min(batch, int(CHUNK_MEMORY_SHARE * free_bytes // per_seq)))
+
+
+def chunks(batch: int, per_chunk: int) -> list[tuple[int, int]]:
+    """[start, end) sequence ranges of the sweep's chunks."""
+    return [(s, min(s + per_chunk, batch)) for s in range(0, batch, per_chunk)]
 
 
 # Event kinds

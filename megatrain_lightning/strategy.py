@@ -30,7 +30,7 @@ from megatrain_lightning import hf
 from megatrain_lightning import placement
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
-from megatrain_lightning.device_state import DeviceStates
+from megatrain_lightning.device_state import StepCache, DeviceStates
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.model import Trunk
@@ -61,6 +61,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         compile: bool | None = None,
         offload_checkpoints: bool | None = None,
         device_state_GiB: float | None = None,
+        chunk_tokens: int | None = None,
+        step_cache_GiB: float | None = None,
         device: _DEVICE | None = None,
         trace_dir: str | Path | None = None,
         trace_step: int = 2,
@@ -75,8 +77,13 @@ class MegatrainStrategy(SingleDeviceStrategy):
             raise UserError(f"storage must be one of {STORAGES}, got {storage!r}")
         if stream not in STREAMS:
             raise UserError(f"stream must be one of {STREAMS}, got {stream!r}")
-        if device_state_GiB is not None and (isinstance(device_state_GiB, bool) or not device_state_GiB >= 0):
-            raise UserError(f"device_state_GiB must be >= 0 (or None: auto), got {device_state_GiB!r}")
+        for name, value in (("device_state_GiB", device_state_GiB), ("step_cache_GiB", step_cache_GiB)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
+                raise UserError(f"{name} must be >= 0 (or None: auto), got {value!r}")
+        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
+                                         or chunk_tokens < 1):
+            raise UserError(f"chunk_tokens must be an integer >= 1 (or None: from free device memory), "
+                            f"got {chunk_tokens!r}")
         if ram_budget_GiB is not None and not ram_budget_GiB > 0:
             raise UserError(f"ram_budget_GiB must be > 0 (or None: all available RAM), got {ram_budget_GiB!r}")
         if device is not None:
@@ -100,6 +107,13 @@ class MegatrainStrategy(SingleDeviceStrategy):
         # device memory for the optimizer state of the first units (device_state.py); None: 40% of what is free on
         # a CUDA device once the engine is built, none on the CPU
         self.device_state_GiB = device_state_GiB
+        # the batch sweep: tokens per chunk of whole sequences that a layer runs at a time (engine.py); None: as many
+        # as half of the free device memory holds (schedule.chunk_sequences), the whole batch on the CPU
+        self.chunk_tokens = chunk_tokens
+        # with accumulate_grad_batches > 1: device memory for the weights and fp32 gradient sums that units whose state
+        # is on the host keep for a step (device_state.StepCache); None: 40% of what is free once the kept state is
+        # built, none on the CPU
+        self.step_cache_GiB = step_cache_GiB
         self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
         self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
         self.trace_dir = Path(trace_dir) if trace_dir is not None else None
@@ -171,6 +185,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
                 self.engine.attach_updater(self.updater, trace_of=lambda: self.engine.trace or self._host_trace)
                 self.engine.after_forward = self._after_trunk_forward
                 self._keep_device_states()
+            self._keep_step_cache(trainer.accumulate_grad_batches)
             # Lightning clips by norm by multiplying every .grad before optimizer.step; the host step instead takes
             # the coefficient and applies it inside the fused kernel (and, overlapped, per unit when it updates it)
             plugin = self.precision_plugin
@@ -258,7 +273,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         cuda = device.type == "cuda"
         self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth,
                                       compile=cuda if self.compile is None else self.compile,
-                                      offload_checkpoints=self.offload_checkpoints)
+                                      offload_checkpoints=self.offload_checkpoints, chunk_tokens=self.chunk_tokens,
+                                      per_sample_extras=trunk.per_sample_extras)
         trunk.engine = self.engine
         self.model_to_device()
 
@@ -293,6 +309,26 @@ class MegatrainStrategy(SingleDeviceStrategy):
                      f"{len(units) - (resident in units)} of {resident} layers"
                      f"{' and the embedding/head' if resident in units else ''} ({states.nbytes / 2**30:.3g} GiB)")
         self.updater.attach_device(states)
+
+    def _keep_step_cache(self, accumulate: int) -> None:
+        """With accumulation, the units whose weights and fp32 gradient sums stay on the device for a step (within
+        step_cache_GiB): their later loads cost no H2D, their later micro-batches no D2H and no host add."""
+        if accumulate < 2 or self.engine.step_cache is not None:
+            return
+        budget = self.step_cache_GiB
+        if budget is None:
+            cuda = self.root_device.type == "cuda"
+            budget = S.DEVICE_GRADS_SHARE * torch.cuda.mem_get_info(self.root_device)[0] / 2**30 if cuda else 0.0
+        kept = self.engine.device_states.units if self.engine.device_states is not None else set()
+        n_trunk, cb = len(self.store.units) - 1, torch.finfo(self.compute_dtype).bits // 8
+        need = [StepCache.unit_bytes(u.layout.trainable, u.layout.numel, cb, i < n_trunk)
+                for i, u in enumerate(self.store.units)]
+        units = S.device_units(need, budget * 2**30, skip=kept)
+        if units:
+            self.engine.step_cache = StepCache(self.store, units, self.root_device, n_trunk)
+            log.info(f"accumulate_grad_batches={accumulate}: {len(units)} of {len(self.store.units)} units keep "
+                     f"their weights and gradient sums on the device for a step "
+                     f"({self.engine.step_cache.nbytes / 2**30:.3g} GiB)")
 
     # ---- the training step ----
     @override
@@ -348,6 +384,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         finally:
             self.engine.final = False
         self.engine.fresh_grads = True
+        if self.engine.step_cache is not None:
+            self.engine.step_cache.invalidate()  # the update changes the weights
         if self.updater is not None:
             states, resident = self.engine.device_states, len(self.store.units) - 1
             if states is not None and resident in states:  # updated on the device: cast its master in place
@@ -533,6 +571,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
                             "...)); a state dict alone does not hold the weights")
         self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
         self.engine.load_buffers()  # the blocks' buffers, as the checkpoint had them
+        if self.engine.step_cache is not None:
+            self.engine.step_cache.invalidate()
         self._publish_weights()
         if self.engine.device_states is not None:
             self.engine.device_states.load()

@@ -111,7 +111,8 @@ def workload(cfg: dict[str, Any]) -> Workload:
                     storage=st["kind"], stream=st.get("stream", "auto"), ram_budget_GiB=st.get("ram_budget_GiB"),
                     clip=bool(tr.get("gradient_clip_val")),
                     offload_checkpoints=st.get("offload_checkpoints"),
-                    device_state_GiB=st.get("device_state_GiB", 0.0))
+                    device_state_GiB=st.get("device_state_GiB", 0.0), chunk_tokens=st.get("chunk_tokens"),
+                    step_cache_GiB=st.get("step_cache_GiB", 0.0))
 
 
 def check(cfg: dict[str, Any], advise: bool = True) -> Answer:

@@ -72,7 +72,33 @@ def usable_ram_bytes(hw: Hardware) -> int:
 def place(hw: Hardware, wl: Workload) -> Workload:
     """Resolves storage.stream=auto, the units whose state the GPU keeps and, for storage=nvme, how many layers keep
     their state on the SSD."""
-    return _offload_when_room(hw, _place_state(hw, wl))
+    return _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(hw, wl))))
+
+
+def _gpu_free_bytes(hw: Hardware, wl: Workload) -> float:
+    """GPU memory left by the resident copy, the weight slots, the CUDA context and the kept state."""
+    return max(0.0, hw.hbm_GiB * GiB - hw.gpu_reserved_GiB * GiB - wl.resident_bytes - wl.n_slots * wl.slot_bytes
+               - wl.kept_bytes - wl.cached_bytes)
+
+
+def _keep_grads(hw: Hardware, wl: Workload) -> Workload:
+    """The engine's rule (strategy._keep_step_cache): with accumulation, units whose weights and fp32 gradient sums
+    stay on the GPU for the step, within step_cache_GiB (auto: 40% of what the kept state leaves)."""
+    if hw.unified or wl.accumulate < 2:
+        return replace(wl, cached=())
+    budget = wl.step_cache_GiB
+    if budget is None:
+        budget = S.DEVICE_GRADS_SHARE * _gpu_free_bytes(hw, replace(wl, cached=())) / GiB
+    need = [wl.cache_unit_bytes(i) for i in range(wl.n_layers + 1)]
+    return replace(wl, cached=tuple(S.device_units(need, budget * GiB, skip=set(wl.kept))))
+
+
+def _sweep_chunk(hw: Hardware, wl: Workload) -> Workload:
+    """The engine's rule (engine._chunks): sequences per chunk from storage.chunk_tokens, or from the GPU memory
+    free at the first forward; resolved as a cap that data.micro_batch then bounds."""
+    free = float("inf") if hw.unified else _gpu_free_bytes(hw, wl)
+    cap = S.chunk_sequences(2**31, wl.seq_len, wl.chunk_tokens, wl.model.hidden_size * wl.cb, free)
+    return replace(wl, chunk_cap=cap)
 
 
 def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:

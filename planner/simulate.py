@@ -68,6 +68,7 @@ class _Sim:
         self.lane_of = {S.H2D: S.COMPUTE, S.D2H: S.COMPUTE} if hw.unified else {}
         self.updated: dict = {}  # when each unit's (the previous step's) host update is done: "embed", i, "head"
         self.landed: list[tuple[int, int, float]] = []  # (layer, params, time) of the last micro-batch's gradients
+        self.cache_loaded: set[int] = set()  # step-cached layers whose weights this step has loaded
 
     # ---- primitives ----
     def span(self, lane: str, kind: str, layer: int, dur: float, after: float = 0.0, nbytes: int = 0,
@@ -98,11 +99,11 @@ class _Sim:
 
     # ---- compute costs ----
     def layer_s(self, passes: int) -> float:
-        """One block over one micro-batch: forward (passes=1) or backward (passes=2)."""
+        """One block over one micro-batch, chunk by chunk: forward (passes=1) or backward (passes=2)."""
         wl, hw = self.wl, self.hw
         flops = (wl.layer_matmul_flops + wl.attention_flops()) * wl.micro_tokens * passes
         rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
-        return flops / rate + passes * hw.layer_overhead_ms / 1e3
+        return flops / rate + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
 
     def head_s(self) -> float:
         """Head forward + backward with the loss: 3 passes of its matmul (chunked: all in forward, loss.py)."""
@@ -112,10 +113,11 @@ class _Sim:
         return passes * wl.head_flops * wl.micro_tokens / rate + passes * hw.layer_overhead_ms / 1e3
 
     # ---- the step ----
-    def micro_batch(self, first: bool, acc_ends: list[float]) -> None:
+    def micro_batch(self, first: bool, last: bool, acc_ends: list[float]) -> None:
         wl, hw = self.wl, self.hw
         p, c = wl.plan, wl.model
-        tok = wl.micro_tokens
+        tok = wl.chunk_tokens_resolved  # activations exist for one chunk of the sweep at a time
+        out_bytes = wl.checkpoint_bytes if wl.n_chunks > 1 else 0  # chunked: the layer's output, filled in pieces
         slots = self.slots
         embed = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3,
                           after=self.updated.get("embed", 0.0))
@@ -129,7 +131,7 @@ class _Sim:
                 self.write_through(i, fwd.end)
             if i % p.k == 0:
                 ckpt_alloc[i // p.k] = fwd.start
-            self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok)
+            self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok + out_bytes)
             slots.append(fwd.end)
         head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(),
                          after=max(x_ready, self.updated.get("head", 0.0)))
@@ -144,23 +146,27 @@ class _Sim:
             for j in range(s0, e0):
                 rec = self.span(S.COMPUTE, S.RECOMPUTE, j, self.layer_s(1), after=self.load(j, slots.pop()))
                 recomputed.append((j, rec))
+            # chunked: the block's fp32 weight-gradient sums and its input's gradient, until the block is done
+            self.alloc(recomputed[0][1].start, None, wl.sweep_sum_bytes + out_bytes)
             for j, rec in reversed(recomputed):
                 bwd = self.span(S.COMPUTE, S.BACKWARD, j, self.layer_s(2), after=g_ready)
                 g_ready = bwd.end
                 self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok)
                 self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok)
                 slots.append(bwd.end)
-                if j in wl.kept:  # its gradient stays on the device, in its fp32 buffer
+                if j in wl.kept or (j in wl.cached and not last):  # its gradient stays on the device, in fp32
                     continue
                 if ship >= S.STAGING_RING:  # the staging buffer is reused: wait for the host to consume it
                     self.host = max(self.host, acc_ends[-S.STAGING_RING])
-                nbytes = wl.landing_grad_bytes if first else wl.grad_bytes
+                landing = first or j in wl.cached  # fp32 straight into the host buffer (a device sum, or the first)
+                nbytes = wl.landing_grad_bytes if landing else wl.grad_bytes
                 grad = self.span(S.D2H, S.GRAD, j, self.transfer_s(S.D2H, nbytes, bwd.end), after=bwd.end,
                                  nbytes=nbytes)
-                acc_ends.append(self.accumulate(j, c.layer_params, grad.end, first))
+                acc_ends.append(self.accumulate(j, c.layer_params, grad.end, landing))
                 self.landed.append((j, c.layer_params, acc_ends[-1]))
                 ship += 1
                 self.alloc(bwd.start, grad.end, wl.grad_bytes)  # the layer's weight gradients until shipped
+            self.alloc(g_ready, None, -(wl.sweep_sum_bytes + out_bytes))
             if not wl.offload_checkpoints or self.hw.unified:  # else it waits in host memory
                 self.alloc(ckpt_alloc[b], g_ready, wl.checkpoint_bytes)
         embed_bwd = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3, after=g_ready)
@@ -169,11 +175,13 @@ class _Sim:
         # post_backward: ship the resident gradients (unless they stay on the device), then wait until every
         # gradient sits in fp32
         shipped = embed_bwd.end
-        if wl.n_layers not in wl.kept:
-            nbytes = c.embedding_params * (4 if first else wl.cb)
+        resident_kept = wl.n_layers in wl.cached
+        if wl.n_layers not in wl.kept and (last or not resident_kept):
+            landing = first or resident_kept
+            nbytes = c.embedding_params * (4 if landing else wl.cb)
             shipped = self.span(S.D2H, S.GRAD, RESIDENT_LAYER, self.transfer_s(S.D2H, nbytes, embed_bwd.end),
                                 after=embed_bwd.end, nbytes=nbytes).end
-            acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, shipped, first))
+            acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, shipped, landing))
             self.landed.append((RESIDENT_LAYER, c.embedding_params, acc_ends[-1]))
         self.alloc(shipped, None, -(head_grad + emb_grad))
         if self.wl.n_nvme_layers or not first or self.wl.clip:  # the main thread waits for the gradients
@@ -182,8 +190,10 @@ class _Sim:
     def load(self, i: int, free_at: float) -> float:
         """When layer i's weights are in their slot: H2D, or (kept on the device) a cast of the device master."""
         wl = self.wl
-        if i in wl.kept:
+        if i in wl.kept or i in self.cache_loaded:  # kept, or in the step cache since its first load this step
             return free_at
+        if i in wl.cached:
+            self.cache_loaded.add(i)
         return self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
                          nbytes=wl.load_bytes).end
 
@@ -271,7 +281,7 @@ class _Sim:
 
 def simulate(hw: Hardware, wl: Workload) -> Timeline:
     sim = _Sim(hw, wl)
-    sim.t.gpu_base_bytes = wl.resident_bytes + wl.n_slots * wl.slot_bytes + wl.kept_bytes
+    sim.t.gpu_base_bytes = wl.resident_bytes + wl.n_slots * wl.slot_bytes + wl.kept_bytes + wl.cached_bytes
     overlapped = not wl.n_nvme_layers and not hw.unified  # the engine's HostAdam (all state in RAM, CUDA)
     if overlapped and wl.clip:
         sim.previous_updates()
@@ -279,7 +289,7 @@ def simulate(hw: Hardware, wl: Workload) -> Timeline:
     for m in range(wl.accumulate):
         if m == wl.accumulate - 1:
             sim.landed = []
-        sim.micro_batch(first=m == 0, acc_ends=acc_ends)
+        sim.micro_batch(first=m == 0, last=m == wl.accumulate - 1, acc_ends=acc_ends)
     if overlapped:
         sim.device_update()
         sim.overlapped_updates()

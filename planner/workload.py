@@ -42,6 +42,16 @@ class Workload:
     # what the planner resolves it to.
     device_state_GiB: float | None = 0.0
     kept: tuple[int, ...] = ()
+    # The batch sweep (engine.py): a layer runs the micro-batch in chunks of whole sequences; None: the engine's auto
+    # rule (schedule.chunk_sequences, from free GPU memory). `chunk_cap` (sequences) is what the planner resolves it
+    # to, before the micro-batch bounds it (0: unresolved, the whole micro-batch).
+    chunk_tokens: int | None = None
+    chunk_cap: int = 0
+    # accumulation: GPU memory for the weights and fp32 gradient sums that units whose state is on the host keep for a
+    # step (device_state.StepCache); None: the engine's auto (40% of what is free once the kept state is built).
+    # `cached`: the units resolved.
+    step_cache_GiB: float | None = 0.0
+    cached: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
@@ -62,6 +72,12 @@ class Workload:
             raise PlanError("storage.stream", f"must be one of {STREAMS}, got {self.stream!r}")
         if self.device_state_GiB is not None and self.device_state_GiB < 0:
             raise PlanError("storage.device_state_GiB", f"must be >= 0 (or null: auto), got {self.device_state_GiB}")
+        if self.step_cache_GiB is not None and self.step_cache_GiB < 0:
+            raise PlanError("storage.step_cache_GiB", f"must be >= 0 (or null: auto), got {self.step_cache_GiB}")
+        if self.chunk_tokens is not None and (not isinstance(self.chunk_tokens, int) or isinstance(
+                self.chunk_tokens, bool) or self.chunk_tokens < 1):
+            raise PlanError("storage.chunk_tokens", f"must be an integer >= 1 (or null: auto), got "
+                                                    f"{self.chunk_tokens!r}")
         if self.ram_budget_GiB is not None and self.ram_budget_GiB <= 0:
             raise PlanError("storage.ram_budget_GiB", f"must be > 0, got {self.ram_budget_GiB}")
 
@@ -86,6 +102,19 @@ class Workload:
     @property
     def step_tokens(self) -> int:
         return self.micro_tokens * self.accumulate
+
+    @property
+    def chunk_sequences(self) -> int:
+        """Sequences a layer runs at a time (the sweep's chunk)."""
+        return min(self.micro_batch, self.chunk_cap) if self.chunk_cap else self.micro_batch
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.micro_batch // self.chunk_sequences)
+
+    @property
+    def chunk_tokens_resolved(self) -> int:
+        return self.chunk_sequences * self.seq_len
 
     # ---- FLOPs per token, forward (backward costs twice, block recompute once more) ----
     @property
@@ -170,6 +199,23 @@ class Workload:
     @property
     def kept_bytes(self) -> int:
         return S.DEVICE_STATE_BYTES * self.kept_params
+
+    def cache_unit_bytes(self, unit: int) -> int:
+        """Device bytes of one step-cached unit (device_state.StepCache.unit_bytes): its fp32 gradient sum, and a
+        trunk layer's compute-dtype weights."""
+        c = self.model
+        if unit == self.n_layers:
+            return S.DEVICE_GRAD_BYTES * c.embedding_params
+        return (S.DEVICE_GRAD_BYTES + self.cb) * c.layer_params
+
+    @property
+    def cached_bytes(self) -> int:
+        return sum(self.cache_unit_bytes(i) for i in self.cached)
+
+    @property
+    def sweep_sum_bytes(self) -> int:
+        """Chunked: a block's fp32 weight-gradient sums over the chunks, on the device during its backward."""
+        return 4 * self.checkpoint_interval * self.model.layer_params if self.n_chunks > 1 else 0
 
     # ---- transfer bytes per layer ----
     @property
