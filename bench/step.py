@@ -12,6 +12,8 @@ import re
 import resource
 import statistics
 import time
+from collections import Counter
+from pathlib import Path
 
 import lightning as L
 import torch
@@ -69,6 +71,45 @@ class FrozenLM(CausalLM):
                 p.requires_grad_(False)
 
 
+def traced(path: Path) -> dict:
+    """From a traced step: how long the compute stream was busy (the union of its spans; the trace runs on until the
+    step's host updates end, behind the next forward), and how many times each layer's weights came in and each
+    unit's gradients went out."""
+    trace = json.loads(path.read_text())
+    spans = sorted((e["start"], e["end"]) for e in trace["events"] if e["lane"] == "compute")
+    busy, reach = 0.0, 0.0
+    for start, end in spans:
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    def per_layer(lane: str, kind: str) -> list[int]:  # the distinct counts over layers (units): [1] = once each
+        return sorted(set(Counter(e["layer"] for e in trace["events"]
+                                  if e["lane"] == lane and e["kind"] == kind and e["layer"] >= 0).values()))
+
+    return dict(traced_step_s=round(trace["step_time_s"], 4), compute_busy_s=round(busy, 4),
+                loads_per_layer=per_layer("h2d", "load"), grads_out_per_unit=per_layer("d2h", "grad"))
+
+
+def predicted(a, config: Config) -> dict:
+    """The planner's answer for the same run (same conf/ tree train.py composes)."""
+    from planner.check import check, compose
+
+    overrides = [f"model={a.model}", f"hardware={a.plan}", "trainer=gpu", f"trainer.precision={a.precision}",
+                 f"data.seq_len={a.seq_len}", f"data.micro_batch={a.micro_batch}",
+                 f"trainer.accumulate_grad_batches={a.accumulate}", "trainer.gradient_clip_val=1.0",
+                 f"+model.n_layer={config.n_layer}", f"+model.tie_embeddings={str(config.tie_embeddings).lower()}",
+                 f"storage={a.storage}", f"storage.checkpoint_interval={a.checkpoint_interval}",
+                 f"storage.prefetch_depth={a.prefetch_depth}", f"storage.stream={a.stream}",
+                 f"storage.device_state_GiB={'null' if a.device_state_GiB is None else a.device_state_GiB}",
+                 f"storage.chunk_tokens={'null' if a.chunk_tokens is None else a.chunk_tokens}",
+                 f"storage.step_cache_GiB={'null' if a.step_cache_GiB is None else a.step_cache_GiB}"]
+    if a.ram_budget_GiB is not None:
+        overrides.append(f"storage.ram_budget_GiB={a.ram_budget_GiB}")
+    ans = check(compose(overrides))
+    return dict(planner_step_s=round(ans.step_time_s, 4), planner_compute_share=round(ans.compute_share, 4),
+                planner_gpu_GiB=round(ans.timeline.gpu_peak_bytes / 2**30, 2), planner_fits=ans.fits,
+                planner_chunk_sequences=ans.wl.chunk_sequences)
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -94,6 +135,11 @@ def main() -> None:
     ap.add_argument("--ram-budget-GiB", type=float, default=None, help="storage=nvme: RAM for per-layer fp32 state")
     ap.add_argument("--nvme-dir", default="nvme_state")
     ap.add_argument("--device-state-GiB", type=float, default=None, help="GPU memory for kept state (default: auto)")
+    ap.add_argument("--chunk-tokens", type=int, default=None, help="the batch sweep's chunk (default: auto)")
+    ap.add_argument("--step-cache-GiB", type=float, default=None,
+                    help="with --accumulate > 1: GPU memory for weights and gradient sums kept for a step (default: auto)")
+    ap.add_argument("--plan", default=None, metavar="PRESET",
+                    help="also report the planner's prediction for this run on conf/hardware/PRESET.yaml")
     ap.add_argument("--freeze", default=None, metavar="REGEX",
                     help="requires_grad=False for parameters whose name matches (e.g. a LoRA-style frozen base)")
     ap.add_argument("--trace-dir", default=None)
@@ -107,7 +153,8 @@ def main() -> None:
     accel = "gpu" if torch.cuda.is_available() else "cpu"
     strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth, stream=a.stream,
                                  storage=a.storage, ram_budget_GiB=a.ram_budget_GiB, nvme_dir=a.nvme_dir,
-                                 device_state_GiB=a.device_state_GiB, trace_dir=a.trace_dir, trace_step=2)
+                                 device_state_GiB=a.device_state_GiB, chunk_tokens=a.chunk_tokens,
+                                 step_cache_GiB=a.step_cache_GiB, trace_dir=a.trace_dir, trace_step=2)
     timer = StepTimer(sync_at={1, a.steps + 1})  # step 1 is the warm-up; the window is steps 2 .. steps + 1
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=1, precision=a.precision,
                         max_steps=a.steps + 1, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
@@ -138,7 +185,14 @@ def main() -> None:
                   if strategy.engine.device_states else 0,
                   nvme_layers=sum(u.on_disk for u in strategy.store.units), freeze=a.freeze,
                   frozen_params=sum(u.layout.numel - u.layout.trainable for u in strategy.store.units),
-                  nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log])
+                  nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log],
+                  chunk_sequences=next(iter(strategy.engine._chunk_of.values()), None),
+                  step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0)
+    if a.trace_dir:
+        result.update(traced(Path(a.trace_dir) / "step2.json"))
+        result["compute_share"] = round(result["compute_busy_s"] / step, 4)  # of the measured step
+    if a.plan:
+        result.update(predicted(a, config))
     line = json.dumps(result)
     print(line, flush=True)
     if a.out:
