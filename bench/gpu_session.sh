@@ -13,7 +13,7 @@ fi
 for args in "$@"; do
   for tree in . ${TREES:-}; do
     echo "== bench [$tree] $args"
-    (cd "$tree" && PYTHONPATH=/tmp/site:. timeout 420 python3 bench/step.py $args) 2>&1 | grep -E "^\{|Error|error" \
+    (cd "$tree" && PYTHONPATH=/tmp/site:. timeout 420 python3 bench/step.py $args) 2>&1 | grep -E "^\{|Error|error|Killed" \
       | tail -3 | sed "s|^{|{\"tree\": \"$tree\", |" | tee -a "$OUT/bench.jsonl" | cut -c1-400
   done
 done

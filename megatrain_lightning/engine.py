@@ -544,10 +544,17 @@ class _StreamedTrunk(torch.autograd.Function):
         out, ctx.checkpoints, ctx.replay = engine._forward(x, extras, keep=True)
         if engine.after_forward is not None:
             engine.after_forward()
+        # traced: what the compute stream runs between the trunk's forward and its backward (the head and the loss,
+        # whose gradient the fused loss forms in forward) is the resident unit's span
+        ctx.trace = engine.trace
+        ctx.mark = engine.trace.mark() if engine.trace is not None else None
         return out
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if ctx.mark is not None and ctx.trace is ctx.engine.trace:
+            ctx.trace.since(ctx.mark, -1, S.COMPUTE, S.RESIDENT)
+        ctx.trace = ctx.mark = None
         grad_x = ctx.engine._backward(ctx.checkpoints, ctx.replay, ctx.extras, grad, ctx.autocast)
         ctx.checkpoints = None
         return (None, grad_x, None, *([None] * len(ctx.extras)))

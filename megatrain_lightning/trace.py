@@ -42,6 +42,23 @@ class Trace:
         end.record(stream)
         self._device.append((layer, lane, kind, nbytes, start, end))
 
+    def mark(self) -> object:
+        """A point on the current stream (the host clock on the CPU) that a later `since` closes a span from."""
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def since(self, mark: object, layer: int, lane: str, kind: str) -> None:
+        """Records the span from `mark` to now on the current stream."""
+        if not self.cuda:
+            self.add_host(layer, lane, kind, mark, time.perf_counter())
+            return
+        end = torch.cuda.Event(enable_timing=True)
+        end.record()
+        self._device.append((layer, lane, kind, 0, mark, end))
+
     @contextmanager
     def host_span(self, layer: int, lane: str, kind: str, nbytes: int = 0) -> Iterator[None]:
         start = time.perf_counter()

@@ -22,6 +22,7 @@ STEPS, ACCUMULATE, BATCH, SEQ = 4, 2, 5, 16
 # weights after 4 steps of runs that sum the same gradients in another order (see reference_run: plain PyTorch
 # against itself, 1.2e-5)
 ROUNDING_TOL = 5e-5
+CUDA_WEIGHTS_TOL = 1e-3
 
 
 def _assert_matches(got, want, grads: bool = True, weights_tol: float | None = None) -> None:
@@ -266,12 +267,18 @@ def test_bad_sweep_options_are_named(kwargs, message):
 @CUDA
 def test_cuda_sweep_bounds_peak_memory_and_matches():
     """On the GPU: chunks of 1 of 8 sequences lower the step's peak allocation and train like the whole batch."""
-    model = make_model("tiny", n_layer=4, hidden_size=256, intermediate_size=1024)
-    batches = make_batches(model.config, 4, batch=8, seq_len=256)
+    model = make_model("tiny", n_layer=4, hidden_size=256, intermediate_size=1024, max_seq_len=512)
+    batches = make_batches(model.config, 4, batch=8, seq_len=512)
     peaks, runs = {}, {}
-    for ct in (None, 256):
+    for ct in (None, 512):
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        runs[ct] = megatrain_run(model, batches, 2, 2, 1.0, device="cuda", chunk_tokens=ct, record_grads=False)
+        runs[ct] = megatrain_run(model, batches, 2, 2, 1.0, device="cuda", chunk_tokens=ct, compile=False,
+                                 device_state_GiB=0)  # kept state would outweigh the activations
         peaks[ct] = torch.cuda.max_memory_allocated()
-    assert peaks[256] < 0.8 * peaks[None], peaks
-    _assert_matches(runs[256], runs[None][:2] + (runs[None][2],), grads=False)
+    assert peaks[512] < 0.8 * peaks[None], peaks
+    # losses and first gradients as tight as on the CPU; the weights after two AdamW steps part further than there
+    # (cuBLAS picks other kernels for other shapes, and Adam turns rounding on near-zero gradients into whole steps)
+    errors = {n: rel_err(runs[512][2][n], w) for n, w in runs[None][2].items()}
+    print(peaks, max(errors.values()))
+    _assert_matches(runs[512], runs[None][:3], weights_tol=CUDA_WEIGHTS_TOL)
