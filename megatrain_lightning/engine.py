@@ -157,6 +157,9 @@ class StreamingEngine:
         self.store, self.device = store, device
         self.chunk_tokens, self.per_sample_extras = chunk_tokens, tuple(per_sample_extras)
         self._chunk_of: dict[tuple, int] = {}  # (batch, seq_len, dtype) -> sequences per chunk, chosen once
+        self._token_chunk_of: dict[tuple, int | None] = {}  # ... -> tokens per piece of a block's token-wise part
+        self._eager = False
+        self._warned_extras: set[int] = set()
         self.cuda = device.type == "cuda"
         self._call = torch.compile(_functional, dynamic=False) if compile else _functional
         self.host_checkpoints = (_HostCheckpoints(self, auto=offload_checkpoints is None)
@@ -169,6 +172,8 @@ class StreamingEngine:
         self.templates = [templates.setdefault((store.units[i].layout.signature, surgery.configuration(b)), b)
                           for i, b in enumerate(blocks)]
         self.blocks = blocks
+        # templates that can run their token-wise part in pieces of a sequence (long context)
+        self._token_chunked = [t for t in {id(t): t for t in self.templates}.values() if hasattr(t, "token_chunk")]
         self.load_buffers()
         max_numel = max(u.layout.numel for u in store.units[:len(blocks)])
         self._slots = [_Slot(max_numel, store.stream_dtype, store.compute_dtype, device, self.cuda)
@@ -229,7 +234,8 @@ class StreamingEngine:
 
     # ---- passes ----
     def _chunks(self, x: Tensor) -> list[tuple[int, int]]:
-        """The sweep's chunks of x [B, T, ...]: sequence ranges, chosen once per batch shape."""
+        """The sweep's chunks of x [B, T, ...]: sequence ranges, chosen once per batch shape; and, for blocks that
+        have a `token_chunk` (model.Block), the tokens of a sequence their token-wise part runs at a time."""
         B, T = x.shape[0], (x.shape[1] if x.dim() > 2 else 1)
         key = (B, T, x.dtype)
         if key not in self._chunk_of:
@@ -238,16 +244,36 @@ class StreamingEngine:
                 free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
             else:
                 free = float("inf")  # the CPU: the device is the host
-            n = S.chunk_sequences(B, T, self.chunk_tokens, x[0].numel() // T * x.element_size(), free)
+            per_token = x[0].numel() // T * x.element_size()
+            n = S.chunk_sequences(B, T, self.chunk_tokens, per_token, free)
             self._chunk_of[key] = n
+            self._token_chunk_of[key] = S.token_chunk(T, self.chunk_tokens, per_token, free) if n == 1 else None
             if n < B:
                 log.info(f"batch sweep: {B} sequences of {T} tokens run in chunks of {n}")
+            if self._token_chunk_of[key] is not None and self._token_chunked:
+                log.info(f"long context: the token-wise part of each layer runs {self._token_chunk_of[key]} of "
+                         f"{T} tokens at a time")
+        tc = self._token_chunk_of[key]
+        for template in self._token_chunked:
+            template.token_chunk = tc
+        self._eager = tc is not None and bool(self._token_chunked)  # checkpointed pieces: not compiled
         return S.chunks(B, self._chunk_of[key])
 
     def _chunk_extras(self, extras: tuple[Tensor, ...], lo: int, hi: int, whole: bool) -> tuple[Tensor, ...]:
         if whole:
             return extras
         return tuple(e[lo:hi] if j in self.per_sample_extras else e for j, e in enumerate(extras))
+
+    def _check_extras(self, x: Tensor, extras: tuple[Tensor, ...]) -> None:
+        """Chunked: an extra that looks per-sequence (the batch's size first) but is passed whole is named once."""
+        B = x.shape[0]
+        for j, e in enumerate(extras):
+            if (j not in self.per_sample_extras and j not in self._warned_extras and e.dim() > 0 and e.shape[0] == B
+                    and B > 1):
+                self._warned_extras.add(j)
+                log.warning(f"Trunk extra {j} has the batch's size ({B}) as its first dimension but is not in the "
+                            f"Trunk's per_sample_extras: each chunk of the batch sweep gets it whole (declare "
+                            f"Trunk(..., per_sample_extras=({j},)) if it holds one entry per sequence)")
 
     def _forward(self, x: Tensor, extras: tuple[Tensor, ...], keep: bool) -> tuple[Tensor, list[Tensor], tuple]:
         """The trunk's output; with `keep`, the input of every block of K layers (None where it went to host
@@ -260,6 +286,8 @@ class StreamingEngine:
             host = None
         chunks = self._chunks(x)
         whole = len(chunks) == 1
+        if not whole:
+            self._check_extras(x, extras)
         rng: list[list] = []  # [layer][chunk]
         for i in range(self.plan.n_layers):
             if keep and i % self.plan.k == 0:
@@ -369,7 +397,8 @@ class StreamingEngine:
         return self.store.units[i].layout.views(slot.compute)
 
     def _run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...]) -> Tensor:
-        return self._call(self.templates[i], {**params, **self.buffers[i]}, x, *extras)
+        call = _functional if self._eager else self._call
+        return call(self.templates[i], {**params, **self.buffers[i]}, x, *extras)
 
     # ---- transfers ----
     def _load(self, i: int, slot: _Slot) -> None:

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from megatrain_lightning.config import Config
@@ -44,6 +45,25 @@ class Trunk(nn.ModuleList):
         return x
 
 
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # normalize in fp32 (as HF does) so bf16 activations keep their precision here
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
+def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def _mlp_residual(h: Tensor, norm: Tensor, eps: float, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
+    """A block's second half on h [B, t, D]: h + MLP(norm(h)), from its weights as arguments (a checkpointed piece
+    recomputes it in backward, when the module's own parameters may be meta tensors again: engine.py binds the
+    streamed weights only for the call)."""
+    return h + swiglu(rms_norm(h, norm, eps), gate, up, down)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -51,11 +71,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # normalize in fp32 (as HF does) so bf16 activations keep their precision here
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
     def reset_parameters(self) -> None:
         nn.init.ones_(self.weight)
@@ -124,7 +140,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return swiglu(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
 
 
 def _init_normal(module: nn.Module, std: float) -> None:
@@ -138,6 +154,12 @@ def _init_normal(module: nn.Module, std: float) -> None:
 
 
 class Block(nn.Module):
+    # Long context: tokens of the second half (norm, MLP, residual) run at a time, each piece under
+    # torch.utils.checkpoint, so that backward holds one piece's MLP activations (with the pieces' inputs) instead of
+    # the whole sequence's; None: the whole sequence. The megatrain engine sets it when one sequence of the batch
+    # sweep does not fit (schedule.token_chunk); attention runs on the whole sequence (SDPA, memory-efficient).
+    token_chunk: int | None = None
+
     def __init__(self, config: Config) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps)
@@ -147,7 +169,19 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        c = self.token_chunk
+        if c is None or x.shape[1] <= c:
+            return x + self.mlp(self.post_attention_layernorm(x))
+        norm, mlp = self.post_attention_layernorm, self.mlp
+        weights = (norm.weight, norm.eps, mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight)
+        pieces = []
+        for lo in range(0, x.shape[1], c):
+            part = x[:, lo:lo + c]  # [B, c, D]
+            if torch.is_grad_enabled():
+                pieces.append(torch.utils.checkpoint.checkpoint(_mlp_residual, part, *weights, use_reentrant=False))
+            else:
+                pieces.append(_mlp_residual(part, *weights))
+        return torch.cat(pieces, dim=1)
 
     def reset_parameters(self) -> None:
         _init_normal(self, std=0.02)

@@ -102,6 +102,17 @@ def chunk_sequences(batch: int, seq_len: int, chunk_tokens: int | None, input_by
     return max(1, min(batch, int(CHUNK_MEMORY_SHARE * free_bytes // per_seq)))
 
 
+def token_chunk(seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int, free_bytes: float) -> int | None:
+    """Long context: the tokens of one sequence that a block's token-wise part runs at a time (model.Block's
+    token_chunk), when even one sequence is more than a chunk of the sweep may hold; None: whole sequences."""
+    if chunk_tokens is not None:
+        return chunk_tokens if chunk_tokens < seq_len else None
+    if free_bytes == float("inf"):
+        return None
+    fit = int(CHUNK_MEMORY_SHARE * free_bytes // (ACTIVATION_PER_INPUT * input_bytes_per_token))
+    return None if fit >= seq_len else max(1, fit)
+
+
 def chunks(batch: int, per_chunk: int) -> list[tuple[int, int]]:
     """[start, end) sequence ranges of the sweep's chunks."""
     return [(s, min(s + per_chunk, batch)) for s in range(0, batch, per_chunk)]

@@ -97,8 +97,10 @@ def _sweep_chunk(hw: Hardware, wl: Workload) -> Workload:
     """The engine's rule (engine._chunks): sequences per chunk from storage.chunk_tokens, or from the GPU memory
     free at the first forward; resolved as a cap that data.micro_batch then bounds."""
     free = float("inf") if hw.unified else _gpu_free_bytes(hw, wl)
-    cap = S.chunk_sequences(2**31, wl.seq_len, wl.chunk_tokens, wl.model.hidden_size * wl.cb, free)
-    return replace(wl, chunk_cap=cap)
+    per_token = wl.model.hidden_size * wl.cb
+    cap = S.chunk_sequences(2**31, wl.seq_len, wl.chunk_tokens, per_token, free)
+    tokens = S.token_chunk(wl.seq_len, wl.chunk_tokens, per_token, free) if cap == 1 else None
+    return replace(wl, chunk_cap=cap, token_chunk=tokens)
 
 
 def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:

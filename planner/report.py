@@ -61,7 +61,8 @@ def text(a: Answer, tokens: float) -> str:
         f"gradient accumulation {cpu[S.ACCUMULATE]:.2f} s",
         f"  bottleneck      {lane_words(lane)}: busy {share:.0%} of the step (GPU computes {a.compute_share:.0%})",
         f"  sweep           chunks of {wl.chunk_sequences} sequence{'s' * (wl.chunk_sequences > 1)} "
-        f"({wl.n_chunks} per micro-batch)" + (f"; step cache: {len(wl.cached)} of {wl.n_layers + 1} units' weights "
+        f"({wl.n_chunks} per micro-batch)" + (f"; long context: the MLP half runs {wl.token_chunk:,} tokens at a time"
+                                              if wl.token_chunk else "") + (f"; step cache: {len(wl.cached)} of {wl.n_layers + 1} units' weights "
                                               f"and gradient sums on the GPU ({_size(wl.cached_bytes)})"
                                               if wl.cached else ""),
     ]
@@ -78,7 +79,7 @@ def as_dict(a: Answer, tokens: float) -> dict[str, Any]:
         storage=wl.storage, stream=wl.resolved_stream, n_nvme_layers=wl.n_nvme_layers, precision=wl.precision,
         micro_batch=wl.micro_batch, seq_len=wl.seq_len, accumulate=wl.accumulate, tokens_per_step=wl.step_tokens,
         checkpoint_interval=wl.checkpoint_interval, prefetch_depth=wl.prefetch_depth,
-        chunk_sequences=wl.chunk_sequences, n_chunks=wl.n_chunks, kept_units=list(wl.kept),
+        chunk_sequences=wl.chunk_sequences, n_chunks=wl.n_chunks, token_chunk=wl.token_chunk, kept_units=list(wl.kept),
         step_cached_units=list(wl.cached),
         tiers=[dict(name=t.name, need_bytes=t.need_bytes, capacity_bytes=t.capacity_bytes, fits=t.fits)
                for t in a.tiers],

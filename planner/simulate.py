@@ -102,6 +102,8 @@ class _Sim:
         """One block over one micro-batch, chunk by chunk: forward (passes=1) or backward (passes=2)."""
         wl, hw = self.wl, self.hw
         flops = (wl.layer_matmul_flops + wl.attention_flops()) * wl.micro_tokens * passes
+        if passes == 2 and wl.token_chunk:  # each checkpointed piece's MLP runs forward once more in backward
+            flops += 2 * wl.model.mlp_params * wl.micro_tokens
         rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
         return flops / rate + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
 

@@ -47,6 +47,9 @@ class Workload:
     # to, before the micro-batch bounds it (0: unresolved, the whole micro-batch).
     chunk_tokens: int | None = None
     chunk_cap: int = 0
+    # long context (one sequence per chunk and still too big): tokens of a layer's token-wise half (norm, MLP) run
+    # at a time under activation checkpointing (model.Block.token_chunk); resolved by the planner, None: whole
+    token_chunk: int | None = None
     # accumulation: GPU memory for the weights and fp32 gradient sums that units whose state is on the host keep for a
     # step (device_state.StepCache); None: the engine's auto (40% of what is free once the kept state is built).
     # `cached`: the units resolved.
@@ -142,14 +145,29 @@ class Workload:
     @property
     def act_bytes_per_token(self) -> int:
         """What autograd keeps for one block's backward, per token (measured with saved_tensors_hooks: the
-        fp32 RMSNorm/RoPE intermediates cost 12 * hidden whatever the compute dtype)."""
+        fp32 RMSNorm/RoPE intermediates cost 12 * hidden whatever the compute dtype). With a token chunk the MLP
+        half's share is one piece's, spread over the sequence, plus each piece's saved input."""
         c, cb = self.model, self.cb
-        return (12 + 4 * cb) * c.hidden_size + 4 * cb * c.intermediate_size + 2 * cb * c.n_kv_head * c.head_dim
+        whole = (12 + 4 * cb) * c.hidden_size + 4 * cb * c.intermediate_size + 2 * cb * c.n_kv_head * c.head_dim
+        if not self.token_chunk:
+            return whole
+        mlp = self.mlp_act_bytes_per_token
+        return whole - mlp + cb * c.hidden_size + mlp * self.token_chunk // self.seq_len
+
+    @property
+    def mlp_act_bytes_per_token(self) -> int:
+        """The MLP half's part of act_bytes_per_token (an attribution, not a measurement): the second norm's fp32
+        intermediates and output, gate, up, their activation and product."""
+        c, cb = self.model, self.cb
+        return (6 + cb) * c.hidden_size + 4 * cb * c.intermediate_size
 
     @property
     def transient_bytes_per_token(self) -> int:
         """Working set of one layer pass beyond its inputs: the MLP's gate, up and product, fp32 norm copies."""
-        return 3 * self.cb * self.model.intermediate_size + 8 * self.model.hidden_size
+        mlp = 3 * self.cb * self.model.intermediate_size
+        if self.token_chunk:
+            mlp = mlp * self.token_chunk // self.seq_len
+        return mlp + 8 * self.model.hidden_size
 
     @property
     def head_bytes(self) -> int:

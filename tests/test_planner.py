@@ -275,3 +275,53 @@ def test_nvme_mistakes_name_the_storage_field(capsys, monkeypatch):
     monkeypatch.setattr("planner.check.disk_free_TB", lambda path: 0.0)
     code, _, err = _run(["storage=nvme", "storage.nvme_dir=/mnt/full"], capsys)
     assert code == 2 and err.startswith("error: storage.nvme_dir: /mnt/full has no free space"), err
+
+
+# Measured on the H200 box (docs/performance.md, 2026-12-01; bench/step.py, state on the host, clip 1.0): the batch
+# sweep and the step cache. (model overrides, data, storage) -> (step s, sequences per chunk the engine chose)
+H200_SWEEP_MEASURED = [
+    (["model=llama-3.2-3b", "+model.tie_embeddings=false", "data.seq_len=1024", "data.micro_batch=32"], 2.609, 32),
+    (["model=llama-3.2-3b", "+model.tie_embeddings=false", "data.seq_len=1024", "data.micro_batch=32",
+      "storage.chunk_tokens=8192"], 2.854, 8),
+    (["model=llama-3.2-3b", "+model.tie_embeddings=false", "data.seq_len=1024", "data.micro_batch=8",
+      "trainer.accumulate_grad_batches=4"], 2.809, 8),
+    (["model=llama100b", "+model.n_layer=2", "+model.tie_embeddings=false", "data.seq_len=4096",
+      "data.micro_batch=32"], 7.710, 19),
+    (["model=llama100b", "+model.n_layer=2", "+model.tie_embeddings=false", "data.seq_len=4096",
+      "data.micro_batch=48"], 10.688, 18),
+]
+
+
+@pytest.mark.parametrize("overrides,step_s,chunk", H200_SWEEP_MEASURED)
+def test_sweep_matches_the_h200_measurements(overrides, step_s, chunk):
+    """The chunk the engine chose (the planner's rule sees a little more free memory: one sequence more at most)
+    and the step within 15% (the 3B rows are bound by the host's AdamW, which varied by 0.3 s between steps)."""
+    a = check(compose([*overrides, "hardware=h200", "trainer=gpu", "trainer.gradient_clip_val=1.0",
+                       "storage.device_state_GiB=0"]))
+    assert chunk <= a.wl.chunk_sequences <= chunk + 1
+    assert a.step_time_s == pytest.approx(step_s, rel=0.15), a.step_time_s
+    if "trainer.accumulate_grad_batches=4" in overrides:  # the step cache: every unit, nothing for the host to add
+        assert len(a.wl.cached) == a.wl.n_layers + 1 and a.timeline.busy_s("cpu", "accumulate") == 0
+
+
+def test_known_answer_llama100b_at_131072_tokens_is_compute_bound_on_an_h200_with_2_tib():
+    """The sweep: 32 x 4096 tokens fit the GPU in chunks (the whole batch per layer would not), GPU computing >= 85%."""
+    args = ["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=2048", "trainer=gpu",
+            "trainer.gradient_clip_val=1.0", "data.seq_len=4096", "data.micro_batch=32"]
+    a = check(compose(args))
+    assert a.fits and a.compute_share >= 0.85 and a.wl.chunk_sequences < 32
+    assert not check(compose([*args, "storage.chunk_tokens=131072"])).fits
+
+
+def test_known_answer_long_context_on_an_h200():
+    """llama-3.2-3b, state on the host: one 262144-token sequence fits the lent box; 524288 needs the MLP half in
+    pieces and, for its 28 block inputs of 3 GiB each, more RAM than the box's 125 GiB."""
+    def at(tokens, *extra):
+        return check(compose(["model=llama-3.2-3b", "+model.tie_embeddings=false", f"+model.max_seq_len={tokens}",
+                              "hardware=h200", "trainer=gpu", f"data.seq_len={tokens}", "data.micro_batch=1",
+                              "storage.device_state_GiB=0", *extra]))
+    a = at(262144)
+    assert a.fits and a.wl.token_chunk is None
+    assert not at(524288).fits
+    a = at(524288, "hardware.host_ram_GiB=256")
+    assert a.fits and a.wl.token_chunk is not None and a.wl.token_chunk < 524288

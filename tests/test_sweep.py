@@ -103,6 +103,17 @@ def test_step_cache_matches_plain_pytorch(clip, chunk_tokens):
     _assert_matches(got, want, grads=False)
 
 
+def test_step_cache_with_file_backed_layers(tmp_path):
+    """storage=nvme: the cached sums land in the RAM gradients of file-backed layers once, at the step's end."""
+    model = make_model("tiny")
+    batches = make_batches(model.config, 3 * 3, batch=4, seq_len=SEQ)
+    want = reference_run(model, batches, 3, 3, 1.0)
+    got = megatrain_run(model, batches, 3, 3, 1.0, record_grads=False, step_cache_GiB=1.0, storage="nvme",
+                        ram_budget_GiB=2e-3, nvme_dir=str(tmp_path))
+    assert got[3].store.nvme is not None and got[3].engine.step_cache is not None
+    _assert_matches(got, want, grads=False)
+
+
 def _traced(tmp_path, **kwargs) -> dict:
     model = make_model("tiny")
     megatrain_run(model, make_batches(model.config, 3 * 3, batch=4, seq_len=SEQ), 3, 3, 1.0,
@@ -134,10 +145,12 @@ def test_cached_units_load_once_and_ship_once_per_step(tmp_path):
 
 
 class _Meter:
-    """Bytes autograd holds saved at once (saved_tensors_hooks), and the peak."""
+    """Bytes autograd holds saved at once (saved_tensors_hooks), each storage counted once (pieces of a checkpointed
+    layer save the same weights), and the peak."""
 
     def __init__(self) -> None:
         self.live = self.peak = 0
+        self.refs: dict[int, int] = {}
 
     def pack(self, t: torch.Tensor):
         return _Saved(t, self)
@@ -146,15 +159,21 @@ class _Meter:
     def unpack(box):
         return box.t
 
+    def add(self, key: int, nbytes: int, sign: int) -> None:
+        self.refs[key] = self.refs.get(key, 0) + sign
+        if self.refs[key] == (1 if sign > 0 else 0):  # first holder in, last holder out
+            self.live += sign * nbytes
+            self.peak = max(self.peak, self.live)
+
 
 class _Saved:
     def __init__(self, t: torch.Tensor, meter: _Meter) -> None:
-        self.t, self.meter, self.n = t, meter, t.numel() * t.element_size()
-        meter.live += self.n
-        meter.peak = max(meter.peak, meter.live)
+        storage = t.untyped_storage()
+        self.t, self.meter, self.key, self.n = t, meter, storage.data_ptr(), storage.nbytes()
+        meter.add(self.key, self.n, +1)
 
     def __del__(self) -> None:
-        self.meter.live -= self.n
+        self.meter.add(self.key, self.n, -1)
 
 
 def _saved_peak(chunk_tokens) -> int:
@@ -221,6 +240,24 @@ def test_per_sample_extras_are_sliced_with_the_chunk():
         assert rel_err(masters[name], p.detach()) < 1e-5, name
 
 
+class _IgnoresScale(_Scaled):
+    def forward(self, x, scale, shared):
+        return x + torch.tanh(self.proj(x) + shared)
+
+
+def test_an_undeclared_per_sequence_extra_is_named(caplog):
+    """Chunked, an extra with the batch's size first that the Trunk does not declare per-sample gets a warning."""
+    module = _PerSample()
+    module.trunk = Trunk([_IgnoresScale() for _ in range(3)])  # per_sample_extras not given
+    trainer = L.Trainer(strategy=MegatrainStrategy(chunk_tokens=8), accelerator="cpu", devices=1, max_steps=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with caplog.at_level("WARNING"):
+        trainer.fit(module, train_dataloaders=loader([torch.randn(6, 4, 8)]))
+    assert "Trunk extra 0 has the batch's size (6) as its first dimension but is not in the Trunk's " \
+           "per_sample_extras" in caplog.text
+    assert "Trunk extra 1" not in caplog.text
+
+
 @pytest.mark.parametrize("checkpoint_interval", [1, 2])
 def test_dropout_masks_of_each_chunk_are_recomputed(checkpoint_interval):
     """Chunked, the recompute of each chunk draws the masks its forward drew: y != 0 where every layer's mask
@@ -282,3 +319,49 @@ def test_cuda_sweep_bounds_peak_memory_and_matches():
     errors = {n: rel_err(runs[512][2][n], w) for n, w in runs[None][2].items()}
     print(peaks, max(errors.values()))
     _assert_matches(runs[512], runs[None][:3], weights_tol=CUDA_WEIGHTS_TOL)
+
+
+def test_long_context_pieces_of_a_sequence_match_plain_pytorch():
+    """One sequence longer than chunk_tokens: each layer's token-wise half (norm, MLP) runs 16 of 48 tokens at a time
+    under activation checkpointing; losses and gradients equal plain PyTorch's, weights to the rounding of another
+    summation order."""
+    for preset in ("tiny", "tiny-qwen2"):
+        model = make_model(preset)
+        batches = make_batches(model.config, 3 * 2, batch=1, seq_len=48)
+        want = reference_run(model, batches, 3, 2, 1.0)
+        got = megatrain_run(model, batches, 3, 2, 1.0, chunk_tokens=16)
+        assert got[3].engine._token_chunk_of == {(1, 48, torch.float32): 16}
+        assert all(t.token_chunk == 16 for t in got[3].engine.templates)
+        _assert_matches(got, want, weights_tol=ROUNDING_TOL)
+
+
+def test_long_context_pieces_hold_one_pieces_mlp_activations():
+    """What autograd holds at once with the MLP half in pieces of 32 of 128 tokens: every layer's attention half,
+    the pieces' inputs and one piece's MLP activations, instead of every layer's whole MLP activations."""
+    from megatrain_lightning.model import Llama
+
+    torch.manual_seed(0)
+    model = Llama(make_model("tiny", intermediate_size=1024).config)  # the MLP's activations the larger part
+    idx = torch.randint(0, 256, (1, 128))
+    peaks, grads = {}, {}
+    for piece in (None, 32):
+        for block in model.model.layers:
+            block.token_chunk = piece
+        model.zero_grad()
+        meter = _Meter()
+        with torch.autograd.graph.saved_tensors_hooks(meter.pack, meter.unpack):
+            model(idx).square().mean().backward()
+        peaks[piece] = meter.peak
+        grads[piece] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert peaks[32] < 0.7 * peaks[None], peaks
+    for name, g in grads[None].items():
+        assert rel_err(grads[32][name], g) < TOL, name
+
+
+def test_token_chunk_rule():
+    assert S.token_chunk(4096, None, 6144, float("inf")) is None  # the CPU
+    assert S.token_chunk(4096, None, 6144, 2**40) is None  # a sequence fits
+    # half of 1 GiB over 40 x 6144 bytes per token: 2184 tokens
+    assert S.token_chunk(262144, None, 6144, 2**30) == 2184
+    assert S.token_chunk(262144, 65536, 6144, 0.0) == 65536
+    assert S.token_chunk(4096, 8192, 6144, 0.0) is None
