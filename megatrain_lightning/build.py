@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
 from megatrain_lightning.config import Config
-from megatrain_lightning.data import ByteTextDataModule, JsonlDataModule, TokensDataModule
+from megatrain_lightning.data import ByteTextDataModule, ChatDataModule, JsonlDataModule, TokensDataModule
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.lm import CausalLM
 from megatrain_lightning.preemption import SaveOnSignal
@@ -53,7 +53,8 @@ def check(cfg: DictConfig) -> None:
     keep = cfg.get("keep_checkpoints", 2)
     need(integer(keep) and (keep >= 1 or keep == -1), "keep_checkpoints", "an integer >= 1 (or -1: all)", keep)
     files = [("data.path", data.get("path"), data.kind != "bytes" or data.get("path") is not None),
-             ("data.tokenizer", data.get("tokenizer"), data.kind == "jsonl"),
+             ("data.tokenizer", data.get("tokenizer"), data.kind in ("jsonl", "chat")),
+             ("data.chat_template", data.get("chat_template"), data.kind == "chat" and data.get("chat_template")),
              ("resume", cfg.resume, cfg.resume is not None)]
     if cfg.model.name == "hf":
         files.append(("model.path", cfg.model.get("path"), True))
@@ -89,7 +90,7 @@ def model_config(cfg: DictConfig) -> Config:
         raise UserError(f"model: {e}") from None
 
 
-DATA_KINDS = ("bytes", "tokens", "jsonl")
+DATA_KINDS = ("bytes", "tokens", "jsonl", "chat")
 
 
 def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataModule:
@@ -102,12 +103,14 @@ def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataMod
         if config.vocab_size < 256:
             raise UserError(f"byte-level data needs vocab_size >= 256, the model has {config.vocab_size}")
         return ByteTextDataModule(cfg.path, **common)
-    for key in ("path",) + (("tokenizer",) if cfg.kind == "jsonl" else ()):
+    for key in ("path",) + (("tokenizer",) if cfg.kind in ("jsonl", "chat") else ()):
         if OmegaConf.is_missing(cfg, key) or not cfg.get(key):
             raise UserError(f"data={cfg.kind} needs data.{key}")
     common.update(val_fraction=cfg.val_fraction, vocab_size=config.vocab_size)
     if cfg.kind == "tokens":
         return TokensDataModule(cfg.path, dtype=cfg.get("dtype"), **common)
+    if cfg.kind == "chat":
+        return ChatDataModule(cfg.path, cfg.tokenizer, chat_template=cfg.get("chat_template"), **common)
     return JsonlDataModule(cfg.path, cfg.tokenizer, text_field=cfg.text_field, prompt_field=cfg.prompt_field,
                            response_field=cfg.response_field, eos_token=cfg.eos_token, **common)
 

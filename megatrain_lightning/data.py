@@ -1,5 +1,6 @@
 """Data modules: byte-level text (the quick start: no tokenizer, no download), pre-tokenized token files
-(`data=tokens`) and JSON lines tokenized with a `tokenizer.json` (`data=jsonl`).
+(`data=tokens`), JSON lines tokenized with a `tokenizer.json` (`data=jsonl`) and conversations rendered with the
+model's chat template (`data=chat`, chat.py).
 
 Token data is packed: documents are concatenated (with the end-of-text token between them) and cut into
 windows of seq_len + 1 tokens that overlap by one, so every token is predicted once per epoch. With
@@ -243,7 +244,6 @@ class JsonlDataModule(_PackedDataModule):
 
     def _tokens(self) -> tuple[np.ndarray, np.ndarray | None]:
         from tokenizers import Tokenizer
-        from tqdm.auto import tqdm
 
         tok = Tokenizer.from_file(str(_require_file(self.tokenizer_path, "tokenizer file")))
         path = _require_file(self.path, "data file")
@@ -255,27 +255,70 @@ class JsonlDataModule(_PackedDataModule):
             eos = [eos_id]
         pairs = self.prompt_field is not None
         tokens, mask = array("I"), array("B")  # 4 and 1 bytes per token (a list would take ~36)
-        # the bar closes (ends its line) before an error about the data is printed
-        with open(path, encoding="utf-8") as f, tqdm(f, desc=f"tokenizing {path.name}", unit=" records") as bar:
-            for lineno, line in _decoded(enumerate(bar, 1), path):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not valid JSON ({e})") from e
-                fields = (self.prompt_field, self.response_field) if pairs else (self.text_field,)
-                missing = [k for k in fields if not isinstance(record.get(k), str)]
-                if missing:
-                    raise UserError(f"{path}:{lineno}: no text field {missing[0]!r}")
-                if pairs:
-                    prompt = tok.encode(record[self.prompt_field], add_special_tokens=False).ids
-                    response = tok.encode(record[self.response_field], add_special_tokens=False).ids + eos
-                    tokens.extend(prompt + response)
-                    mask.extend([0] * len(prompt) + [1] * len(response))
-                else:
-                    tokens.extend(tok.encode(record[self.text_field], add_special_tokens=False).ids + eos)
-        ids = np.frombuffer(tokens, dtype=np.uint32)
-        if tok.get_vocab_size() <= 1 << 16:
-            ids = ids.astype(np.uint16)
-        return ids, (np.frombuffer(mask, dtype=np.uint8) if pairs else None)
+        for lineno, record in _records(path):
+            fields = (self.prompt_field, self.response_field) if pairs else (self.text_field,)
+            missing = [k for k in fields if not isinstance(record.get(k), str)]
+            if missing:
+                raise UserError(f"{path}:{lineno}: no text field {missing[0]!r}")
+            if pairs:
+                prompt = tok.encode(record[self.prompt_field], add_special_tokens=False).ids
+                response = tok.encode(record[self.response_field], add_special_tokens=False).ids + eos
+                tokens.extend(prompt + response)
+                mask.extend([0] * len(prompt) + [1] * len(response))
+            else:
+                tokens.extend(tok.encode(record[self.text_field], add_special_tokens=False).ids + eos)
+        return _token_array(tokens, tok), (np.frombuffer(mask, dtype=np.uint8) if pairs else None)
+
+
+class ChatDataModule(_PackedDataModule):
+    """JSON lines of conversations (`messages`, ShareGPT `conversations` or Alpaca `instruction`/`output`, chat.py),
+    rendered with the model's chat template and trained on the assistant's turns only. Conversations are packed back
+    to back like the other token data: attention is causal over the window, so a conversation's tokens may attend to
+    the end of the one before it; labels exist only inside assistant turns."""
+
+    def __init__(self, path: str | Path, tokenizer: str | Path, chat_template: str | Path | None = None,
+                 seq_len: int = 2048, micro_batch: int = 1, val_fraction: float = 0.01, seed: int = 0,
+                 vocab_size: int | None = None, num_workers: int = 0) -> None:
+        super().__init__(seq_len, micro_batch, val_fraction, seed, vocab_size, num_workers)
+        self.path, self.tokenizer_path = Path(path), Path(tokenizer)
+        # default: the tokenizer_config.json beside the tokenizer.json (a Hugging Face model directory)
+        self.template_path = Path(chat_template) if chat_template else self.tokenizer_path.parent / "tokenizer_config.json"
+
+    def _tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        from tokenizers import Tokenizer
+
+        from megatrain_lightning.chat import ChatTemplate, encode, to_messages
+
+        tok = Tokenizer.from_file(str(_require_file(self.tokenizer_path, "tokenizer file")))
+        template = ChatTemplate.from_config(self.template_path)
+        path = _require_file(self.path, "data file")
+        tokens, mask = array("I"), array("B")
+        for lineno, record in _records(path):
+            where = f"{path}:{lineno}"
+            ids, trained = encode(tok, template, to_messages(record, where), where)
+            tokens.extend(ids)
+            mask.extend(trained)
+        return _token_array(tokens, tok), np.frombuffer(mask, dtype=np.uint8)
+
+
+def _records(path: Path):
+    """(line number, JSON object) of each non-empty line, with a progress bar; bad lines named with file and line.
+    The bar closes (ends its line) before an error about the data is printed."""
+    from tqdm.auto import tqdm
+
+    with open(path, encoding="utf-8") as f, tqdm(f, desc=f"tokenizing {path.name}", unit=" records") as bar:
+        for lineno, line in _decoded(enumerate(bar, 1), path):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{path}:{lineno}: not valid JSON ({e})") from e
+            if not isinstance(record, dict):
+                raise UserError(f"{path}:{lineno}: a record must be a JSON object, got {type(record).__name__}")
+            yield lineno, record
+
+
+def _token_array(tokens: array, tok) -> np.ndarray:
+    ids = np.frombuffer(tokens, dtype=np.uint32)
+    return ids.astype(np.uint16) if tok.get_vocab_size() <= 1 << 16 else ids

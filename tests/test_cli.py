@@ -29,6 +29,8 @@ def files(tmp_path):
     np.save(tmp_path / "negative.npy", np.array([1, 2, -3] * 400, dtype=np.int32))
     (tmp_path / "empty.bin").write_bytes(b"")
     (tmp_path / "not_a_dir").write_text("a file where a directory should be")
+    (tmp_path / "chat.jsonl").write_text('{"text": "the sky"}\n')
+    (tmp_path / "template.json").write_text('{"chat_template": "{{ messages[0].content }}"}')
     return tmp_path
 
 
@@ -60,6 +62,12 @@ def _cases(d: Path) -> list[tuple[list[str], str]]:
                                                                    r"writable directory"),
         (["storage=nvme", "storage.ram_budget_GiB=0.0001"], r"storage\.ram_budget_GiB: 0\.0001 GiB cannot hold"),
         (["trainer=gpu", "preflight=false"], r"trainer\.accelerator: gpu asked for, but no CUDA GPU is visible"),
+        (["data=chat", f"data.path={d}/broken.jsonl", tok, f"data.chat_template={d}/missing.json"],
+         r"data\.chat_template: .*missing\.json does not exist"),
+        (["data=chat", f"data.path={d}/chat.jsonl", tok], r"data\.chat_template: .*tokenizer_config\.json does not "
+                                                           r"exist"),
+        (["data=chat", f"data.path={d}/chat.jsonl", tok, f"data.chat_template={d}/template.json"],
+         r"chat\.jsonl:1: a chat record needs 'messages'"),
     ]
 
 
