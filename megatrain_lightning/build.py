@@ -98,6 +98,9 @@ def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataMod
         raise UserError(f"unknown data kind {cfg.kind!r}; known: {', '.join(DATA_KINDS)}")
     if cfg.seq_len > config.max_seq_len:
         raise UserError(f"data.seq_len {cfg.seq_len} exceeds the model's max_seq_len {config.max_seq_len}")
+    if config.sliding_window and cfg.seq_len > config.sliding_window:
+        raise UserError(f"data.seq_len {cfg.seq_len} exceeds the model's sliding window {config.sliding_window} "
+                        "(attention here is full causal, which equals the window's only up to its length)")
     common = dict(seq_len=cfg.seq_len, micro_batch=cfg.micro_batch, seed=seed)
     if cfg.kind == "bytes":
         if config.vocab_size < 256:

@@ -28,6 +28,12 @@ class Config:
     # Llama 3.1+ frequency scaling, in Hugging Face's form: {"rope_type": "llama3", "factor": 8.0,
     # "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
     rope_scaling: dict | None = None
+    head_size: int | None = None  # per-head width when not hidden_size / n_head (Qwen3: 128 at hidden 1024, 16 heads)
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each head's q and k before RoPE
+    # Mistral / Qwen: each token attends to this many tokens back. Attention here is full causal, which is the same
+    # for sequences up to this length: longer ones are refused (never silently different)
+    sliding_window: int | None = None
+    hf_type: str | None = None  # the Hugging Face model_type to export as (None: llama, or qwen2 with qkv_bias)
     # derived in __post_init__
     head_dim: int = field(init=False)
 
@@ -46,7 +52,9 @@ class Config:
             need = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
             if kind != "llama3" or not need <= set(self.rope_scaling):
                 raise ValueError(f"rope_scaling supports rope_type 'llama3' with {sorted(need)}; got {self.rope_scaling}")
-        self.head_dim = self.hidden_size // self.n_head
+        if self.hf_type is not None and self.hf_type not in HF_TYPES:
+            raise ValueError(f"hf_type {self.hf_type!r} is not one of {sorted(HF_TYPES)}")
+        self.head_dim = self.head_size or self.hidden_size // self.n_head
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> Config:
@@ -77,17 +85,18 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "hf") -> Config:
-        """From a Hugging Face config.json of a Llama, Mistral or Qwen2 model (transformers 4 or 5 layout)."""
+        """From a Hugging Face config.json of a Llama, Mistral, Qwen2 or Qwen3 model (transformers 4 or 5 layout)."""
         kind = hf.get("model_type")
         if kind not in HF_TYPES:
             raise ValueError(f"model_type {kind!r} is not supported; supported: {', '.join(HF_TYPES)}")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
-        if kind == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
-            raise ValueError("Llama with attention_bias or mlp_bias is not supported")
+        if kind in ("llama", "mistral", "qwen3") and (hf.get("attention_bias") or hf.get("mlp_bias")):
+            raise ValueError(f"{kind} with attention_bias or mlp_bias is not supported")
         n_head = hf["num_attention_heads"]
-        if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
-            raise ValueError(f"head_dim {hf['head_dim']} != hidden_size / num_attention_heads is not supported")
+        head = hf.get("head_dim")
+        if head is not None and head != hf["hidden_size"] // n_head and kind not in ("qwen3", "mistral"):
+            raise ValueError(f"head_dim {head} != hidden_size / num_attention_heads is not supported for {kind}")
         rope = dict(hf.get("rope_parameters") or {})  # transformers 5 keeps theta and scaling here
         theta = hf.get("rope_theta", rope.pop("rope_theta", 10000.0))
         scaling = hf.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -95,18 +104,25 @@ class Config:
             scaling = None
         max_seq = hf.get("max_position_embeddings", 2048)
         window = hf.get("sliding_window") if hf.get("use_sliding_window", kind == "mistral") else None
-        if window and window < max_seq:  # full causal attention equals the sliding window up to its length
-            max_seq = window
+        if window and window >= max_seq:  # the window covers every position: full causal attention
+            window = None
         return cls(name=name, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"],
                    hidden_size=hf["hidden_size"], n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
                    intermediate_size=hf["intermediate_size"], max_seq_len=max_seq, rope_theta=float(theta),
                    norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                   qkv_bias=kind == "qwen2", rope_scaling=dict(scaling) if scaling else None)
+                   qkv_bias=kind == "qwen2", rope_scaling=dict(scaling) if scaling else None,
+                   head_size=head if head and head != hf["hidden_size"] // n_head else None,
+                   qk_norm=kind == "qwen3", sliding_window=window, hf_type=kind)
 
     def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
-        """A Hugging Face config.json (LlamaForCausalLM, or Qwen2ForCausalLM when q/k/v carry a bias)."""
-        kind = "qwen2" if self.qkv_bias else "llama"
+        """A Hugging Face config.json of the architecture it came from (`hf_type`; else LlamaForCausalLM, or
+        Qwen2ForCausalLM when q/k/v carry a bias)."""
+        kind = self.hf_type or ("qwen2" if self.qkv_bias else "llama")
+        window = {"sliding_window": self.sliding_window}
+        if kind in ("qwen2", "qwen3"):
+            window["use_sliding_window"] = self.sliding_window is not None
         return {"architectures": [HF_TYPES[kind]], "model_type": kind, "vocab_size": self.vocab_size,
+                **(window if kind != "llama" else {}),
                 "hidden_size": self.hidden_size, "intermediate_size": self.intermediate_size,
                 "num_hidden_layers": self.n_layer, "num_attention_heads": self.n_head,
                 "num_key_value_heads": self.n_kv_head, "head_dim": self.head_dim, "hidden_act": "silu",
@@ -125,7 +141,8 @@ class Config:
         kv = 2 * self.hidden_size * self.n_kv_head * self.head_dim
         o = self.n_head * self.head_dim * self.hidden_size
         bias = (self.n_head + 2 * self.n_kv_head) * self.head_dim if self.qkv_bias else 0
-        return q + kv + o + bias
+        norms = 2 * self.head_dim if self.qk_norm else 0
+        return q + kv + o + bias + norms
 
     @property
     def mlp_params(self) -> int:
@@ -147,7 +164,8 @@ class Config:
         return self.n_layer * self.layer_params + self.embedding_params
 
 
-HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+            "qwen3": "Qwen3ForCausalLM"}
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 _LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}

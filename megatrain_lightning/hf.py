@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints in and out (Llama, Mistral, Qwen2): config.json + sharded safetensors + index.
+"""Hugging Face checkpoints in and out (Llama, Mistral, Qwen2, Qwen3): config.json + sharded safetensors + index.
 
 Import reads one tensor at a time, shard by shard, straight into the host store (file-backed layers write it
 into their files), so the extra RAM is one tensor, never the model. Export reads a megatrain checkpoint

@@ -121,11 +121,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(d, config.n_kv_head * config.head_dim, bias=config.qkv_bias)
         self.o_proj = nn.Linear(config.n_head * config.head_dim, d, bias=False)
+        if config.qk_norm:  # Qwen3
+            self.q_norm = RMSNorm(config.head_dim, config.norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, hd]
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # [B, Hkv, T, hd]
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)  # [B, T, H, hd]
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)  # [B, T, Hkv, hd]
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, H, T, hd], [B, Hkv, T, hd]
         v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_head != self.n_kv_head)
@@ -223,6 +229,9 @@ class Llama(nn.Module):
         T = idx.shape[1]
         if T > self.config.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len {self.config.max_seq_len}")
+        if self.config.sliding_window and T > self.config.sliding_window:
+            raise ValueError(f"sequence length {T} exceeds the model's sliding window {self.config.sliding_window}: "
+                             "attention here is full causal, the same as the window's only up to its length")
         cos, sin = rope_tables(self.config, T, device=idx.device)
         x = self.model.embed_tokens(idx)  # [B, T, D]
         x = self.model.layers(x, cos, sin)

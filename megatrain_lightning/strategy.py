@@ -46,6 +46,11 @@ STORAGES = ("ram", "nvme")
 STREAMS = ("auto", *store_streams)
 
 
+def _is_transformers_model(m: nn.Module) -> bool:
+    """A transformers PreTrainedModel (told without importing transformers)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(m).__mro__)
+
+
 class MegatrainStrategy(SingleDeviceStrategy):
     strategy_name = "megatrain"
 
@@ -205,6 +210,16 @@ class MegatrainStrategy(SingleDeviceStrategy):
         module = self.lightning_module
         trunks = [(n, m) for n, m in module.named_modules() if isinstance(m, Trunk)]
         if not trunks:
+            foreign = next((m for m in module.modules() if _is_transformers_model(m)), None)
+            if foreign is not None:
+                from megatrain_lightning.config import HF_TYPES
+
+                raise UserError(
+                    f"{type(foreign).__name__} is a transformers model object, which the megatrain strategy cannot stream "
+                    "yet: its forward loops over its own layers, so wrapping them in a Trunk does not work either. "
+                    f"For a {', '.join(HF_TYPES.values())} checkpoint directory, train megatrain_lightning.Llama "
+                    "initialized from it: CausalLM(Config.from_dict({'name': 'hf', 'path': DIR})) with "
+                    "MegatrainStrategy(init_from=DIR), or train.py model=hf model.path=DIR")
             raise UserError(
                 f"{type(module).__name__} has no streamable blocks: the megatrain strategy streams the blocks of a "
                 "`megatrain_lightning.Trunk` (wrap the model's repeated layers in one and call it as "

@@ -67,6 +67,9 @@ class Workload:
         if self.seq_len > self.model.max_seq_len:
             raise PlanError("data.seq_len", f"{self.seq_len} exceeds {self.model.name}'s max_seq_len "
                                             f"{self.model.max_seq_len}")
+        if self.model.sliding_window and self.seq_len > self.model.sliding_window:
+            raise PlanError("data.seq_len", f"{self.seq_len} exceeds {self.model.name}'s sliding window "
+                                            f"{self.model.sliding_window} (attention here is full causal)")
         if self.precision not in PRECISIONS:
             raise PlanError("trainer.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
         if self.storage not in STORAGES:

@@ -26,6 +26,9 @@ VARIANTS = {
         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                       "original_max_position_embeddings": 64})),
     "qwen2-tied": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(tie_word_embeddings=False, sliding_window=None)),
+    # head_dim 32 where hidden / heads is 16, an RMSNorm on each head's q and k
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(tie_word_embeddings=True, head_dim=32)),
 }
 
 
@@ -139,4 +142,70 @@ def test_config_round_trip_through_hf_form():
     for name in ("llama-3.2-1b", "qwen2-0.5b", "llama-3-8b"):
         c = Config.from_name(name)
         back = Config.from_hf(c.to_hf(), name=name)
-        assert back == c, name
+        assert back == Config.from_name(name, hf_type=back.hf_type), name
+    for kind in ("mistral", "qwen3"):  # the architecture, the window and the head width come back
+        c = Config(name="x", hidden_size=64, n_head=4, n_kv_head=2, head_size=32, qk_norm=kind == "qwen3",
+                   sliding_window=128, max_seq_len=512, hf_type=kind)
+        assert Config.from_hf(c.to_hf(), name="x") == c, kind
+
+
+@pytest.mark.parametrize("variant", ["mistral", "qwen3", "qwen2-tied"])
+def test_export_keeps_the_architecture(variant, tmp_path):
+    """Import -> export, untrained: the same class loads, with the same weights and the same config fields."""
+    ref = _hf_model(variant, tmp_path / "hf")
+    lm, strategy, trainer = _imported(tmp_path / "hf")
+    trainer.validate(lm, dataloaders=loader(make_batches(lm.config, 1)), verbose=False)
+    trainer.save_checkpoint(tmp_path / "imported.ckpt")
+    hf.export(tmp_path / "imported.ckpt", tmp_path / "out", dtype="float32")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    assert type(loaded) is type(ref)
+    for key in ("head_dim", "sliding_window", "max_position_embeddings", "tie_word_embeddings", "num_key_value_heads"):
+        if getattr(ref.config, key, None) is not None:  # (Qwen2's config leaves head_dim to be derived)
+            assert getattr(loaded.config, key, None) == getattr(ref.config, key), key
+    want = ref.state_dict()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, want[k]), k
+
+
+def test_a_sliding_window_is_kept_and_longer_sequences_refused(tmp_path):
+    """Mistral with a 32-token window (max_position_embeddings 512): up to 32 tokens full causal attention is the
+    window's (logits equal transformers'); a longer sequence is refused, and the window is exported as it was."""
+    config = transformers.MistralConfig(**{**TINY, "sliding_window": 32, "tie_word_embeddings": False})
+    torch.manual_seed(0)
+    ref = transformers.MistralForCausalLM(config).float().eval()
+    ref.save_pretrained(tmp_path / "hf")
+    ours = Config.from_dict({"name": "hf", "path": str(tmp_path / "hf")})
+    assert ours.max_seq_len == 512 and ours.sliding_window == 32 and ours.hf_type == "mistral"
+    lm, strategy, trainer = _imported(tmp_path / "hf")
+    trainer.validate(lm, dataloaders=loader(make_batches(lm.config, 1)), verbose=False)
+    tokens = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    want = ref(tokens).logits
+    assert (_logits(lm, tokens) - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+    with pytest.raises(ValueError, match="sequence length 33 exceeds the model's sliding window 32"):
+        _logits(lm, torch.zeros(1, 33, dtype=torch.long))
+    assert ours.to_hf()["sliding_window"] == 32 and ours.to_hf()["architectures"] == ["MistralForCausalLM"]
+
+
+def test_a_transformers_model_object_is_refused_with_what_works():
+    """A LightningModule holding a transformers model (its forward loops over its layers): a clear error naming it
+    and the supported route, not "wrap the layers in a Trunk" (which cannot work for it)."""
+    from megatrain_lightning.errors import UserError
+
+    class HoldsHF(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+
+        def training_step(self, batch, batch_idx):
+            return self.model(batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UserError) as e:
+        trainer.fit(HoldsHF(), train_dataloaders=loader(make_batches(Config.from_name("tiny"), 1)))
+    assert str(e.value).startswith("LlamaForCausalLM is a transformers model object, which the megatrain strategy "
+                                   "cannot stream yet")
+    assert "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM checkpoint directory" in str(e.value)
