@@ -1,13 +1,19 @@
-"""Where the training state goes, decided once at build time: how weights stream to the device, and which trunk
-layers keep their fp32 state in files (`storage=nvme`). The planner applies the same rules (planner/plan.py)."""
+"""Where the training state goes, decided once at build time: how weights stream to the device, which trunk
+layers keep their fp32 state in files (`storage=nvme`), which units the device keeps whole (`device_state_GiB`) and
+which it caches for a step (`step_cache_GiB`). The planner applies the same rules (planner/plan.py)."""
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
 from megatrain_lightning import schedule as S
+from megatrain_lightning.device_state import DeviceStates, StepCache
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.store import Layout, available_ram_bytes
+from megatrain_lightning.store import HostStore, Layout, available_ram_bytes
+
+log = logging.getLogger(__name__)
 
 
 def resolve_stream(storage: str, stream: str, dtype: torch.dtype) -> str:
@@ -42,3 +48,46 @@ def nvme_units(layouts: list[Layout], dtype: torch.dtype, ram_budget_GiB: float 
                         f"stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: gradients and the "
                         "embedding/head state)")
     return list(range(S.nvme_layers(*state, budget)))
+
+
+def _free_GiB(device: torch.device, share: float) -> float:
+    """`share` of the device memory free now (none on the CPU: the device is the host)."""
+    return share * torch.cuda.mem_get_info(device)[0] / 2**30 if device.type == "cuda" else 0.0
+
+
+def device_states(store: HostStore, device: torch.device, budget_GiB: float | None, hooks: bool) -> DeviceStates | None:
+    """The units whose [master | m | v | grad] the device keeps within `budget_GiB` (None: 40% of what is free),
+    by schedule.device_units; none when a hook can read gradients (`hooks`)."""
+    budget = _free_GiB(device, 0.4) if budget_GiB is None else budget_GiB
+    if budget > 0 and hooks:
+        log.info("device_state_GiB: a hook reads gradients (on_before_optimizer_step, configure_gradient_clipping "
+                 "or optimizer_step): every update runs on the host")
+        budget = 0.0
+    units = S.device_units([4 * u.layout.tile_numel for u in store.units], budget * 2**30)
+    if not units:
+        return None
+    states = DeviceStates(store, units, device)
+    resident = len(store.units) - 1
+    log.info(f"device_state_GiB={budget:.3g}: the device keeps and updates the state of "
+             f"{len(units) - (resident in units)} of {resident} layers"
+             f"{' and the embedding/head' if resident in units else ''} ({states.nbytes / 2**30:.3g} GiB)")
+    return states
+
+
+def step_cache(store: HostStore, device: torch.device, budget_GiB: float | None, accumulate: int,
+               kept: set[int]) -> StepCache | None:
+    """With accumulation, the units (not `kept` whole) whose weights and fp32 gradient sums stay on the device for a
+    step within `budget_GiB` (None: schedule.DEVICE_GRADS_SHARE of what is free): their later loads cost no H2D, their
+    later micro-batches no D2H and no host add."""
+    if accumulate < 2:
+        return None
+    budget = _free_GiB(device, S.DEVICE_GRADS_SHARE) if budget_GiB is None else budget_GiB
+    n_trunk, cb = len(store.units) - 1, torch.finfo(store.compute_dtype).bits // 8
+    need = [StepCache.unit_bytes(u.layout.trainable, u.layout.numel, cb, i < n_trunk) for i, u in enumerate(store.units)]
+    units = S.device_units(need, budget * 2**30, skip=kept)
+    if not units:
+        return None
+    cache = StepCache(store, units, device, n_trunk)
+    log.info(f"accumulate_grad_batches={accumulate}: {len(units)} of {len(store.units)} units keep their weights and "
+             f"gradient sums on the device for a step ({cache.nbytes / 2**30:.3g} GiB)")
+    return cache

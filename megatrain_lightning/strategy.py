@@ -30,7 +30,6 @@ from megatrain_lightning import hf
 from megatrain_lightning import placement
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
-from megatrain_lightning.device_state import StepCache, DeviceStates
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.model import Trunk
@@ -301,49 +300,22 @@ class MegatrainStrategy(SingleDeviceStrategy):
         surgery.move_except(self.lightning_module, self.root_device, lambda m: isinstance(m, Trunk))
 
     def _keep_device_states(self) -> None:
-        """Chooses the units whose state the device keeps (their AdamW then runs there) and hands them to the
-        engine and the updater. Not while a hook can read or change gradients: those of kept units are only on the
-        device."""
+        """The units whose state the device keeps (their AdamW then runs there), handed to the engine and the
+        updater; none while a hook can read or change gradients (those of kept units are only on the device)."""
         states = self.engine.device_states
         if states is None:
-            budget = self.device_state_GiB
-            if budget is None:
-                cuda = self.root_device.type == "cuda"
-                budget = 0.4 * torch.cuda.mem_get_info(self.root_device)[0] / 2**30 if cuda else 0.0
-            if budget > 0 and self._gradient_hooks():
-                log.info("device_state_GiB: a hook reads gradients (on_before_optimizer_step, "
-                         "configure_gradient_clipping or optimizer_step): every update runs on the host")
-                budget = 0.0
-            units = S.device_units([4 * u.layout.tile_numel for u in self.store.units], budget * 2**30)
-            if not units:
+            states = placement.device_states(self.store, self.root_device, self.device_state_GiB,
+                                             hooks=self._gradient_hooks())
+            if states is None:
                 return
-            states = DeviceStates(self.store, units, self.root_device)
             self.engine.attach_device_states(states)
-            resident = len(self.store.units) - 1
-            log.info(f"device_state_GiB={budget:.3g}: the device keeps and updates the state of "
-                     f"{len(units) - (resident in units)} of {resident} layers"
-                     f"{' and the embedding/head' if resident in units else ''} ({states.nbytes / 2**30:.3g} GiB)")
         self.updater.attach_device(states)
 
     def _keep_step_cache(self, accumulate: int) -> None:
-        """With accumulation, the units whose weights and fp32 gradient sums stay on the device for a step (within
-        step_cache_GiB): their later loads cost no H2D, their later micro-batches no D2H and no host add."""
-        if accumulate < 2 or self.engine.step_cache is not None:
-            return
-        budget = self.step_cache_GiB
-        if budget is None:
-            cuda = self.root_device.type == "cuda"
-            budget = S.DEVICE_GRADS_SHARE * torch.cuda.mem_get_info(self.root_device)[0] / 2**30 if cuda else 0.0
-        kept = self.engine.device_states.units if self.engine.device_states is not None else set()
-        n_trunk, cb = len(self.store.units) - 1, torch.finfo(self.compute_dtype).bits // 8
-        need = [StepCache.unit_bytes(u.layout.trainable, u.layout.numel, cb, i < n_trunk)
-                for i, u in enumerate(self.store.units)]
-        units = S.device_units(need, budget * 2**30, skip=kept)
-        if units:
-            self.engine.step_cache = StepCache(self.store, units, self.root_device, n_trunk)
-            log.info(f"accumulate_grad_batches={accumulate}: {len(units)} of {len(self.store.units)} units keep "
-                     f"their weights and gradient sums on the device for a step "
-                     f"({self.engine.step_cache.nbytes / 2**30:.3g} GiB)")
+        if self.engine.step_cache is None:
+            kept = self.engine.device_states.units if self.engine.device_states is not None else set()
+            self.engine.step_cache = placement.step_cache(self.store, self.root_device, self.step_cache_GiB,
+                                                          accumulate, kept)
 
     # ---- the training step ----
     @override
