@@ -71,8 +71,8 @@ class _Prefetcher:
         self._fill()
 
 
-def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor) -> Tensor:
-    return functional_call(template, params, (x, *extras), strict=True)
+def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor, **kwargs) -> Tensor:
+    return functional_call(template, params, (x, *extras), kwargs, strict=True)
 
 
 def _add_fp32(sums: list[Tensor | None] | None, grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
@@ -394,11 +394,13 @@ class StreamingEngine:
             torch.cuda.set_rng_state(state[1], self.device)
 
     def _views(self, i: int, slot: _Slot) -> dict[str, Tensor]:
-        return self.store.units[i].layout.views(slot.compute)
+        layout = self.store.units[i].layout
+        return layout.views(slot.compute[:layout.numel])  # slots are sized for the largest layer
 
-    def _run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...]) -> Tensor:
+    def _run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...],
+             kwargs: dict | None = None) -> Tensor:
         call = _functional if self._eager else self._call
-        return call(self.templates[i], {**params, **self.buffers[i]}, x, *extras)
+        return call(self.templates[i], {**params, **self.buffers[i]}, x, *extras, **(kwargs or {}))
 
     # ---- transfers ----
     def _load(self, i: int, slot: _Slot) -> None:

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
 from typing_extensions import override
 
+from megatrain_lightning import adapters
 from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import hf
 from megatrain_lightning import placement
@@ -32,6 +33,7 @@ from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.layer_calls import LayerCalls
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
 from megatrain_lightning.ownership import DirectoryLock
@@ -43,11 +45,6 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("bf16-mixed", "32-true")
 STORAGES = ("ram", "nvme")
 STREAMS = ("auto", *store_streams)
-
-
-def _is_transformers_model(m: nn.Module) -> bool:
-    """A transformers PreTrainedModel (told without importing transformers)."""
-    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(m).__mro__)
 
 
 class MegatrainStrategy(SingleDeviceStrategy):
@@ -207,18 +204,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
     # ---- building the store and the engine ----
     def _build(self) -> None:
         module = self.lightning_module
+        adapters.stream_layers(module)  # a transformers causal LM: its decoder layers become a LayerList (a Trunk)
         trunks = [(n, m) for n, m in module.named_modules() if isinstance(m, Trunk)]
         if not trunks:
-            foreign = next((m for m in module.modules() if _is_transformers_model(m)), None)
-            if foreign is not None:
-                from megatrain_lightning.config import HF_TYPES
-
-                raise UserError(
-                    f"{type(foreign).__name__} is a transformers model object, which the megatrain strategy cannot stream "
-                    "yet: its forward loops over its own layers, so wrapping them in a Trunk does not work either. "
-                    f"For a {', '.join(HF_TYPES.values())} checkpoint directory, train megatrain_lightning.Llama "
-                    "initialized from it: CausalLM(Config.from_dict({'name': 'hf', 'path': DIR})) with "
-                    "MegatrainStrategy(init_from=DIR), or train.py model=hf model.path=DIR")
             raise UserError(
                 f"{type(module).__name__} has no streamable blocks: the megatrain strategy streams the blocks of a "
                 "`megatrain_lightning.Trunk` (wrap the model's repeated layers in one and call it as "
@@ -244,6 +232,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
             log.info(f"storage=nvme: {len(nvme_units)} of {len(trunk)} layers keep their fp32 state in "
                      f"{store.nvme.dir}")
 
+        if isinstance(trunk, adapters.LayerList) and any(p.is_meta for p in module.parameters()):
+            raise UserError("a transformers model built on the meta device (in configure_model) cannot be initialized "
+                            "layer by layer yet: build it in the LightningModule's __init__ (from_pretrained, or "
+                            "from its config)")
         for i, block in enumerate(trunk):
             if any(p.is_meta for p in block.parameters()):
                 surgery.materialize(block, initialize=self.init_from is None)  # imported weights replace these
@@ -286,10 +278,15 @@ class MegatrainStrategy(SingleDeviceStrategy):
             m.register_state_dict_post_hook(hook)
         cuda = device.type == "cuda"
         self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth,
-                                      compile=cuda if self.compile is None else self.compile,
+                                      # a transformers model's layers: eager unless asked (each layer is its own
+                                      # template, past torch.compile's recompile limit)
+                                      compile=(cuda and not isinstance(trunk, adapters.LayerList))
+                                      if self.compile is None else self.compile,
                                       offload_checkpoints=self.offload_checkpoints, chunk_tokens=self.chunk_tokens,
                                       per_sample_extras=trunk.per_sample_extras)
         trunk.engine = self.engine
+        if isinstance(trunk, adapters.LayerList):  # the model's own forward calls each layer
+            trunk.calls = LayerCalls(self.engine)
         self.model_to_device()
 
     @override

@@ -186,15 +186,15 @@ def test_a_sliding_window_is_kept_and_longer_sequences_refused(tmp_path):
     assert ours.to_hf()["sliding_window"] == 32 and ours.to_hf()["architectures"] == ["MistralForCausalLM"]
 
 
-def test_a_transformers_model_object_is_refused_with_what_works():
-    """A LightningModule holding a transformers model (its forward loops over its layers): a clear error naming it
-    and the supported route, not "wrap the layers in a Trunk" (which cannot work for it)."""
+def test_an_unsupported_transformers_architecture_is_refused_by_name():
+    """GPT-2 keeps its blocks elsewhere (`transformer.h`): named, with the architectures that stream."""
     from megatrain_lightning.errors import UserError
 
-    class HoldsHF(L.LightningModule):
+    class HoldsGPT2(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
-            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+            self.model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2,
+                                                                             vocab_size=256))
 
         def training_step(self, batch, batch_idx):
             return self.model(batch, labels=batch).loss
@@ -205,7 +205,6 @@ def test_a_transformers_model_object_is_refused_with_what_works():
     trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(UserError) as e:
-        trainer.fit(HoldsHF(), train_dataloaders=loader(make_batches(Config.from_name("tiny"), 1)))
-    assert str(e.value).startswith("LlamaForCausalLM is a transformers model object, which the megatrain strategy "
-                                   "cannot stream yet")
-    assert "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM checkpoint directory" in str(e.value)
+        trainer.fit(HoldsGPT2(), train_dataloaders=loader(make_batches(Config.from_name("tiny"), 1)))
+    assert str(e.value).startswith("GPT2LMHeadModel (model_type 'gpt2') cannot be streamed: supported transformers "
+                                   "architectures are deepseek_v3, gemma3_text, gpt_oss, llama, ")

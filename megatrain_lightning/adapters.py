@@ -1,0 +1,77 @@
+"""Per-architecture knowledge, as data: where a transformers causal LM keeps its decoder layers. The engine needs
+nothing else from the model: the model's own forward calls each layer (layer_calls.py), the rest of the model
+(embeddings, final norm, head, rotary tables) stays resident on the device.
+
+Supported: decoders whose forward runs each of `base_model.layers` once, in order, on the hidden state (the
+families in ARCHITECTURES, tested against Lightning's default strategy in tests/test_hf_objects.py)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from megatrain_lightning.model import Trunk
+
+# model_type -> the attribute of the base model holding the decoder layers
+ARCHITECTURES = {"llama": "layers", "mistral": "layers", "qwen2": "layers", "qwen3": "layers", "mixtral": "layers",
+                 "qwen3_moe": "layers", "qwen2_moe": "layers", "phi3": "layers", "gemma3_text": "layers",
+                 "gpt_oss": "layers", "deepseek_v3": "layers"}
+
+
+def is_transformers_model(m: nn.Module) -> bool:
+    """A transformers PreTrainedModel (told without importing transformers)."""
+    return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(m).__mro__)
+
+
+class LayerList(Trunk):
+    """A transformers model's decoder layers, streamed. Until the strategy attaches its engine this is the model's
+    ModuleList; then indexing, slicing and iterating it (what the model's forward does) yield callables that run
+    each layer through the engine, reading every other attribute (a layer's `attention_type`) from the layer."""
+
+    calls = None  # layer_calls.LayerCalls, set by the strategy
+
+    def __getitem__(self, idx):
+        if self.calls is None:
+            return super().__getitem__(idx)
+        if isinstance(idx, slice):
+            return [_LayerCall(self, i) for i in range(len(self))[idx]]
+        return _LayerCall(self, range(len(self))[idx])
+
+    def __iter__(self):
+        if self.calls is None:
+            return super().__iter__()
+        return iter(self[:])
+
+
+class _LayerCall:
+    def __init__(self, layers: LayerList, i: int) -> None:
+        self._layers, self._i = layers, i
+
+    def __call__(self, hidden_states, *args, **kwargs):
+        return self._layers.calls(self._i, hidden_states, args, kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._layers._modules[str(self._i)], name)
+
+
+def stream_layers(module: nn.Module) -> LayerList | None:
+    """Finds a transformers causal LM in `module` and swaps its decoder layer list for a LayerList (same layers, same
+    parameter names); None when there is none. An architecture not in ARCHITECTURES is refused by name."""
+    from megatrain_lightning.errors import UserError
+
+    model = next((m for m in module.modules() if is_transformers_model(m)), None)
+    if model is None:
+        return None
+    kind = getattr(getattr(model, "config", None), "model_type", None)
+    if kind not in ARCHITECTURES:
+        raise UserError(f"{type(model).__name__} (model_type {kind!r}) cannot be streamed: supported transformers "
+                        f"architectures are {', '.join(sorted(ARCHITECTURES))} (decoders whose forward runs each "
+                        "layer once, in order)")
+    base = model.base_model
+    layers = getattr(base, ARCHITECTURES[kind])
+    if not isinstance(layers, nn.ModuleList):
+        raise UserError(f"{type(model).__name__}: its base model's {ARCHITECTURES[kind]!r} is not a list of layers")
+    if isinstance(layers, LayerList):
+        return layers
+    streamed = LayerList(list(layers))
+    setattr(base, ARCHITECTURES[kind], streamed)
+    return streamed

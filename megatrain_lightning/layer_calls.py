@@ -1,0 +1,163 @@
+"""Streaming for models whose own forward loops over their layers (a transformers decoder): each layer call from
+that loop enters the engine on its own.
+
+A transformers model calls layer i as `layer(hidden, attention_mask=..., position_embeddings=..., ...)`, with
+arguments that may differ per layer (a mask per attention type). Each call is one autograd Function: its forward
+loads the layer's weights (the forward pass's prefetcher, started by layer 0, loads ahead), runs the batch sweep over
+it without autograd and keeps only its input; its backward (autograd runs them last to first, the backward pass's
+prefetcher started by the last layer) loads the weights again, recomputes each chunk with autograd, backpropagates
+it and ships the layer's gradients once. This is the engine's schedule at checkpoint_interval 1, driven by the
+model's loop instead of the Trunk's.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+from megatrain_lightning import schedule as S
+from megatrain_lightning.engine import StreamingEngine, _add_fp32, _Prefetcher
+
+CACHE_ARGS = ("cache", "past_key_value", "past_key_values")  # transformers 5 and 4.x names
+
+
+class LayerCalls:
+    def __init__(self, engine: StreamingEngine) -> None:
+        if engine.plan.k != 1:
+            raise ValueError("a model that calls its layers itself streams them one at a time: checkpoint_interval "
+                             f"must be 1, got {engine.plan.k}")
+        self.engine, self.n = engine, engine.plan.n_layers
+        self._forward: _Prefetcher | None = None
+        self._backward: _Prefetcher | None = None
+        self._next = 0  # the layer the running pass expects next
+        self._tuple = False  # the layers return a tuple (transformers 4.x) rather than the hidden state
+
+    def __call__(self, i: int, x: Tensor, args: tuple, kwargs: dict):
+        # no KV cache: a layer that appended its keys and values to one in forward would attend to them again in
+        # the recompute (and its k and v projections would get no gradient)
+        kwargs = {k: (None if k in CACHE_ARGS else False if k == "use_cache" else v) for k, v in kwargs.items()}
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        tensors = [k for k, v in enumerate(leaves) if isinstance(v, Tensor)]
+        if torch.is_grad_enabled():
+            out = _StreamedLayer.apply(self, i, x, self.engine._anchor, (leaves, spec, tensors),
+                                       *[leaves[k] for k in tensors])
+        else:
+            with torch.no_grad():
+                out = _first(self.forward(i, x, leaves, spec, keep=False)[0])
+        return (out,) if self._tuple else out
+
+    # ---- the passes, layer by layer ----
+    def _acquire(self, pf: _Prefetcher, pos: int, i: int, what: str):
+        if pos != self._next:
+            raise RuntimeError(f"the model called its layers out of order ({what} layer {i}, expected "
+                               f"{self._next}): only models that run each layer once, in order, can be streamed")
+        return pf.acquire(pos)
+
+    def forward(self, i: int, x: Tensor, leaves: list, spec, keep: bool):
+        eng = self.engine
+        if i == 0:
+            self._forward, self._next = _Prefetcher(eng, eng.plan.forward_loads()), 0
+        slot = self._acquire(self._forward, i, i, "forward of")
+        params = eng._views(i, slot)
+        chunks = eng._chunks(x)
+        whole = len(chunks) == 1
+        rng, outs = [], []
+        with eng._span(i, S.COMPUTE, S.FORWARD):
+            for lo, hi in chunks:
+                if keep:
+                    rng.append(eng._rng_state())
+                args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole)
+                outs.append(eng._run(i, params, x if whole else x[lo:hi], args, kwargs))
+        self._forward.release(slot)
+        self._next = i + 1
+        self._tuple = isinstance(outs[0], tuple)
+        if i == self.n - 1:
+            self._forward = None
+            if keep and eng.after_forward is not None:
+                eng.after_forward()
+        return _joined(outs), (chunks, rng)
+
+    def backward(self, i: int, x: Tensor, replay, leaves: list, spec, grad: Tensor, autocast) -> Tensor:
+        eng = self.engine
+        if i == self.n - 1:
+            self._backward, self._next = _Prefetcher(eng, eng.plan.backward_loads()), 0
+        slot = self._acquire(self._backward, self.n - 1 - i, i, "backward of")
+        self._next += 1
+        params = eng._views(i, slot)
+        entries = eng.store.units[i].layout.trainable_entries
+        for e in entries:  # frozen parameters get no gradient
+            params[e.name] = params[e.name].detach().requires_grad_()
+        trainable = [params[e.name] for e in entries]
+        chunks, rng = replay
+        whole = len(chunks) == 1
+        amp = torch.autocast(eng.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
+        grad_in = None if whole else torch.empty_like(x)
+        sums = None
+        for c, (lo, hi) in enumerate(chunks):
+            args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole)
+            with torch.random.fork_rng(eng._rng_devices, device_type=eng.device.type):
+                eng._set_rng_state(rng[c])  # dropout masks as in forward
+                x_in = (x if whole else x[lo:hi]).detach().requires_grad_()
+                with torch.enable_grad(), amp, eng._span(i, S.COMPUTE, S.RECOMPUTE):
+                    out = _first(eng._run(i, params, x_in, args, kwargs))
+            g = grad if whole else grad[lo:hi]
+            with eng._span(i, S.COMPUTE, S.BACKWARD):
+                grads = torch.autograd.grad(out, [x_in, *trainable], g, allow_unused=True)
+            sums = list(grads[1:]) if whole else _add_fp32(sums, grads[1:])
+            if whole:
+                grad_in = grads[0]
+            else:
+                grad_in[lo:hi].copy_(grads[0])
+        eng.ship_grads(i, sums)
+        self._backward.release(slot)
+        if i == 0:
+            self._backward = None
+        return grad_in
+
+
+def _first(out):
+    """A layer's hidden state: transformers 5 layers return it, 4.x ones a tuple starting with it."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _joined(outs: list):
+    """The chunks' outputs as one batch, in the form the layer returned them."""
+    if len(outs) == 1:
+        return outs[0]
+    if isinstance(outs[0], tuple):
+        return (torch.cat([_first(o) for o in outs]),)
+    return torch.cat(outs)
+
+
+def _sliced(leaves: list, spec, batch: int, lo: int, hi: int, whole: bool):
+    """The call's arguments for sequences [lo, hi): a tensor whose first dimension is the batch's is sliced (masks,
+    per-sequence position tables); others (a [1, T, d] table broadcast over the batch) are passed whole."""
+    if whole:
+        return pytree.tree_unflatten(leaves, spec)
+    part = [v[lo:hi] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1 else v
+            for v in leaves]
+    return pytree.tree_unflatten(part, spec)
+
+
+class _StreamedLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, calls: LayerCalls, i: int, x: Tensor, anchor: Tensor, packed, *tensors: Tensor):
+        leaves, spec, where = packed
+        leaves = list(leaves)
+        for k, t in zip(where, tensors):
+            leaves[k] = t
+        dev = calls.engine.device.type
+        ctx.calls, ctx.i, ctx.leaves, ctx.spec, ctx.n_tensors = calls, i, leaves, spec, len(tensors)
+        ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        out, ctx.replay = calls.forward(i, x, leaves, spec, keep=True)
+        ctx.x = x.detach()
+        return _first(out)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad_x = ctx.calls.backward(ctx.i, ctx.x, ctx.replay, ctx.leaves, ctx.spec, grad, ctx.autocast)
+        ctx.x = ctx.leaves = None
+        return (None, None, grad_x, None, None, *([None] * ctx.n_tensors))

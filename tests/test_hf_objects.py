@@ -1,0 +1,127 @@
+"""A LightningModule holding a transformers causal LM trains with strategy="megatrain" exactly as under Lightning's
+default strategy: losses and weights after 5 AdamW steps with clipping and accumulation (32-true, CPU)."""
+
+import lightning as L
+import pytest
+import torch
+
+from megatrain_lightning import MegatrainStrategy
+from tests.helpers import loader, rel_err
+from tests.test_parity import tol
+
+transformers = pytest.importorskip("transformers")
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+
+TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                moe_intermediate_size=48, decoder_sparse_step=1)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2,
+                                                                moe_intermediate_size=48,
+                                                                shared_expert_intermediate_size=64)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0)),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=8,
+                                                                  query_pre_attn_scalar=16)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                                          sliding_window=8)),
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
+        n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
+        first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
+        v_head_dim=16, n_group=1, topk_group=1)),
+}
+STEPS, ACCUMULATE = 5, 2
+
+
+class HFModule(L.LightningModule):
+    def __init__(self, family: str) -> None:
+        super().__init__()
+        config_cls, model_cls, extra = FAMILIES[family]
+        torch.manual_seed(0)
+        config = getattr(transformers, config_cls)(**{**TINY, **extra})
+        self.model = getattr(transformers, model_cls)(config).float()
+        self.losses = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+
+
+def _fit(family: str, strategy, accelerator: str = "cpu"):
+    module = HFModule(family)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (4, 24), generator=g) for _ in range(STEPS * ACCUMULATE)]
+    trainer = L.Trainer(strategy=strategy, accelerator=accelerator, devices=1, max_steps=STEPS, precision="32-true",
+                        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader(batches))
+    return module, trainer
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_transformers_model_trains_like_the_default_strategy(family):
+    if not hasattr(transformers, FAMILIES[family][1]):
+        pytest.skip(f"transformers {transformers.__version__} has no {FAMILIES[family][1]}")
+    want, _ = _fit(family, "auto")
+    got, trainer = _fit(family, MegatrainStrategy())
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
+    masters = trainer.strategy.store.named("master")
+    for name, p in want.named_parameters():
+        # tol: 1e-5, and 1e-3 for qkv-bias models' k_proj.bias, whose gradient is rounding noise that Adam turns into
+        # whole steps (test_parity.NOISE_TOL)
+        assert rel_err(masters[trainer.strategy._aliases.get(name, name)], p.detach()) < tol(name), name
+    assert all(p.is_meta for p in got.model.base_model.layers.parameters())  # the layers live in the store
+
+
+def test_chunks_and_per_layer_masks():
+    """Qwen2 passes each layer the mask of its attention type; chunked in 2-sequence pieces it still trains like the
+    default strategy (weights to the rounding of another summation order)."""
+    want, _ = _fit("qwen2", "auto")
+    got, trainer = _fit("qwen2", MegatrainStrategy(chunk_tokens=48))
+    assert trainer.strategy.engine._chunk_of[(4, 24, torch.float32)] == 2
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
+    masters = trainer.strategy.store.named("master")
+    for name, p in want.named_parameters():
+        if name in masters:
+            assert rel_err(masters[name], p.detach()) < max(tol(name), 5e-5), name
+
+
+def test_a_transformers_model_built_on_the_meta_device_is_refused():
+    from megatrain_lightning.errors import UserError
+
+    class Late(L.LightningModule):
+        def configure_model(self):
+            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters())
+
+    trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UserError, match="a transformers model built on the meta device .* build it in the "
+                                        "LightningModule's __init__"):
+        trainer.fit(Late(), train_dataloaders=loader([torch.randint(0, 128, (2, 16))]))
+
+
+@CUDA
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_cuda_transformers_model_trains_like_the_default_strategy(family):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    want, _ = _fit(family, "auto", accelerator="gpu")
+    got, trainer = _fit(family, MegatrainStrategy(device="cuda", device_state_GiB=0), accelerator="gpu")
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-4 * abs(b), (got.losses, want.losses)
