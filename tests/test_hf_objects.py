@@ -125,3 +125,44 @@ def test_cuda_transformers_model_trains_like_the_default_strategy(family):
     got, trainer = _fit(family, MegatrainStrategy(device="cuda", device_state_GiB=0), accelerator="gpu")
     for a, b in zip(got.losses, want.losses, strict=True):
         assert abs(a - b) <= 1e-4 * abs(b), (got.losses, want.losses)
+
+
+def test_a_transformers_model_resumes_exactly(tmp_path):
+    """Checkpoints of a transformers model object: a run of 4 steps saves after step 2; a new module and Trainer
+    resumed from it end with the same weights and Adam moments, bit for bit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from megatrain_lightning.data import ResumableLoader
+
+    g = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, 128, (24,), generator=g) for _ in range(4 * ACCUMULATE * 4)]
+
+    def fit(ckpt_path=None, save_dir=None):
+        module = HFModule("qwen3")
+        callbacks = [ModelCheckpoint(dirpath=save_dir, every_n_train_steps=2, save_top_k=-1)] if save_dir else []
+        trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", devices=1, max_steps=4,
+                            precision="32-true", accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0,
+                            logger=False, enable_checkpointing=bool(save_dir), callbacks=callbacks,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=ResumableLoader(sequences, 4, seed=5, shuffle=True),
+                    ckpt_path=ckpt_path)
+        return module, trainer
+
+    straight, reference = fit(save_dir=tmp_path / "ckpt")
+    resumed, trainer = fit(ckpt_path=next((tmp_path / "ckpt").glob("*step=2*")))
+    assert resumed.losses == straight.losses[-len(resumed.losses):] and len(resumed.losses) == 2 * ACCUMULATE
+    for part in ("master", "exp_avg", "exp_avg_sq"):
+        want = reference.strategy.store.named(part)
+        for name, t in trainer.strategy.store.named(part).items():
+            assert torch.equal(t, want[name]), (part, name)
+
+
+def test_save_pretrained_after_fit_writes_the_trained_weights(tmp_path):
+    """The model's own save_pretrained reads state_dict(), which holds the store's fp32 masters: transformers loads
+    the trained model back."""
+    got, trainer = _fit("llama", MegatrainStrategy())
+    got.model.save_pretrained(tmp_path / "out")
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    masters = trainer.strategy.store.named("master")
+    for name, p in loaded.named_parameters():
+        assert torch.equal(p.detach(), masters["model." + name]), name
