@@ -20,6 +20,7 @@ from torch.utils import _pytree as pytree
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning.engine import StreamingEngine, _add_fp32, _Prefetcher
+from megatrain_lightning.errors import UserError
 
 CACHE_ARGS = ("cache", "past_key_value", "past_key_values")  # transformers 5 and 4.x names
 
@@ -27,8 +28,8 @@ CACHE_ARGS = ("cache", "past_key_value", "past_key_values")  # transformers 5 an
 class LayerCalls:
     def __init__(self, engine: StreamingEngine) -> None:
         if engine.plan.k != 1:
-            raise ValueError("a model that calls its layers itself streams them one at a time: checkpoint_interval "
-                             f"must be 1, got {engine.plan.k}")
+            raise UserError("checkpoint_interval: a model that calls its layers itself (a transformers model) streams "
+                            f"them one at a time: it must be 1, got {engine.plan.k}")
         self.engine, self.n = engine, engine.plan.n_layers
         self._forward: _Prefetcher | None = None
         self._backward: _Prefetcher | None = None

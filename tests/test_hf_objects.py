@@ -83,6 +83,47 @@ def test_transformers_model_trains_like_the_default_strategy(family):
     assert all(p.is_meta for p in got.model.base_model.layers.parameters())  # the layers live in the store
 
 
+@pytest.mark.parametrize("mode", ["kept", "nvme", "eager"])
+def test_transformers_model_in_every_update_mode(mode, tmp_path):
+    """State kept on the device, layers in files, and updates during backward (no clipping) with a transformers model."""
+    kwargs = dict(kept=dict(device_state_GiB=1e-3), nvme=dict(storage="nvme", ram_budget_GiB=1.2e-3,
+                                                              nvme_dir=str(tmp_path)), eager={})[mode]
+    clip = None if mode == "eager" else 1.0
+
+    def fit(strategy):
+        module = HFModule("llama")
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, 128, (4, 24), generator=g) for _ in range(STEPS * ACCUMULATE)]
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=STEPS, precision="32-true",
+                            accumulate_grad_batches=ACCUMULATE, gradient_clip_val=clip, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=loader(batches))
+        return module, trainer
+
+    want, _ = fit("auto")
+    got, trainer = fit(MegatrainStrategy(**kwargs))
+    if mode == "kept":
+        assert trainer.strategy.engine.device_states is not None
+    if mode == "nvme":
+        assert trainer.strategy.store.nvme is not None
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
+    masters = trainer.strategy.store.named("master")
+    for name, p in want.named_parameters():
+        assert rel_err(masters[name], p.detach()) < 1e-5, name
+
+
+def test_checkpoint_interval_above_1_is_named():
+    from megatrain_lightning.errors import UserError
+
+    trainer = L.Trainer(strategy=MegatrainStrategy(checkpoint_interval=2), accelerator="cpu", max_steps=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    with pytest.raises(UserError, match="checkpoint_interval: a model that calls its layers itself .* must be 1, "
+                                        "got 2"):
+        trainer.fit(HFModule("llama"), train_dataloaders=loader([torch.randint(0, 128, (2, 16))]))
+
+
 def test_chunks_and_per_layer_masks():
     """Qwen2 passes each layer the mask of its attention type; chunked in 2-sequence pieces it still trains like the
     default strategy (weights to the rounding of another summation order)."""
