@@ -207,3 +207,35 @@ def test_save_pretrained_after_fit_writes_the_trained_weights(tmp_path):
     masters = trainer.strategy.store.named("master")
     for name, p in loaded.named_parameters():
         assert torch.equal(p.detach(), masters["model." + name]), name
+
+
+class _Validated(HFModule):
+    def validation_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.log("val_loss", loss)
+        return loss
+
+
+@pytest.mark.parametrize("precision,tolerance", [("32-true", 1e-5), ("bf16-mixed", 2e-2)])
+def test_validation_and_bf16_with_a_transformers_model(precision, tolerance):
+    """Validation runs the layers without autograd (the no-grad path of a layer call); bf16-mixed runs them under
+    autocast, the recompute too: both against Lightning's default strategy."""
+    g = torch.Generator().manual_seed(1)
+    train = [torch.randint(0, 128, (4, 24), generator=g) for _ in range(4)]
+    val = [torch.randint(0, 128, (4, 24), generator=g) for _ in range(2)]
+
+    def run(strategy):
+        module = _Validated("qwen3")
+        # (Lightning's own bf16-mixed refuses to clip for a fused AdamW: the reference runs unclipped there)
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=4, precision=precision,
+                            gradient_clip_val=1.0 if precision == "32-true" else None, logger=False,
+                            enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                            limit_val_batches=2, val_check_interval=4)
+        trainer.fit(module, train_dataloaders=loader(train), val_dataloaders=loader(val))
+        return module.losses, trainer.callback_metrics["val_loss"].item()
+
+    (want, want_val), (got, got_val) = run("auto"), run(MegatrainStrategy())
+    for a, b in zip(got, want, strict=True):
+        assert abs(a - b) <= tolerance * abs(b), (got, want)
+    assert abs(got_val - want_val) <= tolerance * abs(want_val), (got_val, want_val)
