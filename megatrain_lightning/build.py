@@ -200,5 +200,9 @@ def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> s
 
 
 def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
+    if config.n_experts:
+        raise UserError(f"model={config.name}: a mixture-of-experts shape for the planner; train.py's Llama has no "
+                        "experts. Train such a model as a transformers model object in your LightningModule (README, "
+                        "'In your own Lightning code')")
     # plain values: hyperparameters go into checkpoints, which load with weights_only=True
     return CausalLM(config, max_steps=cfg.trainer.max_steps, **OmegaConf.to_container(cfg.optim, resolve=True))

@@ -34,6 +34,12 @@ class Config:
     # for sequences up to this length: longer ones are refused (never silently different)
     sliding_window: int | None = None
     hf_type: str | None = None  # the Hugging Face model_type to export as (None: llama, or qwen2 with qkv_bias)
+    # Mixture-of-experts (planner shapes; megatrain_lightning.Llama has no experts: such models train as transformers
+    # objects): each layer's MLP is n_experts SwiGLU experts of moe_intermediate_size and a router, of which
+    # experts_per_token run for each token. 0: a dense MLP of intermediate_size.
+    n_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
     # derived in __post_init__
     head_dim: int = field(init=False)
 
@@ -55,6 +61,11 @@ class Config:
         if self.hf_type is not None and self.hf_type not in HF_TYPES:
             raise ValueError(f"hf_type {self.hf_type!r} is not one of {sorted(HF_TYPES)}")
         self.head_dim = self.head_size or self.hidden_size // self.n_head
+        if self.n_experts and not 0 < self.experts_per_token <= self.n_experts or self.n_experts and \
+                self.moe_intermediate_size < 1:
+            raise ValueError(f"a mixture of {self.n_experts} experts needs 1 <= experts_per_token <= n_experts and "
+                             f"moe_intermediate_size >= 1, got {self.experts_per_token} and "
+                             f"{self.moe_intermediate_size}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> Config:
@@ -146,7 +157,28 @@ class Config:
 
     @property
     def mlp_params(self) -> int:
+        """Every expert and the router (a mixture), or the dense SwiGLU MLP: what a layer stores and streams."""
+        if self.n_experts:
+            return self.n_experts * 3 * self.hidden_size * self.moe_intermediate_size + self.hidden_size * self.n_experts
         return 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def active_mlp_params(self) -> int:
+        """The MLP weights one token's forward multiplies by: the router and its top experts (a mixture)."""
+        if self.n_experts:
+            return (self.experts_per_token * 3 * self.hidden_size * self.moe_intermediate_size
+                    + self.hidden_size * self.n_experts)
+        return self.mlp_params
+
+    @property
+    def active_intermediate_size(self) -> int:
+        """The MLP width one token's activations have (top experts' summed, for a mixture)."""
+        return self.experts_per_token * self.moe_intermediate_size if self.n_experts else self.intermediate_size
+
+    @property
+    def active_params(self) -> int:
+        """Parameters one token's forward uses (the metric's N for a mixture of experts; n_params when dense)."""
+        return self.n_params - self.n_layer * (self.mlp_params - self.active_mlp_params)
 
     @property
     def layer_params(self) -> int:
@@ -199,6 +231,21 @@ PRESETS: dict[str, Config] = {
                intermediate_size=28672, max_seq_len=131072, rope_theta=1000000.0),
         Config("llama-3.1-405b", vocab_size=128256, n_layer=126, hidden_size=16384, n_head=128, n_kv_head=8,
                intermediate_size=53248, max_seq_len=131072, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
+        # Mixtures of experts, for the planner (they train as transformers model objects; README). Attention biases,
+        # attention sinks and expert biases (gpt-oss) are not counted: 0.04% of its parameters.
+        # https://huggingface.co/mistralai/Mixtral-8x22B-v0.1/blob/main/config.json
+        Config("mixtral-8x22b", vocab_size=32000, n_layer=56, hidden_size=6144, n_head=48, n_kv_head=8,
+               intermediate_size=16384, max_seq_len=65536, rope_theta=1000000.0, n_experts=8, experts_per_token=2,
+               moe_intermediate_size=16384),
+        # https://huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json
+        Config("qwen3-235b-a22b", vocab_size=151936, n_layer=94, hidden_size=4096, n_head=64, n_kv_head=4,
+               head_size=128, intermediate_size=12288, max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6,
+               qk_norm=True, n_experts=128, experts_per_token=8, moe_intermediate_size=1536),
+        # https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json (alternating 128-token sliding and full
+        # attention: the planner counts full causal attention, an upper bound on its FLOPs)
+        Config("gpt-oss-120b", vocab_size=201088, n_layer=36, hidden_size=2880, n_head=64, n_kv_head=8,
+               head_size=64, intermediate_size=2880, max_seq_len=131072, rope_theta=150000.0, n_experts=128,
+               experts_per_token=4, moe_intermediate_size=2880),
         # https://huggingface.co/Qwen/Qwen2-0.5B/blob/main/config.json
         Config("qwen2-0.5b", vocab_size=151936, n_layer=24, hidden_size=896, n_head=14, n_kv_head=2,
                intermediate_size=4864, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,

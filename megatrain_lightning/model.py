@@ -216,6 +216,9 @@ class LlamaBody(nn.Module):
 class Llama(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
+        if config.n_experts:
+            raise ValueError(f"{config.name} is a mixture of experts: Llama has dense MLPs (train it as a "
+                             "transformers model object)")
         self.config = config
         self.model = LlamaBody(config)
         self.lm_head = Head(config.hidden_size, config.vocab_size, bias=False)

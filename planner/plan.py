@@ -236,6 +236,10 @@ def advice(a: Answer) -> list[str]:
                        f"memory for the state of {layers} of {wl.n_layers} layers"
                        f"{' and the embedding/head' if wl.n_layers in auto.kept else ''}, updated on the GPU) "
                        f"predicts {t:.2f} s per step: those updates no longer wait for the host")
+    if wl.model.n_experts:
+        out.append(f"experts: FLOPs count {wl.model.experts_per_token} of {wl.model.n_experts} experts per token with "
+                   "balanced routing; the engine streams every expert, and a skewed router lengthens the GPU's part "
+                   "by its imbalance (the busiest expert's share over the mean)")
     lane, share = a.bottleneck
     if lane != S.COMPUTE:
         mb, acc = _compute_bound(hw, wl)

@@ -36,7 +36,9 @@ def verdict(a: Answer) -> str:
 def text(a: Answer, tokens: float) -> str:
     wl, hw, c = a.wl, a.hw, a.wl.model
     lines = [
-        f"megatrain plan: {c.name} ({c.n_params / 1e9:.3g}B parameters, {c.n_layer} layers) on {hw.name} "
+        f"megatrain plan: {c.name} ({c.n_params / 1e9:.3g}B parameters"
+        + (f", {c.active_params / 1e9:.3g}B active: {c.experts_per_token} of {c.n_experts} experts"
+           if c.n_experts else "") + f", {c.n_layer} layers) on {hw.name} "
         f"({hw.gpu}), storage={wl.storage}, {wl.precision}",
         f"  {wl.micro_batch} x {wl.seq_len} tokens x accumulate {wl.accumulate} = {wl.step_tokens:,} tokens/step; "
         f"checkpoint_interval {wl.checkpoint_interval}, prefetch_depth {wl.prefetch_depth}, stream {wl.resolved_stream}",
@@ -75,7 +77,8 @@ def as_dict(a: Answer, tokens: float) -> dict[str, Any]:
     wl, hw = a.wl, a.hw
     lane, share = a.bottleneck
     return dict(
-        fits=a.fits, verdict=verdict(a), model=wl.model.name, n_params=wl.model.n_params, hardware=hw.name,
+        fits=a.fits, verdict=verdict(a), model=wl.model.name, n_params=wl.model.n_params,
+        active_params=wl.model.active_params, hardware=hw.name,
         storage=wl.storage, stream=wl.resolved_stream, n_nvme_layers=wl.n_nvme_layers, precision=wl.precision,
         micro_batch=wl.micro_batch, seq_len=wl.seq_len, accumulate=wl.accumulate, tokens_per_step=wl.step_tokens,
         checkpoint_interval=wl.checkpoint_interval, prefetch_depth=wl.prefetch_depth,

@@ -103,7 +103,7 @@ class _Sim:
         wl, hw = self.wl, self.hw
         flops = (wl.layer_matmul_flops + wl.attention_flops()) * wl.micro_tokens * passes
         if passes == 2 and wl.token_chunk:  # each checkpointed piece's MLP runs forward once more in backward
-            flops += 2 * wl.model.mlp_params * wl.micro_tokens
+            flops += 2 * wl.model.active_mlp_params * wl.micro_tokens
         rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
         return flops / rate + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
 

@@ -127,7 +127,7 @@ class Workload:
     def layer_matmul_flops(self) -> int:
         """2 FLOPs per weight per token over the q, k, v, o, gate, up and down projections."""
         c = self.model
-        weights = c.attn_params - (c.n_head + 2 * c.n_kv_head) * c.head_dim * c.qkv_bias + c.mlp_params
+        weights = c.attn_params - (c.n_head + 2 * c.n_kv_head) * c.head_dim * c.qkv_bias + c.active_mlp_params  # top-k
         return 2 * weights
 
     def attention_flops(self, seq_len: int | None = None) -> float:
@@ -141,8 +141,9 @@ class Workload:
 
     @property
     def model_flops_per_step(self) -> float:
-        """The comparison metric: 6 * N * tokens (no attention, no recompute)."""
-        return 6 * self.model.n_params * self.step_tokens
+        """The comparison metric: 6 * N * tokens (no attention, no recompute); N counts the active parameters of a
+        mixture of experts (its router's top-k experts, balanced routing assumed)."""
+        return 6 * self.model.active_params * self.step_tokens
 
     # ---- device bytes ----
     @property
@@ -151,7 +152,7 @@ class Workload:
         fp32 RMSNorm/RoPE intermediates cost 12 * hidden whatever the compute dtype). With a token chunk the MLP
         half's share is one piece's, spread over the sequence, plus each piece's saved input."""
         c, cb = self.model, self.cb
-        whole = (12 + 4 * cb) * c.hidden_size + 4 * cb * c.intermediate_size + 2 * cb * c.n_kv_head * c.head_dim
+        whole = (12 + 4 * cb) * c.hidden_size + 4 * cb * c.active_intermediate_size + 2 * cb * c.n_kv_head * c.head_dim
         if not self.token_chunk:
             return whole
         mlp = self.mlp_act_bytes_per_token
@@ -162,12 +163,12 @@ class Workload:
         """The MLP half's part of act_bytes_per_token (an attribution, not a measurement): the second norm's fp32
         intermediates and output, gate, up, their activation and product."""
         c, cb = self.model, self.cb
-        return (6 + cb) * c.hidden_size + 4 * cb * c.intermediate_size
+        return (6 + cb) * c.hidden_size + 4 * cb * c.active_intermediate_size
 
     @property
     def transient_bytes_per_token(self) -> int:
         """Working set of one layer pass beyond its inputs: the MLP's gate, up and product, fp32 norm copies."""
-        mlp = 3 * self.cb * self.model.intermediate_size
+        mlp = 3 * self.cb * self.model.active_intermediate_size
         if self.token_chunk:
             mlp = mlp * self.token_chunk // self.seq_len
         return mlp + 8 * self.model.hidden_size

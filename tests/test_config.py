@@ -8,6 +8,8 @@ from hydra import compose, initialize_config_dir
 
 from megatrain_lightning import build
 from megatrain_lightning.config import PRESETS, Config
+from megatrain_lightning.errors import UserError
+from megatrain_lightning.model import Llama
 from planner.check import check
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -32,6 +34,30 @@ def test_llama100b_by_hand():
 ])
 def test_presets_match_published_sizes(name, published):
     assert Config.from_name(name).n_params == pytest.approx(published, rel=5e-3)
+
+
+@pytest.mark.parametrize("name,total,active,embedding_counted", [
+    ("mixtral-8x22b", 141e9, 39e9, True),  # Mistral AI: "141B parameters, 39B active"
+    ("qwen3-235b-a22b", 235e9, 22e9, True),  # Qwen: "235B in total and 22B activated"
+    ("gpt-oss-120b", 116.83e9, 5.13e9, False),  # OpenAI's model card: 5.13B active, the embedding table not counted
+])
+def test_mixture_of_experts_presets_match_published_sizes(name, total, active, embedding_counted):
+    c = Config.from_name(name)
+    assert c.n_params == pytest.approx(total, rel=0.01)
+    counted = c.active_params - (0 if embedding_counted else c.vocab_size * c.hidden_size)
+    assert counted == pytest.approx(active, rel=0.01)
+    # by hand for Mixtral: 56 layers of attention (2 x 6144^2 + 2 x 6144 x 1024) and 8 experts of 3 x 6144 x 16384
+    if name == "mixtral-8x22b":
+        attn, expert = 2 * 6144 ** 2 + 2 * 6144 * 1024, 3 * 6144 * 16384
+        assert c.layer_params == attn + 8 * expert + 6144 * 8 + 2 * 6144
+        assert c.n_layer * (c.layer_params - 6 * expert) + c.embedding_params == c.active_params
+
+
+def test_a_mixture_of_experts_preset_is_not_a_llama():
+    with pytest.raises(ValueError, match="gpt-oss-120b is a mixture of experts: Llama has dense MLPs"):
+        Llama(Config.from_name("gpt-oss-120b", n_layer=1, vocab_size=16))
+    with pytest.raises(ValueError, match="needs 1 <= experts_per_token <= n_experts"):
+        Config(n_experts=4, experts_per_token=5, moe_intermediate_size=8)
 
 
 def test_untied_3b_is_the_peer_shape():
@@ -64,6 +90,10 @@ def test_every_yaml_composes_and_builds(group, option, tmp_path):
     assert answer.wl.model.n_params == config.n_params and answer.step_time_s > 0
     strategy = build.strategy(cfg.storage)
     assert strategy.storage == cfg.storage.kind
+    if config.n_experts:  # planner shapes: train.py says how such a model trains
+        with pytest.raises(UserError, match=f"model={config.name}: a mixture-of-experts shape for the planner"):
+            build.lightning_module(cfg, config)
+        return
     build.lightning_module(cfg, config)
     if cfg.data.kind != "bytes":  # file-backed data names the file it needs
         with pytest.raises(ValueError, match=f"data={cfg.data.kind} needs data.path"):
