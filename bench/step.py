@@ -186,7 +186,7 @@ def main() -> None:
                   nvme_layers=sum(u.on_disk for u in strategy.store.units), freeze=a.freeze,
                   frozen_params=sum(u.layout.numel - u.layout.trainable for u in strategy.store.units),
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log],
-                  chunk_sequences=next(iter(strategy.engine._chunk_of.values()), None),
+                  chunk_sequences=next(iter(strategy.engine.sweep.chunk_of.values()), None),
                   step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0)
     if a.trace_dir:
         result.update(traced(Path(a.trace_dir) / "step2.json"))

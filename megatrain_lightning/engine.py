@@ -23,6 +23,7 @@ from torch.func import functional_call
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
 from megatrain_lightning.store import HostStore, Unit, available_ram_bytes, pinned_empty
+from megatrain_lightning.sweep import Sweep, add_fp32
 from megatrain_lightning.trace import Trace
 
 log = logging.getLogger(__name__)
@@ -73,16 +74,6 @@ class _Prefetcher:
 
 def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor, **kwargs) -> Tensor:
     return functional_call(template, params, (x, *extras), kwargs, strict=True)
-
-
-def _add_fp32(sums: list[Tensor | None] | None, grads: tuple[Tensor | None, ...]) -> list[Tensor | None]:
-    """Running fp32 sums of one layer's weight gradients over the sweep's chunks (None: not reached yet)."""
-    if sums is None:
-        return [None if g is None else g.float() if g.dtype != torch.float32 else g for g in grads]
-    for k, g in enumerate(grads):
-        if g is not None:
-            sums[k] = g.float() if sums[k] is None else sums[k].add_(g)
-    return sums
 
 
 class _HostCheckpoints:
@@ -151,15 +142,8 @@ class StreamingEngine:
                  per_sample_extras: tuple[int, ...] = ()) -> None:
         """`compile`: run blocks through torch.compile (one graph per layer signature). `offload_checkpoints`: keep
         the block inputs in host memory (CUDA only; on the CPU the device is the host); None: when RAM has room.
-        `chunk_tokens`: the batch sweep's chunk (schedule.chunk_sequences; None: from free device memory, the whole
-        batch on the CPU). `per_sample_extras`: indices of extras whose first dimension is the batch's (sliced with
-        each chunk); the others are shared by every sequence (rotary tables)."""
+        `chunk_tokens`, `per_sample_extras`: the batch sweep's (sweep.Sweep)."""
         self.store, self.device = store, device
-        self.chunk_tokens, self.per_sample_extras = chunk_tokens, tuple(per_sample_extras)
-        self._chunk_of: dict[tuple, int] = {}  # (batch, seq_len, dtype) -> sequences per chunk, chosen once
-        self._token_chunk_of: dict[tuple, int | None] = {}  # ... -> tokens per piece of a block's token-wise part
-        self._eager = False
-        self._warned_extras: set[int] = set()
         self.cuda = device.type == "cuda"
         self._call = torch.compile(_functional, dynamic=False) if compile else _functional
         self.host_checkpoints = (_HostCheckpoints(self, auto=offload_checkpoints is None)
@@ -172,8 +156,7 @@ class StreamingEngine:
         self.templates = [templates.setdefault((store.units[i].layout.signature, surgery.configuration(b)), b)
                           for i, b in enumerate(blocks)]
         self.blocks = blocks
-        # templates that can run their token-wise part in pieces of a sequence (long context)
-        self._token_chunked = [t for t in {id(t): t for t in self.templates}.values() if hasattr(t, "token_chunk")]
+        self.sweep = Sweep(device, chunk_tokens, per_sample_extras, self.templates)
         self.load_buffers()
         max_numel = max(u.layout.numel for u in store.units[:len(blocks)])
         self._slots = [_Slot(max_numel, store.stream_dtype, store.compute_dtype, device, self.cuda)
@@ -233,48 +216,6 @@ class StreamingEngine:
         return self._forward(x, extras, keep=False)[0]
 
     # ---- passes ----
-    def _chunks(self, x: Tensor) -> list[tuple[int, int]]:
-        """The sweep's chunks of x [B, T, ...]: sequence ranges, chosen once per batch shape; and, for blocks that
-        have a `token_chunk` (model.Block), the tokens of a sequence their token-wise part runs at a time."""
-        B, T = x.shape[0], (x.shape[1] if x.dim() > 2 else 1)
-        key = (B, T, x.dtype)
-        if key not in self._chunk_of:
-            if self.cuda and self.chunk_tokens is None:
-                free, _ = torch.cuda.mem_get_info(self.device)
-                free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            else:
-                free = float("inf")  # the CPU: the device is the host
-            per_token = x[0].numel() // T * x.element_size()
-            n = S.chunk_sequences(B, T, self.chunk_tokens, per_token, free)
-            self._chunk_of[key] = n
-            self._token_chunk_of[key] = S.token_chunk(T, self.chunk_tokens, per_token, free) if n == 1 else None
-            if n < B:
-                log.info(f"batch sweep: {B} sequences of {T} tokens run in chunks of {n}")
-            if self._token_chunk_of[key] is not None and self._token_chunked:
-                log.info(f"long context: the token-wise part of each layer runs {self._token_chunk_of[key]} of "
-                         f"{T} tokens at a time")
-        tc = self._token_chunk_of[key]
-        for template in self._token_chunked:
-            template.token_chunk = tc
-        self._eager = tc is not None and bool(self._token_chunked)  # checkpointed pieces: not compiled
-        return S.chunks(B, self._chunk_of[key])
-
-    def _chunk_extras(self, extras: tuple[Tensor, ...], lo: int, hi: int, whole: bool) -> tuple[Tensor, ...]:
-        if whole:
-            return extras
-        return tuple(e[lo:hi] if j in self.per_sample_extras else e for j, e in enumerate(extras))
-
-    def _check_extras(self, x: Tensor, extras: tuple[Tensor, ...]) -> None:
-        """Chunked: an extra that looks per-sequence (the batch's size first) but is passed whole is named once."""
-        B = x.shape[0]
-        for j, e in enumerate(extras):
-            if (j not in self.per_sample_extras and j not in self._warned_extras and e.dim() > 0 and e.shape[0] == B
-                    and B > 1):
-                self._warned_extras.add(j)
-                log.warning(f"Trunk extra {j} has the batch's size ({B}) as its first dimension but is not in the "
-                            f"Trunk's per_sample_extras: each chunk of the batch sweep gets it whole (declare "
-                            f"Trunk(..., per_sample_extras=({j},)) if it holds one entry per sequence)")
-
     def _forward(self, x: Tensor, extras: tuple[Tensor, ...], keep: bool) -> tuple[Tensor, list[Tensor], tuple]:
         """The trunk's output; with `keep`, the input of every block of K layers (None where it went to host
         memory), and the chunks with the RNG state entering each layer's chunk (its recompute draws the same random
@@ -284,10 +225,10 @@ class StreamingEngine:
         host = self.host_checkpoints if keep else None
         if host is not None and not host.begin(x):
             host = None
-        chunks = self._chunks(x)
+        chunks = self.sweep.chunks(x)
         whole = len(chunks) == 1
         if not whole:
-            self._check_extras(x, extras)
+            self.sweep.check_extras(x, extras)
         rng: list[list] = []  # [layer][chunk]
         for i in range(self.plan.n_layers):
             if keep and i % self.plan.k == 0:
@@ -305,7 +246,7 @@ class StreamingEngine:
                 for lo, hi in chunks:
                     if keep:
                         rng[i].append(self._rng_state())
-                    y = self._run(i, params, x if whole else x[lo:hi], self._chunk_extras(extras, lo, hi, whole))
+                    y = self._run(i, params, x if whole else x[lo:hi], self.sweep.extras(extras, lo, hi, whole))
                     if whole:
                         out = y
                     else:
@@ -341,7 +282,7 @@ class StreamingEngine:
             sums: dict[int, list[Tensor | None]] = {}  # fp32 weight gradients over the chunks so far
             grad_in = grad if whole else torch.empty_like(grad)  # [B, T, D] gradient of the block's input
             for c, (lo, hi) in enumerate(chunks):
-                part = self._chunk_extras(extras, lo, hi, whole)
+                part = self.sweep.extras(extras, lo, hi, whole)
                 saved = []
                 h = x if whole else x[lo:hi]
                 with torch.random.fork_rng(self._rng_devices, device_type=self.device.type):
@@ -367,7 +308,7 @@ class StreamingEngine:
                         self.ship_grads(i, grads[1:])
                         pf.release(slots.pop(i))
                     else:
-                        sums[i] = _add_fp32(sums.get(i), grads[1:])
+                        sums[i] = add_fp32(sums.get(i), grads[1:])
                 del saved
                 if whole:
                     grad_in = g
@@ -399,7 +340,7 @@ class StreamingEngine:
 
     def _run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...],
              kwargs: dict | None = None) -> Tensor:
-        call = _functional if self._eager else self._call
+        call = _functional if self.sweep.eager else self._call
         return call(self.templates[i], {**params, **self.buffers[i]}, x, *extras, **(kwargs or {}))
 
     # ---- transfers ----

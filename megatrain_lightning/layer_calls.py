@@ -19,8 +19,9 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.engine import StreamingEngine, _add_fp32, _Prefetcher
+from megatrain_lightning.engine import StreamingEngine, _Prefetcher
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.sweep import add_fp32
 
 CACHE_ARGS = ("cache", "past_key_value", "past_key_values")  # transformers 5 and 4.x names
 
@@ -63,7 +64,7 @@ class LayerCalls:
             self._forward, self._next = _Prefetcher(eng, eng.plan.forward_loads()), 0
         slot = self._acquire(self._forward, i, i, "forward of")
         params = eng._views(i, slot)
-        chunks = eng._chunks(x)
+        chunks = eng.sweep.chunks(x)
         whole = len(chunks) == 1
         rng, outs = [], []
         with eng._span(i, S.COMPUTE, S.FORWARD):
@@ -107,7 +108,7 @@ class LayerCalls:
             g = grad if whole else grad[lo:hi]
             with eng._span(i, S.COMPUTE, S.BACKWARD):
                 grads = torch.autograd.grad(out, [x_in, *trainable], g, allow_unused=True)
-            sums = list(grads[1:]) if whole else _add_fp32(sums, grads[1:])
+            sums = list(grads[1:]) if whole else add_fp32(sums, grads[1:])
             if whole:
                 grad_in = grads[0]
             else:

@@ -129,7 +129,7 @@ def test_chunks_and_per_layer_masks():
     default strategy (weights to the rounding of another summation order)."""
     want, _ = _fit("qwen2", "auto")
     got, trainer = _fit("qwen2", MegatrainStrategy(chunk_tokens=48))
-    assert trainer.strategy.engine._chunk_of[(4, 24, torch.float32)] == 2
+    assert trainer.strategy.engine.sweep.chunk_of[(4, 24, torch.float32)] == 2
     for a, b in zip(got.losses, want.losses, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
     masters = trainer.strategy.store.named("master")

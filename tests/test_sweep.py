@@ -53,7 +53,7 @@ def test_sweep_matches_plain_pytorch_and_the_unchunked_run(preset, checkpoint_in
     _assert_matches(got, pieces)
     _assert_matches(got, want, weights_tol=ROUNDING_TOL)
     _assert_matches(got, whole[:3], weights_tol=ROUNDING_TOL)
-    assert got[3].engine._chunk_of == {(BATCH, SEQ, torch.float32): chunk_tokens // SEQ}
+    assert got[3].engine.sweep.chunk_of == {(BATCH, SEQ, torch.float32): chunk_tokens // SEQ}
 
 
 @pytest.mark.parametrize("mode", ["eager", "value-clip", "kept", "nvme", "frozen"])
@@ -232,7 +232,7 @@ def test_per_sample_extras_are_sliced_with_the_chunk():
 
     want, _ = fit("auto")
     got, trainer = fit(MegatrainStrategy(chunk_tokens=8))  # 2 sequences of 4 tokens per chunk
-    assert trainer.strategy.engine._chunk_of[(6, 4, torch.float32)] == 2
+    assert trainer.strategy.engine.sweep.chunk_of[(6, 4, torch.float32)] == 2
     for a, b in zip(got.losses, want.losses, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
     masters = trainer.strategy.store.named("master")
@@ -272,7 +272,7 @@ def test_dropout_masks_of_each_chunk_are_recomputed(checkpoint_interval):
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(probe, train_dataloaders=loader([torch.ones(8, 3, 64) for _ in range(3)]))
-    assert trainer.strategy.engine._chunk_of[(8, 3, torch.float32)] == 1
+    assert trainer.strategy.engine.sweep.chunk_of[(8, 3, torch.float32)] == 1
     assert len(probe.seen) == 3
     for forward_mask, backward_mask in probe.seen:
         assert 0.1 < forward_mask.float().mean() < 0.4  # dropout did drop (both layers: 1/4 pass)
@@ -330,7 +330,7 @@ def test_long_context_pieces_of_a_sequence_match_plain_pytorch():
         batches = make_batches(model.config, 3 * 2, batch=1, seq_len=48)
         want = reference_run(model, batches, 3, 2, 1.0)
         got = megatrain_run(model, batches, 3, 2, 1.0, chunk_tokens=16)
-        assert got[3].engine._token_chunk_of == {(1, 48, torch.float32): 16}
+        assert got[3].engine.sweep.token_chunk_of == {(1, 48, torch.float32): 16}
         assert all(t.token_chunk == 16 for t in got[3].engine.templates)
         _assert_matches(got, want, weights_tol=ROUNDING_TOL)
 
