@@ -70,13 +70,20 @@ def check(cfg: DictConfig) -> None:
             raise UserError(f"trainer.accelerator: {tr.accelerator} asked for, but no CUDA GPU is visible "
                             "(leave trainer=gpu out to train on the CPU)")
     if cfg.storage.kind == "nvme":
-        nvme = Path(cfg.storage.nvme_dir)
-        try:
-            nvme.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=nvme):
-                pass
-        except OSError as e:
-            raise UserError(f"storage.nvme_dir: {nvme} is not a writable directory ({e.strerror})") from None
+        dirs = cfg.storage.nvme_dir
+        dirs = [dirs] if isinstance(dirs, str) else list(dirs)  # one directory per drive: the layers stripe over them
+        if not dirs:
+            raise UserError("storage.nvme_dir: names no directory (give one, or a list with one per drive)")
+        if len({str(Path(d).resolve()) for d in dirs}) < len(dirs):
+            raise UserError(f"storage.nvme_dir: {list(dirs)} names a directory twice")
+        for d in dirs:
+            nvme = Path(d)
+            try:
+                nvme.mkdir(parents=True, exist_ok=True)
+                with tempfile.TemporaryFile(dir=nvme):
+                    pass
+            except OSError as e:
+                raise UserError(f"storage.nvme_dir: {nvme} is not a writable directory ({e.strerror})") from None
 
 
 def model_config(cfg: DictConfig) -> Config:

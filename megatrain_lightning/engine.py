@@ -43,19 +43,36 @@ class _Slot:
 
 
 class _Prefetcher:
-    """Loads layers in a pass's order into free slots, as many ahead as there are free slots."""
+    """Loads layers in a pass's order into free slots, as many ahead as there are free slots; file-backed layers'
+    copies are read from their files further ahead, into the tier's pinned copy tiles."""
 
     def __init__(self, engine: StreamingEngine, order: list[int]) -> None:
         self.engine, self.order, self.next = engine, order, 0
         self.loaded: dict[int, _Slot] = {}
+        self.read_to = 0  # order positions below this have had their file read issued (where they need one)
+        engine.drop_copy_reads()  # a pass that ended early (an error) left reads: their tiles go back
+
+    def _read_ahead(self) -> None:
+        eng, tier = self.engine, self.engine.store.nvme
+        if tier is None:
+            return
+        # fewer unconsumed reads than copy tiles: a read can always get a tile (one is free or its DMA ends)
+        while self.read_to < len(self.order) and len(eng._copy_reads) < S.NVME_COPY_BUFFERS - 1:
+            i = self.order[self.read_to]
+            self.read_to += 1
+            if eng.reads_file(i):
+                after = eng.updater.pending.get((i, 0)) if eng.updater is not None else None
+                eng._copy_reads[i] = tier.read_copy(i, after)
 
     def _fill(self) -> None:
         eng = self.engine
+        self._read_ahead()
         while self.next < len(self.order) and eng._free:
             slot = eng._free.pop()
             eng._load(self.order[self.next], slot)
             self.loaded[self.next] = slot
             self.next += 1
+            self._read_ahead()
         eng.peak_resident_layers = max(eng.peak_resident_layers, len(eng._slots) - len(eng._free))
 
     def acquire(self, pos: int) -> _Slot:
@@ -156,7 +173,7 @@ class StreamingEngine:
         self.templates = [templates.setdefault((store.units[i].layout.signature, surgery.configuration(b)), b)
                           for i, b in enumerate(blocks)]
         self.blocks = blocks
-        self.sweep = Sweep(device, chunk_tokens, per_sample_extras, self.templates)
+        self.sweep = Sweep(device, chunk_tokens, per_sample_extras, self.templates, layers=checkpoint_interval)
         self.load_buffers()
         max_numel = max(u.layout.numel for u in store.units[:len(blocks)])
         self._slots = [_Slot(max_numel, store.stream_dtype, store.compute_dtype, device, self.cuda)
@@ -180,6 +197,7 @@ class StreamingEngine:
                                           initargs=(torch.get_num_threads(),))
         self._pending: list[Future] = []
         self._add_scratch: Tensor | None = None  # the host thread's fp32 piece for adding staged gradients
+        self._copy_reads: dict[int, Future] = {}  # file-backed units: copies read ahead of their load
         self.fresh_grads = True  # the next shipped gradients overwrite the fp32 buffers instead of adding
         self.final = False  # set by the strategy around the closure of the step's last micro-batch
         self.updater = None  # optim.HostAdam when the optimizer runs overlapped (`attach_updater`)
@@ -361,6 +379,19 @@ class StreamingEngine:
                 slot.compute[:n].copy_(states.master(i))
             elif cached:  # loaded earlier in this step: the weights have not changed since (no H2D)
                 slot.compute[:n].copy_(cache.weights[i])
+            elif unit.on_disk:  # its compute-dtype copy, read from its file into a pinned tile
+                tier = self.store.nvme
+                tile = tier.take(self._copy_reads.pop(i))
+                with self._span(i, S.H2D, S.LOAD, n * tile.element_size(), self.h2d if self.cuda else None):
+                    slot.compute[:n].copy_(tile[:n], non_blocking=self.cuda)
+                done = None
+                if self.cuda:
+                    done = torch.cuda.Event()
+                    done.record(self.h2d)
+                tier.release_copy(tile, done)
+                if cache is not None:
+                    cache.weights[i].copy_(slot.compute[:n])
+                    cache.valid.add(i)
             else:
                 with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d if self.cuda else None):
                     slot.buf[:n].copy_(unit.stream, non_blocking=self.cuda)
@@ -371,6 +402,21 @@ class StreamingEngine:
                     cache.valid.add(i)
             if self.cuda:
                 slot.ready.record(self.h2d)
+
+    def reads_file(self, i: int) -> bool:
+        """Whether loading unit i reads its copy from its file (file-backed, and not on the device already)."""
+        if not self.store.units[i].on_disk:
+            return False
+        return not (self.step_cache is not None and i in self.step_cache and i in self.step_cache.valid)
+
+    def drop_copy_reads(self) -> None:
+        """Gives back the copy tiles of reads no pass will consume."""
+        for future in self._copy_reads.values():
+            try:
+                self.store.nvme.release_copy(future.result())
+            except Exception:  # a failed read already gave its tile back
+                pass
+        self._copy_reads.clear()
 
     def ship_grads(self, unit_index: int, grads: tuple[Tensor | None, ...] | list[Tensor | None]) -> None:
         """Sends one unit's gradients (device, compute dtype, its trainable parameters in layout order; None where
@@ -399,12 +445,15 @@ class StreamingEngine:
 
     def _land(self, unit_index: int, grads, sums=None) -> Future:
         unit = self.store.units[unit_index]
-        views = unit.layout.views(unit.grad)
+        # a file-backed unit's gradient lands in a pinned tile of the tier's window, then goes to its file
+        tile = self.store.nvme.grad_tile() if unit.on_disk else unit.grad
+        flat = tile[:unit.layout.trainable]
+        views = unit.layout.views(flat)
         missing = [e.name for e, g in zip(unit.layout.trainable_entries, grads) if g is None]
         done = None
         if self.cuda:
             self.d2h.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.d2h), self._span(unit_index, S.D2H, S.GRAD, unit.grad.nbytes, self.d2h):
+            with torch.cuda.stream(self.d2h), self._span(unit_index, S.D2H, S.GRAD, flat.nbytes, self.d2h):
                 for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is not None:
                         views[entry.name].copy_(g.float(), non_blocking=True)  # the cast runs on this stream
@@ -412,20 +461,34 @@ class StreamingEngine:
             done = torch.cuda.Event()
             done.record(self.d2h)
         else:
-            with self._span(unit_index, S.D2H, S.GRAD, unit.grad.nbytes):
+            with self._span(unit_index, S.D2H, S.GRAD, flat.nbytes):
                 for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is not None:
                         views[entry.name].copy_(g)
         if sums is not None:
             sums.shipped(unit_index, done)
-        return self._worker.submit(self._landed, views, missing, done)
+        return self._worker.submit(self._landed, unit_index, tile, views, missing, done, self._norms_due())
 
-    @staticmethod
-    def _landed(views: dict[str, Tensor], missing: list[str], done: torch.cuda.Event | None) -> None:
+    def _landed(self, unit_index: int, tile: Tensor, views: dict[str, Tensor], missing: list[str],
+                done: torch.cuda.Event | None, norms: bool) -> None:
         if done is not None:
             done.synchronize()
         for name in missing:  # a parameter the loss did not reach has a zero gradient
             views[name].zero_()
+        if self.store.units[unit_index].on_disk:
+            self._to_file(unit_index, tile, norms)
+
+    def _norms_due(self) -> bool:
+        """Whether the gradients now shipping are the step's last and clipping by norm needs their norms (a
+        file-backed unit's are taken before they go to its file)."""
+        return self.final and self.updater is not None and self.updater.need_norms
+
+    def _to_file(self, unit_index: int, grad: Tensor, norms: bool) -> None:
+        """A file-backed unit's complete gradient (a whole tile of the window, the gradient at its start): norms taken
+        if due, then written."""
+        if norms:
+            self.updater.note_norms(unit_index, grad)
+        self.store.nvme.write_grad(unit_index, grad)
 
     def _stage(self, unit_index: int, grads) -> Future:
         unit = self.store.units[unit_index]
@@ -455,26 +518,37 @@ class StreamingEngine:
             with self._span(unit_index, S.D2H, S.GRAD, nbytes):
                 for entry, g in zip(unit.layout.trainable_entries, grads):
                     staging[entry.name].copy_(g) if g is not None else staging[entry.name].zero_()
-        future = self._worker.submit(self._accumulate, unit_index, unit, buf, done)
+        future = self._worker.submit(self._accumulate, unit_index, unit, buf, done, self._norms_due())
         if ring_pos is not None:
             self._ring_busy[ring_pos] = future
         return future
 
-    def _accumulate(self, unit_index: int, unit: Unit, buf: Tensor, done: torch.cuda.Event | None) -> None:
+    def _accumulate(self, unit_index: int, unit: Unit, buf: Tensor, done: torch.cuda.Event | None,
+                    norms: bool) -> None:
         if done is not None:
             done.synchronize()
-        with self._host_span(unit_index, S.ACCUMULATE, unit.grad.nbytes):
-            if buf.dtype == torch.float32:
-                unit.grad.add_(buf)
-                return
-            # fp32 += bf16 in one op takes PyTorch's mixed-dtype path, 2.5x slower on the CPU than casting a
-            # cache-sized piece into fp32 first and adding that (2-core VM, 1 Mi-element pieces: 0.51 vs 1.5 Gparam/s)
-            if self._add_scratch is None:
-                self._add_scratch = torch.empty(ADD_PIECE, dtype=torch.float32)
-            for lo in range(0, buf.numel(), ADD_PIECE):
-                piece = self._add_scratch[:min(ADD_PIECE, buf.numel() - lo)]
-                piece.copy_(buf[lo:lo + piece.numel()])
-                unit.grad[lo:lo + piece.numel()].add_(piece)
+        with self._host_span(unit_index, S.ACCUMULATE, 4 * unit.layout.trainable):
+            if unit.on_disk:  # read from its file, added, written back
+                def add(grad: Tensor) -> None:
+                    self._add_into(grad, buf)
+                    if norms:
+                        self.updater.note_norms(unit_index, grad)
+                self.store.nvme.add_grad(unit_index, add)
+            else:
+                self._add_into(unit.grad, buf)
+
+    def _add_into(self, grad: Tensor, buf: Tensor) -> None:
+        if buf.dtype == torch.float32:
+            grad.add_(buf)
+            return
+        # fp32 += bf16 in one op takes PyTorch's mixed-dtype path, 2.5x slower on the CPU than casting a
+        # cache-sized piece into fp32 first and adding that (2-core VM, 1 Mi-element pieces: 0.51 vs 1.5 Gparam/s)
+        if self._add_scratch is None:
+            self._add_scratch = torch.empty(ADD_PIECE, dtype=torch.float32)
+        for lo in range(0, buf.numel(), ADD_PIECE):
+            piece = self._add_scratch[:min(ADD_PIECE, buf.numel() - lo)]
+            piece.copy_(buf[lo:lo + piece.numel()])
+            grad[lo:lo + piece.numel()].add_(piece)
 
     def _prune(self) -> None:
         """Drops finished host jobs (raising a failed one's error): with eager updates nothing waits for them

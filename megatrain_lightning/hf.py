@@ -96,18 +96,17 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
                     i, entry = store.index[full]
                     value = f.get_tensor(name).to(torch.float32).reshape(-1)
                     unit = store.units[i]
-                    if unit.on_disk:
+                    if unit.on_disk:  # into the file's master and streamed copy
                         store.nvme.store_master(i, entry.offset, value)
                     else:
                         unit.master[entry.offset:entry.offset + entry.numel].copy_(value)
-                    dirty.add(i)
+                        dirty.add(i)
         except ckpt.CheckpointError:
             raise
         except Exception as e:
             raise ckpt.CheckpointError(f"corrupted safetensors file {file}: {e}") from e
     for i in sorted(dirty):  # the streamed copies follow the new masters
-        unit = store.units[i]
-        unit.refresh_stream(store.read_state(i)[:unit.layout.numel] if unit.on_disk else None)
+        store.units[i].refresh_stream()
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16",

@@ -1,12 +1,19 @@
-"""The file-backed tier: layers whose fp32 state does not fit the RAM budget keep it in one file each.
+"""The file-backed tier: trunk layers whose state does not fit the RAM budget keep all of it in one file each.
 
-A file holds the unit's flat [master | adam m | adam v] (12 bytes per trainable parameter, 4 per frozen one). Their gradients and their
-streamed compute-dtype copy stay in RAM (the forward and the gradient clipping need them there). The host
-optimizer reads a layer's state ahead of need into one of a few reused RAM tiles, updates it, and writes it
-behind on a second thread while the next layer is read and updated.
+A unit's file holds (byte offsets):
 
-Writes are flushed (fdatasync) and the pages dropped from the OS cache, so the RAM budget holds and the
-measured bandwidth is the disk's, not the page cache's.
+    [0, 4*S)              [master | adam m | adam v], fp32 (S = Layout.state_numel)
+    [4*S, 4*T)            the gradient, fp32, while the step still needs it (clipping, accumulation; T = tile_numel)
+    [align(4*T), +cb*N)   the compute-dtype copy the forward and the backward stream (N = Layout.numel)
+
+so nothing of such a layer stays in RAM between its uses: RAM holds a bounded window of reused tiles, whatever the
+depth (`window_bytes`): optimizer tiles (a unit being updated, one read ahead, one written behind), pinned copy
+tiles for the weight loads, pinned gradient tiles for the gradients shipped from the device.
+
+Several directories (`storage.nvme_dir` as a list, one per drive) stripe the layers round-robin; each directory has
+its own reader and writer thread, so the drives work at once. Writes are flushed (fdatasync) and the pages dropped
+from the OS cache, so the RAM budget holds and the measured bandwidth is the disk's, not the page cache's. A full
+disk or a vanished or truncated file raises an OSError naming the path; the step that met it does not complete.
 """
 
 from __future__ import annotations
@@ -20,145 +27,331 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor
 
 from megatrain_lightning import ownership, schedule as S
 
+ALIGN = 4096  # the copy region starts on a page (and O_DIRECT-sized) boundary
+CAST_PIECE = 16 * 2**20  # elements of master cast into the copy per write request (32 MiB in bf16)
+
 
 @dataclass
 class IOStats:
-    """Bytes moved and seconds spent by the reader and writer threads, and how long the optimizer waited."""
+    """Bytes moved and seconds spent by the reader and writer threads per directory, and how long the callers
+    waited for them."""
 
-    read_bytes: int = 0
-    read_s: float = 0.0
-    write_bytes: int = 0
-    write_s: float = 0.0
+    read_bytes: dict[str, int] = field(default_factory=dict)
+    read_s: dict[str, float] = field(default_factory=dict)
+    write_bytes: dict[str, int] = field(default_factory=dict)
+    write_s: dict[str, float] = field(default_factory=dict)
     wait_s: float = 0.0
 
+    def add(self, kind: str, where: str, nbytes: int, seconds: float) -> None:
+        b, s = getattr(self, f"{kind}_bytes"), getattr(self, f"{kind}_s")
+        b[where] = b.get(where, 0) + nbytes
+        s[where] = s.get(where, 0.0) + seconds
+
     def rates(self) -> dict[str, float]:
-        return {"nvme_read_GBps": self.read_bytes / self.read_s / 1e9 if self.read_s else 0.0,
-                "nvme_write_GBps": self.write_bytes / self.write_s / 1e9 if self.write_s else 0.0,
-                "nvme_wait_s": self.wait_s}
+        """Achieved GB/s per drive (each directory's bytes over its thread's busy seconds) and in all (the sum of
+        the drives'), and the callers' wait."""
+        out = {"nvme_read_GBps": 0.0, "nvme_write_GBps": 0.0}
+        for kind in ("read", "write"):
+            b, s = getattr(self, f"{kind}_bytes"), getattr(self, f"{kind}_s")
+            for k, where in enumerate(sorted(b)):
+                rate = b[where] / s[where] / 1e9 if s[where] else 0.0
+                out[f"nvme{k}_{kind}_GBps"] = rate
+                out[f"nvme_{kind}_GBps"] += rate
+        out["nvme_wait_s"] = self.wait_s
+        return out
+
+    @property
+    def total_bytes(self) -> tuple[int, int]:
+        return sum(self.read_bytes.values()), sum(self.write_bytes.values())
+
+
+@dataclass(frozen=True)
+class _Shape:
+    numel: int  # parameters (master, copy)
+    state: int  # fp32 elements of [master | m | v]
+    tile: int  # fp32 elements of [master | m | v | grad]
+
+    @property
+    def copy_offset(self) -> int:
+        return -(-self.tile * 4 // ALIGN) * ALIGN
+
+
+class _Pool:
+    """Reused buffers of one kind; `get` blocks while all are in use (the bound on the tier's RAM)."""
+
+    def __init__(self, n: int, numel: int, dtype: torch.dtype, pin: bool) -> None:
+        from megatrain_lightning.store import pinned_empty  # store imports this module
+        self._q: queue.Queue[Tensor] = queue.Queue()
+        for _ in range(n):
+            self._q.put(pinned_empty(numel, dtype, pin) if numel else torch.empty(0, dtype=dtype))
+        self.nbytes = n * numel * (torch.finfo(dtype).bits // 8)
+
+    def get(self) -> Tensor:
+        return self._q.get()
+
+    def put(self, t: Tensor) -> None:
+        self._q.put(t)
 
 
 class NvmeTier:
-    def __init__(self, directory: str | Path, numels: dict[int, int], buffers: int = S.NVME_BUFFERS) -> None:
-        """`numels`: unit index -> fp32 elements of each file-backed unit's [master | m | v]."""
-        if not numels:
+    def __init__(self, directories: str | Path | Sequence[str | Path], shapes: dict[int, tuple[int, int, int]],
+                 copy_dtype: torch.dtype, pin: bool = False, buffers: int = S.NVME_BUFFERS,
+                 copy_buffers: int = S.NVME_COPY_BUFFERS, grad_buffers: int = S.NVME_GRAD_BUFFERS) -> None:
+        """`shapes`: unit index -> (parameters, fp32 elements of [master | m | v], of [master | m | v | grad]) of
+        each file-backed unit; `copy_dtype`: the streamed copy's dtype; `pin`: page-lock the copy and gradient
+        tiles (CUDA DMA)."""
+        if not shapes:
             raise ValueError("NvmeTier needs at least one unit")
-        root = Path(directory)
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise OSError(e.errno, f"cannot create storage.nvme_dir {root}: {e.strerror}") from e
-        need = sum(numels.values()) * 4
-        free = shutil.disk_usage(root).free
-        if need > free:
-            raise OSError(errno.ENOSPC, f"storage.nvme_dir {root} has {free / 1e9:.1f} GB free; the file-backed "
-                          f"layers need {need / 1e9:.1f} GB")
-        ownership.remove_dead(root, "megatrain-*", "the NVMe state")  # of a killed run (SIGKILL skips cleanup)
-        # a private working directory: two runs sharing nvme_dir never touch each other's state
-        self.dir = Path(tempfile.mkdtemp(prefix="megatrain-", dir=root))
-        ownership.mark(self.dir)
-        self.numels = dict(numels)
-        max_numel = max(numels.values())
-        self.n_buffers, self._tile_bytes = buffers, max_numel * 4
-        self._tiles: queue.Queue[Tensor] = queue.Queue()
-        for _ in range(buffers):
-            self._tiles.put(torch.empty(max_numel, dtype=torch.float32))
-        self._reader = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-read")
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-write")
-        self._writes: dict[int, Future] = {}
+        roots = [Path(d) for d in ([directories] if isinstance(directories, (str, Path)) else directories)]
+        if not roots:
+            raise ValueError("storage.nvme_dir names no directory")
+        self.shapes = {i: _Shape(*s) for i, s in shapes.items()}
+        self.copy_dtype, self._cb = copy_dtype, torch.finfo(copy_dtype).bits // 8
+        order = sorted(shapes)
+        where = {i: k % len(roots) for k, i in enumerate(order)}  # striped round-robin in layer order
+        for k, root in enumerate(roots):
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OSError(e.errno, f"cannot create storage.nvme_dir {root}: {e.strerror}") from e
+            need = sum(self._file_bytes(i) for i in order if where[i] == k)
+            free = shutil.disk_usage(root).free
+            if need > free:
+                raise OSError(errno.ENOSPC, f"storage.nvme_dir {root} has {free / 1e9:.1f} GB free; the file-backed "
+                              f"layers striped onto it need {need / 1e9:.1f} GB")
+        self.dirs: list[Path] = []
+        for root in roots:
+            ownership.remove_dead(root, "megatrain-*", "the NVMe state")  # of a killed run (SIGKILL skips cleanup)
+            # a private working directory: two runs sharing nvme_dir never touch each other's state
+            d = Path(tempfile.mkdtemp(prefix="megatrain-", dir=root))
+            ownership.mark(d)
+            weakref.finalize(self, shutil.rmtree, str(d), True)  # the files die with the run
+            self.dirs.append(d)
+        self.dir = self.dirs[0]
+        self._where = where
+        self._readers = [ThreadPoolExecutor(1, thread_name_prefix=f"megatrain-nvme{k}-read") for k in range(len(roots))]
+        self._writers = [ThreadPoolExecutor(1, thread_name_prefix=f"megatrain-nvme{k}-write") for k in range(len(roots))]
+        self._release = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-release")
+        self._cast_scratch = [torch.empty(CAST_PIECE, dtype=copy_dtype) for _ in roots]  # one per writer thread
+        big = max(self.shapes.values(), key=lambda s: s.tile)
+        self.n_buffers = buffers
+        self._tiles = _Pool(buffers, big.tile, torch.float32, False)
+        self._copies = _Pool(copy_buffers, max(s.numel for s in self.shapes.values()), copy_dtype, pin)
+        self._grads = _Pool(grad_buffers, max(s.tile - s.state for s in self.shapes.values()), torch.float32, pin)
+        self._writes: dict[int, Future] = {}  # each unit's last write (reads of the unit wait for it)
         self._lock = threading.Lock()
         self.stats = IOStats()
-        weakref.finalize(self, shutil.rmtree, str(self.dir), True)  # the files die with the run
+        for i in order:  # full size now (zeros): a disk that cannot hold the files fails here, not mid-step
+            self._create(i)
+
+    # ---- sizes ----
+    def _file_bytes(self, i: int) -> int:
+        s = self.shapes[i]
+        return s.copy_offset + s.numel * self._cb
 
     @property
     def nbytes(self) -> int:
-        """RAM of the tiles (in the pool or in flight)."""
-        return self.n_buffers * self._tile_bytes
+        """RAM of the window (every tile, in a pool or in flight), whatever the number of file-backed units."""
+        return self._tiles.nbytes + self._copies.nbytes + self._grads.nbytes + \
+            sum(t.nbytes for t in self._cast_scratch)
 
     def path(self, index: int) -> Path:
-        return self.dir / f"unit_{index:05d}.bin"
+        return self.dirs[self._where[index]] / f"unit_{index:05d}.bin"
 
-    # ---- whole-unit I/O on the background threads ----
-    def read(self, index: int) -> Future:
-        """Starts reading a unit's state into a free tile; the future's result is the tile
-        ([master | m | v], fp32). Blocks while every tile is in use."""
-        start = time.perf_counter()
-        tile = self._tiles.get()
-        self.stats.wait_s += time.perf_counter() - start
+    def _create(self, i: int) -> None:
+        path = self.path(i)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, self._file_bytes(i))  # reserves the blocks: ENOSPC now, not later
+        except OSError as e:
+            raise OSError(e.errno, f"cannot reserve {self._file_bytes(i) / 1e9:.2f} GB for {path}: {e.strerror}") \
+                from e
+        finally:
+            os.close(fd)
+
+    # ---- background I/O ----
+    def _after_writes(self, index: int) -> None:
         pending = self._writes.get(index)
-        return self._reader.submit(self._read, index, tile, pending)
+        if pending is not None:
+            pending.result()  # the unit's last write must land before any part of it is read back
+
+    def _submit(self, pool: list[ThreadPoolExecutor], index: int, fn, *args) -> Future:
+        return pool[self._where[index]].submit(fn, *args)
+
+    def read(self, index: int) -> Future:
+        """Starts reading a unit's [master | m | v | grad] into a free optimizer tile; the future's result is the
+        tile. Blocks while every tile is in use."""
+        tile = self._waited(self._tiles.get)
+        pending = self._writes.get(index)
+        s = self.shapes[index]
+
+        def run() -> Tensor:
+            try:
+                if pending is not None:
+                    pending.result()
+                self._io("read", _read_file, index, tile[:s.tile], 0)
+                return tile
+            except BaseException:
+                self._tiles.put(tile)
+                raise
+        return self._submit(self._readers, index, run)
 
     def write(self, index: int, tile: Tensor) -> Future:
-        """Writes a tile back behind the caller; the tile returns to the pool when the write is done."""
-        future = self._writer.submit(self._write, index, tile)
-        self._writes[index] = future
-        return future
+        """Writes an updated tile's [master | m | v] and the master cast into the compute-dtype copy, behind the
+        caller; the tile returns to the pool when both are on the disk."""
+        s = self.shapes[index]
+
+        def run() -> None:
+            try:
+                self._io("write", _write_file, index, tile[:s.state], 0)
+                self._write_copy(index, tile[:s.numel])
+            finally:
+                self._tiles.put(tile)
+        return self._track(index, self._submit(self._writers, index, run))
 
     def take(self, future: Future) -> Tensor:
-        """The tile of a `read`, waiting for it (the wait is counted in the stats)."""
-        start = time.perf_counter()
-        tile = future.result()
-        self.stats.wait_s += time.perf_counter() - start
-        return tile
+        """The tile of a `read` (or `read_copy`), waiting for it (the wait is counted in the stats)."""
+        return self._waited(future.result)
 
     def release(self, tile: Tensor) -> None:
-        """Returns a tile that was read but will not be written (an optimizer step that failed midway)."""
+        """Returns an optimizer tile that was read but will not be written (an update that failed midway)."""
         self._tiles.put(tile)
+
+    # the streamed copy
+    def read_copy(self, index: int, after: Future | None = None) -> Future:
+        """Starts reading a unit's compute-dtype copy into a free pinned copy tile, once `after` (the unit's
+        pending update) is done; the future's result is the tile. Blocks while every copy tile is in use."""
+        tile = self._waited(self._copies.get)
+        s = self.shapes[index]
+
+        out: Future = Future()
+
+        def run() -> None:
+            try:
+                if after is not None:
+                    after.result()  # done by now: raises the update's error
+                self._after_writes(index)
+                self._io("read", _read_file, index, tile[:s.numel], s.copy_offset)
+                out.set_result(tile)
+            except BaseException as e:
+                self._copies.put(tile)
+                out.set_exception(e)
+
+        # queued on the drive's reader only once the update is done: a reader never blocks on the optimizer (whose
+        # own reads queue behind it on the same thread)
+        if after is None:
+            self._submit(self._readers, index, run)
+        else:
+            after.add_done_callback(lambda _: self._submit(self._readers, index, run))
+        return out
+
+    def release_copy(self, tile: Tensor, done: torch.cuda.Event | None = None) -> None:
+        """Returns a copy tile once `done` (the device's copy out of it) has happened."""
+        if done is None:
+            self._copies.put(tile)
+        else:
+            self._release.submit(lambda: (done.synchronize(), self._copies.put(tile)))
+
+    # the gradient
+    def grad_tile(self) -> Tensor:
+        """A free pinned fp32 tile for one unit's gradient (blocks while all are in use)."""
+        return self._waited(self._grads.get)
+
+    def write_grad(self, index: int, tile: Tensor) -> Future:
+        """Writes a unit's gradient from the start of `tile` (a whole one of `grad_tile`) behind the caller; the tile
+        returns to the pool afterwards."""
+        s = self.shapes[index]
+
+        def run() -> None:
+            try:
+                self._io("write", _write_file, index, tile[:s.tile - s.state], s.state * 4)
+            finally:
+                self._grads.put(tile)
+        return self._track(index, self._submit(self._writers, index, run))
+
+    def add_grad(self, index: int, add) -> Future:
+        """A later micro-batch's gradients: reads the unit's gradient into a gradient tile, calls `add(grad)` (on
+        the calling thread) and writes the sum behind."""
+        tile = self.grad_tile()
+        s = self.shapes[index]
+        grad = tile[:s.tile - s.state]
+        try:
+            self._after_writes(index)
+            self._io("read", _read_file, index, grad, s.state * 4)
+            add(grad)  # the gradient at the tile's start
+        except BaseException:
+            self._grads.put(tile)
+            raise
+        return self.write_grad(index, tile)
+
+    def _write_copy(self, index: int, master: Tensor) -> None:
+        """Casts `master` piece by piece into the writer's scratch and writes it into the copy region."""
+        s, scratch = self.shapes[index], self._cast_scratch[self._where[index]]
+        for lo in range(0, s.numel, CAST_PIECE):
+            piece = scratch[:min(CAST_PIECE, s.numel - lo)]
+            piece.copy_(master[lo:lo + piece.numel()])
+            self._io("write", _write_file, index, piece, s.copy_offset + lo * self._cb)
+
+    def _track(self, index: int, future: Future) -> Future:
+        with self._lock:
+            self._writes[index] = future
+        return future
+
+    def _waited(self, fn):
+        start = time.perf_counter()
+        out = fn()
+        self.stats.wait_s += time.perf_counter() - start
+        return out
+
+    def _io(self, kind: str, io, index: int, t: Tensor, offset: int) -> None:
+        """Moves `t` between it and a unit's file at byte `offset`, adding the bytes and seconds to the stats."""
+        start = time.perf_counter()
+        io(self.path(index), t, offset)
+        with self._lock:
+            self.stats.add(kind, str(self.dirs[self._where[index]]), t.nbytes, time.perf_counter() - start)
 
     def flush(self) -> None:
         """Waits for every write behind; raises the first write error."""
         for index, future in list(self._writes.items()):
             future.result()
-            self._writes.pop(index, None)
+            with self._lock:
+                if self._writes.get(index) is future:
+                    del self._writes[index]
 
     def reset_stats(self) -> IOStats:
         stats, self.stats = self.stats, IOStats()
         return stats
 
-    def _read(self, index: int, tile: Tensor, pending: Future | None) -> Tensor:
-        try:
-            if pending is not None:
-                pending.result()  # the last write of this unit must land before it is read back
-            self._timed("read", _read_file, index, tile)
-            return tile
-        except BaseException:
-            self._tiles.put(tile)
-            raise
-
-    def _write(self, index: int, tile: Tensor) -> None:
-        try:
-            self._timed("write", _write_file, index, tile)
-        finally:
-            self._tiles.put(tile)
-
-    def _timed(self, kind: str, io, index: int, tile: Tensor) -> None:
-        """Moves a unit's state between its file and `tile`, adding the bytes and seconds to the stats."""
-        n = self.numels[index]
-        start = time.perf_counter()
-        io(self.path(index), tile[:n])
-        with self._lock:
-            setattr(self.stats, f"{kind}_bytes", getattr(self.stats, f"{kind}_bytes") + n * 4)
-            setattr(self.stats, f"{kind}_s", getattr(self.stats, f"{kind}_s") + time.perf_counter() - start)
-
     # ---- synchronous access (setup, checkpoints, imports) ----
     def load(self, index: int) -> Tensor:
         """A unit's state as a fresh [master | m | v] tensor."""
         self.flush()
-        out = torch.empty(self.numels[index], dtype=torch.float32)
+        out = torch.empty(self.shapes[index].state, dtype=torch.float32)
         _read_file(self.path(index), out)
         return out
 
+    def load_grad(self, index: int) -> Tensor:
+        """A unit's gradient as a fresh fp32 tensor."""
+        self.flush()
+        s = self.shapes[index]
+        out = torch.empty(s.tile - s.state, dtype=torch.float32)
+        _read_file(self.path(index), out, s.state * 4)
+        return out
+
     def store(self, index: int, state: Tensor) -> None:
-        """Writes (or creates) a unit's file from a [master | m | v] tensor."""
+        """Writes a unit's [master | m | v] from `state` and its streamed copy from the master."""
         self.flush()
         _write_file(self.path(index), state)
+        self._write_copy(index, state[:self.shapes[index].numel])
 
     def load_master(self, index: int, offset: int, numel: int) -> Tensor:
         """`numel` fp32 elements of a unit's master from element `offset` (one tensor, for a state dict)."""
@@ -168,39 +361,52 @@ class NvmeTier:
         return out
 
     def store_master(self, index: int, offset: int, values: Tensor) -> None:
-        """Writes fp32 `values` into a unit's master at element `offset` (imports write tensor by tensor)."""
+        """Writes fp32 `values` into a unit's master at element `offset` (imports write tensor by tensor) and
+        into its streamed copy."""
         self.flush()
         _write_file(self.path(index), values, offset * 4)
+        _write_file(self.path(index), values.to(self.copy_dtype), self.shapes[index].copy_offset + offset * self._cb)
 
 
 def _bytes(t: Tensor) -> memoryview:
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16: the same bytes as int16
+        t = t.view(torch.int16)
     return memoryview(t.numpy()).cast("B")
 
 
 def _read_file(path: Path, out: Tensor, offset: int = 0) -> None:
     view, want = _bytes(out), out.nbytes
-    fd = os.open(path, os.O_RDONLY)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
+                                "(deleted, or its drive unmounted)") from None
     try:
         got = 0
         while got < want:
             n = os.preadv(fd, [view[got:]], offset + got)
             if n == 0:
-                raise OSError(errno.EIO, f"{path} is truncated: {got} of {want} bytes")
+                raise OSError(errno.EIO, f"the state file {path} is truncated: it ends {want - got} bytes short of "
+                              f"what the run wrote there")
             got += n
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
 
 
 def _write_file(path: Path, data: Tensor, offset: int = 0) -> None:
     view, want = _bytes(data), data.nbytes
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        fd = os.open(path, os.O_WRONLY)  # never O_CREAT: a file that vanished is an error, not a fresh start
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
+                                "(deleted, or its drive unmounted)") from None
     try:
         done = 0
         while done < want:
             done += os.pwritev(fd, [view[done:]], offset + done)
         os.fdatasync(fd)  # on the disk, so the pages can leave the cache (and a full disk shows up here)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {path}") from e

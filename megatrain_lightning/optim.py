@@ -33,16 +33,14 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
     `configure_optimizers` saw it to the parameter's full name in the store. Returns (host parameter,
     gradient view) pairs for `bind_grads`.
 
-    With every unit in RAM, `optimizer.step` becomes a `HostAdam` (the update runs unit by unit on a host thread,
-    overlapped with the device; `attach` it to the engine). Parameters of file-backed units are placeholders
-    (shape only, every element one NaN) outside the optimizer step; `PagedStep` points them at their state while
-    it updates their unit."""
+    `optimizer.step` becomes a `HostAdam` (the update runs unit by unit on a host thread, overlapped with the device;
+    `attach` it to the engine). Parameters, moments and gradients of file-backed units are placeholders (shape only,
+    every element one NaN) outside their update, which points them at the unit's tile read from its file."""
     if type(optimizer) not in SUPPORTED:
         raise TypeError(
             f"the megatrain strategy runs the optimizer on the host and supports "
             f"{', '.join(c.__name__ for c in SUPPORTED)} (from torch.optim); got {type(optimizer).__name__}")
     pairs = []
-    paged: dict[int, list[_Paged]] = {}
     bound: list[_Bound] = []
     for g_index, group in enumerate(optimizer.param_groups):
         if group.get("amsgrad"):
@@ -60,11 +58,10 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
                 continue
             i, entry = store.index[name]
             unit = store.units[i]
-            grad = unit.grad[entry.offset:entry.offset + entry.numel].view(entry.shape)
             if unit.on_disk:
-                host, m, v = (_placeholder(entry.shape) for _ in range(3))
-                paged.setdefault(i, []).append(_Paged(entry.offset, host, m, v, grad))
+                host, m, v, grad = (_placeholder(entry.shape) for _ in range(4))
             else:
+                grad = unit.grad[entry.offset:entry.offset + entry.numel].view(entry.shape)
                 host, m, v = (buf[entry.offset:entry.offset + entry.numel].view(entry.shape)
                               for buf in (unit.master, unit.exp_avg, unit.exp_avg_sq))
             step = torch.zeros((), dtype=torch.float32)
@@ -78,10 +75,7 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
     for p in list(optimizer.state):  # drop any state of the device parameters
         if not any(p is q for g in optimizer.param_groups for q in g["params"]):
             del optimizer.state[p]
-    if paged:
-        optimizer.step = PagedStep(optimizer, store, paged)
-    else:
-        optimizer.step = HostAdam(optimizer, store, bound)
+    optimizer.step = HostAdam(optimizer, store, bound)
     return pairs
 
 
@@ -165,7 +159,13 @@ class HostAdam:
     The resident unit updates in two parts: its first tensor (the embedding, needed first) and the rest.
 
     Units whose state the device keeps (`attach_device`, device_state.py) leave the host's order: they update on the
-    device in one fused call per parameter group, after the closure, with the same hyperparameters and coefficient."""
+    device in one fused call per parameter group, after the closure, with the same hyperparameters and coefficient.
+
+    File-backed units (storage=nvme) update in the same order: the host thread takes the unit's [master | m | v |
+    grad] tile read from its file (deferred updates read NVME_BUFFERS - 1 units ahead), points the unit's
+    placeholders at it, updates, and hands it to the tier's writer, which writes the state and the new streamed
+    copy behind; the next forward's read of the copy follows the write. Their gradients' norms are taken as the
+    gradients go to their files (`note_norms`)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, store: HostStore, bound: list[_Bound]) -> None:
         functools.update_wrapper(self, optimizer.step)  # keeps the LR scheduler's marker on the wrapped step
@@ -184,6 +184,9 @@ class HostAdam:
         self.eager_steps = 0  # steps whose updates started during backward (tests and logs read it)
         self._hp: list[dict] | None = None  # hyperparameters of the step being applied
         self._clip: tuple[str, Tensor | float] | None = None
+        self.tier = store.nvme  # the file-backed tier, if any
+        self._reads: dict[int, Future] = {}  # file-backed units' tiles read ahead of their update
+        self._read_next: list[int] = []  # file-backed units still to be read ahead, in this step's update order
         self.device = None  # device_state.DeviceStates: units updated on the device (`attach_device`)
         self._kept: list[_Bound] = []  # their parameters, as views of the device tiles
         self._kept_steps: Tensor | None = None  # the device's copy of their step counts (the fused kernel's input)
@@ -225,9 +228,17 @@ class HostAdam:
                     self.pending[(unit, part)] = future
         return future
 
+    def note_norms(self, unit: int, grad: Tensor) -> None:
+        """A file-backed unit's complete gradient (flat, on the host thread, before it goes to its file): the squared
+        norms clipping will need."""
+        entries = self.store.units[unit].layout.entries
+        for b in self.parts.get((unit, 0), []):
+            e = entries[b.entry]
+            b.norm = square_norm(grad[e.offset:e.offset + e.numel])
+
     def _final(self, unit: int, hp: list[dict], need_norms: bool, eager: bool, trace) -> None:
         keys = [(unit, part) for part in (0, 1) if (unit, part) in self.parts]
-        if need_norms:
+        if need_norms and not self.store.units[unit].on_disk:  # a file-backed unit's were taken on the way out
             for key in keys:
                 for b in self.parts[key]:
                     b.norm = square_norm(b.grad)
@@ -239,6 +250,8 @@ class HostAdam:
     def clip_by_norm(self, max_norm: float) -> Tensor:
         self.wait_all()
         kept = self.device.units if self.device is not None else ()
+        for i in {b.unit for b in self.bound if b.norm is None and self.store.units[b.unit].on_disk}:
+            self.note_norms(i, self.tier.load_grad(i))  # not taken on the way out (clipping called by user code)
         squares = [b.norm if b.norm is not None else square_norm(b.grad) for b in self.bound if b.unit not in kept]
         if self._kept:  # one synchronization: backward has to have ended anyway
             squares.append(torch.stack([square_norm(b.grad) for b in self._kept]).sum().cpu())
@@ -262,6 +275,8 @@ class HostAdam:
         if self._kept:
             self._update_kept(hp, clip)
         if not self.eager:
+            # every gradient has gone to its file by now (post_backward waited): file reads may start ahead
+            self._read_next = [k[0] for k in self.order if self.store.units[k[0]].on_disk]
             for key in self.order:
                 self.pending[key] = self.executor.submit(self._update, key, hp, clip, self.trace_of())
         self._hp, self._clip, self.eager = None, None, False
@@ -277,14 +292,48 @@ class HostAdam:
         """Applies one step to one unit part (on the host thread); `trace` is the trace active when it was queued."""
         bound = self.parts[key]
         start = time.perf_counter()
-        _fused_adam(bound, [b.step for b in bound], hp, clip)
         unit = self.store.units[key[0]]
+        if unit.on_disk:
+            self._update_file_backed(key[0], bound, hp, clip)
+        else:
+            _fused_adam(bound, [b.step for b in bound], hp, clip)
         if unit.stream is not unit.master:  # cast the updated part into the streamed copy
             lo, hi = _span(unit, bound)
             unit.stream[lo:hi].copy_(unit.master[lo:hi])
         if trace is not None:
             nbytes = 28 * sum(b.param.numel() for b in bound)  # AdamW reads p, g, m, v and writes p, m, v (fp32)
             trace.add_host(key[0], S.CPU, S.OPTIMIZER, start, time.perf_counter(), nbytes)
+
+    def _update_file_backed(self, i: int, bound: list[_Bound], hp: list[dict],
+                            clip: tuple[str, Tensor | float] | None) -> None:
+        tier, unit = self.tier, self.store.units[i]
+        future = self._reads.pop(i, None)
+        if future is None:  # not read ahead (eager updates run as gradients land: nothing later is on disk yet)
+            if i in self._read_next:
+                self._read_next.remove(i)
+            future = tier.read(i)
+        while self._read_next and len(self._reads) < tier.n_buffers - 1:
+            j = self._read_next.pop(0)
+            self._reads[j] = tier.read(j)
+        tile = tier.take(future)
+        n, t = unit.layout.numel, unit.layout.trainable
+        entries = unit.layout.entries
+        try:
+            for b in bound:
+                offset = entries[b.entry].offset
+                _point(b.param, tile, offset)
+                _point(b.exp_avg, tile, n + offset)
+                _point(b.exp_avg_sq, tile, n + t + offset)
+                _point(b.grad, tile, n + 2 * t + offset)
+            _fused_adam(bound, [b.step for b in bound], hp, clip)
+        except BaseException:
+            tier.release(tile)  # not updated: nothing to write back
+            raise
+        finally:
+            for b in bound:
+                for x in (b.param, b.exp_avg, b.exp_avg_sq, b.grad):
+                    _placeholder(x.shape, x)
+        tier.write(i, tile)
 
     def _update_kept(self, hp: list[dict], clip: tuple[str, Tensor | float] | None) -> None:
         """One step of the units the device keeps, on the device's current stream; then their write-through."""
@@ -311,6 +360,8 @@ class HostAdam:
     def wait_all(self) -> None:
         for key in list(self.pending):
             self.pending.pop(key).result()
+        if self.tier is not None:
+            self.tier.flush()
 
     def part_range(self, unit: int, part: int) -> tuple[int, int]:
         """[lo, hi) of a unit part in its flat layout."""
@@ -324,15 +375,6 @@ def _span(unit, bound: list[_Bound]) -> tuple[int, int]:
     idx = sorted(b.entry for b in bound)
     lo, hi = entries[idx[0]].offset, entries[idx[-1]].offset + entries[idx[-1]].numel
     return lo, hi
-
-
-@dataclass
-class _Paged:
-    offset: int  # in the unit's flat layout
-    param: Tensor
-    exp_avg: Tensor
-    exp_avg_sq: Tensor
-    grad: Tensor  # its view of the unit's RAM gradient
 
 
 _NAN = torch.full((1,), float("nan"))
@@ -351,81 +393,3 @@ def _point(t: Tensor, flat: Tensor, offset: int) -> None:
     """Makes `t` (same shape) a contiguous view of `flat` starting at element `offset`."""
     with torch.no_grad():
         t.set_(flat.untyped_storage(), flat.storage_offset() + offset, t.shape)
-
-
-class PagedStep:
-    """Replaces `optimizer.step` when some units are file-backed. It runs the closure (forward, backward,
-    clipping), then the optimizer's own step over the RAM units' parameters, then, unit by unit, the same step
-    over each file-backed unit's parameters pointed at its state read from disk, writing it back behind.
-    AdamW is element-wise, so stepping in parts gives exactly the numbers of one step over everything."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer, store: HostStore, paged: dict[int, list[_Paged]]) -> None:
-        functools.update_wrapper(self, optimizer.step)  # keeps the LR scheduler's marker on the wrapped step
-        self.optimizer, self.step, self.store, self.paged = optimizer, optimizer.step, store, paged
-        self.order = sorted(paged)  # the planner's order too: file-backed layers first to last
-        self.on_disk = {id(b.param) for bindings in paged.values() for b in bindings}
-
-    def clip_by_norm(self, max_norm: float) -> Tensor:
-        """As HostAdam: the coefficient goes into the fused kernel (Adam.step passes `optimizer.grad_scale`)."""
-        grads = [p.grad for g in self.optimizer.param_groups for p in g["params"]]
-        total, self.optimizer.grad_scale = clip_scale([square_norm(g) for g in grads], max_norm)
-        return total
-
-    def clip_by_value(self, value: float) -> None:
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        torch.nn.utils.clip_grad_value_(params, value)
-
-    def __call__(self, closure: Callable | None = None) -> Any:
-        tier = self.store.nvme
-        ahead: deque = deque()
-        todo = deque(self.order)
-
-        def read_ahead() -> None:
-            while todo and len(ahead) < tier.n_buffers - 1:
-                i = todo.popleft()
-                ahead.append((i, tier.read(i)))
-
-        read_ahead()  # the first reads run while the closure computes
-        try:
-            loss = _run_closure(closure)
-            # each step below updates exactly the parameters that have a gradient at the time
-            grads = [(p, p.grad) for g in self.optimizer.param_groups for p in g["params"]]
-            for p, _ in grads:
-                if id(p) in self.on_disk:
-                    p.grad = None
-            self.step()  # every RAM unit at once
-            for p, _ in grads:
-                p.grad = None
-            while ahead:
-                i, future = ahead.popleft()
-                tile = tier.take(future)
-                unit = self.store.units[i]
-                n, t = unit.layout.numel, unit.layout.trainable
-                try:
-                    for b in self.paged[i]:
-                        _point(b.param, tile, b.offset)
-                        _point(b.exp_avg, tile, n + b.offset)
-                        _point(b.exp_avg_sq, tile, n + t + b.offset)
-                        b.param.grad = b.grad
-                    self.step()
-                except BaseException:
-                    tier.release(tile)  # not updated: nothing to write back
-                    raise
-                finally:
-                    for b in self.paged[i]:
-                        b.param.grad = None
-                        for t in (b.param, b.exp_avg, b.exp_avg_sq):
-                            _placeholder(t.shape, t)
-                unit.refresh_stream(tile[:n])
-                tier.write(i, tile)
-                read_ahead()
-            for p, g in grads:
-                p.grad = g
-            return loss
-        finally:
-            self.optimizer.__dict__.pop("grad_scale", None)
-            for _, future in ahead:  # an exception left reads in flight: give their tiles back
-                try:
-                    tier.release(future.result())
-                except Exception:
-                    pass

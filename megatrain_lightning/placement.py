@@ -27,27 +27,47 @@ def resolve_stream(storage: str, stream: str, dtype: torch.dtype) -> str:
     return "master" if stream == "auto" else stream
 
 
+def nvme_terms(layouts: list[Layout], dtype: torch.dtype) -> tuple[list[int], int, int]:
+    """The placement rule's inputs (schedule.nvme_layers): each trunk layer's RAM bytes in RAM (fp32 tile, and the
+    streamed copy when there is one: in fp32 the master itself streams), the resident unit's, and the file-backed
+    tier's window."""
+    cb = torch.finfo(dtype).bits // 8
+    copy = 0 if dtype == torch.float32 else cb
+    trunk = layouts[:-1]
+    layer_ram = [4 * lay.tile_numel + copy * lay.numel for lay in trunk]
+    fixed = 4 * layouts[-1].tile_numel + copy * layouts[-1].numel
+    window = S.nvme_window(4 * max(lay.tile_numel for lay in trunk), cb * max(lay.numel for lay in trunk),
+                           4 * max(lay.trainable for lay in trunk))
+    return layer_ram, fixed, window
+
+
+def nvme_ram_bytes(layouts: list[Layout], dtype: torch.dtype, n_on_disk: int) -> int:
+    """RAM of the fp32 state and copies (the budget's part; the window apart) with the first `n_on_disk` trunk layers
+    in files."""
+    layer_ram, fixed, _ = nvme_terms(layouts, dtype)
+    return fixed + sum(layer_ram[n_on_disk:])
+
+
 def nvme_units(layouts: list[Layout], dtype: torch.dtype, ram_budget_GiB: float | None) -> list[int]:
-    """storage=nvme: the first trunk layers whose state does not fit the RAM budget (None: all the RAM the rest of
-    the run leaves)."""
-    trunk = [lay.numel for lay in layouts[:-1]]
+    """storage=nvme: the first trunk layers whose state (fp32 tile and streamed copy) does not fit the RAM budget
+    keep all of it in files (nvme.py); the tier's window of a few layer-sized tiles comes on top. None: all the RAM
+    the rest of the run (the window and the gradient staging included) leaves."""
+    layer_ram, fixed, window = nvme_terms(layouts, dtype)
     if ram_budget_GiB is not None:
         budget = ram_budget_GiB * 2**30
     else:
         cb = torch.finfo(dtype).bits // 8
-        staging = S.staging_numel(max(trunk), layouts[-1].numel) * cb
-        others = cb * sum(trunk) + staging + S.NVME_BUFFERS * S.DISK_STATE_BYTES * max(trunk)
-        budget = available_ram_bytes() - others - 2 * 2**30
-    # fp32 bytes: a layer in RAM holds its tile, a file takes over [master | m | v] (frozen parameters: the master
-    # alone)
-    state = ([4 * lay.tile_numel for lay in layouts[:-1]], [4 * lay.state_numel for lay in layouts[:-1]],
-             4 * layouts[-1].tile_numel)
-    floor = S.nvme_floor(*state)
+        staging = S.staging_numel(max(lay.numel for lay in layouts[:-1]), layouts[-1].numel) * cb
+        budget = available_ram_bytes() - staging - window - 2 * 2**30
+    floor = S.nvme_floor(fixed)
     if floor > budget:
         raise UserError(f"storage=nvme: the RAM budget ({budget / 2**30:.3g} GiB) cannot hold even the state that "
-                        f"stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: gradients and the "
-                        "embedding/head state)")
-    return list(range(S.nvme_layers(*state, budget)))
+                        f"stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: the embedding/head state)")
+    n = S.nvme_layers(layer_ram, fixed, budget)
+    if n:
+        log.info(f"storage=nvme: {n} of {len(layer_ram)} layers keep all their state in files; RAM holds "
+                 f"{(fixed + sum(layer_ram[n:])) / 2**30:.3g} GiB of state and a window of {window / 2**30:.3g} GiB")
+    return list(range(n))
 
 
 def _free_GiB(device: torch.device, share: float) -> float:
@@ -63,7 +83,8 @@ def device_states(store: HostStore, device: torch.device, budget_GiB: float | No
         log.info("device_state_GiB: a hook reads gradients (on_before_optimizer_step, configure_gradient_clipping "
                  "or optimizer_step): every update runs on the host")
         budget = 0.0
-    units = S.device_units([4 * u.layout.tile_numel for u in store.units], budget * 2**30)
+    on_disk = {i for i, u in enumerate(store.units) if u.on_disk}  # their state is in files: nothing to write through
+    units = S.device_units([4 * u.layout.tile_numel for u in store.units], budget * 2**30, skip=on_disk)
     if not units:
         return None
     states = DeviceStates(store, units, device)

@@ -26,30 +26,51 @@ def staging_numel(max_layer_numel: int, resident_numel: int) -> int:
     """Elements of gradient staging on the host: the ring of trunk-layer buffers plus one for the resident part."""
     return STAGING_RING * max_layer_numel + resident_numel
 
-# Host bytes per parameter of the per-layer fp32 state: a layer in RAM holds master, Adam m and v, and the
-# gradient; a file-backed layer (storage=nvme) keeps master, m and v in its file and only the gradient in RAM.
+# Host bytes per trained parameter of the per-layer fp32 state in RAM: master, Adam m and v, gradient. A file-backed
+# layer (storage=nvme) keeps all of it, and its streamed copy, in its file (nvme.py): DISK_STATE_BYTES plus the copy.
 RAM_STATE_BYTES = 16
-DISK_STATE_BYTES = 12
-# RAM tiles of the file-backed tier: one layer being updated, one read ahead, one being written behind
+DISK_STATE_BYTES = 16
+# The file-backed tier's RAM window (nvme.NvmeTier), in tiles of the largest file-backed layer: fp32 optimizer tiles
+# [master | m | v | grad] (one being updated, one read ahead, one written behind), pinned compute-dtype copies for the
+# weight loads (the slots' loads in flight and reads ahead), pinned fp32 gradients shipped from the device (one
+# landing, one being written).
 NVME_BUFFERS = 3
+NVME_COPY_BUFFERS = 4
+NVME_GRAD_BUFFERS = 2
+# Bytes each file-backed layer moves per optimizer step, per trained parameter (compute-dtype copy of `cb` bytes):
+# the forward and the backward read the copy (2 cb), the step's gradient is written once (4; an accumulation's later
+# micro-batches read and write it again unless the device sums them), the update reads [master | m | v | grad] (16)
+# and writes [master | m | v] and the new copy (12 + cb).
+def nvme_read_bytes(cb: int) -> int:
+    return 2 * cb + 16
 
 
-def nvme_layers(layer_ram: list[float], layer_disk: list[float], resident_ram: float, budget_bytes: float) -> int:
-    """How many trunk layers, counted from the first, keep their state in files so that the fp32 state left in RAM
-    fits `budget_bytes` (len(layer_ram) when even that does not fit). `layer_ram`: each layer's state bytes in RAM
-    (RAM_STATE_BYTES per trained parameter), `layer_disk`: the part of it a file takes over (DISK_STATE_BYTES)."""
-    ram = sum(layer_ram) + resident_ram
-    for n, moved in enumerate(layer_disk):
+def nvme_write_bytes(cb: int) -> int:
+    return 4 + 12 + cb
+
+
+def nvme_window(max_tile_bytes: float, max_copy_bytes: float, max_grad_bytes: float) -> float:
+    """RAM of the file-backed tier's window (nvme.NvmeTier.nbytes, its cast scratch apart), whatever the depth."""
+    return NVME_BUFFERS * max_tile_bytes + NVME_COPY_BUFFERS * max_copy_bytes + NVME_GRAD_BUFFERS * max_grad_bytes
+
+
+def nvme_layers(layer_ram: list[float], fixed_ram: float, budget_bytes: float) -> int:
+    """How many trunk layers, counted from the first, keep their state in files so that the state left in RAM fits
+    `budget_bytes` (len(layer_ram) when even that does not fit). `layer_ram`: each layer's RAM bytes (fp32 tile and
+    streamed copy), all of which its file takes over; `fixed_ram`: what stays in RAM whatever the placement (the
+    embedding/head). The tier's window (nvme_window) comes on top of the budget: it does not grow with depth."""
+    ram = sum(layer_ram) + fixed_ram
+    for n, moved in enumerate(layer_ram):
         if ram <= budget_bytes:
             return n
         ram -= moved
     return len(layer_ram)
 
 
-def nvme_floor(layer_ram: list[float], layer_disk: list[float], resident_ram: float) -> float:
-    """The state bytes that stay in RAM with every layer's in a file (gradients, the embedding/head state): a RAM
-    budget below it cannot work."""
-    return resident_ram + sum(layer_ram) - sum(layer_disk)
+def nvme_floor(fixed_ram: float) -> float:
+    """The state that stays in RAM with every layer's in a file (the embedding/head's): a RAM budget below it cannot
+    work, whatever the depth."""
+    return fixed_ram
 
 
 # Device bytes per parameter of a unit whose state is kept on the device (device_state.py): fp32 master, Adam m and
@@ -91,25 +112,27 @@ CHUNK_MEMORY_SHARE = 0.5
 
 
 def chunk_sequences(batch: int, seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int,
-                    free_bytes: float) -> int:
+                    free_bytes: float, layers: int = 1) -> int:
     """Sequences per chunk of the sweep. `chunk_tokens` set: that many tokens (at least one sequence); None (auto):
-    as many sequences as CHUNK_MEMORY_SHARE of `free_bytes` holds at ACTIVATION_PER_INPUT times their input."""
+    as many sequences as CHUNK_MEMORY_SHARE of `free_bytes` holds at ACTIVATION_PER_INPUT times their input for each
+    of the `layers` (the checkpoint interval) that backward recomputes together."""
     if chunk_tokens is not None:
         return max(1, min(batch, chunk_tokens // seq_len))
     if free_bytes == float("inf"):
         return batch
-    per_seq = ACTIVATION_PER_INPUT * input_bytes_per_token * seq_len
+    per_seq = ACTIVATION_PER_INPUT * layers * input_bytes_per_token * seq_len
     return max(1, min(batch, int(CHUNK_MEMORY_SHARE * free_bytes // per_seq)))
 
 
-def token_chunk(seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int, free_bytes: float) -> int | None:
+def token_chunk(seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int, free_bytes: float,
+                layers: int = 1) -> int | None:
     """Long context: the tokens of one sequence that a block's token-wise part runs at a time (model.Block's
     token_chunk), when even one sequence is more than a chunk of the sweep may hold; None: whole sequences."""
     if chunk_tokens is not None:
         return chunk_tokens if chunk_tokens < seq_len else None
     if free_bytes == float("inf"):
         return None
-    fit = int(CHUNK_MEMORY_SHARE * free_bytes // (ACTIVATION_PER_INPUT * input_bytes_per_token))
+    fit = int(CHUNK_MEMORY_SHARE * free_bytes // (ACTIVATION_PER_INPUT * layers * input_bytes_per_token))
     return None if fit >= seq_len else max(1, fit)
 
 

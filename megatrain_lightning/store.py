@@ -3,12 +3,12 @@
 Each unit (one trunk block, or the resident rest of the model: embedding, final norm, head) holds:
 
 - one fp32 tile [master | adam m | adam v | grad], each a flat buffer of the unit's parameters in a fixed layout;
-  for a file-backed unit (`storage=nvme`) only the grad is in RAM and [master | m | v] is a file (`nvme.py`);
+  a file-backed unit (`storage=nvme`) has nothing in RAM: its tile and streamed copy are a file (`nvme.py`);
 - `stream`: what is copied to the device in one DMA (pinned when CUDA is used). With `stream="copy"` it is a
   compute-dtype copy of the weights (2 more bytes per parameter in bf16, half the PCIe bytes); with
   `stream="master"` it is the fp32 master itself, registered with CUDA in place, and the device casts it.
 
-A file-backed unit always streams a compute-dtype copy kept in RAM (its master is on disk).
+A file-backed unit streams a compute-dtype copy kept in its file, read into the tier's pinned window.
 
 Gradients of a step's first micro-batch land in `grad` by DMA (it is page-locked); those of later micro-batches go
 through the engine's small pinned staging ring, and the host adds them into `grad`.
@@ -101,12 +101,8 @@ class Unit:
         self.layout, self.on_disk = layout, on_disk
         self._lock: weakref.finalize | None = None  # the page-lock of the gradient or of the whole tile
         self._tile_locked = False
-        if on_disk:  # [master | m | v] lives in a file; only the gradient is here
-            self.tile = self.grad = torch.zeros(t, dtype=torch.float32)
-            self.master = self.exp_avg = self.exp_avg_sq = None
-            self.stream = stream
-            if pin and t:
-                self._lock = _register(self.grad)
+        if on_disk:  # everything lives in its file (nvme.py); the tier's window holds it while it is used
+            self.tile = self.grad = self.master = self.exp_avg = self.exp_avg_sq = self.stream = None
             return
         self.tile = torch.zeros(layout.tile_numel, dtype=torch.float32)  # [master | m | v | grad]
         self.master, self.exp_avg, self.exp_avg_sq, self.grad = layout.split_state(self.tile)
@@ -131,7 +127,7 @@ class Unit:
     def refresh_stream(self, master: Tensor | None = None) -> None:
         """Casts the fp32 master (or, for a file-backed unit, the given loaded one) into the streamed copy."""
         master = self.master if master is None else master
-        if master is not None and self.stream is not master:
+        if master is not None and self.stream is not None and self.stream is not master:
             self.stream.copy_(master)  # cast fp32 -> compute dtype
 
 
@@ -170,11 +166,11 @@ def _register(t: Tensor) -> weakref.finalize:
 
 class HostStore:
     """All units of a model: `units[i]` is trunk block i, `units[-1]` the resident part. The streamed copies of
-    all units share one page-locked allocation. `nvme_units` (trunk indices) keep [master | m | v] in files
-    under `nvme_dir`."""
+    units in RAM share one page-locked allocation. `nvme_units` (trunk indices) keep all their state in files under
+    `nvme_dir` (one directory, or a list striped over)."""
 
     def __init__(self, layouts: list[Layout], names: list[str], compute_dtype: torch.dtype, pin: bool,
-                 stream: str = "copy", nvme_units: Sequence[int] = (), nvme_dir: str | Path | None = None) -> None:
+                 stream: str = "copy", nvme_units: Sequence[int] = (), nvme_dir: str | Path | Sequence[str | Path] | None = None) -> None:
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         self.compute_dtype = compute_dtype
@@ -182,11 +178,9 @@ class HostStore:
         self.stream_dtype = torch.float32 if self.stream == "master" else compute_dtype
         self.names = names  # each unit's name prefix in the LightningModule ("model.model.layers.3.")
         on_disk = set(nvme_units)
-        if on_disk and self.stream_dtype != compute_dtype:
-            raise ValueError("file-backed units stream a compute-dtype copy kept in RAM: use stream='copy'")
         if len(layouts) - 1 in on_disk:
             raise ValueError("the resident unit cannot be file-backed")
-        copied = [i for i in range(len(layouts)) if self.stream == "copy" or i in on_disk]
+        copied = [i for i in range(len(layouts)) if self.stream == "copy" and i not in on_disk]
         self._streams = pinned_empty(sum(layouts[i].numel for i in copied), self.stream_dtype, pin)
         self.units: list[Unit] = []
         offset = 0
@@ -196,8 +190,9 @@ class HostStore:
                 copy = self._streams[offset:offset + layout.numel]
                 offset += layout.numel
             self.units.append(Unit(layout, copy, pin, on_disk=i in on_disk))
-        self.nvme = NvmeTier(nvme_dir or "nvme_state", {i: layouts[i].state_numel for i in sorted(on_disk)}) \
-            if on_disk else None
+        self.nvme = NvmeTier(nvme_dir or "nvme_state",
+                             {i: (layouts[i].numel, layouts[i].state_numel, layouts[i].tile_numel) for i in on_disk},
+                             compute_dtype, pin) if on_disk else None
         # full parameter name -> (unit index, entry)
         self.index = {prefix + e.name: (i, e) for i, (prefix, u) in enumerate(zip(names, self.units))
                       for e in u.layout.entries}
@@ -233,8 +228,8 @@ class HostStore:
 
     @property
     def nbytes(self) -> int:
-        tiles = self.nvme.nbytes if self.nvme else 0
-        return sum(u.tile.nbytes for u in self.units) + self._streams.nbytes + tiles
+        window = self.nvme.nbytes if self.nvme else 0
+        return sum(u.tile.nbytes for u in self.units if u.tile is not None) + self._streams.nbytes + window
 
     @property
     def n_params(self) -> int:
@@ -255,8 +250,9 @@ class HostStore:
         part = {"master": 0, "exp_avg": 1, "exp_avg_sq": 2}
         out: dict[str, Tensor] = {}
         for i, (prefix, unit) in enumerate(zip(self.names, self.units)):
-            if unit.on_disk and which in part:
-                flat = unit.layout.split_state(self.read_state(i))[part[which]]
+            if unit.on_disk:
+                flat = self.nvme.load_grad(i) if which == "grad" else \
+                    unit.layout.split_state(self.read_state(i))[part[which]]
             else:
                 flat = getattr(unit, which)
             for name, view in unit.layout.views(flat).items():

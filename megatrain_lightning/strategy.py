@@ -13,7 +13,7 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Generator, Mapping
+from typing import Any, Callable, Generator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -57,7 +57,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         storage: str = "ram",
         stream: str = "auto",
         ram_budget_GiB: float | None = None,
-        nvme_dir: str | Path = "nvme_state",
+        nvme_dir: str | Path | Sequence[str | Path] = "nvme_state",
         init_from: str | Path | None = None,
         compile: bool | None = None,
         offload_checkpoints: bool | None = None,
@@ -97,7 +97,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.num_nodes = 1  # likewise (checked in _configure_launcher)
         self.checkpoint_interval, self.prefetch_depth, self.storage = checkpoint_interval, prefetch_depth, storage
         self.stream = stream
-        self.ram_budget_GiB, self.nvme_dir = ram_budget_GiB, Path(nvme_dir)
+        self.ram_budget_GiB = ram_budget_GiB
+        # one directory, or one per drive (the file-backed layers stripe over them)
+        self.nvme_dir = Path(nvme_dir) if isinstance(nvme_dir, (str, Path)) else [Path(d) for d in nvme_dir]
         self.init_from = Path(init_from) if init_from is not None else None  # a Hugging Face checkpoint directory
         # None: on for a CUDA device (blocks compiled with torch.compile; block inputs kept in host memory so that
         # device memory does not grow with depth, while the RAM left has room for them), off on the CPU
@@ -180,12 +182,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
             if len(self.optimizers) != 1:
                 raise UserError(f"the megatrain strategy supports one optimizer, got {len(self.optimizers)}")
             self._grad_pairs = bind_optimizer(self.optimizers[0], self.store, self._param_names)
-            step = self.optimizers[0].step
-            self.updater = step if isinstance(step, HostAdam) else None
-            if self.updater is not None:
-                self.engine.attach_updater(self.updater, trace_of=lambda: self.engine.trace or self._host_trace)
-                self.engine.after_forward = self._after_trunk_forward
-                self._keep_device_states()
+            step = self.updater = self.optimizers[0].step  # a HostAdam
+            self.engine.attach_updater(self.updater, trace_of=lambda: self.engine.trace or self._host_trace)
+            self.engine.after_forward = self._after_trunk_forward
+            self._keep_device_states()
             self._keep_step_cache(trainer.accumulate_grad_batches)
             # Lightning clips by norm by multiplying every .grad before optimizer.step; the host step instead takes
             # the coefficient and applies it inside the fused kernel (and, overlapped, per unit when it updates it)
@@ -350,13 +350,6 @@ class MegatrainStrategy(SingleDeviceStrategy):
 
     @override
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
-        marks: dict[str, float] = {}
-
-        def marked_closure() -> Any:
-            out = closure()
-            marks["backward_done"] = time.perf_counter()
-            return out
-
         if self.updater is not None:
             trainer = self.lightning_module.trainer
             self.updater.begin_step(eager=self._eager_updates(),
@@ -364,7 +357,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
                                     and trainer.gradient_clip_algorithm == "norm")
         self.engine.final = True
         try:
-            out = super().optimizer_step(optimizer, marked_closure, model, **kwargs)
+            out = super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
             self.engine.final = False
         self.engine.fresh_grads = True
@@ -380,14 +373,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
                 # the "device" is the host: overlapping would only split the same cores between the update and the
                 # next forward (the planner's unified model: the update runs after backward)
                 self.flush()
-            return out
-        # file-backed units: the paged step ran synchronously
-        if self.store.nvme is not None:
-            self._log_nvme()
-        trace = self.engine.trace
-        if trace is not None and "backward_done" in marks:
-            trace.add_host(-1, S.CPU, S.OPTIMIZER, marks["backward_done"], time.perf_counter(), 0)
-        self._publish_weights()
+            if self.store.nvme is not None:
+                self._log_nvme()
         return out
 
     def _eager_updates(self) -> bool:

@@ -16,11 +16,12 @@ log = logging.getLogger(__name__)
 
 class Sweep:
     def __init__(self, device: torch.device, chunk_tokens: int | None, per_sample_extras: tuple[int, ...],
-                 templates: list[nn.Module]) -> None:
+                 templates: list[nn.Module], layers: int = 1) -> None:
         """`chunk_tokens`: schedule.chunk_sequences (None: from free device memory, the whole batch on the CPU).
         `per_sample_extras`: indices of extras whose first dimension is the batch's (sliced with each chunk); the
-        others are shared by every sequence (rotary tables)."""
-        self.device, self.chunk_tokens = device, chunk_tokens
+        others are shared by every sequence (rotary tables). `layers`: how many layers backward recomputes together
+        (the checkpoint interval): a chunk's activations are theirs."""
+        self.device, self.chunk_tokens, self.layers = device, chunk_tokens, layers
         self.per_sample_extras = tuple(per_sample_extras)
         self.chunk_of: dict[tuple, int] = {}  # (batch, seq_len, dtype) -> sequences per chunk, chosen once
         self.token_chunk_of: dict[tuple, int | None] = {}  # ... -> tokens per piece of a block's token-wise part
@@ -41,9 +42,10 @@ class Sweep:
             else:
                 free = float("inf")  # the CPU: the device is the host
             per_token = x[0].numel() // T * x.element_size()
-            n = S.chunk_sequences(B, T, self.chunk_tokens, per_token, free)
+            n = S.chunk_sequences(B, T, self.chunk_tokens, per_token, free, self.layers)
             self.chunk_of[key] = n
-            self.token_chunk_of[key] = S.token_chunk(T, self.chunk_tokens, per_token, free) if n == 1 else None
+            self.token_chunk_of[key] = S.token_chunk(T, self.chunk_tokens, per_token, free, self.layers) \
+                if n == 1 else None
             if n < B:
                 log.info(f"batch sweep: {B} sequences of {T} tokens run in chunks of {n}")
             if self.token_chunk_of[key] is not None and self.token_chunked:

@@ -127,8 +127,8 @@ def disk_rates(path: str, mib: int) -> dict[str, float]:
     finally:
         if os.path.exists(f):
             os.remove(f)
-    return {"nvme_read_GBps": round(read, 2), "nvme_write_GBps": round(write, 2),
-            "nvme_capacity_TB": round(shutil.disk_usage(path).free / 1e12, 3)}
+    return {"nvme_read_GBps": round(read, 2), "nvme_write_GBps": round(write, 2), "nvme_drives": 1,
+            "nvme_capacity_TB": round(shutil.disk_usage(path).free / 1e12, 3)}  # one drive: the one under `path`
 
 
 def link_rates(device: torch.device, nbytes: int) -> dict[str, float]:

@@ -89,11 +89,14 @@ def hardware(cfg: dict[str, Any]) -> Hardware:
         if gpu:
             base["gpu"], base["hbm_GiB"] = gpu[0], round(gpu[1], 1)
         base["host_ram_GiB"] = round(host_ram_GiB(), 1)
-        nvme_dir = str(cfg["storage"].get("nvme_dir") or ".")
-        base["nvme_capacity_TB"] = round(disk_free_TB(nvme_dir), 6)
-        if cfg["storage"]["kind"] == "nvme" and base["nvme_capacity_TB"] <= 0:  # what a full or tiny disk shows
-            raise PlanError("storage.nvme_dir", f"{nvme_dir} has no free space (its filesystem has "
-                                                f"{disk_free_TB(nvme_dir) * 1e3:.3g} GB free)")
+        dirs = cfg["storage"].get("nvme_dir") or "."
+        dirs = [str(d) for d in dirs] if isinstance(dirs, list) else [str(dirs)]
+        base["nvme_drives"] = len(dirs)  # one directory per drive
+        base["nvme_capacity_TB"] = round(sum(disk_free_TB(d) for d in dirs), 6)
+        for d in dirs:
+            if cfg["storage"]["kind"] == "nvme" and disk_free_TB(d) <= 0:  # what a full or tiny disk shows
+                raise PlanError("storage.nvme_dir", f"{d} has no free space (its filesystem has "
+                                                    f"{disk_free_TB(d) * 1e3:.3g} GB free)")
         base.update({k: v for k, v in hw.items() if v is not None and k != "name"})
         hw = base
     return Hardware.from_dict(hw)

@@ -37,9 +37,10 @@ class Hardware:
     cpu_cast_Gparams: float  # fp32 master -> streamed compute-dtype copy
     cpu_grad_copy_Gparams: float  # first micro-batch: shipped gradient copied into the fp32 buffer
     cpu_grad_add_Gparams: float  # later micro-batches: shipped gradient added into the fp32 buffer
-    nvme_read_GBps: float
-    nvme_write_GBps: float
-    nvme_capacity_TB: float  # free space for the file-backed tier (10^12 bytes)
+    nvme_read_GBps: float  # one drive, sustained large reads
+    nvme_write_GBps: float  # one drive, sustained large writes (beyond any SLC cache)
+    nvme_drives: int  # drives the file-backed tier stripes its layers over (storage.nvme_dir as a list, one each)
+    nvme_capacity_TB: float  # free space for the file-backed tier, all drives together (10^12 bytes)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -51,6 +52,8 @@ class Hardware:
                 raise PlanError(f"hardware.{f.name}", f"must be > 0, got {v}")
             if f.name in ("gpu_reserved_GiB", "host_reserved_GiB", "layer_overhead_ms") and v < 0:
                 raise PlanError(f"hardware.{f.name}", f"must be >= 0, got {v}")
+        if not isinstance(self.nvme_drives, int) or isinstance(self.nvme_drives, bool) or self.nvme_drives < 1:
+            raise PlanError("hardware.nvme_drives", f"must be a whole number >= 1, got {self.nvme_drives!r}")
         if not 0 < self.block_efficiency <= 1:
             raise PlanError("hardware.block_efficiency", f"must be in (0, 1], got {self.block_efficiency}")
         if self.duplex_GBps < max(self.h2d_GBps, self.d2h_GBps):
@@ -67,6 +70,15 @@ class Hardware:
         if missing:
             raise PlanError(f"hardware.{missing[0]}", "missing (set it, or use hardware=auto to detect it)")
         return cls(**d)
+
+    @property
+    def nvme_array_read_GBps(self) -> float:
+        """Reads of the striped tier: every drive at once (each has its own reader thread)."""
+        return self.nvme_read_GBps * self.nvme_drives
+
+    @property
+    def nvme_array_write_GBps(self) -> float:
+        return self.nvme_write_GBps * self.nvme_drives
 
     def matmul_TFLOPS(self, compute_bytes: int) -> float:
         return self.bf16_TFLOPS if compute_bytes == 2 else self.fp32_TFLOPS

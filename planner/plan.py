@@ -98,8 +98,9 @@ def _sweep_chunk(hw: Hardware, wl: Workload) -> Workload:
     free at the first forward; resolved as a cap that data.micro_batch then bounds."""
     free = float("inf") if hw.unified else _gpu_free_bytes(hw, wl)
     per_token = wl.model.hidden_size * wl.cb
-    cap = S.chunk_sequences(2**31, wl.seq_len, wl.chunk_tokens, per_token, free)
-    tokens = S.token_chunk(wl.seq_len, wl.chunk_tokens, per_token, free) if cap == 1 else None
+    k = wl.checkpoint_interval
+    cap = S.chunk_sequences(2**31, wl.seq_len, wl.chunk_tokens, per_token, free, k)
+    tokens = S.token_chunk(wl.seq_len, wl.chunk_tokens, per_token, free, k) if cap == 1 else None
     return replace(wl, chunk_cap=cap, token_chunk=tokens)
 
 
@@ -133,19 +134,21 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
             raise PlanError("storage.stream", "storage=nvme streams the compute-dtype copy kept in RAM; "
                                               "use storage.stream=copy or auto")
         wl = replace(wl, stream="copy")
-        others = sum(v for k, v in replace(wl, n_nvme_layers=wl.n_layers, offload_checkpoints=bool(
-                     wl.offload_checkpoints)).host_bytes().items() if k != "state")
+        # the engine's rule (placement.nvme_units): a layer in RAM holds its fp32 tile and streamed copy, a
+        # file-backed one nothing (its file has it all); the tier's window comes on top of the budget
+        everything_on_disk = replace(wl, n_nvme_layers=wl.n_layers, offload_checkpoints=bool(wl.offload_checkpoints))
+        others = sum(v for k, v in everything_on_disk.host_bytes().items() if k not in ("state", "stream_copy"))
         budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
-        layer, n = wl.model.layer_params, wl.n_layers
-        state = ([S.RAM_STATE_BYTES * layer] * n, [S.DISK_STATE_BYTES * layer] * n,
-                 S.RAM_STATE_BYTES * wl.model.embedding_params)
-        floor = S.nvme_floor(*state)  # the engine's rule (placement.nvme_units)
+        per_param = S.RAM_STATE_BYTES + (wl.cb if wl.cb != 4 else 0)
+        layer_ram = [per_param * wl.model.layer_params] * wl.n_layers
+        fixed = per_param * wl.model.embedding_params
+        floor = S.nvme_floor(fixed)
         if wl.ram_budget_GiB is not None and floor > budget:
             raise PlanError("storage.ram_budget_GiB", f"{wl.ram_budget_GiB:g} GiB cannot hold even the state that "
-                            f"stays in RAM with every layer on disk ({floor / GiB:.3g} GiB: gradients and the "
-                            "embedding/head state)")
-        return replace(wl, n_nvme_layers=S.nvme_layers(*state, budget))
+                            f"stays in RAM with every layer on disk ({floor / GiB:.3g} GiB: the embedding/head "
+                            "state)")
+        return replace(wl, n_nvme_layers=S.nvme_layers(layer_ram, fixed, budget))
     if wl.stream == "auto":  # the engine's rule (placement.resolve_stream): the master streams
         wl = replace(wl, stream="master")
     return _keep_on_device(hw, wl)
@@ -201,11 +204,11 @@ def advice(a: Answer) -> list[str]:
                    f"use a host with >= {(ram.need_bytes / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB RAM; {alt}")
     if wl.storage == "nvme" and wl.n_nvme_layers:
         full = ram_need(hw, replace(wl, storage="ram", n_nvme_layers=0))
-        out.append(f"NVMe: {wl.n_nvme_layers} of {wl.n_layers} layers keep fp32 state on the SSD "
+        out.append(f"NVMe: {wl.n_nvme_layers} of {wl.n_layers} layers keep all their state on the SSD "
                    f"({wl.nvme_bytes / 1e12:.2f} TB); >= {(full / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB of RAM "
                    "would keep everything in RAM")
         if not ram.fits:
-            out.append(f"RAM: even with every layer on the SSD, the streamed copy and gradient buffers need "
+            out.append(f"RAM: even with every layer on the SSD, the embedding/head, the window and the block inputs need "
                        f"{ram.need_bytes / GiB:,.0f} GiB of {ram.capacity_bytes / GiB:,.0f} usable")
     if "NVMe" in by_name and not by_name["NVMe"].fits:
         out.append(f"NVMe: needs {by_name['NVMe'].need_bytes / 1e12:.2f} TB of free SSD, has "

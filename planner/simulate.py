@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from planner.shared import schedule as S
 from planner.hardware import Hardware
-from planner.workload import NVME_BUFFERS, NVME_STATE_BYTES, Workload
+from planner.workload import Workload
 
 RESIDENT_LAYER = -1  # layer index of spans of the resident part (embedding, head, loss, optimizer, cast)
 
@@ -69,6 +69,13 @@ class _Sim:
         self.updated: dict = {}  # when each unit's (the previous step's) host update is done: "embed", i, "head"
         self.landed: list[tuple[int, int, float]] = []  # (layer, params, time) of the last micro-batch's gradients
         self.cache_loaded: set[int] = set()  # step-cached layers whose weights this step has loaded
+        # the file-backed tier (nvme.py): when each tile of its window is free again (reads take them in order),
+        # when each layer's state and copy (the previous step's update) and gradient are on the disk
+        self.copy_tiles = [0.0] * (S.NVME_COPY_BUFFERS - 1)
+        self.opt_tiles = [0.0] * S.NVME_BUFFERS
+        self.written: dict[int, float] = {}
+        self.grad_written: dict[int, float] = {}
+        self.queued: list = []  # the previous step's updates not yet emitted (`pump`)
 
     # ---- primitives ----
     def span(self, lane: str, kind: str, layer: int, dur: float, after: float = 0.0, nbytes: int = 0,
@@ -126,6 +133,7 @@ class _Sim:
         x_ready = embed.end
         ckpt_alloc: dict[int, float] = {}
         for i in p.forward_loads():
+            self.pump(i + S.NVME_BUFFERS)  # the host's updates run a few layers ahead of the loads that wait on them
             free_at = max(slots.pop(), self.updated.get(i, 0.0))  # the engine waits for the layer's update
             fwd = self.span(S.COMPUTE, S.FORWARD, i, self.layer_s(1), after=max(self.load(i, free_at), x_ready))
             x_ready = fwd.end
@@ -135,6 +143,7 @@ class _Sim:
                 ckpt_alloc[i // p.k] = fwd.start
             self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok + out_bytes)
             slots.append(fwd.end)
+        self.pump(None)
         head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(),
                          after=max(x_ready, self.updated.get("head", 0.0)))
         self.alloc(head.start, head.end, wl.head_bytes)
@@ -186,7 +195,7 @@ class _Sim:
             acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, shipped, landing))
             self.landed.append((RESIDENT_LAYER, c.embedding_params, acc_ends[-1]))
         self.alloc(shipped, None, -(head_grad + emb_grad))
-        if self.wl.n_nvme_layers or not first or self.wl.clip:  # the main thread waits for the gradients
+        if not first or self.wl.clip:  # the main thread waits for the gradients
             self.host = max(self.host, shipped, *acc_ends)
 
     def load(self, i: int, free_at: float) -> float:
@@ -196,8 +205,47 @@ class _Sim:
             return free_at
         if i in wl.cached:
             self.cache_loaded.add(i)
-        return self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
-                         nbytes=wl.load_bytes).end
+        if not self.on_disk(i):
+            return self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
+                             nbytes=wl.load_bytes).end
+        # file-backed: its copy is read from the drives into a pinned tile (once the last update wrote it), then H2D
+        nbytes = wl.cb * wl.model.layer_params
+        read = self.span(S.NVME_READ, S.LOAD, i, nbytes / (self.hw.nvme_array_read_GBps * 1e9),
+                         after=max(self.copy_tiles.pop(0), self.written.get(i, 0.0)), nbytes=nbytes, issued=False)
+        at = max(free_at, read.end)
+        end = self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, nbytes, at), after=at, nbytes=nbytes).end
+        self.copy_tiles.append(end)
+        return end
+
+    def on_disk(self, i: int) -> bool:
+        return 0 <= i < self.wl.n_nvme_layers  # the file-backed layers are the first ones
+
+    def disk_s(self, lane: str, nbytes: int) -> float:
+        hw = self.hw
+        return nbytes / ((hw.nvme_array_read_GBps if lane == S.NVME_READ else hw.nvme_array_write_GBps) * 1e9)
+
+    def disk_update(self, i: int, after: float = 0.0) -> float:
+        """A file-backed layer's host update: its [master | m | v | grad] read into an optimizer tile, AdamW (and
+        the cast into the copy, on the writer), [master | m | v] and the copy written behind; returns the AdamW's
+        end (what the engine's wait for the update sees; the next read of the copy waits for the write)."""
+        lp, cb = self.wl.model.layer_params, self.wl.cb
+        nbytes = S.DISK_STATE_BYTES * lp
+        read = self.span(S.NVME_READ, S.OPTIMIZER, i, self.disk_s(S.NVME_READ, nbytes),
+                         after=max(self.opt_tiles.pop(0), self.grad_written.get(i, 0.0), after), nbytes=nbytes,
+                         issued=False)
+        opt = self.span(S.CPU, S.OPTIMIZER, i, lp / (self.hw.cpu_adamw_Gparams * 1e9), after=read.end, issued=False)
+        nbytes = (S.DISK_STATE_BYTES - 4 + cb) * lp
+        write = self.span(S.NVME_WRITE, S.OPTIMIZER, i, self.disk_s(S.NVME_WRITE, nbytes), after=opt.end,
+                          nbytes=nbytes, issued=False)
+        self.opt_tiles.append(write.end)
+        self.written[i] = write.end
+        return opt.end
+
+    def pump(self, upto: int | None) -> None:
+        """Emits the queued updates of units before layer `upto` (None: all), in their order: the engine's host
+        thread and the drives' readers interleave them with the forward's reads, which this keeps."""
+        while self.queued and (upto is None or self.queued[0][0] < upto):
+            self.queued.pop(0)[1]()
 
     def write_through(self, i: int, after: float) -> None:
         """The previous step's write-through of the kept state, paced by the engine into the D2H lane's idle time:
@@ -215,10 +263,21 @@ class _Sim:
             self.span(S.COMPUTE, S.OPTIMIZER, RESIDENT_LAYER, wl.kept_params / (hw.gpu_adamw_Gparams * 1e9))
 
     def accumulate(self, layer: int, n_params: int, after: float, first: bool) -> float:
-        if first and not self.wl.n_nvme_layers:  # landed in fp32 by DMA: no host work
+        disk = self.on_disk(layer)
+        if first:  # landed in fp32 by DMA: no host work (a file-backed layer's then goes to its file)
+            if disk:
+                self.grad_written[layer] = self.span(S.NVME_WRITE, S.GRAD, layer, self.disk_s(S.NVME_WRITE, 4 * n_params),
+                                                     after=after, nbytes=4 * n_params, issued=False).end
             return after
-        rate = self.hw.cpu_grad_copy_Gparams if first else self.hw.cpu_grad_add_Gparams
-        return self.span(S.CPU, S.ACCUMULATE, layer, n_params / (rate * 1e9), after=after, issued=False).end
+        if disk:  # read back from its file, added, written again
+            after = self.span(S.NVME_READ, S.ACCUMULATE, layer, self.disk_s(S.NVME_READ, 4 * n_params), after=after,
+                              nbytes=4 * n_params, issued=False).end
+        end = self.span(S.CPU, S.ACCUMULATE, layer, n_params / (self.hw.cpu_grad_add_Gparams * 1e9), after=after,
+                        issued=False).end
+        if disk:
+            self.grad_written[layer] = self.span(S.NVME_WRITE, S.GRAD, layer, self.disk_s(S.NVME_WRITE, 4 * n_params),
+                                                 after=end, nbytes=4 * n_params, issued=False).end
+        return end
 
     def update_s(self, n_params: int) -> float:
         """One unit's host update: fused AdamW (clip inside the kernel), plus the cast when a copy streams."""
@@ -236,12 +295,18 @@ class _Sim:
             self.updated["embed"] = self.span(S.H2D, S.LOAD, RESIDENT_LAYER,
                                               self.transfer_s(S.H2D, half * self.wl.cb, t), after=t,
                                               nbytes=half * self.wl.cb, issued=False).end
-        for i in range(self.wl.n_layers):
-            if i not in kept:
+        def update(i: int) -> None:
+            if self.on_disk(i):
+                self.updated[i] = self.disk_update(i)
+            else:
                 self.updated[i] = self.span(S.CPU, S.OPTIMIZER, i, self.update_s(c.layer_params), issued=False).end
-        if self.wl.n_layers not in kept:
+
+        def head() -> None:
             self.updated["head"] = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half),
                                              issued=False).end
+        self.queued = [(i, lambda i=i: update(i)) for i in range(self.wl.n_layers) if i not in kept]
+        if self.wl.n_layers not in kept:
+            self.queued.append((self.wl.n_layers, head))
 
     def overlapped_updates(self) -> None:
         """After the last micro-batch: per-unit norms for clipping as gradients land; without clipping each unit's
@@ -251,6 +316,8 @@ class _Sim:
         for layer, n, t in self.landed:
             if self.wl.clip:
                 self.span(S.CPU, S.OPTIMIZER, layer, n * 4 / (hw.host_mem_GBps * 1e9), after=t, issued=False)
+            elif self.on_disk(layer):
+                self.disk_update(layer, after=t)
             else:
                 self.span(S.CPU, S.OPTIMIZER, layer, self.update_s(n), after=t, issued=False)
         self.host = max(self.host, self.free[S.CPU])
@@ -260,23 +327,13 @@ class _Sim:
         streamed copies; file-backed layers read their state ahead and write it behind."""
         wl, hw, c = self.wl, self.hw, self.wl.model
         opt_s = lambda n: n / (hw.cpu_adamw_Gparams * 1e9)  # noqa: E731
-        if not wl.n_nvme_layers:
-            self.host = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(c.n_params)).end
-        else:
-            nbytes = c.layer_params * NVME_STATE_BYTES
-            reads, writes = [], []
-            ram_params = c.n_params - wl.n_nvme_layers * c.layer_params
-            ram = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(ram_params))
-            for i in range(wl.n_nvme_layers):  # the file-backed layers are the first ones
-                buf_free = writes[i - NVME_BUFFERS].end if i >= NVME_BUFFERS else 0.0
-                reads.append(self.span(S.NVME_READ, S.LOAD, i, nbytes / (hw.nvme_read_GBps * 1e9),
-                                       after=buf_free, nbytes=nbytes, issued=False))
-                opt = self.span(S.CPU, S.OPTIMIZER, i, opt_s(c.layer_params), after=max(reads[-1].end, ram.end))
-                writes.append(self.span(S.NVME_WRITE, S.OPTIMIZER, i, nbytes / (hw.nvme_write_GBps * 1e9),
-                                        after=opt.end, nbytes=nbytes, issued=False))
-            self.host = self.free[S.CPU]
+        ram_params = c.n_params - wl.n_nvme_layers * c.layer_params
+        self.host = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(ram_params)).end
+        for i in range(wl.n_nvme_layers):  # file-backed: read ahead, updated, written behind
+            self.disk_update(i, after=self.host)
+        self.host = max(self.host, self.free[S.CPU])
         if wl.resolved_stream == "copy":
-            self.host = self.span(S.CPU, S.CAST, RESIDENT_LAYER, c.n_params / (hw.cpu_cast_Gparams * 1e9)).end
+            self.host = self.span(S.CPU, S.CAST, RESIDENT_LAYER, ram_params / (hw.cpu_cast_Gparams * 1e9)).end
         nbytes = wl.resident_bytes
         self.span(S.H2D, S.LOAD, RESIDENT_LAYER, self.transfer_s(S.H2D, nbytes, self.host), nbytes=nbytes)
 
@@ -284,7 +341,7 @@ class _Sim:
 def simulate(hw: Hardware, wl: Workload) -> Timeline:
     sim = _Sim(hw, wl)
     sim.t.gpu_base_bytes = wl.resident_bytes + wl.n_slots * wl.slot_bytes + wl.kept_bytes + wl.cached_bytes
-    overlapped = not wl.n_nvme_layers and not hw.unified  # the engine's HostAdam (all state in RAM, CUDA)
+    overlapped = not hw.unified  # the engine's HostAdam on a separate device (on the CPU it runs after backward)
     if overlapped and wl.clip:
         sim.previous_updates()
     acc_ends: list[float] = []

@@ -16,8 +16,6 @@ PRECISIONS = {"bf16-mixed": 2, "32-true": 4}  # Lightning precision -> bytes of 
 STORAGES = ("ram", "nvme")
 STREAMS = ("copy", "master", "auto")
 STATE_BYTES = S.RAM_STATE_BYTES  # fp32 master + Adam m + Adam v + gradient buffer, per parameter
-NVME_STATE_BYTES = S.DISK_STATE_BYTES  # what a file-backed layer keeps on the SSD: master, m, v
-NVME_BUFFERS = S.NVME_BUFFERS  # layer-sized RAM buffers for the file-backed tier's read-ahead and write-behind
 GiB = 2**30
 
 
@@ -32,7 +30,7 @@ class Workload:
     prefetch_depth: int = 2
     storage: str = "ram"
     stream: str = "copy"  # copy: a pinned compute-dtype copy streams; master: the fp32 master streams, cast on device
-    ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer fp32 state (None: all the RAM left)
+    ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer state (None: all the RAM left)
     n_nvme_layers: int = 0  # set by the planner when it places layers on the SSD
     clip: bool = True  # gradient clipping: host updates wait for the whole backward (else they start as it goes)
     offload_checkpoints: bool | None = True  # block inputs kept in host memory; None: when RAM has room (resolved)
@@ -266,25 +264,38 @@ class Workload:
         c, cb = self.model, self.cb
         n_ram_layers = self.n_layers - self.n_nvme_layers
         ram_params = n_ram_layers * c.layer_params + c.embedding_params
-        out = {"state": ram_params * STATE_BYTES + self.n_nvme_layers * c.layer_params * 4}
+        out = {"state": ram_params * STATE_BYTES}  # a file-backed layer keeps nothing in RAM
         if self.resolved_stream == "copy":
-            out["stream_copy"] = c.n_params * cb  # page-locked in place: exact sizes
+            out["stream_copy"] = ram_params * cb  # page-locked in place: exact sizes
         out["grad_staging"] = S.staging_numel(c.layer_params, c.embedding_params) * cb
         if self.offload_checkpoints:
             out["checkpoints"] = self.plan.n_checkpoints * self.checkpoint_bytes
         if self.n_nvme_layers:
-            out["nvme_buffers"] = NVME_BUFFERS * c.layer_params * NVME_STATE_BYTES
+            out["nvme_window"] = self.nvme_window_bytes
         return out
+
+    @property
+    def nvme_window_bytes(self) -> int:
+        """The file-backed tier's RAM window (schedule.nvme_window), whatever the depth."""
+        lp = self.model.layer_params
+        return int(S.nvme_window(STATE_BYTES * lp, self.cb * lp, 4 * lp))
+
+    @property
+    def nvme_pinned_bytes(self) -> int:
+        """The window's page-locked part: the copy tiles (H2D) and the gradient tiles (D2H)."""
+        lp = self.model.layer_params
+        return (S.NVME_COPY_BUFFERS * self.cb * lp + S.NVME_GRAD_BUFFERS * 4 * lp) if self.n_nvme_layers else 0
 
     def pinned_bytes(self, hw_unified: bool = False) -> int:
         if hw_unified:
             return 0
         h = self.host_bytes()
-        n = self.model.n_params
+        n = self.model.n_params - self.n_nvme_layers * self.model.layer_params  # the units in RAM
         # page-locked in place: the gradient buffers (they land by DMA), and whole tiles when the master streams
         tiles = 16 * n if self.resolved_stream == "master" else 4 * n
-        return h.get("stream_copy", 0) + h["grad_staging"] + h.get("checkpoints", 0) + tiles
+        return h.get("stream_copy", 0) + h["grad_staging"] + h.get("checkpoints", 0) + tiles + self.nvme_pinned_bytes
 
     @property
     def nvme_bytes(self) -> int:
-        return self.n_nvme_layers * self.model.layer_params * NVME_STATE_BYTES
+        """SSD space: each file-backed layer's [master | m | v | grad] and its streamed copy (nvme.py)."""
+        return self.n_nvme_layers * self.model.layer_params * (S.DISK_STATE_BYTES + self.cb)

@@ -43,6 +43,25 @@ def kept_budget_GiB(config: Config, n_layers: int) -> float:
     return S.DEVICE_STATE_BYTES * (config.embedding_params + n_layers * config.layer_params) / 2**30
 
 
+def nvme_budget_GiB(model: torch.nn.Module, on_disk: int, dtype: torch.dtype = torch.float32) -> float:
+    """storage=nvme's ram_budget_GiB that leaves exactly `on_disk` of `model`'s trunk layers to files (placement's
+    rule, checked)."""
+    from megatrain_lightning import placement, surgery
+    from megatrain_lightning.model import Trunk
+    from megatrain_lightning.store import Layout
+    trunk = next(m for m in model.modules() if isinstance(m, Trunk))
+
+    def layout(named) -> Layout:
+        named = list(named)
+        return Layout([(n, p.shape) for n, p in named], frozen={n for n, p in named if not p.requires_grad})
+    rest = [(name, owners[0][2]) for name, owners in surgery.param_refs(model, skip=trunk).values()]
+    layouts = [layout(b.named_parameters()) for b in trunk] + [layout(rest)]
+    need = placement.nvme_ram_bytes(layouts, dtype, on_disk)
+    budget = need + 0.5 * (placement.nvme_ram_bytes(layouts, dtype, on_disk - 1) - need) if on_disk else need
+    assert len(placement.nvme_units(layouts, dtype, budget / 2**30)) == on_disk
+    return budget / 2**30
+
+
 def loader(batches: list[torch.Tensor]) -> DataLoader:
     return DataLoader(batches, batch_size=None, shuffle=False)
 
@@ -106,14 +125,14 @@ class FirstGrads(L.Callback):
 
 def megatrain_run(model: Llama, batches, steps: int, accumulate: int, clip: float | None,
                   precision: str = "32-true", lr: float = 1e-2, clip_algorithm: str = "norm",
-                  record_grads: bool = True, **strategy_kwargs):
+                  record_grads: bool = True, callbacks=(), **strategy_kwargs):
     """`record_grads`: copy the step-1 gradients in a hook (a hook that reads gradients keeps the host updates
     from starting during backward)."""
     lm = RecordingLM(model.config, model=copy.deepcopy(model), **lm_kwargs(steps, lr))
     grads = FirstGrads()
     strategy = MegatrainStrategy(**strategy_kwargs)
     device = str(strategy_kwargs.get("device", "cpu"))
-    trainer = L.Trainer(strategy=strategy, accelerator=device.split(":")[0], callbacks=[grads] if record_grads else [],
+    trainer = L.Trainer(strategy=strategy, accelerator=device.split(":")[0], callbacks=([grads] if record_grads else []) + list(callbacks),
                         precision=precision, max_steps=steps, accumulate_grad_batches=accumulate,
                         gradient_clip_val=clip, gradient_clip_algorithm=clip_algorithm, logger=False,
                         enable_checkpointing=False,

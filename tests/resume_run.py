@@ -36,9 +36,10 @@ def token_file(path: Path, n_windows: int = 18, vocab: int = 256) -> Path:
 
 def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir: str | None = None,
         save_every: int | None = None, resume: str | None = None, precision: str = "32-true",
-        ram_budget_GiB: float | None = None, nvme_dir: str | None = None,
+        ram_budget_GiB: float | None = None, nvme_dir: str | None = None, drives: int = 1,
         device_state_GiB: float | None = None, signal_at_batch: int | None = None) -> None:
-    """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it)."""
+    """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it).
+    `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny")
@@ -52,7 +53,8 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     if signal_at_batch is not None:
         callbacks += [SaveOnSignal(ckpt_dir), _SignalAt(signal_at_batch)]
     strategy = MegatrainStrategy(storage=storage, ram_budget_GiB=ram_budget_GiB,
-                                 nvme_dir=nvme_dir or str(out / "nvme"), device_state_GiB=device_state_GiB)
+                                 nvme_dir=nvme_dir or [str(out / f"nvme{k}") for k in range(drives)],
+                                 device_state_GiB=device_state_GiB)
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", precision=precision, max_steps=max_steps,
                         accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=bool(save_every), callbacks=callbacks, enable_progress_bar=False,

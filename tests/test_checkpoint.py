@@ -20,27 +20,18 @@ from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import schedule as S
 from megatrain_lightning.config import Config
 from tests import resume_run
-from tests.helpers import kept_budget_GiB
+from tests.helpers import kept_budget_GiB, make_model, nvme_budget_GiB
 from tests.resume_run import TOTAL_STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _budget_GiB(on_disk: int) -> float:
-    """A RAM budget that leaves exactly `on_disk` of tiny's layers' state to files."""
-    c = Config.from_name("tiny")
-    layers = [c.layer_params] * c.n_layer
-    budget = S.RAM_STATE_BYTES * (sum(layers) + c.embedding_params) - S.DISK_STATE_BYTES * c.layer_params * on_disk
-    state = ([S.RAM_STATE_BYTES * n for n in layers], [S.DISK_STATE_BYTES * n for n in layers],
-             S.RAM_STATE_BYTES * c.embedding_params)
-    assert S.nvme_layers(*state, budget) == on_disk
-    return budget / 2**30
-
-
-NVME = dict(storage="nvme", ram_budget_GiB=_budget_GiB(3))  # 3 of tiny's 4 layers on disk
+NVME = dict(storage="nvme", ram_budget_GiB=nvme_budget_GiB(make_model("tiny"), 3))  # 3 of tiny's 4 layers on disk
 # the "device" (the CPU here) keeps and updates the state of the embedding/head and the first 2 layers
 KEPT = dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2))
-MODES = {"ram": {}, "nvme": NVME, "kept": KEPT}
+# every trunk layer's state (master, moments, gradient, streamed copy) in files, striped over three directories
+DISK = dict(storage="nvme", ram_budget_GiB=nvme_budget_GiB(make_model("tiny"), 4), drives=3)
+MODES = {"ram": {}, "nvme": NVME, "disk": DISK, "kept": KEPT}
 
 
 def _result(out: Path) -> tuple[list[float], dict[str, torch.Tensor], int]:
@@ -75,9 +66,11 @@ def straight(data, tmp_path_factory) -> dict[str, tuple]:
     return out
 
 
-def test_nvme_equals_ram_bit_for_bit(straight):
+@pytest.mark.parametrize("mode", ["nvme", "disk"])
+def test_nvme_equals_ram_bit_for_bit(straight, mode):
+    """Accumulation 2 and clipping 1.0 over six steps: some layers on disk, or every one (striped over 3 drives)."""
     losses_ram, state_ram, _ = straight["ram"]
-    losses_nvme, state_nvme, _ = straight["nvme"]
+    losses_nvme, state_nvme, _ = straight[mode]
     assert losses_nvme == losses_ram and len(losses_ram) == TOTAL_STEPS * resume_run.ACCUMULATE
     _assert_same_state(state_nvme, state_ram)
     assert state_ram["exp_avg/model.model.layers.0.mlp.up_proj.weight"].abs().sum() > 0  # the moments moved
@@ -178,7 +171,7 @@ def test_leftovers_of_dead_runs_are_removed_only_when_ours_and_dead(tmp_path):
         (tmp_path / name).mkdir()
         (tmp_path / name / ownership.OWNER).write_text(f"{__import__('socket').gethostname()} {pid}")
     (tmp_path / "megatrain-unmarked").mkdir()
-    tier = NvmeTier(tmp_path, {0: 8})
+    tier = NvmeTier(tmp_path, {0: (8, 24, 32)}, torch.float32)
     left = sorted(p.name for p in tmp_path.iterdir())
     assert "megatrain-dead" not in left and {"megatrain-alive", "megatrain-unmarked", tier.dir.name} <= set(left)
 

@@ -11,8 +11,7 @@ from megatrain_lightning import MegatrainStrategy
 from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning.config import Config
 from tests.helpers import (RecordingLM, kept_budget_GiB, lm_kwargs, loader, make_batches, make_model, megatrain_run,
-                           reference_run, rel_err)
-from tests.test_checkpoint import _budget_GiB
+                           nvme_budget_GiB, reference_run, rel_err)
 
 STEPS, TOL = 4, 1e-5
 # the embedding, a whole layer, one matrix of another layer and the final norm (the head stays trainable)
@@ -33,14 +32,14 @@ def _frozen_model():
     (None, {}),  # eager host updates behind backward
     (1.0, {}),  # deferred behind the next forward, norm clipping over the trainable gradients only
     (1.0, dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2))),  # kept on the "device"
-    (1.0, dict(storage="nvme", ram_budget_GiB=_budget_GiB(3))),  # file-backed layers, paged step
+    (1.0, "nvme"),  # file-backed layers
 ])
 def test_frozen_parameters_match_plain_pytorch(clip, strategy_kwargs, tmp_path):
     model = _frozen_model()
     batches = make_batches(model.config, STEPS * 2)
     ref_losses, _, ref_weights = reference_run(model, batches, STEPS, 2, clip)
-    if strategy_kwargs.get("storage") == "nvme":
-        strategy_kwargs = {**strategy_kwargs, "nvme_dir": tmp_path}
+    if strategy_kwargs == "nvme":
+        strategy_kwargs = dict(storage="nvme", ram_budget_GiB=nvme_budget_GiB(model, 3), nvme_dir=tmp_path)
     losses, _, weights, strategy = megatrain_run(model, batches, STEPS, 2, clip, record_grads=False,
                                                  **strategy_kwargs)
     for got, want in zip(losses, ref_losses, strict=True):

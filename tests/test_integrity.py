@@ -111,7 +111,7 @@ class _Overwrite(L.Callback):
         if trainer.global_step == 1:
             tier = trainer.strategy.store.nvme
             tier.flush()
-            path = tier.path(min(tier.numels))
+            path = tier.path(min(tier.shapes))
             path.write_bytes(torch.full((path.stat().st_size // 4,), float("nan")).numpy().tobytes())
 
 
