@@ -7,8 +7,9 @@ A unit's file holds (byte offsets):
     [align(4*T), +cb*N)   the compute-dtype copy the forward and the backward stream (N = Layout.numel)
 
 so nothing of such a layer stays in RAM between its uses: RAM holds a bounded window of reused tiles, whatever the
-depth (`window_bytes`): optimizer tiles (a unit being updated, one read ahead, one written behind), pinned copy
-tiles for the weight loads, pinned gradient tiles for the gradients shipped from the device.
+depth (`nbytes`): optimizer tiles (a piece being updated, one read ahead, one written behind), pinned copy tiles for
+the weight loads, pinned gradient tiles for the gradients shipped from the device. The optimizer works on pieces of a
+layer (`pieces`: whole tensors, NVME_PIECE elements or more), so its tiles are a piece's, not a layer's.
 
 Several directories (`storage.nvme_dir` as a list, one per drive) stripe the layers round-robin; each directory has
 its own reader and writer thread, so the drives work at once. Writes are flushed (fdatasync) and the pages dropped
@@ -81,8 +82,28 @@ class _Shape:
     tile: int  # fp32 elements of [master | m | v | grad]
 
     @property
+    def trainable(self) -> int:
+        return self.tile - self.state
+
+    @property
     def copy_offset(self) -> int:
         return -(-self.tile * 4 // ALIGN) * ALIGN
+
+
+def pieces(sizes: Sequence[int], at_least: int | None = None) -> list[tuple[int, int]]:
+    """[lo, hi) element ranges of a layer's trainable parameters (tensors of `sizes`, in layout order) that its
+    update reads, updates and writes at a time: consecutive whole tensors, closed once they reach `at_least`
+    elements (None: schedule.NVME_PIECE; a tensor bigger than that is a piece of its own)."""
+    at_least = S.NVME_PIECE if at_least is None else at_least
+    out, lo, hi = [], 0, 0
+    for n in sizes:
+        if hi > lo and hi - lo + n > at_least:
+            out.append((lo, hi))
+            lo = hi
+        hi += n
+    if hi > lo:
+        out.append((lo, hi))
+    return out
 
 
 class _Pool:
@@ -104,11 +125,13 @@ class _Pool:
 
 class NvmeTier:
     def __init__(self, directories: str | Path | Sequence[str | Path], shapes: dict[int, tuple[int, int, int]],
-                 copy_dtype: torch.dtype, pin: bool = False, buffers: int = S.NVME_BUFFERS,
-                 copy_buffers: int = S.NVME_COPY_BUFFERS, grad_buffers: int = S.NVME_GRAD_BUFFERS) -> None:
+                 copy_dtype: torch.dtype, pin: bool = False, max_piece: int | None = None,
+                 buffers: int = S.NVME_BUFFERS, copy_buffers: int = S.NVME_COPY_BUFFERS,
+                 grad_buffers: int = S.NVME_GRAD_BUFFERS) -> None:
         """`shapes`: unit index -> (parameters, fp32 elements of [master | m | v], of [master | m | v | grad]) of
         each file-backed unit; `copy_dtype`: the streamed copy's dtype; `pin`: page-lock the copy and gradient
-        tiles (CUDA DMA)."""
+        tiles (CUDA DMA); `max_piece`: the largest piece (`pieces`) an update reads (None: a whole layer's
+        trainable parameters)."""
         if not shapes:
             raise ValueError("NvmeTier needs at least one unit")
         roots = [Path(d) for d in ([directories] if isinstance(directories, (str, Path)) else directories)]
@@ -142,9 +165,9 @@ class NvmeTier:
         self._writers = [ThreadPoolExecutor(1, thread_name_prefix=f"megatrain-nvme{k}-write") for k in range(len(roots))]
         self._release = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-release")
         self._cast_scratch = [torch.empty(CAST_PIECE, dtype=copy_dtype) for _ in roots]  # one per writer thread
-        big = max(self.shapes.values(), key=lambda s: s.tile)
+        piece = max(s.trainable for s in self.shapes.values()) if max_piece is None else max_piece
         self.n_buffers = buffers
-        self._tiles = _Pool(buffers, big.tile, torch.float32, False)
+        self._tiles = _Pool(buffers, 4 * piece, torch.float32, False)  # [master | m | v | grad] of a piece
         self._copies = _Pool(copy_buffers, max(s.numel for s in self.shapes.values()), copy_dtype, pin)
         self._grads = _Pool(grad_buffers, max(s.tile - s.state for s in self.shapes.values()), torch.float32, pin)
         self._writes: dict[int, Future] = {}  # each unit's last write (reads of the unit wait for it)
@@ -187,33 +210,41 @@ class NvmeTier:
     def _submit(self, pool: list[ThreadPoolExecutor], index: int, fn, *args) -> Future:
         return pool[self._where[index]].submit(fn, *args)
 
-    def read(self, index: int) -> Future:
-        """Starts reading a unit's [master | m | v | grad] into a free optimizer tile; the future's result is the
-        tile. Blocks while every tile is in use."""
+    def _regions(self, index: int, lo: int, hi: int) -> list[int]:
+        """Byte offsets in a unit's file of the master, m, v and gradient of trainable elements [lo, hi)."""
+        s = self.shapes[index]
+        return [4 * (part + lo) for part in (0, s.numel, s.numel + s.trainable, s.numel + 2 * s.trainable)]
+
+    def read(self, index: int, lo: int, hi: int) -> Future:
+        """Starts reading the master, m, v and gradient of a unit's trainable elements [lo, hi) (a piece) into a
+        free optimizer tile as [master | m | v | grad], each hi - lo long; the future's result is the tile. Blocks
+        while every tile is in use."""
         tile = self._waited(self._tiles.get)
         pending = self._writes.get(index)
-        s = self.shapes[index]
+        n = hi - lo
 
         def run() -> Tensor:
             try:
                 if pending is not None:
                     pending.result()
-                self._io("read", _read_file, index, tile[:s.tile], 0)
+                for k, offset in enumerate(self._regions(index, lo, hi)):
+                    self._io("read", _read_file, index, tile[k * n:(k + 1) * n], offset)
                 return tile
             except BaseException:
                 self._tiles.put(tile)
                 raise
         return self._submit(self._readers, index, run)
 
-    def write(self, index: int, tile: Tensor) -> Future:
-        """Writes an updated tile's [master | m | v] and the master cast into the compute-dtype copy, behind the
-        caller; the tile returns to the pool when both are on the disk."""
-        s = self.shapes[index]
+    def write(self, index: int, lo: int, hi: int, tile: Tensor) -> Future:
+        """Writes an updated piece's master, m and v from its tile, and the master cast into the compute-dtype copy,
+        behind the caller; the tile returns to the pool when all are on the disk."""
+        n = hi - lo
 
         def run() -> None:
             try:
-                self._io("write", _write_file, index, tile[:s.state], 0)
-                self._write_copy(index, tile[:s.numel])
+                for k, offset in enumerate(self._regions(index, lo, hi)[:3]):
+                    self._io("write", _write_file, index, tile[k * n:(k + 1) * n], offset)
+                self._write_copy(index, tile[:n], lo)
             finally:
                 self._tiles.put(tile)
         return self._track(index, self._submit(self._writers, index, run))
@@ -293,13 +324,14 @@ class NvmeTier:
             raise
         return self.write_grad(index, tile)
 
-    def _write_copy(self, index: int, master: Tensor) -> None:
-        """Casts `master` piece by piece into the writer's scratch and writes it into the copy region."""
+    def _write_copy(self, index: int, master: Tensor, start: int = 0) -> None:
+        """Casts fp32 `master` (the unit's elements from `start`) in pieces into the writer's scratch and writes
+        them into the copy region."""
         s, scratch = self.shapes[index], self._cast_scratch[self._where[index]]
-        for lo in range(0, s.numel, CAST_PIECE):
-            piece = scratch[:min(CAST_PIECE, s.numel - lo)]
+        for lo in range(0, master.numel(), CAST_PIECE):
+            piece = scratch[:min(CAST_PIECE, master.numel() - lo)]
             piece.copy_(master[lo:lo + piece.numel()])
-            self._io("write", _write_file, index, piece, s.copy_offset + lo * self._cb)
+            self._io("write", _write_file, index, piece, s.copy_offset + (start + lo) * self._cb)
 
     def _track(self, index: int, future: Future) -> Future:
         with self._lock:

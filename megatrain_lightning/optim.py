@@ -22,6 +22,7 @@ from torch.optim.adam import adam
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.nvme import pieces as nvme_pieces
 from megatrain_lightning.store import HostStore
 
 SUPPORTED = (torch.optim.AdamW, torch.optim.Adam)
@@ -185,8 +186,11 @@ class HostAdam:
         self._hp: list[dict] | None = None  # hyperparameters of the step being applied
         self._clip: tuple[str, Tensor | float] | None = None
         self.tier = store.nvme  # the file-backed tier, if any
-        self._reads: dict[int, Future] = {}  # file-backed units' tiles read ahead of their update
-        self._read_next: list[int] = []  # file-backed units still to be read ahead, in this step's update order
+        # file-backed units update piece by piece (nvme.pieces): [lo, hi) of their trainable elements
+        self._pieces = {i: nvme_pieces([e.numel for e in u.layout.trainable_entries])
+                        for i, u in enumerate(store.units) if u.on_disk}
+        self._reads: dict[tuple[int, int], Future] = {}  # (unit, lo) -> its piece's tile, read ahead of the update
+        self._read_next: list[tuple[int, int, int]] = []  # pieces still to be read ahead, in this step's order
         self.device = None  # device_state.DeviceStates: units updated on the device (`attach_device`)
         self._kept: list[_Bound] = []  # their parameters, as views of the device tiles
         self._kept_steps: Tensor | None = None  # the device's copy of their step counts (the fused kernel's input)
@@ -276,7 +280,8 @@ class HostAdam:
             self._update_kept(hp, clip)
         if not self.eager:
             # every gradient has gone to its file by now (post_backward waited): file reads may start ahead
-            self._read_next = [k[0] for k in self.order if self.store.units[k[0]].on_disk]
+            self._read_next = [(k[0], lo, hi) for k in self.order if k[0] in self._pieces
+                               for lo, hi in self._pieces[k[0]]]
             for key in self.order:
                 self.pending[key] = self.executor.submit(self._update, key, hp, clip, self.trace_of())
         self._hp, self._clip, self.eager = None, None, False
@@ -306,34 +311,33 @@ class HostAdam:
 
     def _update_file_backed(self, i: int, bound: list[_Bound], hp: list[dict],
                             clip: tuple[str, Tensor | float] | None) -> None:
-        tier, unit = self.tier, self.store.units[i]
-        future = self._reads.pop(i, None)
-        if future is None:  # not read ahead (eager updates run as gradients land: nothing later is on disk yet)
-            if i in self._read_next:
-                self._read_next.remove(i)
-            future = tier.read(i)
-        while self._read_next and len(self._reads) < tier.n_buffers - 1:
-            j = self._read_next.pop(0)
-            self._reads[j] = tier.read(j)
-        tile = tier.take(future)
-        n, t = unit.layout.numel, unit.layout.trainable
-        entries = unit.layout.entries
-        try:
-            for b in bound:
-                offset = entries[b.entry].offset
-                _point(b.param, tile, offset)
-                _point(b.exp_avg, tile, n + offset)
-                _point(b.exp_avg_sq, tile, n + t + offset)
-                _point(b.grad, tile, n + 2 * t + offset)
-            _fused_adam(bound, [b.step for b in bound], hp, clip)
-        except BaseException:
-            tier.release(tile)  # not updated: nothing to write back
-            raise
-        finally:
-            for b in bound:
-                for x in (b.param, b.exp_avg, b.exp_avg_sq, b.grad):
-                    _placeholder(x.shape, x)
-        tier.write(i, tile)
+        tier, entries = self.tier, self.store.units[i].layout.entries
+        for lo, hi in self._pieces[i]:
+            future = self._reads.pop((i, lo), None)
+            if future is None:  # not read ahead (eager updates run as gradients land: nothing later is on disk yet)
+                if (i, lo, hi) in self._read_next:
+                    self._read_next.remove((i, lo, hi))
+                future = tier.read(i, lo, hi)
+            while self._read_next and len(self._reads) < tier.n_buffers - 1:
+                j, jlo, jhi = self._read_next.pop(0)
+                self._reads[(j, jlo)] = tier.read(j, jlo, jhi)
+            tile = tier.take(future)  # [master | m | v | grad] of the piece, n long each
+            n = hi - lo
+            part = [b for b in bound if lo <= entries[b.entry].offset < hi]
+            try:
+                for b in part:
+                    at = entries[b.entry].offset - lo
+                    for k, x in enumerate((b.param, b.exp_avg, b.exp_avg_sq, b.grad)):
+                        _point(x, tile, k * n + at)
+                _fused_adam(part, [b.step for b in part], hp, clip)
+            except BaseException:
+                tier.release(tile)  # not updated: nothing to write back
+                raise
+            finally:
+                for b in part:
+                    for x in (b.param, b.exp_avg, b.exp_avg_sq, b.grad):
+                        _placeholder(x.shape, x)
+            tier.write(i, lo, hi, tile)
 
     def _update_kept(self, hp: list[dict], clip: tuple[str, Tensor | float] | None) -> None:
         """One step of the units the device keeps, on the device's current stream; then their write-through."""

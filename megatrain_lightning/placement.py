@@ -11,6 +11,7 @@ import torch
 from megatrain_lightning import schedule as S
 from megatrain_lightning.device_state import DeviceStates, StepCache
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.nvme import pieces as nvme_pieces
 from megatrain_lightning.store import HostStore, Layout, available_ram_bytes
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ def nvme_terms(layouts: list[Layout], dtype: torch.dtype) -> tuple[list[int], in
     trunk = layouts[:-1]
     layer_ram = [4 * lay.tile_numel + copy * lay.numel for lay in trunk]
     fixed = 4 * layouts[-1].tile_numel + copy * layouts[-1].numel
-    window = S.nvme_window(4 * max(lay.tile_numel for lay in trunk), cb * max(lay.numel for lay in trunk),
-                           4 * max(lay.trainable for lay in trunk))
+    piece = max([hi - lo for lay in trunk for lo, hi in nvme_pieces([e.numel for e in lay.trainable_entries])],
+                default=0)  # the optimizer's tiles hold a piece of a layer
+    window = S.nvme_window(16 * piece, cb * max(lay.numel for lay in trunk), 4 * max(lay.trainable for lay in trunk))
     return layer_ram, fixed, window
 
 

@@ -35,6 +35,7 @@ DISK_STATE_BYTES = 16
 # weight loads (the slots' loads in flight and reads ahead), pinned fp32 gradients shipped from the device (one
 # landing, one being written).
 NVME_BUFFERS = 3
+NVME_PIECE = 64 * 2**20  # elements: the optimizer's tiles hold whole tensors, grouped up to this many (nvme.pieces)
 NVME_COPY_BUFFERS = 4
 NVME_GRAD_BUFFERS = 2
 # Bytes each file-backed layer moves per optimizer step, per trained parameter (compute-dtype copy of `cb` bytes):
@@ -50,7 +51,9 @@ def nvme_write_bytes(cb: int) -> int:
 
 
 def nvme_window(max_tile_bytes: float, max_copy_bytes: float, max_grad_bytes: float) -> float:
-    """RAM of the file-backed tier's window (nvme.NvmeTier.nbytes, its cast scratch apart), whatever the depth."""
+    """RAM of the file-backed tier's window (nvme.NvmeTier.nbytes, its cast scratch apart), whatever the depth:
+    `max_tile_bytes` of the largest optimizer piece's [master | m | v | grad] (16 bytes per element), the largest
+    layer's compute-dtype copy and fp32 gradient."""
     return NVME_BUFFERS * max_tile_bytes + NVME_COPY_BUFFERS * max_copy_bytes + NVME_GRAD_BUFFERS * max_grad_bytes
 
 

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from megatrain_lightning.nvme import NvmeTier
+from megatrain_lightning.nvme import NvmeTier, pieces as nvme_pieces
 
 
 STREAMS = ("copy", "master")
@@ -190,9 +190,13 @@ class HostStore:
                 copy = self._streams[offset:offset + layout.numel]
                 offset += layout.numel
             self.units.append(Unit(layout, copy, pin, on_disk=i in on_disk))
-        self.nvme = NvmeTier(nvme_dir or "nvme_state",
-                             {i: (layouts[i].numel, layouts[i].state_numel, layouts[i].tile_numel) for i in on_disk},
-                             compute_dtype, pin) if on_disk else None
+        self.nvme = None
+        if on_disk:
+            piece = max([hi - lo for i in on_disk
+                         for lo, hi in nvme_pieces([e.numel for e in layouts[i].trainable_entries])], default=0)
+            self.nvme = NvmeTier(nvme_dir or "nvme_state",
+                                 {i: (layouts[i].numel, layouts[i].state_numel, layouts[i].tile_numel) for i in on_disk},
+                                 compute_dtype, pin, max_piece=piece)
         # full parameter name -> (unit index, entry)
         self.index = {prefix + e.name: (i, e) for i, (prefix, u) in enumerate(zip(names, self.units))
                       for e in u.layout.entries}

@@ -106,16 +106,17 @@ def _sweep_chunk(hw: Hardware, wl: Workload) -> Workload:
 
 def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
     """The engine's rule (strategy._keep_device_states): units in forward order within device_state_GiB (auto: 40%
-    of the GPU memory left by the resident copy, the weight slots and the CUDA context); only with every layer in
-    RAM on a separate device."""
-    if hw.unified or wl.storage == "nvme":
+    of the GPU memory left by the resident copy, the weight slots and the CUDA context); never a file-backed layer
+    (its state is in its file), and only on a separate device."""
+    if hw.unified:
         return replace(wl, kept=())
     budget = wl.device_state_GiB
     if budget is None:
         free = hw.hbm_GiB * GiB - hw.gpu_reserved_GiB * GiB - wl.resident_bytes - wl.n_slots * wl.slot_bytes
         budget = 0.4 * max(free, 0) / GiB
     numels = [wl.model.layer_params] * wl.n_layers + [wl.model.embedding_params]
-    return replace(wl, kept=tuple(S.device_units([S.DEVICE_STATE_BYTES * n for n in numels], budget * GiB)))
+    return replace(wl, kept=tuple(S.device_units([S.DEVICE_STATE_BYTES * n for n in numels], budget * GiB,
+                                                 skip=set(range(wl.n_nvme_layers)))))
 
 
 def _offload_when_room(hw: Hardware, wl: Workload) -> Workload:
@@ -148,7 +149,7 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
             raise PlanError("storage.ram_budget_GiB", f"{wl.ram_budget_GiB:g} GiB cannot hold even the state that "
                             f"stays in RAM with every layer on disk ({floor / GiB:.3g} GiB: the embedding/head "
                             "state)")
-        return replace(wl, n_nvme_layers=S.nvme_layers(layer_ram, fixed, budget))
+        return _keep_on_device(hw, replace(wl, n_nvme_layers=S.nvme_layers(layer_ram, fixed, budget)))
     if wl.stream == "auto":  # the engine's rule (placement.resolve_stream): the master streams
         wl = replace(wl, stream="master")
     return _keep_on_device(hw, wl)

@@ -277,8 +277,12 @@ class Workload:
     @property
     def nvme_window_bytes(self) -> int:
         """The file-backed tier's RAM window (schedule.nvme_window), whatever the depth."""
-        lp = self.model.layer_params
-        return int(S.nvme_window(STATE_BYTES * lp, self.cb * lp, 4 * lp))
+        c = self.model
+        lp = c.layer_params
+        # the optimizer's piece (nvme.pieces): whole tensors grouped up to NVME_PIECE elements; the largest tensor of
+        # this project's blocks is an MLP matrix
+        piece = min(lp, max(S.NVME_PIECE, c.hidden_size * (c.moe_intermediate_size or c.intermediate_size)))
+        return int(S.nvme_window(STATE_BYTES * piece, self.cb * lp, 4 * lp))
 
     @property
     def nvme_pinned_bytes(self) -> int:

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from megatrain_lightning import nvme
+from megatrain_lightning import schedule as S
 from tests.helpers import make_batches, make_model, megatrain_run, nvme_budget_GiB
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,11 +26,20 @@ def _all_on_disk(model, dirs) -> dict:
     return dict(storage="nvme", ram_budget_GiB=nvme_budget_GiB(model, model.config.n_layer), nvme_dir=dirs)
 
 
-@pytest.mark.parametrize("clip", [None, 1.0])
-def test_every_layer_on_disk_equals_ram_bit_for_bit(clip, tmp_path):
+def test_pieces_group_whole_tensors():
+    assert nvme.pieces([4, 4, 10, 1, 1], at_least=8) == [(0, 8), (8, 18), (18, 20)]
+    assert nvme.pieces([3], at_least=8) == [(0, 3)] and nvme.pieces([], at_least=8) == []
+
+
+@pytest.mark.parametrize("clip,piece", [(None, None), (1.0, None), (1.0, 5000)])
+def test_every_layer_on_disk_equals_ram_bit_for_bit(clip, piece, tmp_path, monkeypatch):
     """Without clipping each layer's update starts as its gradient lands (read from its file, written back behind
     the backward); with it, updates run in forward order behind the next step's forward. Both equal storage=ram
-    exactly, and the layers' files are spread over the directories."""
+    exactly, and the layers' files are spread over the directories. `piece`: the update reads, updates and writes
+    a layer a few tensors at a time (tiny's layers are one piece by default)."""
+    if piece is not None:
+        monkeypatch.setattr(S, "NVME_PIECE", piece)
+        assert len(nvme.pieces([e.numel() for e in make_model("tiny").model.layers[0].parameters()])) > 3
     model = make_model("tiny")
     batches = make_batches(model.config, 8)
     want = megatrain_run(model, batches, 4, 2, clip, record_grads=False)
@@ -158,3 +168,21 @@ def test_a_drive_too_small_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(OSError, match=r"storage\.nvme_dir .*d0 has 0\.0 GB free; the file-backed layers striped "
                                       r"onto it need"):
         nvme.NvmeTier([tmp_path / "d0"], {0: (100, 300, 400)}, torch.float32)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("clip,accumulate", [(1.0, 2), (None, 1)])
+def test_cuda_every_layer_on_disk_equals_ram(clip, accumulate, tmp_path):
+    """On a GPU the copies come from pinned tiles of the window (released once their H2D ran) and the gradients
+    land in pinned tiles before their files: the same numbers as storage=ram on the same GPU, with the same state
+    kept on the device (the embedding/head: file-backed layers are never kept there)."""
+    model = make_model("tiny")
+    batches = make_batches(model.config, 4 * accumulate)
+    kw = dict(precision="bf16-mixed", lr=1e-3, device="cuda", record_grads=False)
+    want = megatrain_run(model, batches, 4, accumulate, clip, **kw, device_state_GiB=1e-3)
+    got = megatrain_run(model, batches, 4, accumulate, clip, **kw, device_state_GiB=1e-3,
+                        **_all_on_disk(model, [tmp_path / "d0", tmp_path / "d1"]))
+    assert sorted(got[3].engine.device_states.units) == sorted(want[3].engine.device_states.units) == [4]
+    assert got[0] == want[0]
+    for name, w in want[2].items():
+        assert torch.equal(got[2][name], w), name
