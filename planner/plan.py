@@ -231,6 +231,11 @@ def advice(a: Answer) -> list[str]:
         ckpt = wl.plan.n_checkpoints * wl.checkpoint_bytes
         out.append(f"block inputs: {ckpt / GiB:.1f} GiB stay on the GPU (storage.offload_checkpoints=false, or auto "
                    "and RAM has no room for them): GPU memory grows with depth")
+        if wl.storage == "nvme" and wl.ram_budget_GiB is None:
+            room = _budget_for_block_inputs(hw, wl, ckpt)
+            if room is not None:
+                out.append(f"block inputs: storage.ram_budget_GiB={room:g} leaves RAM room for them (more layers "
+                           "on the SSD instead)")
     if not hw.unified and wl.storage == "ram" and wl.device_state_GiB is not None:
         auto = _keep_on_device(hw, replace(wl, device_state_GiB=None))
         t = simulate(hw, auto).step_time_s
@@ -282,6 +287,20 @@ def _largest(ok, hi: int) -> int:
         else:
             hi = mid - 1
     return best
+
+
+def _budget_for_block_inputs(hw: Hardware, wl: Workload, ckpt: int) -> float | None:
+    """storage=nvme with the auto budget fills RAM with layers before the block inputs ask for it (they are placed at
+    the first forward): the budget, in whole GiB, that leaves them room, if one does."""
+    h = wl.host_bytes()
+    budget = int((h["state"] + h.get("stream_copy", 0) - ckpt) // GiB)
+    if budget <= 0:
+        return None
+    try:
+        alt = place(hw, replace(wl, ram_budget_GiB=float(budget), offload_checkpoints=None))
+    except PlanError:
+        return None
+    return float(budget) if alt.offload_checkpoints else None
 
 
 def _compute_bound(hw: Hardware, wl: Workload) -> tuple[int, int]:

@@ -350,3 +350,43 @@ def test_mixture_of_experts_on_an_h200_with_2_tib(name, fits):
     assert a.wl.layer_matmul_flops < 2 * (c.attn_params + c.mlp_params) / 2  # top-k of the experts
     assert a.wl.load_bytes == c.layer_params * 4  # every expert streams (the fp32 master: stream=auto)
     assert any(x.startswith("experts: FLOPs count") for x in a.advice)
+
+
+# The SSD-first tier on boxes people buy (conf/hardware/*.yaml; PM9A3-class PCIe 4.0 drives, 6.5 / 3.5 GB/s each):
+# every trunk layer's state on the drives, the RAM budget small enough to leave the block inputs room in RAM, and
+# checkpoint_interval 4 so that they are a quarter of the layers' inputs (backward recomputes each layer once either way)
+SSD_RUN = ["trainer=gpu", "storage=nvme", "data.seq_len=4096", "data.micro_batch=64", "storage.checkpoint_interval=4"]
+DRIVES_4 = ["hardware.host_ram_GiB=256", "hardware.nvme_drives=4", "hardware.nvme_read_GBps=6.5",
+            "hardware.nvme_write_GBps=3.5", "hardware.nvme_capacity_TB=15.36"]
+
+
+@pytest.mark.parametrize("hardware", [["hardware=h200", *DRIVES_4], ["hardware=h100-pcie-server", *DRIVES_4[:2]]])
+def test_llama100b_fits_one_gpu_with_256_gib_and_four_drives(hardware):
+    a = check(compose(["model=llama100b", *hardware, *SSD_RUN, "storage.ram_budget_GiB=60"]))
+    assert a.fits and a.wl.micro_tokens >= 262144 and a.wl.n_nvme_layers == 88
+    assert a.compute_share >= 0.7, a.busy_s
+    # the whole state moves through the drives every step: 20 bytes/parameter read, 18 written (bf16 copy)
+    layers = 88 * a.wl.model.layer_params
+    assert a.busy_s["nvme_read"] * 4 * 6.5e9 == pytest.approx(20 * layers, rel=0.01)
+    assert a.busy_s["nvme_write"] * 4 * 3.5e9 == pytest.approx(18 * layers, rel=0.01)
+
+
+def test_llama_405b_fits_an_h200_with_512_gib_and_eight_drives():
+    drives = ["hardware.host_ram_GiB=512", "hardware.nvme_drives=8", "hardware.nvme_read_GBps=6.5",
+              "hardware.nvme_write_GBps=3.5", "hardware.nvme_capacity_TB=30.72"]
+    a = check(compose(["model=llama-3.1-405b", "hardware=h200", *drives, *SSD_RUN, "storage.ram_budget_GiB=150"]))
+    assert a.fits and a.compute_share >= 0.7 and a.wl.n_nvme_layers >= a.wl.n_layers - 1  # 150 GiB: one layer in RAM
+
+
+def test_the_auto_ram_budget_that_crowds_out_the_block_inputs_gets_a_budget_that_does_not():
+    a = check(compose(["model=llama100b", "hardware=h100-pcie-server", *SSD_RUN]))
+    assert not a.fits and not a.wl.offload_checkpoints  # RAM went to layers: the block inputs went to the GPU
+    (hint,) = [x for x in a.advice if "leaves RAM room for them" in x]
+    budget = float(re.search(r"storage\.ram_budget_GiB=(\S+)", hint).group(1))
+    b = check(compose(["model=llama100b", "hardware=h100-pcie-server", *SSD_RUN, f"storage.ram_budget_GiB={budget}"]))
+    assert b.wl.offload_checkpoints and b.fits
+
+
+def test_nvme_drives_must_be_a_whole_number():
+    with pytest.raises(Exception, match=r"hardware\.nvme_drives: must be a whole number >= 1, got 0"):
+        check(compose(["storage=nvme", "hardware=h200", "hardware.nvme_drives=0"]))
