@@ -12,7 +12,6 @@ gradient buffers while the device goes on.
 
 from __future__ import annotations
 
-import logging
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 
@@ -22,11 +21,10 @@ from torch.func import functional_call
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
-from megatrain_lightning.store import HostStore, Unit, available_ram_bytes, pinned_empty
+from megatrain_lightning.host_checkpoints import HostCheckpoints
+from megatrain_lightning.store import HostStore, Unit, pinned_empty
 from megatrain_lightning.sweep import Sweep, add_fp32
 from megatrain_lightning.trace import Trace
-
-log = logging.getLogger(__name__)
 
 ADD_PIECE = 1 << 20  # elements of staged gradients cast to fp32 at a time by the host's add (4 MiB: cache-sized)
 
@@ -93,65 +91,6 @@ def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extr
     return functional_call(template, params, (x, *extras), kwargs, strict=True)
 
 
-class _HostCheckpoints:
-    """Block inputs kept in page-locked host memory instead of device memory (memory flat in depth): each goes out
-    on the D2H stream as forward produces it and comes back on the H2D stream one block ahead of backward.
-    `auto`: only while the RAM the OS still has leaves RAM_MARGIN beside them (else they stay on the device)."""
-
-    RAM_MARGIN = 4 * 2**30
-
-    def __init__(self, engine: StreamingEngine, auto: bool) -> None:
-        self.engine, self.auto = engine, auto
-        self._host: Tensor | None = None  # [n_checkpoints * numel] pinned, reused while the size fits
-        self.saved: list[tuple[Tensor, torch.Size, torch.dtype, torch.cuda.Event]] = []
-        self.active = False  # the last training forward's block inputs are here
-        self._warned = False
-
-    def begin(self, x: Tensor) -> bool:
-        """Before a training forward: whether its block inputs go to host memory."""
-        n = self.engine.plan.n_checkpoints * x.numel()
-        if self._host is None or self._host.numel() < n or self._host.dtype != x.dtype:
-            self._host = None  # unregister and free the old buffer before page-locking the new one
-            need = n * x.element_size()
-            if self.auto and need > available_ram_bytes() - self.RAM_MARGIN:
-                if not self._warned:
-                    log.warning(f"offload_checkpoints: the block inputs ({need / 2**30:.1f} GiB) stay on the device: "
-                                "host RAM has no room for them (offload_checkpoints=true insists)")
-                    self._warned = True
-                self.active = False
-                return False
-            self._host = pinned_empty(n, x.dtype, pin=True)
-        self.saved = []
-        self.active = True
-        return True
-
-    def put(self, x: Tensor) -> None:
-        eng = self.engine
-        host = self._host[len(self.saved) * x.numel():(len(self.saved) + 1) * x.numel()]
-        eng.d2h.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(eng.d2h), eng._span(len(self.saved) * eng.plan.k, S.D2H, S.CHECKPOINT, x.nbytes,
-                                                    eng.d2h):
-            host.copy_(x.reshape(-1), non_blocking=True)
-            x.record_stream(eng.d2h)
-        done = torch.cuda.Event()
-        done.record(eng.d2h)
-        self.saved.append((host, x.shape, x.dtype, done))
-
-    def fetch(self, b: int) -> tuple[Tensor, torch.cuda.Event]:
-        """Starts bringing checkpoint b back; returns the device tensor and the event to wait for."""
-        eng = self.engine
-        host, shape, dtype, sent = self.saved[b]
-        x = torch.empty(shape, dtype=dtype, device=eng.device)
-        eng.h2d.wait_stream(torch.cuda.current_stream())  # x's memory may have been used by compute until now
-        eng.h2d.wait_event(sent)
-        with torch.cuda.stream(eng.h2d), eng._span(b * eng.plan.k, S.H2D, S.CHECKPOINT, x.nbytes, eng.h2d):
-            x.view(-1).copy_(host, non_blocking=True)
-        x.record_stream(eng.h2d)
-        ready = torch.cuda.Event()
-        ready.record(eng.h2d)
-        return x, ready
-
-
 class StreamingEngine:
     def __init__(self, store: HostStore, blocks: list[nn.Module], device: torch.device,
                  checkpoint_interval: int, prefetch_depth: int, compile: bool = False,
@@ -163,7 +102,7 @@ class StreamingEngine:
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
         self._call = torch.compile(_functional, dynamic=False) if compile else _functional
-        self.host_checkpoints = (_HostCheckpoints(self, auto=offload_checkpoints is None)
+        self.host_checkpoints = (HostCheckpoints(self, auto=offload_checkpoints is None)
                                  if offload_checkpoints is not False and self.cuda else None)
         self.plan = S.Plan(len(blocks), checkpoint_interval)
         self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
