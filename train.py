@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
 
     from megatrain_lightning import build
     from megatrain_lightning.errors import UserError
+    from megatrain_lightning.nvme import DriveError
 
     cfg = OmegaConf.create(cfg)
     try:
@@ -57,6 +58,10 @@ def main(argv: list[str]) -> int:
     except FloatingPointError as e:  # diverged: the message names the step; the last checkpoint is intact
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except DriveError as e:  # storage=nvme: a drive failed mid-run; the message names the file
+        print(f"error: {e.strerror or e}. The run stopped; its last checkpoint is intact (resume from it)",
+              file=sys.stderr)
+        return 4
     log.info(build.summary(trainer, run_dir, time.perf_counter() - start, answer))
     return 0
 

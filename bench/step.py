@@ -97,6 +97,7 @@ def predicted(a, config: Config) -> dict:
                  f"data.seq_len={a.seq_len}", f"data.micro_batch={a.micro_batch}",
                  f"trainer.accumulate_grad_batches={a.accumulate}", "trainer.gradient_clip_val=1.0",
                  f"+model.n_layer={config.n_layer}", f"+model.tie_embeddings={str(config.tie_embeddings).lower()}",
+                 f"+model.max_seq_len={config.max_seq_len}",
                  f"storage={a.storage}", f"storage.checkpoint_interval={a.checkpoint_interval}",
                  f"storage.prefetch_depth={a.prefetch_depth}", f"storage.stream={a.stream}",
                  f"storage.device_state_GiB={'null' if a.device_state_GiB is None else a.device_state_GiB}",
@@ -149,6 +150,8 @@ def main() -> None:
     overrides = {"tie_embeddings": False} if a.untied else {}
     if a.n_layer:
         overrides["n_layer"] = a.n_layer
+    if a.seq_len > Config.from_name(a.model).max_seq_len:  # long context: the rotary tables reach the sequence
+        overrides["max_seq_len"] = a.seq_len
     config = Config.from_name(a.model, **overrides)
     accel = "gpu" if torch.cuda.is_available() else "cpu"
     strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth, stream=a.stream,

@@ -41,6 +41,11 @@ ALIGN = 4096  # the copy region starts on a page (and O_DIRECT-sized) boundary
 CAST_PIECE = 16 * 2**20  # elements of master cast into the copy per write request (32 MiB in bf16)
 
 
+class DriveError(OSError):
+    """A drive of the file-backed tier failed during the run (full, a file vanished or truncated): the message names
+    the file. Not a FileNotFoundError, so the entry point tells it from a bad input path."""
+
+
 @dataclass
 class IOStats:
     """Bytes moved and seconds spent by the reader and writer threads per directory, and how long the callers
@@ -411,15 +416,15 @@ def _read_file(path: Path, out: Tensor, offset: int = 0) -> None:
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
-                                "(deleted, or its drive unmounted)") from None
+        raise DriveError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
+                         "(deleted, or its drive unmounted)") from None
     try:
         got = 0
         while got < want:
             n = os.preadv(fd, [view[got:]], offset + got)
             if n == 0:
-                raise OSError(errno.EIO, f"the state file {path} is truncated: it ends {want - got} bytes short of "
-                              f"what the run wrote there")
+                raise DriveError(errno.EIO, f"the state file {path} is truncated: it ends {want - got} bytes short "
+                                 "of what the run wrote there")
             got += n
         os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
     finally:
@@ -431,8 +436,8 @@ def _write_file(path: Path, data: Tensor, offset: int = 0) -> None:
     try:
         fd = os.open(path, os.O_WRONLY)  # never O_CREAT: a file that vanished is an error, not a fresh start
     except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
-                                "(deleted, or its drive unmounted)") from None
+        raise DriveError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
+                         "(deleted, or its drive unmounted)") from None
     try:
         done = 0
         while done < want:
@@ -441,7 +446,7 @@ def _write_file(path: Path, data: Tensor, offset: int = 0) -> None:
         os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
     except OSError as e:
         if e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {path}") from e
+            raise DriveError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {path}") from e
         raise
     finally:
         os.close(fd)

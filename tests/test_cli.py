@@ -4,6 +4,7 @@ one line naming the field or file (no traceback); values with '=', '<' or '|' ar
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -115,3 +116,21 @@ def test_a_diverging_run_exits_3_with_the_step_named(tmp_path, capsys, restore_l
     errors = [line for line in err.splitlines() if line.startswith("error: ")]
     assert code == 3 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert errors[0].startswith("error: training diverged at step ")
+
+
+def test_a_drive_failing_mid_run_exits_4_with_the_file_named(tmp_path, capsys, restore_logging, monkeypatch):
+    import errno
+
+    from megatrain_lightning import nvme
+
+    def full(self, index, tile):
+        raise nvme.DriveError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {self.path(index)}")
+    monkeypatch.setattr(nvme.NvmeTier, "write_grad", full)  # the first gradient a file-backed layer ships
+    code = train.main(["storage=nvme", "storage.ram_budget_GiB=0.001", f"storage.nvme_dir={tmp_path}/nvme",
+                       "trainer.max_steps=3", f"hydra.run.dir={tmp_path}/run"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 4 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert re.match(r"error: the disk of storage\.nvme_dir is full while writing .*unit_0000\d\.bin\. The run "
+                    r"stopped", errors[0]), errors[0]
+
