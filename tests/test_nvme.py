@@ -119,8 +119,10 @@ def test_ram_stays_within_the_window_whatever_the_depth(tmp_path):
     assert shallow["window"] == deep["window"]  # the placement rule's window: a few layer-sized tiles
     assert abs(deep["grown"] - shallow["grown"]) < deep["layer"], (shallow, deep)
     assert deep["grown"] < deep["window"] + deep["resident"] + 200e6, deep
-    ram = _grown(16, "ram", tmp_path / "c")  # the same 16 layers in RAM: the measurement sees state when it is there
-    assert ram["grown"] > deep["grown"] + 10 * deep["layer"], (ram, deep)
+    # the same 16 layers in RAM: the measurement sees state when it is there (16 layers' tiles against a window of
+    # ~6 layers' worth: ~10 layers more; 6 leaves room for the allocator's noise)
+    ram = _grown(16, "ram", tmp_path / "c")
+    assert ram["grown"] > deep["grown"] + 6 * deep["layer"], (ram, deep)
 
 
 class _Break(L.Callback):
