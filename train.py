@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
 
     from megatrain_lightning import build
     from megatrain_lightning.errors import UserError
-    from megatrain_lightning.nvme import DriveError
+    from megatrain_lightning.state_files import DriveError
 
     cfg = OmegaConf.create(cfg)
     try:

@@ -122,9 +122,10 @@ def test_a_drive_failing_mid_run_exits_4_with_the_file_named(tmp_path, capsys, r
     import errno
 
     from megatrain_lightning import nvme
+    from megatrain_lightning.state_files import DriveError
 
     def full(self, index, tile):
-        raise nvme.DriveError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {self.path(index)}")
+        raise DriveError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {self.path(index)}")
     monkeypatch.setattr(nvme.NvmeTier, "write_grad", full)  # the first gradient a file-backed layer ships
     code = train.main(["storage=nvme", "storage.ram_budget_GiB=0.001", f"storage.nvme_dir={tmp_path}/nvme",
                        "trainer.max_steps=3", f"hydra.run.dir={tmp_path}/run"])
