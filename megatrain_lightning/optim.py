@@ -146,7 +146,7 @@ HP_KEYS = ("lr", "betas", "weight_decay", "eps", "maximize")
 
 
 class HostAdam:
-    """Replaces `optimizer.step` when every unit is in RAM: the same fused Adam(W) kernel the optimizer runs,
+    """Replaces `optimizer.step`: the same fused Adam(W) kernel the optimizer runs,
     called unit by unit on the engine's host thread so that the update overlaps device work.
 
     - deferred (the default, and whenever gradients are clipped or hooks see them): `step()` runs the closure

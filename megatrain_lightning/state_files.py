@@ -21,13 +21,17 @@ def _bytes(t: Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
-def read_file(path: Path, out: Tensor, offset: int = 0) -> None:
-    view, want = _bytes(out), out.nbytes
+def _open(path: Path, flags: int) -> int:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        return os.open(path, flags)
     except FileNotFoundError:
         raise DriveError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
                          "(deleted, or its drive unmounted)") from None
+
+
+def read_file(path: Path, out: Tensor, offset: int = 0) -> None:
+    view, want = _bytes(out), out.nbytes
+    fd = _open(path, os.O_RDONLY)
     try:
         got = 0
         while got < want:
@@ -43,11 +47,7 @@ def read_file(path: Path, out: Tensor, offset: int = 0) -> None:
 
 def write_file(path: Path, data: Tensor, offset: int = 0) -> None:
     view, want = _bytes(data), data.nbytes
-    try:
-        fd = os.open(path, os.O_WRONLY)  # never O_CREAT: a file that vanished is an error, not a fresh start
-    except FileNotFoundError:
-        raise DriveError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
-                         "(deleted, or its drive unmounted)") from None
+    fd = _open(path, os.O_WRONLY)  # never O_CREAT: a file that vanished is an error, not a fresh start
     try:
         done = 0
         while done < want:

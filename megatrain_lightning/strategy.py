@@ -129,7 +129,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self._aliases: dict[str, str] = {}  # tied parameter name -> the name the store keeps
         self._grad_pairs: list[tuple[Tensor, Tensor]] = []
         self._trunk_prefix = ""
-        self.updater: HostAdam | None = None  # the overlapped host optimizer (every unit in RAM)
+        self.updater: HostAdam | None = None  # the overlapped host optimizer (set up for fitting)
         self._resident_stale: set[int] = set()  # parts of the resident unit updated since their device copy
         self._host_trace: Trace | None = None  # a traced step whose host updates still run behind the next forward
         self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
@@ -343,18 +343,16 @@ class MegatrainStrategy(SingleDeviceStrategy):
             p.grad = None
         # Gradients of a micro-batch that is not the step's last keep landing behind the next forward. On the
         # last one, hooks and clipping (deferred updates) read them: wait. Eager updates are already queued.
-        if self.updater is None or (self.engine.final and not self.updater.eager):
+        if self.engine.final and not self.updater.eager:
             self.engine.wait_grads()
         self.engine.fresh_grads = False
         bind_grads(self._grad_pairs)
 
     @override
     def optimizer_step(self, optimizer, closure: Callable[[], Any], model=None, **kwargs: Any) -> Any:
-        if self.updater is not None:
-            trainer = self.lightning_module.trainer
-            self.updater.begin_step(eager=self._eager_updates(),
-                                    need_norms=bool(trainer.gradient_clip_val)
-                                    and trainer.gradient_clip_algorithm == "norm")
+        trainer = self.lightning_module.trainer  # fitting: setup made the updater
+        self.updater.begin_step(eager=self._eager_updates(),
+                                need_norms=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm == "norm")
         self.engine.final = True
         try:
             out = super().optimizer_step(optimizer, closure, model, **kwargs)
@@ -363,18 +361,17 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.engine.fresh_grads = True
         if self.engine.step_cache is not None:
             self.engine.step_cache.invalidate()  # the update changes the weights
-        if self.updater is not None:
-            states, resident = self.engine.device_states, len(self.store.units) - 1
-            if states is not None and resident in states:  # updated on the device: cast its master in place
-                self._resident_flat.copy_(states.master(resident))
-            else:
-                self._resident_stale = {0, 1}
-            if self.engine.device.type == "cpu":
-                # the "device" is the host: overlapping would only split the same cores between the update and the
-                # next forward (the planner's unified model: the update runs after backward)
-                self.flush()
-            if self.store.nvme is not None:
-                self._log_nvme()
+        states, resident = self.engine.device_states, len(self.store.units) - 1
+        if states is not None and resident in states:  # updated on the device: cast its master in place
+            self._resident_flat.copy_(states.master(resident))
+        else:
+            self._resident_stale = {0, 1}
+        if self.engine.device.type == "cpu":
+            # the "device" is the host: overlapping would only split the same cores between the update and the
+            # next forward (the planner's unified model: the update runs after backward)
+            self.flush()
+        if self.store.nvme is not None:
+            self._log_nvme()
         return out
 
     def _eager_updates(self) -> bool:
