@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
+from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,6 +23,7 @@ from torch.func import functional_call
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
+from megatrain_lightning.block_input_files import BlockInputFiles
 from megatrain_lightning.host_checkpoints import HostCheckpoints
 from megatrain_lightning.store import HostStore, Unit, pinned_empty
 from megatrain_lightning.sweep import Sweep, add_fp32
@@ -94,16 +97,20 @@ def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extr
 class StreamingEngine:
     def __init__(self, store: HostStore, blocks: list[nn.Module], device: torch.device,
                  checkpoint_interval: int, prefetch_depth: int, compile: bool = False,
-                 offload_checkpoints: bool | None = False, chunk_tokens: int | None = None,
-                 per_sample_extras: tuple[int, ...] = ()) -> None:
+                 offload_checkpoints: bool | str | None = False, chunk_tokens: int | None = None,
+                 per_sample_extras: tuple[int, ...] = (),
+                 block_input_dirs: Sequence[str | Path] = ()) -> None:
         """`compile`: run blocks through torch.compile (one graph per layer signature). `offload_checkpoints`: keep
-        the block inputs in host memory (CUDA only; on the CPU the device is the host); None: when RAM has room.
+        the block inputs in host memory (CUDA only; on the CPU the device is the host); None: when RAM has room, else
+        in files under `block_input_dirs` if given (storage=nvme); "disk": in those files (on the CPU too).
         `chunk_tokens`, `per_sample_extras`: the batch sweep's (sweep.Sweep)."""
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
         self._call = torch.compile(_functional, dynamic=False) if compile else _functional
-        self.host_checkpoints = (HostCheckpoints(self, auto=offload_checkpoints is None)
-                                 if offload_checkpoints is not False and self.cuda else None)
+        files = BlockInputFiles(block_input_dirs, device) if block_input_dirs and (
+            offload_checkpoints == "disk" or (offload_checkpoints is None and self.cuda)) else None
+        self.host_checkpoints = (HostCheckpoints(self, auto=offload_checkpoints is None, files=files)
+                                 if offload_checkpoints is not False and (self.cuda or files) else None)
         self.plan = S.Plan(len(blocks), checkpoint_interval)
         self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
         # one stateless template per distinct layer signature and configuration (a per-layer sliding window or
@@ -227,8 +234,7 @@ class StreamingEngine:
         whole = len(chunks) == 1
         for b, (start, end) in reversed(list(enumerate(self.plan.blocks))):
             if host is not None:
-                x, ready = fetched
-                torch.cuda.current_stream().wait_event(ready)
+                x = host.take(fetched)
                 fetched = host.fetch(b - 1) if b > 0 else None  # the next block's input comes in meanwhile
             else:
                 x = checkpoints[b]

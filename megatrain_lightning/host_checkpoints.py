@@ -1,5 +1,5 @@
-"""Block inputs kept for backward in page-locked host memory instead of device memory, so device memory does not grow
-with depth (the engine's `offload_checkpoints`, CUDA only)."""
+"""Block inputs kept for backward outside device memory, so device memory does not grow with depth (the engine's
+`offload_checkpoints`): in page-locked host memory (CUDA only), or in files on the drives (block_input_files.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning import schedule as S
+from megatrain_lightning.block_input_files import BlockInputFiles
 from megatrain_lightning.store import available_ram_bytes, pinned_empty
 
 if TYPE_CHECKING:
@@ -19,26 +20,34 @@ log = logging.getLogger(__name__)
 
 
 class HostCheckpoints:
-    """Block inputs kept in page-locked host memory instead of device memory (memory flat in depth): each goes out
-    on the D2H stream as forward produces it and comes back on the H2D stream one block ahead of backward.
-    `auto`: only while the RAM the OS still has leaves RAM_MARGIN beside them (else they stay on the device)."""
+    """Block inputs kept outside device memory (memory flat in depth). In host memory, each goes out on the D2H stream
+    as forward produces it and comes back on the H2D stream one block ahead of backward. `auto`: in host memory only
+    while the RAM the OS still has leaves RAM_MARGIN beside them; else in `files` where there are some (storage=nvme),
+    else they stay on the device. `files` and not `auto`: always in files (offload_checkpoints="disk")."""
 
     RAM_MARGIN = 4 * 2**30
 
-    def __init__(self, engine: StreamingEngine, auto: bool) -> None:
-        self.engine, self.auto = engine, auto
+    def __init__(self, engine: StreamingEngine, auto: bool, files: BlockInputFiles | None = None) -> None:
+        self.engine, self.auto, self.files = engine, auto, files
         self._host: Tensor | None = None  # [n_checkpoints * numel] pinned, reused while the size fits
         self.saved: list[tuple[Tensor, torch.Size, torch.dtype, torch.cuda.Event]] = []
         self.active = False  # the last training forward's block inputs are here
+        self.on_disk = False  # ... and in files
         self._warned = False
 
     def begin(self, x: Tensor) -> bool:
-        """Before a training forward: whether its block inputs go to host memory."""
+        """Before a training forward: whether its block inputs leave the device."""
         n = self.engine.plan.n_checkpoints * x.numel()
+        self.active, self.on_disk = True, False
+        if self.files is not None and not self.auto:
+            return self._to_files(x)
         if self._host is None or self._host.numel() < n or self._host.dtype != x.dtype:
             self._host = None  # unregister and free the old buffer before page-locking the new one
             need = n * x.element_size()
             if self.auto and need > available_ram_bytes() - self.RAM_MARGIN:
+                if self.files is not None:
+                    return self._to_files(x, f"offload_checkpoints: the block inputs ({need / 2**30:.1f} GiB) go to "
+                                             "the drives of storage.nvme_dir: host RAM has no room for them")
                 if not self._warned:
                     log.warning(f"offload_checkpoints: the block inputs ({need / 2**30:.1f} GiB) stay on the device: "
                                 "host RAM has no room for them (offload_checkpoints=true insists)")
@@ -47,10 +56,19 @@ class HostCheckpoints:
                 return False
             self._host = pinned_empty(n, x.dtype, pin=True)
         self.saved = []
-        self.active = True
+        return True
+
+    def _to_files(self, x: Tensor, why: str | None = None) -> bool:
+        if why and not self._warned:
+            log.info(why)
+            self._warned = True
+        self.files.begin(x, self.engine.plan.n_checkpoints)
+        self.on_disk = True
         return True
 
     def put(self, x: Tensor) -> None:
+        if self.on_disk:
+            return self.files.put(x)
         eng = self.engine
         host = self._host[len(self.saved) * x.numel():(len(self.saved) + 1) * x.numel()]
         eng.d2h.wait_stream(torch.cuda.current_stream())
@@ -62,8 +80,10 @@ class HostCheckpoints:
         done.record(eng.d2h)
         self.saved.append((host, x.shape, x.dtype, done))
 
-    def fetch(self, b: int) -> tuple[Tensor, torch.cuda.Event]:
-        """Starts bringing checkpoint b back; returns the device tensor and the event to wait for."""
+    def fetch(self, b: int):
+        """Starts bringing checkpoint b back; `take` waits for it."""
+        if self.on_disk:
+            return self.files.fetch(b)
         eng = self.engine
         host, shape, dtype, sent = self.saved[b]
         x = torch.empty(shape, dtype=dtype, device=eng.device)
@@ -75,3 +95,11 @@ class HostCheckpoints:
         ready = torch.cuda.Event()
         ready.record(eng.h2d)
         return x, ready
+
+    def take(self, fetched) -> Tensor:
+        """The block input of a `fetch`, ready for the current stream."""
+        if self.on_disk:
+            return self.files.take(fetched)
+        x, ready = fetched
+        torch.cuda.current_stream().wait_event(ready)
+        return x

@@ -107,7 +107,20 @@ def pieces(sizes: Sequence[int], at_least: int | None = None) -> list[tuple[int,
     return out
 
 
-class _Pool:
+def working_dirs(owner: object, roots: Sequence[Path], prefix: str, what: str) -> list[Path]:
+    """A private working directory in each of `roots` (two runs sharing nvme_dir never touch each other's files),
+    removed with `owner`; those a killed run left (SIGKILL skips cleanup) are removed first."""
+    out = []
+    for root in roots:
+        ownership.remove_dead(root, f"{prefix}*", what)
+        d = Path(tempfile.mkdtemp(prefix=prefix, dir=root))
+        ownership.mark(d)
+        weakref.finalize(owner, shutil.rmtree, str(d), True)  # the files die with the run
+        out.append(d)
+    return out
+
+
+class TilePool:
     """Reused buffers of one kind; `get` blocks while all are in use (the bound on the tier's RAM)."""
 
     def __init__(self, n: int, numel: int, dtype: torch.dtype, pin: bool) -> None:
@@ -152,14 +165,7 @@ class NvmeTier:
             if need > free:
                 raise OSError(errno.ENOSPC, f"storage.nvme_dir {root} has {free / 1e9:.1f} GB free; the file-backed "
                               f"layers striped onto it need {need / 1e9:.1f} GB")
-        self.dirs: list[Path] = []
-        for root in roots:
-            ownership.remove_dead(root, "megatrain-*", "the NVMe state")  # of a killed run (SIGKILL skips cleanup)
-            # a private working directory: two runs sharing nvme_dir never touch each other's state
-            d = Path(tempfile.mkdtemp(prefix="megatrain-", dir=root))
-            ownership.mark(d)
-            weakref.finalize(self, shutil.rmtree, str(d), True)  # the files die with the run
-            self.dirs.append(d)
+        self.dirs = working_dirs(self, roots, "megatrain-", "the NVMe state")
         self.dir = self.dirs[0]
         self._where = where
         self._readers = [ThreadPoolExecutor(1, thread_name_prefix=f"megatrain-nvme{k}-read") for k in range(len(roots))]
@@ -168,9 +174,9 @@ class NvmeTier:
         self._cast_scratch = [torch.empty(CAST_PIECE, dtype=copy_dtype) for _ in roots]  # one per writer thread
         piece = max(s.trainable for s in self.shapes.values()) if max_piece is None else max_piece
         self.n_buffers = buffers
-        self._tiles = _Pool(buffers, 4 * piece, torch.float32, False)  # [master | m | v | grad] of a piece
-        self._copies = _Pool(copy_buffers, max(s.numel for s in self.shapes.values()), copy_dtype, pin)
-        self._grads = _Pool(grad_buffers, max(s.tile - s.state for s in self.shapes.values()), torch.float32, pin)
+        self._tiles = TilePool(buffers, 4 * piece, torch.float32, False)  # [master | m | v | grad] of a piece
+        self._copies = TilePool(copy_buffers, max(s.numel for s in self.shapes.values()), copy_dtype, pin)
+        self._grads = TilePool(grad_buffers, max(s.tile - s.state for s in self.shapes.values()), torch.float32, pin)
         self._writes: dict[int, Future] = {}  # each unit's last write (reads of the unit wait for it)
         self._lock = threading.Lock()
         self.stats = IOStats()

@@ -57,6 +57,14 @@ def nvme_window(max_tile_bytes: float, max_copy_bytes: float, max_grad_bytes: fl
     return NVME_BUFFERS * max_tile_bytes + NVME_COPY_BUFFERS * max_copy_bytes + NVME_GRAD_BUFFERS * max_grad_bytes
 
 
+# Block inputs spilled to the drives (block_input_files.py) move in pieces of this many bytes through this many pinned
+# host tiles: the RAM they take whatever the batch. The device keeps an input until it is written, at most
+# BLOCK_INPUTS_IN_FLIGHT of them (forward then waits for the oldest).
+BLOCK_INPUT_PIECE = 64 * 2**20
+BLOCK_INPUT_TILES = 8
+BLOCK_INPUTS_IN_FLIGHT = 1
+
+
 def nvme_layers(layer_ram: list[float], fixed_ram: float, budget_bytes: float) -> int:
     """How many trunk layers, counted from the first, keep their state in files so that the state left in RAM fits
     `budget_bytes` (len(layer_ram) when even that does not fit). `layer_ram`: each layer's RAM bytes (fp32 tile and

@@ -60,7 +60,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         nvme_dir: str | Path | Sequence[str | Path] = "nvme_state",
         init_from: str | Path | None = None,
         compile: bool | None = None,
-        offload_checkpoints: bool | None = None,
+        offload_checkpoints: bool | str | None = None,
         device_state_GiB: float | None = None,
         chunk_tokens: int | None = None,
         step_cache_GiB: float | None = None,
@@ -103,9 +103,15 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.init_from = Path(init_from) if init_from is not None else None  # a Hugging Face checkpoint directory
         # None: on for a CUDA device (blocks compiled with torch.compile; block inputs kept in host memory so that
         # device memory does not grow with depth, while the RAM left has room for them), off on the CPU
-        for name, value in (("compile", compile), ("offload_checkpoints", offload_checkpoints)):
-            if value is not None and not isinstance(value, bool):
-                raise UserError(f"{name} must be true, false or null (on for CUDA), got {value!r}")
+        if compile is not None and not isinstance(compile, bool):
+            raise UserError(f"compile must be true, false or null (on for CUDA), got {compile!r}")
+        if offload_checkpoints is not None and not isinstance(offload_checkpoints, bool) \
+                and offload_checkpoints != "disk":
+            raise UserError(f"offload_checkpoints must be true, false, 'disk' or null (on for CUDA), "
+                            f"got {offload_checkpoints!r}")
+        if offload_checkpoints == "disk" and storage != "nvme":
+            raise UserError("offload_checkpoints='disk' writes the block inputs under nvme_dir: it needs "
+                            "storage='nvme'")
         self.compile, self.offload_checkpoints = compile, offload_checkpoints
         # device memory for the optimizer state of the first units (device_state.py); None: 40% of what is free on
         # a CUDA device once the engine is built, none on the CPU
@@ -283,7 +289,9 @@ class MegatrainStrategy(SingleDeviceStrategy):
                                       compile=(cuda and not isinstance(trunk, adapters.LayerList))
                                       if self.compile is None else self.compile,
                                       offload_checkpoints=self.offload_checkpoints, chunk_tokens=self.chunk_tokens,
-                                      per_sample_extras=trunk.per_sample_extras)
+                                      per_sample_extras=trunk.per_sample_extras,
+                                      block_input_dirs=(([self.nvme_dir] if isinstance(self.nvme_dir, Path)
+                                                         else self.nvme_dir) if self.storage == "nvme" else ()))
         trunk.engine = self.engine
         if isinstance(trunk, adapters.LayerList):  # the model's own forward calls each layer
             trunk.calls = LayerCalls(self.engine)

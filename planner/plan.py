@@ -121,12 +121,16 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
 
 def _offload_when_room(hw: Hardware, wl: Workload) -> Workload:
     """offload_checkpoints=None, the engine's rule: block inputs go to host memory while the RAM left has room for
-    them (never with no separate device)."""
+    them, else to the drives under storage=nvme, else they stay on the GPU (never offloaded with no separate
+    device)."""
     if wl.offload_checkpoints is not None:
         return wl
     on = replace(wl, offload_checkpoints=True)
-    fits = not hw.unified and ram_need(hw, on) <= usable_ram_bytes(hw)
-    return on if fits else replace(wl, offload_checkpoints=False)
+    if hw.unified:
+        return replace(wl, offload_checkpoints=False)
+    if ram_need(hw, on) <= usable_ram_bytes(hw):
+        return on
+    return replace(wl, offload_checkpoints="disk" if wl.storage == "nvme" else False)
 
 
 def _place_state(hw: Hardware, wl: Workload) -> Workload:
@@ -204,7 +208,7 @@ def advice(a: Answer) -> list[str]:
         out.append(f"RAM: the state needs {ram.need_bytes / GiB:,.0f} GiB of {ram.capacity_bytes / GiB:,.0f} usable; "
                    f"use a host with >= {(ram.need_bytes / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB RAM; {alt}")
     if wl.storage == "nvme" and wl.n_nvme_layers:
-        full = ram_need(hw, replace(wl, storage="ram", n_nvme_layers=0))
+        full = ram_need(hw, replace(wl, storage="ram", n_nvme_layers=0, offload_checkpoints=True))
         out.append(f"NVMe: {wl.n_nvme_layers} of {wl.n_layers} layers keep all their state on the SSD "
                    f"({wl.nvme_bytes / 1e12:.2f} TB); >= {(full / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB of RAM "
                    "would keep everything in RAM")
@@ -227,15 +231,20 @@ def advice(a: Answer) -> list[str]:
         if ks and max(ks) != wl.checkpoint_interval:
             out.append(f"checkpoint interval: up to storage.checkpoint_interval={max(ks)} fits the GPU "
                        f"(now {wl.checkpoint_interval})")
+    ckpt = wl.plan.n_checkpoints * wl.checkpoint_bytes
     if not hw.unified and not wl.offload_checkpoints:
-        ckpt = wl.plan.n_checkpoints * wl.checkpoint_bytes
         out.append(f"block inputs: {ckpt / GiB:.1f} GiB stay on the GPU (storage.offload_checkpoints=false, or auto "
                    "and RAM has no room for them): GPU memory grows with depth")
-        if wl.storage == "nvme" and wl.ram_budget_GiB is None:
-            room = _budget_for_block_inputs(hw, wl, ckpt)
+    if wl.offload_checkpoints == "disk":
+        read, write = (ckpt / (r * 1e9) for r in (hw.nvme_array_read_GBps, hw.nvme_array_write_GBps))
+        out.append(f"block inputs: {ckpt / GiB:.1f} GiB a micro-batch go to the drives and back (RAM has no room "
+                   f"for them, or storage.offload_checkpoints=disk): {write:.1f} s of writing and {read:.1f} s of "
+                   "reading, behind compute")
+        if wl.ram_budget_GiB is None:
+            room = _budget_for_block_inputs(hw, wl, ckpt, a.step_time_s)
             if room is not None:
-                out.append(f"block inputs: storage.ram_budget_GiB={room:g} leaves RAM room for them (more layers "
-                           "on the SSD instead)")
+                out.append(f"block inputs: storage.ram_budget_GiB={room[0]:g} keeps them in RAM (more layers on the "
+                           f"SSD instead): {room[1]:.3g} s a step")
     if not hw.unified and wl.storage == "ram" and wl.device_state_GiB is not None:
         auto = _keep_on_device(hw, replace(wl, device_state_GiB=None))
         t = simulate(hw, auto).step_time_s
@@ -289,9 +298,10 @@ def _largest(ok, hi: int) -> int:
     return best
 
 
-def _budget_for_block_inputs(hw: Hardware, wl: Workload, ckpt: int) -> float | None:
+def _budget_for_block_inputs(hw: Hardware, wl: Workload, ckpt: int, step_s: float) -> tuple[float, float] | None:
     """storage=nvme with the auto budget fills RAM with layers before the block inputs ask for it (they are placed at
-    the first forward): the budget, in whole GiB, that leaves them room, if one does."""
+    the first forward), so they go to the drives: the budget, in whole GiB, that leaves them room in RAM and its
+    step time, if one does and the step is shorter by 2% or more."""
     h = wl.host_bytes()
     budget = int((h["state"] + h.get("stream_copy", 0) - ckpt) // GiB)
     if budget <= 0:
@@ -300,7 +310,10 @@ def _budget_for_block_inputs(hw: Hardware, wl: Workload, ckpt: int) -> float | N
         alt = place(hw, replace(wl, ram_budget_GiB=float(budget), offload_checkpoints=None))
     except PlanError:
         return None
-    return float(budget) if alt.offload_checkpoints else None
+    if alt.offload_checkpoints is not True:
+        return None
+    t = simulate(hw, alt).step_time_s
+    return (float(budget), t) if t < 0.98 * step_s else None
 
 
 def _compute_bound(hw: Hardware, wl: Workload) -> tuple[int, int]:

@@ -132,8 +132,18 @@ class _Sim:
                           after=self.updated.get("embed", 0.0))
         x_ready = embed.end
         ckpt_alloc: dict[int, float] = {}
+        spill = wl.offload_checkpoints == "disk"
+        written: list[float] = []  # spilled block inputs: when each is in its files
         for i in p.forward_loads():
             self.pump(i + S.NVME_BUFFERS)  # the host's updates run a few layers ahead of the loads that wait on them
+            if spill and i % p.k == 0:  # the input goes to the drives; forward waits for the oldest still going
+                if len(written) >= S.BLOCK_INPUTS_IN_FLIGHT:
+                    self.host = max(self.host, written[-S.BLOCK_INPUTS_IN_FLIGHT])
+                nbytes = wl.checkpoint_bytes
+                w = self.span(S.NVME_WRITE, S.CHECKPOINT, i, self.disk_s(S.NVME_WRITE, nbytes), after=x_ready,
+                              nbytes=nbytes, issued=False)
+                written.append(w.end)
+                self.alloc(x_ready, w.end, nbytes)
             free_at = max(slots.pop(), self.updated.get(i, 0.0))  # the engine waits for the layer's update
             fwd = self.span(S.COMPUTE, S.FORWARD, i, self.layer_s(1), after=max(self.load(i, free_at), x_ready))
             x_ready = fwd.end
@@ -152,11 +162,21 @@ class _Sim:
         g_ready = head.end
 
         ship = 0
+        issued = head.end  # spilled: each block's input is read back once the block after it starts
         for b, (s0, e0) in reversed(list(enumerate(p.blocks))):
+            read_end = 0.0
+            if spill:
+                nbytes = wl.checkpoint_bytes
+                read = self.span(S.NVME_READ, S.CHECKPOINT, s0, self.disk_s(S.NVME_READ, nbytes), after=issued,
+                                 nbytes=nbytes, issued=False)
+                read_end = read.end
+                self.alloc(read.start, None, nbytes)
             recomputed = []
             for j in range(s0, e0):
-                rec = self.span(S.COMPUTE, S.RECOMPUTE, j, self.layer_s(1), after=self.load(j, slots.pop()))
+                rec = self.span(S.COMPUTE, S.RECOMPUTE, j, self.layer_s(1),
+                                after=max(self.load(j, slots.pop()), read_end))
                 recomputed.append((j, rec))
+            issued = recomputed[0][1].start
             # chunked: the block's fp32 weight-gradient sums and its input's gradient, until the block is done
             self.alloc(recomputed[0][1].start, None, wl.sweep_sum_bytes + out_bytes)
             for j, rec in reversed(recomputed):
@@ -178,7 +198,9 @@ class _Sim:
                 ship += 1
                 self.alloc(bwd.start, grad.end, wl.grad_bytes)  # the layer's weight gradients until shipped
             self.alloc(g_ready, None, -(wl.sweep_sum_bytes + out_bytes))
-            if not wl.offload_checkpoints or self.hw.unified:  # else it waits in host memory
+            if spill:
+                self.alloc(g_ready, None, -wl.checkpoint_bytes)
+            elif not wl.offload_checkpoints or self.hw.unified:  # else it waits in host memory
                 self.alloc(ckpt_alloc[b], g_ready, wl.checkpoint_bytes)
         embed_bwd = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3, after=g_ready)
         emb_grad = 0 if c.tie_embeddings else c.vocab_size * c.hidden_size * wl.cb

@@ -33,7 +33,9 @@ class Workload:
     ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer state (None: all the RAM left)
     n_nvme_layers: int = 0  # set by the planner when it places layers on the SSD
     clip: bool = True  # gradient clipping: host updates wait for the whole backward (else they start as it goes)
-    offload_checkpoints: bool | None = True  # block inputs kept in host memory; None: when RAM has room (resolved)
+    # block inputs: True in host memory, "disk" in files on the drives (block_input_files.py), False on the GPU;
+    # None: host memory while RAM has room, else (storage=nvme) the drives (resolved by the planner)
+    offload_checkpoints: bool | str | None = True
     loss_chunk_tokens: int | None = 4096  # the head + loss run over this many tokens at a time (lm.py)
     # GPU memory for the state of the first units, updated on the GPU (device_state.py); None: the engine's auto,
     # 40% of the GPU memory free once the engine is built. `kept` (unit indices, the resident unit as n_layers) is
@@ -74,6 +76,12 @@ class Workload:
             raise PlanError("storage.kind", f"must be one of {STORAGES}, got {self.storage!r}")
         if self.stream not in STREAMS:
             raise PlanError("storage.stream", f"must be one of {STREAMS}, got {self.stream!r}")
+        if self.offload_checkpoints not in (None, True, False, "disk"):
+            raise PlanError("storage.offload_checkpoints", f"must be true, false, 'disk' or null, got "
+                                                           f"{self.offload_checkpoints!r}")
+        if self.offload_checkpoints == "disk" and self.storage != "nvme":
+            raise PlanError("storage.offload_checkpoints", "'disk' writes the block inputs under storage.nvme_dir: "
+                                                           "it needs storage=nvme")
         if self.device_state_GiB is not None and self.device_state_GiB < 0:
             raise PlanError("storage.device_state_GiB", f"must be >= 0 (or null: auto), got {self.device_state_GiB}")
         if self.step_cache_GiB is not None and self.step_cache_GiB < 0:
@@ -268,7 +276,9 @@ class Workload:
         if self.resolved_stream == "copy":
             out["stream_copy"] = ram_params * cb  # page-locked in place: exact sizes
         out["grad_staging"] = S.staging_numel(c.layer_params, c.embedding_params) * cb
-        if self.offload_checkpoints:
+        if self.offload_checkpoints == "disk":
+            out["block_input_tiles"] = S.BLOCK_INPUT_TILES * S.BLOCK_INPUT_PIECE
+        elif self.offload_checkpoints:
             out["checkpoints"] = self.plan.n_checkpoints * self.checkpoint_bytes
         if self.n_nvme_layers:
             out["nvme_window"] = self.nvme_window_bytes
@@ -297,9 +307,18 @@ class Workload:
         n = self.model.n_params - self.n_nvme_layers * self.model.layer_params  # the units in RAM
         # page-locked in place: the gradient buffers (they land by DMA), and whole tiles when the master streams
         tiles = 16 * n if self.resolved_stream == "master" else 4 * n
-        return h.get("stream_copy", 0) + h["grad_staging"] + h.get("checkpoints", 0) + tiles + self.nvme_pinned_bytes
+        return h.get("stream_copy", 0) + h["grad_staging"] + h.get("checkpoints", 0) + h.get("block_input_tiles", 0) \
+            + tiles + self.nvme_pinned_bytes
 
     @property
     def nvme_bytes(self) -> int:
-        """SSD space: each file-backed layer's [master | m | v | grad] and its streamed copy (nvme.py)."""
-        return self.n_nvme_layers * self.model.layer_params * (S.DISK_STATE_BYTES + self.cb)
+        """SSD space: each file-backed layer's [master | m | v | grad] and its streamed copy (nvme.py), and the block
+        inputs spilled there (whole pieces each)."""
+        state = self.n_nvme_layers * self.model.layer_params * (S.DISK_STATE_BYTES + self.cb)
+        return state + (self.plan.n_checkpoints * self.block_input_file_bytes if self.offload_checkpoints == "disk"
+                        else 0)
+
+    @property
+    def block_input_file_bytes(self) -> int:
+        """One block input in its files: whole pieces (block_input_files.py)."""
+        return -(-self.checkpoint_bytes // S.BLOCK_INPUT_PIECE) * S.BLOCK_INPUT_PIECE

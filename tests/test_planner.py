@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from megatrain_lightning import schedule as S
 from megatrain_lightning.config import Config
 from megatrain_lightning.model import Block, rope_tables
 from planner.check import check, compose, main
@@ -93,6 +94,18 @@ def test_memory_per_tier_by_hand():
     offloaded = replace(wl, offload_checkpoints=True)
     assert simulate(_hw(), offloaded).gpu_peak_bytes == max(loss, last) - ckpts
     assert offloaded.host_bytes()["checkpoints"] == ckpts
+    # spilled to the drives (block_input_files.py): RAM holds the tiles, the drives write each input in forward and
+    # read it back in backward, and the device holds at most the one being written beside those it computes with
+    spilled = replace(wl, storage="nvme", offload_checkpoints="disk")
+    t = simulate(_hw(), spilled)
+    assert spilled.host_bytes()["block_input_tiles"] == S.BLOCK_INPUT_TILES * S.BLOCK_INPUT_PIECE
+    assert "checkpoints" not in spilled.host_bytes()
+    hw = _hw()
+    one = tok * d * 2
+    assert t.busy_s(S.NVME_WRITE, S.CHECKPOINT) == pytest.approx(c.n_layer * one / (hw.nvme_array_write_GBps * 1e9))
+    assert t.busy_s(S.NVME_READ, S.CHECKPOINT) == pytest.approx(c.n_layer * one / (hw.nvme_array_read_GBps * 1e9))
+    assert max(loss, last) - ckpts <= t.gpu_peak_bytes <= max(loss, last) - ckpts + 2 * one
+    assert spilled.nvme_bytes == c.n_layer * S.BLOCK_INPUT_PIECE  # whole pieces: one each here
 
 
 def _run(args, capsys):
@@ -117,8 +130,8 @@ def test_known_answer_llama100b_fits_an_h200_with_1_5_tb_of_ram(capsys):
 
 
 def test_known_answer_llama100b_on_128_gib_is_short_of_ssd_only(capsys):
-    """Every layer's state in its file leaves RAM the embedding/head state, the window and the block inputs: 128 GiB
-    hold them; a 64 GiB SSD does not hold the layers."""
+    """Every layer's state in its file leaves RAM the embedding/head state and the window: 128 GiB hold them; a 64
+    GiB SSD does not hold the layers."""
     code, out, _ = _run(["model=llama100b", "hardware=h200", "hardware.host_ram_GiB=128",
                          "hardware.nvme_capacity_TB=0.0687", "storage=nvme", "trainer=gpu", "data.seq_len=4096",
                          "data.micro_batch=4"], capsys)
@@ -129,6 +142,9 @@ def test_known_answer_llama100b_on_128_gib_is_short_of_ssd_only(capsys):
     on_disk = int(re.search(r"NVMe .* (\d+) of 88 layers", out).group(1))
     assert 80 <= on_disk <= 88  # what RAM leaves of 122 GiB usable once the embedding/head and window are in
     nvme_need = on_disk * Config.from_name("llama100b").layer_params * (16 + 2)
+    # RAM full of layers: the block inputs (88 of 4 x 4096 x 10240 bf16, in whole 64 MiB pieces) go to the drives
+    assert "block inputs: 27.5 GiB a micro-batch go to the drives" in out
+    nvme_need += 88 * -(-4 * 4096 * 10240 * 2 // S.BLOCK_INPUT_PIECE) * S.BLOCK_INPUT_PIECE
     assert f"NVMe short by {(nvme_need - 0.0687e12) / 1e12:.2f} TB" in verdict
 
 
@@ -362,13 +378,21 @@ DRIVES_4 = ["hardware.host_ram_GiB=256", "hardware.nvme_drives=4", "hardware.nvm
 
 @pytest.mark.parametrize("hardware", [["hardware=h200", *DRIVES_4], ["hardware=h100-pcie-server", *DRIVES_4[:2]]])
 def test_llama100b_fits_one_gpu_with_256_gib_and_four_drives(hardware):
+    """With a budget that leaves the block inputs room in RAM, every layer on the drives; with the defaults (all the
+    RAM the box has) more layers stay in RAM and the block inputs go to the drives: both fit."""
     a = check(compose(["model=llama100b", *hardware, *SSD_RUN, "storage.ram_budget_GiB=60"]))
-    assert a.fits and a.wl.micro_tokens >= 262144 and a.wl.n_nvme_layers == 88
+    assert a.fits and a.wl.micro_tokens >= 262144 and a.wl.n_nvme_layers == 88 and a.wl.offload_checkpoints is True
     assert a.compute_share >= 0.7, a.busy_s
     # the whole state moves through the drives every step: 20 bytes/parameter read, 18 written (bf16 copy)
     layers = 88 * a.wl.model.layer_params
     assert a.busy_s["nvme_read"] * 4 * 6.5e9 == pytest.approx(20 * layers, rel=0.01)
     assert a.busy_s["nvme_write"] * 4 * 3.5e9 == pytest.approx(18 * layers, rel=0.01)
+    d = check(compose(["model=llama100b", *hardware, *SSD_RUN]))
+    assert d.fits and d.compute_share >= 0.7 and d.wl.offload_checkpoints == "disk", d.advice
+    assert d.wl.n_nvme_layers < 88
+    inputs = d.wl.plan.n_checkpoints * d.wl.checkpoint_bytes
+    assert d.wl.nvme_bytes >= d.wl.n_nvme_layers * 18 * d.wl.model.layer_params + inputs
+    assert any(x.startswith("block inputs: 110.0 GiB a micro-batch go to the drives") for x in d.advice)
 
 
 def test_llama_405b_fits_an_h200_with_512_gib_and_eight_drives():
@@ -378,13 +402,22 @@ def test_llama_405b_fits_an_h200_with_512_gib_and_eight_drives():
     assert a.fits and a.compute_share >= 0.7 and a.wl.n_nvme_layers >= a.wl.n_layers - 1  # 150 GiB: one layer in RAM
 
 
-def test_the_auto_ram_budget_that_crowds_out_the_block_inputs_gets_a_budget_that_does_not():
+def test_block_inputs_the_gpu_cannot_hold_go_to_the_drives_not_the_gpu():
+    """The auto budget fills RAM with layers before the block inputs ask for it: under storage=nvme they then go to
+    the drives (as the engine's HostCheckpoints does) instead of the GPU, which could not hold them here; with the
+    drives' bandwidth to spare the advice does not ask for a budget that keeps them in RAM."""
     a = check(compose(["model=llama100b", "hardware=h100-pcie-server", *SSD_RUN]))
-    assert not a.fits and not a.wl.offload_checkpoints  # RAM went to layers: the block inputs went to the GPU
-    (hint,) = [x for x in a.advice if "leaves RAM room for them" in x]
-    budget = float(re.search(r"storage\.ram_budget_GiB=(\S+)", hint).group(1))
-    b = check(compose(["model=llama100b", "hardware=h100-pcie-server", *SSD_RUN, f"storage.ram_budget_GiB={budget}"]))
-    assert b.wl.offload_checkpoints and b.fits
+    on_gpu = check(compose(["model=llama100b", "hardware=h100-pcie-server", *SSD_RUN,
+                            "storage.offload_checkpoints=false"]))
+    assert a.wl.offload_checkpoints == "disk" and a.fits
+    assert not on_gpu.fits and [t.name for t in on_gpu.tiers if not t.fits] == ["GPU"]
+    assert not any("keeps them in RAM" in x for x in a.advice)
+
+
+def test_offload_checkpoints_disk_needs_storage_nvme():
+    with pytest.raises(Exception, match=r"storage\.offload_checkpoints: 'disk' writes the block inputs under "
+                                        r"storage\.nvme_dir: it needs storage=nvme"):
+        check(compose(["hardware=h200", "storage.offload_checkpoints=disk"]))
 
 
 def test_nvme_drives_must_be_a_whole_number():
