@@ -4,11 +4,26 @@
 # - tests: pytest ${TESTS:-tests} on CUDA (SKIP_TESTS=1 skips);
 # - bench: bench/step.py once per argument string, for this tree and for each tree in $TREES (an A/B against an
 #   older commit extracted beside it: TREES=.prev), every line tagged with its tree in $OUT/bench.jsonl;
-# - train.py: a short llama-3.2-1b run through the Hydra entry point (SKIP_TRAIN=1 skips).
+# - train.py: a short llama-3.2-1b run through the Hydra entry point (SKIP_TRAIN=1 skips);
+# - KERNELS="kernels.py ARGS": bench/kernels.py first (host AdamW, a block eager vs compiled, --attention: SDPA alone
+#   and a block's memory), lines into $OUT/kernels.jsonl;
+# - COMPARE="compare.py ARGS": bench/compare.py (megatrain against the peers in one process), into $OUT/compare.jsonl;
+# - CALIBRATE=1: python -m planner.calibrate for this box, into $OUT/local.yaml.
+# These replace the per-issue *_session.sh scripts of earlier sessions (git history has them).
 set -u
 . bench/device_env.sh
+if [ -n "${CALIBRATE:-}" ]; then
+  echo "== calibrate"; timeout 150 python3 -m planner.calibrate --out "$OUT/local.yaml" --disk-path /tmp --disk-mib 2048
+fi
+if [ -n "${KERNELS:-}" ]; then
+  echo "== kernels $KERNELS"; timeout 420 python3 bench/kernels.py $KERNELS 2>&1 | grep -E "^\{|Error" | tee -a "$OUT/kernels.jsonl"
+fi
 if [ -z "${SKIP_TESTS:-}" ]; then
   echo "== tests"; timeout 420 python3 -m pytest -q -x ${TESTS:-tests} 2>&1 | tail -15 | tee "$OUT/tests.txt"
+fi
+if [ -n "${COMPARE:-}" ]; then
+  echo "== compare $COMPARE"; timeout 540 python3 bench/compare.py $COMPARE --out "$OUT/compare.jsonl" 2>&1 \
+    | grep -E "^\{|median|Error" | tail -8 | cut -c1-400
 fi
 for args in "$@"; do
   for tree in . ${TREES:-}; do

@@ -80,19 +80,67 @@ def block_times(config: Config, tokens: tuple[int, int], compile_: bool) -> tupl
 
     res = []
     for f in (fwd, bwd):
-        for _ in range(3):
-            f()
-        torch.cuda.synchronize()
-        ts = []
-        for _ in range(10):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            f()
-            b.record()
-            b.synchronize()
-            ts.append(a.elapsed_time(b) / 1e3)
-        res.append(statistics.median(ts))
+        res.append(cuda_time(f))
     return res[0], res[1]
+
+
+def cuda_time(f, warmup: int = 3, repeats: int = 10) -> float:
+    """Median seconds of f() on the current CUDA stream."""
+    for _ in range(warmup):
+        f()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        f()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(ts)
+
+
+def block_peak_bytes(config: Config, tokens: tuple[int, int], compile_: bool) -> int:
+    """Device bytes one block's recompute + backward adds over its input, output gradient and weights (what the
+    planner's activation and transient coefficients stand for)."""
+    dev = torch.device("cuda")
+    block = Block(config).to(dev, torch.bfloat16)
+    fn = torch.compile(block) if compile_ else block
+    B, T = tokens
+    x = torch.randn(B, T, config.hidden_size, device=dev, dtype=torch.bfloat16)
+    cos, sin = rope_tables(config, T, dev)
+    g = torch.randn_like(x)
+    xi = x.detach().requires_grad_()
+    with torch.autocast("cuda", torch.bfloat16):  # warm-up (compilation) outside the measured window
+        torch.autograd.grad(fn(xi, cos, sin), [xi, *block.parameters()], g)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    with torch.autocast("cuda", torch.bfloat16):
+        grads = torch.autograd.grad(fn(xi, cos, sin), [xi, *block.parameters()], g)
+    del grads
+    return torch.cuda.max_memory_allocated() - base
+
+
+def attention_times(config: Config, tokens: tuple[int, int]) -> tuple[float, float]:
+    """Median seconds of causal SDPA alone (the model's call, GQA) forward, and forward + backward, bf16."""
+    dev = torch.device("cuda")
+    B, T = tokens
+    hd = config.head_dim
+    q = torch.randn(B, config.n_head, T, hd, device=dev, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(B, config.n_kv_head, T, hd, device=dev, dtype=torch.bfloat16, requires_grad=True)
+            for _ in range(2))
+    gqa = config.n_head != config.n_kv_head
+
+    def fwd() -> None:
+        with torch.no_grad():
+            torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+
+    def both() -> None:
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        torch.autograd.grad(y, [q, k, v], torch.ones_like(y))
+
+    return cuda_time(fwd, 2, 5), cuda_time(both, 2, 5)
 
 
 def main() -> None:
@@ -102,14 +150,30 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-adamw", action="store_true")
+    ap.add_argument("--skip-block", action="store_true")
+    ap.add_argument("--attention", action="store_true", help="also causal SDPA alone, and one block's peak memory")
     a = ap.parse_args()
-    config = Config.from_name(a.model, tie_embeddings=False)
+    config = Config.from_name(a.model, tie_embeddings=False, max_seq_len=max(a.seq_len, Config.from_name(a.model).max_seq_len))
     if not a.skip_adamw:
         numels = [config.layer_params] * config.n_layer + [config.embedding_params]
         for worker in (False, True):
             emit(what="adamw", worker=worker, threads=torch.get_num_threads(), n_params=sum(numels),
                  Gparams=round(adamw_rate(numels, a.repeats, worker), 3))
-    if torch.cuda.is_available():
+    tokens = (a.micro_batch, a.seq_len)
+    if torch.cuda.is_available() and a.attention:
+        # causal: QK^T and AV over (T + 1) / 2 keys a token on average, 2 FLOPs a MAC (the planner's attention_flops);
+        # the backward's five matmuls are 2.5 times the forward's two
+        flops = 2 * 2 * config.n_head * config.head_dim * (a.seq_len + 1) / 2 * a.micro_batch * a.seq_len
+        f, fb = attention_times(config, tokens)
+        emit(what="attention", seq_len=a.seq_len, micro_batch=a.micro_batch, fwd_ms=round(f * 1e3, 2),
+             fwd_bwd_ms=round(fb * 1e3, 2), fwd_TFLOPs=round(flops / f / 1e12, 1),
+             bwd_TFLOPs_at_2p5x=round(2.5 * flops / (fb - f) / 1e12, 1))
+        for compile_ in (False, True):
+            n = block_peak_bytes(config, tokens, compile_)
+            emit(what="block_memory", compiled=compile_, seq_len=a.seq_len, micro_batch=a.micro_batch,
+                 peak_GiB=round(n / 2**30, 3),
+                 per_token_over_input=round(n / (a.micro_batch * a.seq_len * config.hidden_size * 2), 2))
+    if torch.cuda.is_available() and not a.skip_block:
         flops = 2 * config.layer_params * a.micro_batch * a.seq_len
         for compile_ in (False, True):
             try:

@@ -102,7 +102,8 @@ def predicted(a, config: Config) -> dict:
                  f"storage.prefetch_depth={a.prefetch_depth}", f"storage.stream={a.stream}",
                  f"storage.device_state_GiB={'null' if a.device_state_GiB is None else a.device_state_GiB}",
                  f"storage.chunk_tokens={'null' if a.chunk_tokens is None else a.chunk_tokens}",
-                 f"storage.step_cache_GiB={'null' if a.step_cache_GiB is None else a.step_cache_GiB}"]
+                 f"storage.step_cache_GiB={'null' if a.step_cache_GiB is None else a.step_cache_GiB}",
+                 f"storage.offload_checkpoints={'null' if a.offload_checkpoints == 'auto' else a.offload_checkpoints}"]
     if a.ram_budget_GiB is not None:
         overrides.append(f"storage.ram_budget_GiB={a.ram_budget_GiB}")
     ans = check(compose(overrides))
@@ -111,12 +112,25 @@ def predicted(a, config: Config) -> dict:
                 planner_chunk_sequences=ans.wl.chunk_sequences)
 
 
+def block_inputs(host) -> dict | None:
+    """Where the last forward's block inputs waited, and the bytes spilled to the drives over the run."""
+    if host is None or not host.active:
+        return {"where": "device"}
+    if not host.on_disk:
+        return {"where": "host"}
+    return {"where": "disk", "GB_written": round(host.files.bytes_written / 1e9, 2),
+            "GB_read": round(host.files.bytes_read / 1e9, 2)}
+
+
 def rss_bytes() -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
+
+
+OFFLOAD = {"auto": None, "true": True, "false": False, "disk": "disk"}
 
 
 def main() -> None:
@@ -139,6 +153,8 @@ def main() -> None:
     ap.add_argument("--chunk-tokens", type=int, default=None, help="the batch sweep's chunk (default: auto)")
     ap.add_argument("--step-cache-GiB", type=float, default=None,
                     help="with --accumulate > 1: GPU memory for weights and gradient sums kept for a step (default: auto)")
+    ap.add_argument("--offload-checkpoints", default="auto", choices=["auto", "true", "false", "disk"],
+                    help="where block inputs wait for backward (default: the engine's auto)")
     ap.add_argument("--plan", default=None, metavar="PRESET",
                     help="also report the planner's prediction for this run on conf/hardware/PRESET.yaml")
     ap.add_argument("--freeze", default=None, metavar="REGEX",
@@ -157,7 +173,8 @@ def main() -> None:
     strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth, stream=a.stream,
                                  storage=a.storage, ram_budget_GiB=a.ram_budget_GiB, nvme_dir=a.nvme_dir,
                                  device_state_GiB=a.device_state_GiB, chunk_tokens=a.chunk_tokens,
-                                 step_cache_GiB=a.step_cache_GiB, trace_dir=a.trace_dir, trace_step=2)
+                                 step_cache_GiB=a.step_cache_GiB, trace_dir=a.trace_dir, trace_step=2,
+                                 offload_checkpoints=OFFLOAD[a.offload_checkpoints])
     timer = StepTimer(sync_at={1, a.steps + 1})  # step 1 is the warm-up; the window is steps 2 .. steps + 1
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=1, precision=a.precision,
                         max_steps=a.steps + 1, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
@@ -190,7 +207,8 @@ def main() -> None:
                   frozen_params=sum(u.layout.numel - u.layout.trainable for u in strategy.store.units),
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log],
                   chunk_sequences=next(iter(strategy.engine.sweep.chunk_of.values()), None),
-                  step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0)
+                  step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0,
+                  block_inputs=block_inputs(strategy.engine.host_checkpoints))
     if a.trace_dir:
         result.update(traced(Path(a.trace_dir) / "step2.json"))
         result["compute_share"] = round(result["compute_busy_s"] / step, 4)  # of the measured step

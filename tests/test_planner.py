@@ -231,7 +231,7 @@ def test_ssd_bound_step_gets_advice_naming_the_ssd():
     assert "no micro-batch that fits makes the step compute-bound: SSD reads limits it" in a.advice
 
 
-# Measured on the H200 box, llama-3.2-3b untied, 32 x 1024 tokens, clip 1.0 (bench/kept_session.sh, 2026-11-22;
+# Measured on the H200 box, llama-3.2-3b untied, 32 x 1024 tokens, clip 1.0 (bench/kept_session.sh, since folded into bench/gpu_session.sh; 2026-11-22;
 # docs/performance.md): device_state_GiB -> (step s, peak GPU GiB, units the engine kept). 39: the latest run, with
 # the fused loss; 0 and null: before it (its head costs 3 matmul passes instead of 4, ~0.02 s of these steps).
 H200_3B_MEASURED = {0.0: (2.600, 10.18, 0), 39.0: (1.584, 50.66, 19), None: (1.598, 63.92, 29)}
