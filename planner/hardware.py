@@ -41,11 +41,17 @@ class Hardware:
     nvme_write_GBps: float  # one drive, sustained large writes (beyond any SLC cache)
     nvme_drives: int  # drives the file-backed tier stripes its layers over (storage.nvme_dir as a list, one each)
     nvme_capacity_TB: float  # free space for the file-backed tier, all drives together (10^12 bytes)
+    # causal attention (SDPA) sustained, forward and backward (its five matmuls: 2.5x the forward's FLOPs); null:
+    # the block's rate (matmul rate x block_efficiency). Matters at long context, where attention is most FLOPs.
+    attention_fwd_TFLOPS: float | None = None
+    attention_bwd_TFLOPS: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if f.type in ("float", float) and (not isinstance(v, (int, float)) or isinstance(v, bool)):
+            if v is None and f.name.startswith("attention_"):
+                continue
+            if f.type in ("float", float, "float | None") and (not isinstance(v, (int, float)) or isinstance(v, bool)):
                 raise PlanError(f"hardware.{f.name}", f"must be a number, got {v!r}")
             if f.name.endswith(("_GiB", "_TB", "_GBps", "_TFLOPS", "_Gparams")) and v <= 0 \
                     and f.name not in ("gpu_reserved_GiB", "host_reserved_GiB"):
@@ -66,7 +72,8 @@ class Hardware:
         unknown = sorted(set(d) - known)
         if unknown:
             raise PlanError(f"hardware.{unknown[0]}", f"unknown field; known: {', '.join(sorted(known))}")
-        missing = sorted(k for k in known if d.get(k) is None)
+        optional = {f.name for f in fields(cls) if f.default is None}
+        missing = sorted(k for k in known - optional if d.get(k) is None)
         if missing:
             raise PlanError(f"hardware.{missing[0]}", "missing (set it, or use hardware=auto to detect it)")
         return cls(**d)

@@ -106,13 +106,17 @@ class _Sim:
 
     # ---- compute costs ----
     def layer_s(self, passes: int) -> float:
-        """One block over one micro-batch, chunk by chunk: forward (passes=1) or backward (passes=2)."""
+        """One block over one micro-batch, chunk by chunk: forward (passes=1) or backward (passes=2). Attention's
+        backward is five matmuls against the forward's two (FlashAttention): 2.5 times its forward FLOPs."""
         wl, hw = self.wl, self.hw
-        flops = (wl.layer_matmul_flops + wl.attention_flops()) * wl.micro_tokens * passes
+        flops = wl.layer_matmul_flops * wl.micro_tokens * passes
         if passes == 2 and wl.token_chunk:  # each checkpointed piece's MLP runs forward once more in backward
             flops += 2 * wl.model.active_mlp_params * wl.micro_tokens
         rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
-        return flops / rate + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
+        attn = hw.attention_fwd_TFLOPS if passes == 1 else hw.attention_bwd_TFLOPS
+        attn_s = wl.attention_flops() * wl.micro_tokens * (1 if passes == 1 else 2.5) / (
+            attn * 1e12 if attn and wl.cb == 2 else rate)
+        return flops / rate + attn_s + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
 
     def head_s(self) -> float:
         """Head forward + backward with the loss: 3 passes of its matmul (chunked: all in forward, loss.py)."""
@@ -171,6 +175,8 @@ class _Sim:
                                  nbytes=nbytes, issued=False)
                 read_end = read.end
                 self.alloc(read.start, None, nbytes)
+            elif wl.offload_checkpoints and not self.hw.unified:  # fetched from host memory one block ahead
+                self.alloc(issued, None, wl.checkpoint_bytes)
             recomputed = []
             for j in range(s0, e0):
                 rec = self.span(S.COMPUTE, S.RECOMPUTE, j, self.layer_s(1),
@@ -198,7 +204,7 @@ class _Sim:
                 ship += 1
                 self.alloc(bwd.start, grad.end, wl.grad_bytes)  # the layer's weight gradients until shipped
             self.alloc(g_ready, None, -(wl.sweep_sum_bytes + out_bytes))
-            if spill:
+            if spill or (wl.offload_checkpoints and not self.hw.unified):
                 self.alloc(g_ready, None, -wl.checkpoint_bytes)
             elif not wl.offload_checkpoints or self.hw.unified:  # else it waits in host memory
                 self.alloc(ckpt_alloc[b], g_ready, wl.checkpoint_bytes)
