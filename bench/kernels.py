@@ -58,15 +58,20 @@ def adamw_rate(numels: list[int], repeats: int, worker: bool) -> float:
     return sum(numels) / statistics.median(times) / 1e9
 
 
-def block_times(config: Config, tokens: tuple[int, int], compile_: bool) -> tuple[float, float]:
-    """Median seconds of one block's forward (no grad) and recompute + backward, bf16 autocast, on CUDA."""
+def block_setup(config: Config, tokens: tuple[int, int], compile_: bool):
+    """One bf16 block on CUDA (compiled or not), an input, its rotary tables and an output gradient."""
     dev = torch.device("cuda")
     block = Block(config).to(dev, torch.bfloat16)
     fn = torch.compile(block) if compile_ else block
     B, T = tokens
     x = torch.randn(B, T, config.hidden_size, device=dev, dtype=torch.bfloat16)
     cos, sin = rope_tables(config, T, dev)
-    g = torch.randn_like(x)
+    return block, fn, x, cos, sin, torch.randn_like(x)
+
+
+def block_times(config: Config, tokens: tuple[int, int], compile_: bool) -> tuple[float, float]:
+    """Median seconds of one block's forward (no grad) and recompute + backward, bf16 autocast, on CUDA."""
+    block, fn, x, cos, sin, g = block_setup(config, tokens, compile_)
 
     def fwd() -> None:
         with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
@@ -78,10 +83,7 @@ def block_times(config: Config, tokens: tuple[int, int], compile_: bool) -> tupl
             out = fn(xi, cos, sin)
         torch.autograd.grad(out, [xi, *block.parameters()], g)
 
-    res = []
-    for f in (fwd, bwd):
-        res.append(cuda_time(f))
-    return res[0], res[1]
+    return cuda_time(fwd), cuda_time(bwd)
 
 
 def cuda_time(f, warmup: int = 3, repeats: int = 10) -> float:
@@ -103,13 +105,7 @@ def cuda_time(f, warmup: int = 3, repeats: int = 10) -> float:
 def block_peak_bytes(config: Config, tokens: tuple[int, int], compile_: bool) -> int:
     """Device bytes one block's recompute + backward adds over its input, output gradient and weights (what the
     planner's activation and transient coefficients stand for)."""
-    dev = torch.device("cuda")
-    block = Block(config).to(dev, torch.bfloat16)
-    fn = torch.compile(block) if compile_ else block
-    B, T = tokens
-    x = torch.randn(B, T, config.hidden_size, device=dev, dtype=torch.bfloat16)
-    cos, sin = rope_tables(config, T, dev)
-    g = torch.randn_like(x)
+    block, fn, x, cos, sin, g = block_setup(config, tokens, compile_)
     xi = x.detach().requires_grad_()
     with torch.autocast("cuda", torch.bfloat16):  # warm-up (compilation) outside the measured window
         torch.autograd.grad(fn(xi, cos, sin), [xi, *block.parameters()], g)
