@@ -57,6 +57,55 @@ class StepTimer(L.Callback):
         self._last = now
 
 
+class PeakMemory(L.Callback):
+    """Records the CUDA allocator's history over one step (torch.cuda.memory._record_memory_history) and names what
+    is live at that step's peak of allocated bytes: sizes summed by the first frame inside this project."""
+
+    def __init__(self, step: int = 1, top: int = 12) -> None:
+        self.step, self.top = step, top
+        self.report: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            torch.cuda.synchronize()
+            self._base = torch.cuda.memory_allocated()
+            torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx != self.step:
+            return
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
+        torch.cuda.memory._record_memory_history(enabled=None)
+        peak, top = live_at_peak([e for trace in snap["device_traces"] for e in trace], self.top)
+        self.report = {"before_step_GiB": round(self._base / 2**30, 3),
+                       "step_peak_over_start_GiB": round(peak / 2**30, 3),
+                       "live_at_peak": top}
+
+
+def live_at_peak(events: list[dict], top: int) -> tuple[int, dict[str, float]]:
+    """The peak of allocated bytes over an allocator trace (relative to its start) and the GiB live then, summed by
+    the first frame inside this project."""
+    level, peak, at = 0, 0, -1
+    for k, e in enumerate(events):
+        level += e["size"] if e["action"] == "alloc" else -e["size"] if e["action"] == "free_completed" else 0
+        if level > peak:
+            peak, at = level, k
+    live: dict[int, dict] = {}
+    for e in events[:at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+    groups: dict[str, int] = {}
+    for e in live.values():
+        frame = next((f for f in e.get("frames", []) if "megatrain_lightning" in f["filename"]), None)
+        key = f"{Path(frame['filename']).name}:{frame['line']} {frame['name']}" if frame else "outside the project"
+        groups[key] = groups.get(key, 0) + e["size"]
+    ranked = sorted(groups.items(), key=lambda kv: -kv[1])[:top]
+    return peak, {k: round(v / 2**30, 3) for k, v in ranked}
+
+
 class FrozenLM(CausalLM):
     """CausalLM whose parameters matching a pattern are frozen once built (before the strategy takes them)."""
 
@@ -160,6 +209,8 @@ def main() -> None:
     ap.add_argument("--freeze", default=None, metavar="REGEX",
                     help="requires_grad=False for parameters whose name matches (e.g. a LoRA-style frozen base)")
     ap.add_argument("--trace-dir", default=None)
+    ap.add_argument("--memory-peak", action="store_true",
+                    help="CUDA: name what is live at the second step's peak of allocated memory")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -176,10 +227,12 @@ def main() -> None:
                                  step_cache_GiB=a.step_cache_GiB, trace_dir=a.trace_dir, trace_step=2,
                                  offload_checkpoints=OFFLOAD[a.offload_checkpoints])
     timer = StepTimer(sync_at={1, a.steps + 1})  # step 1 is the warm-up; the window is steps 2 .. steps + 1
+    peak = PeakMemory(step=a.accumulate) if a.memory_peak and torch.cuda.is_available() else None
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=1, precision=a.precision,
                         max_steps=a.steps + 1, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, limit_val_batches=0, callbacks=[timer])
+                        enable_model_summary=False, limit_val_batches=0,
+                        callbacks=[timer] + ([peak] if peak else []))
     data = DataLoader(RandomTokens(config.vocab_size, a.seq_len, (a.steps + 1) * a.accumulate * a.micro_batch),
                       batch_size=a.micro_batch)  # no workers: a fork would copy-on-write the store
     torch.manual_seed(0)
@@ -209,6 +262,8 @@ def main() -> None:
                   chunk_sequences=next(iter(strategy.engine.sweep.chunk_of.values()), None),
                   step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0,
                   block_inputs=block_inputs(strategy.engine.host_checkpoints))
+    if peak is not None:
+        result["memory_peak"] = peak.report
     if a.trace_dir:
         result.update(traced(Path(a.trace_dir) / "step2.json"))
         result["compute_share"] = round(result["compute_busy_s"] / step, 4)  # of the measured step

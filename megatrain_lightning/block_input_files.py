@@ -178,10 +178,7 @@ class BlockInputFiles:
 
     def take(self, fetched: Future) -> Tensor:
         """The block input of a `fetch`, once it is on the device (its copies have completed)."""
-        x = fetched.result()
-        if self.cuda:
-            x.record_stream(self._h2d)
-        return x
+        return fetched.result()  # its copies completed (synchronized) before the future did: no stream to record
 
     def flush(self) -> None:
         """Waits for the inputs still being written (raises a drive's error)."""

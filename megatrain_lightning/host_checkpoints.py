@@ -91,7 +91,9 @@ class HostCheckpoints:
         eng.h2d.wait_event(sent)
         with torch.cuda.stream(eng.h2d), eng._span(b * eng.plan.k, S.H2D, S.CHECKPOINT, x.nbytes, eng.h2d):
             x.view(-1).copy_(host, non_blocking=True)
-        x.record_stream(eng.h2d)
+        # no x.record_stream(h2d): the compute stream waits for `ready` before it touches x, so whatever it does
+        # with x's memory once x is freed comes after the copy; recording the stream would hold the block back
+        # from reuse until the H2D stream's queued weight loads have run too
         ready = torch.cuda.Event()
         ready.record(eng.h2d)
         return x, ready

@@ -32,19 +32,26 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, h_all.shape[0], chunk):
                 h, y = h_all[start:start + chunk], labels[start:start + chunk]
                 logits = (h @ w.t()).float()  # [c, V]
-                lse = torch.logsumexp(logits, dim=-1)  # [c]
                 valid = y != IGNORE_INDEX
                 target = y.clamp_min(0)
                 picked = logits.gather(1, target[:, None]).squeeze(1)
+                # the log-sum-exp in place (torch.logsumexp would hold a second [c, V] fp32 temporary): the logits
+                # become exp(logits - max), then the softmax; d loss / d logits = softmax - one-hot, zero on ignored
+                # tokens
+                top = logits.amax(dim=-1, keepdim=True)  # [c, 1]
+                probs = logits.sub_(top).exp_()
+                sums = probs.sum(dim=-1, keepdim=True)  # [c, 1]
+                lse = sums.log().add_(top).squeeze(1)  # [c]
                 total += ((lse - picked) * valid).sum()
-                # d loss / d logits = softmax - one-hot, zero on ignored tokens (in place: the logits go)
-                probs = logits.sub_(lse[:, None]).exp_()
+                probs.div_(sums)
                 probs[torch.arange(len(y), device=y.device), target] -= 1.0
                 probs.mul_(valid[:, None])
                 g = probs.to(dtype)
+                del logits, probs  # before the next chunk's logits exist: one chunk's [c, V] at a time
                 grad_h[start:start + chunk] = g @ w
                 if want_w:
                     grad_w.add_(g.t() @ h)  # [V, D] in the compute dtype, added into fp32 without an fp32 copy
+                del g
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total

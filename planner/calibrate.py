@@ -215,7 +215,8 @@ def to_yaml(hw: Hardware) -> str:
     lines = [f"# Measured by `python -m planner.calibrate` on {platform.node()}, "
              f"{datetime.date.today().isoformat()} (torch {torch.__version__})."]
     for k, v in hw.__dict__.items():
-        lines.append(f"{k}: " + (str(v).lower() if isinstance(v, bool) else f'"{v}"' if isinstance(v, str) else str(v)))
+        lines.append(f"{k}: " + ("null" if v is None else str(v).lower() if isinstance(v, bool)
+                                 else f'"{v}"' if isinstance(v, str) else str(v)))
     return "\n".join(lines) + "\n"
 
 

@@ -76,3 +76,53 @@ def test_chunked_loss_without_grad_equals_with():
     with torch.no_grad():
         without = lm.loss(batch)
     assert not without.requires_grad and torch.allclose(without, with_grad.detach(), rtol=1e-6)
+
+
+_PEAK_SCRIPT = """
+import importlib.util, sys, torch
+spec = importlib.util.spec_from_file_location("loss", sys.argv[1])  # the module alone: no package, no lightning
+loss = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(loss)
+linear_cross_entropy = loss.linear_cross_entropy
+V, D, N, c = 16384, 64, 1024, 512
+g = torch.Generator().manual_seed(0)
+hidden = torch.randn(N, D, generator=g, requires_grad=True)
+weight = (0.02 * torch.randn(V, D, generator=g)).requires_grad_()
+labels = torch.randint(0, V, (N,), generator=g)
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+def high_water():  # peak RSS since the last reset (VmHWM)
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    linear_cross_entropy(hidden[:c], weight, labels[:c], c).backward()  # warm-up: libraries, thread pools
+hidden.grad = weight.grad = None
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets VmHWM to the RSS now (Linux): the imports' own peak does not count
+base = rss()
+with torch.autocast("cpu", dtype=torch.bfloat16):
+    linear_cross_entropy(hidden, weight, labels, c).backward()
+print(high_water() - base)
+"""
+
+
+def test_the_chunked_loss_holds_what_the_planner_counts():
+    """Peak memory of the head + loss beyond its inputs, measured (RSS in a subprocess whose large allocations are
+    returned to the OS on free) against the planner's head_bytes: one chunk's fp32 logits turned into probabilities
+    plus their compute-dtype copy, the fp32 weight gradient and one chunk's compute-dtype part of it, the hidden-state
+    gradient. Holding the previous chunk's probabilities while the next chunk's logits form, or torch.logsumexp's
+    [c, V] temporary, would add 6 bytes per logit or more (the code before this test held 2.2 times the bound)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    V, D, N, c, cb = 16384, 64, 1024, 512, 2
+    bound = (4 + cb) * V * c + (4 + cb) * V * D + cb * N * D  # planner/workload.py Workload.head_bytes
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
+    path = Path(__file__).resolve().parents[1] / "megatrain_lightning" / "loss.py"
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, env=env,
+                         check=True)
+    peak = int(out.stdout.strip().splitlines()[-1])
+    assert peak <= 1.1 * bound, (peak, bound)
+    assert peak >= 0.5 * bound, (peak, bound)  # it does measure the logits
