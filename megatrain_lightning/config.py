@@ -40,6 +40,15 @@ class Config:
     n_experts: int = 0
     experts_per_token: int = 0
     moe_intermediate_size: int = 0
+    n_shared_experts: int = 0  # experts of moe_intermediate_size every token runs besides its routed ones
+    n_dense_layers: int = 0  # the first layers keep a dense MLP of intermediate_size (DeepSeek's first_k_dense_replace)
+    # Multi-head latent attention (DeepSeek-V3; planner shapes): q and kv pass through low-rank projections (0: no
+    # low rank for q), heads of head_size for q.k of which qk_rope_head_dim carry the rotary part, of v_head_size for
+    # v. kv_lora_rank 0: ordinary attention.
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_size: int | None = None
     # derived in __post_init__
     head_dim: int = field(init=False)
 
@@ -49,7 +58,7 @@ class Config:
         for f in ("vocab_size", "n_layer", "hidden_size", "n_head", "n_kv_head", "intermediate_size", "max_seq_len"):
             if getattr(self, f) < 1:
                 raise ValueError(f"Config.{f} must be >= 1, got {getattr(self, f)}")
-        if self.hidden_size % self.n_head:
+        if self.head_size is None and self.hidden_size % self.n_head:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by n_head {self.n_head}")
         if self.n_head % self.n_kv_head:
             raise ValueError(f"n_head {self.n_head} is not divisible by n_kv_head {self.n_kv_head}")
@@ -66,6 +75,13 @@ class Config:
             raise ValueError(f"a mixture of {self.n_experts} experts needs 1 <= experts_per_token <= n_experts and "
                              f"moe_intermediate_size >= 1, got {self.experts_per_token} and "
                              f"{self.moe_intermediate_size}")
+        if (self.n_shared_experts or self.n_dense_layers) and not self.n_experts:
+            raise ValueError("n_shared_experts and n_dense_layers describe a mixture of experts: set n_experts")
+        if not 0 <= self.n_dense_layers < self.n_layer:
+            raise ValueError(f"n_dense_layers must be in [0, n_layer), got {self.n_dense_layers}")
+        if self.kv_lora_rank and not 0 < self.qk_rope_head_dim < self.head_dim:
+            raise ValueError(f"latent attention needs 0 < qk_rope_head_dim < head_size, got {self.qk_rope_head_dim} "
+                             f"and {self.head_dim}")
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> Config:
@@ -148,42 +164,86 @@ class Config:
     # ---- sizes (element counts); the planner and the tests use these ----
     @property
     def attn_params(self) -> int:
-        q = self.hidden_size * self.n_head * self.head_dim
-        kv = 2 * self.hidden_size * self.n_kv_head * self.head_dim
-        o = self.n_head * self.head_dim * self.hidden_size
-        bias = (self.n_head + 2 * self.n_kv_head) * self.head_dim if self.qkv_bias else 0
-        norms = 2 * self.head_dim if self.qk_norm else 0
+        D, H, hd = self.hidden_size, self.n_head, self.head_dim
+        if self.kv_lora_rank:  # latent attention: q (low rank or not), kv through its latent, o
+            v = self.v_head_size or hd
+            q = (D * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * H * hd) if self.q_lora_rank \
+                else D * H * hd
+            kv = D * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank \
+                + self.kv_lora_rank * H * (hd - self.qk_rope_head_dim + v)
+            return q + kv + H * v * D
+        q = D * H * hd
+        kv = 2 * D * self.n_kv_head * hd
+        o = H * hd * D
+        bias = (H + 2 * self.n_kv_head) * hd if self.qkv_bias else 0
+        norms = 2 * hd if self.qk_norm else 0
         return q + kv + o + bias + norms
 
     @property
-    def mlp_params(self) -> int:
-        """Every expert and the router (a mixture), or the dense SwiGLU MLP: what a layer stores and streams."""
-        if self.n_experts:
-            return self.n_experts * 3 * self.hidden_size * self.moe_intermediate_size + self.hidden_size * self.n_experts
+    def n_moe_layers(self) -> int:
+        return self.n_layer - self.n_dense_layers if self.n_experts else 0
+
+    @property
+    def dense_mlp_params(self) -> int:
         return 3 * self.hidden_size * self.intermediate_size
 
     @property
+    def moe_mlp_params(self) -> int:
+        """A mixture layer's MLP: every routed and shared expert and the router."""
+        expert = 3 * self.hidden_size * self.moe_intermediate_size
+        return (self.n_experts + self.n_shared_experts) * expert + self.hidden_size * self.n_experts
+
+    @property
+    def trunk_mlp_params(self) -> int:
+        return (self.n_layer - self.n_moe_layers) * self.dense_mlp_params + self.n_moe_layers * self.moe_mlp_params
+
+    @property
+    def trunk_active_mlp_params(self) -> int:
+        """The MLP weights one token's forward multiplies by, over the trunk: routers, top and shared experts."""
+        active = (self.experts_per_token + self.n_shared_experts) * 3 * self.hidden_size * self.moe_intermediate_size \
+            + self.hidden_size * self.n_experts
+        return (self.n_layer - self.n_moe_layers) * self.dense_mlp_params + self.n_moe_layers * active
+
+    @property
+    def mlp_params(self) -> int:
+        """Every expert and the router (a mixture), or the dense SwiGLU MLP: what a layer stores and streams (the
+        mean over layers when the first are dense)."""
+        return self.trunk_mlp_params // self.n_layer
+
+    @property
     def active_mlp_params(self) -> int:
-        """The MLP weights one token's forward multiplies by: the router and its top experts (a mixture)."""
-        if self.n_experts:
-            return (self.experts_per_token * 3 * self.hidden_size * self.moe_intermediate_size
-                    + self.hidden_size * self.n_experts)
-        return self.mlp_params
+        """The MLP weights one token's forward multiplies by in a layer (the mean over layers)."""
+        return self.trunk_active_mlp_params // self.n_layer
 
     @property
     def active_intermediate_size(self) -> int:
-        """The MLP width one token's activations have (top experts' summed, for a mixture)."""
-        return self.experts_per_token * self.moe_intermediate_size if self.n_experts else self.intermediate_size
+        """The MLP width one token's activations have (routed and shared experts' summed, for a mixture; the wider
+        of that and the dense layers')."""
+        if not self.n_experts:
+            return self.intermediate_size
+        moe = (self.experts_per_token + self.n_shared_experts) * self.moe_intermediate_size
+        return max(moe, self.intermediate_size) if self.n_dense_layers else moe
 
     @property
     def active_params(self) -> int:
         """Parameters one token's forward uses (the metric's N for a mixture of experts; n_params when dense)."""
-        return self.n_params - self.n_layer * (self.mlp_params - self.active_mlp_params)
+        return self.n_params - (self.trunk_mlp_params - self.trunk_active_mlp_params)
 
     @property
     def layer_params(self) -> int:
-        """Parameters of one repeated block (attention, MLP and its two RMSNorms)."""
-        return self.attn_params + self.mlp_params + 2 * self.hidden_size
+        """Parameters of one repeated block (attention, MLP and its two RMSNorms); the mean over the trunk when the
+        first layers are dense (the planner's per-layer unit: its totals stay exact)."""
+        return self.trunk_params // self.n_layer
+
+    @property
+    def max_layer_params(self) -> int:
+        """The largest block: what a weight slot holds."""
+        mlp = self.moe_mlp_params if self.n_experts else self.dense_mlp_params
+        return self.attn_params + mlp + 2 * self.hidden_size
+
+    @property
+    def trunk_params(self) -> int:
+        return self.n_layer * (self.attn_params + 2 * self.hidden_size) + self.trunk_mlp_params
 
     @property
     def embedding_params(self) -> int:
@@ -193,7 +253,7 @@ class Config:
 
     @property
     def n_params(self) -> int:
-        return self.n_layer * self.layer_params + self.embedding_params
+        return self.trunk_params + self.embedding_params
 
 
 HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
@@ -246,6 +306,20 @@ PRESETS: dict[str, Config] = {
         Config("gpt-oss-120b", vocab_size=201088, n_layer=36, hidden_size=2880, n_head=64, n_kv_head=8,
                head_size=64, intermediate_size=2880, max_seq_len=131072, rope_theta=150000.0, n_experts=128,
                experts_per_token=4, moe_intermediate_size=2880),
+        # https://huggingface.co/zai-org/GLM-4.5-Air/blob/main/config.json: one dense layer, then 45 of 128 routed
+        # experts (top 8) and a shared one; q/k/v biases; half-rotary heads (the same FLOPs). The multi-token
+        # prediction layer (num_nextn_predict_layers) is not counted, as the published 106B does not
+        Config("glm-4.5-air", vocab_size=151552, n_layer=46, hidden_size=4096, n_head=96, n_kv_head=8, head_size=128,
+               intermediate_size=10944, max_seq_len=131072, rope_theta=1000000.0, qkv_bias=True, n_experts=128,
+               experts_per_token=8, moe_intermediate_size=1408, n_shared_experts=1, n_dense_layers=1),
+        # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json: three dense layers, then 256 routed
+        # experts (top 8) and a shared one; multi-head latent attention (q rank 1536, kv rank 512, q.k heads of
+        # 128 + 64 rotary, v heads of 128). The multi-token prediction module (14B of the 685B on the Hub) is not
+        # counted, as the published 671B does not
+        Config("deepseek-v3", vocab_size=129280, n_layer=61, hidden_size=7168, n_head=128, n_kv_head=128,
+               head_size=192, intermediate_size=18432, max_seq_len=163840, norm_eps=1e-6, n_experts=256,
+               experts_per_token=8, moe_intermediate_size=2048, n_shared_experts=1, n_dense_layers=3,
+               q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, v_head_size=128),
         # https://huggingface.co/Qwen/Qwen2-0.5B/blob/main/config.json
         Config("qwen2-0.5b", vocab_size=151936, n_layer=24, hidden_size=896, n_head=14, n_kv_head=2,
                intermediate_size=4864, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,

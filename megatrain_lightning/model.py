@@ -219,6 +219,9 @@ class Llama(nn.Module):
         if config.n_experts:
             raise ValueError(f"{config.name} is a mixture of experts: Llama has dense MLPs (train it as a "
                              "transformers model object)")
+        if config.kv_lora_rank:
+            raise ValueError(f"{config.name} has latent attention: Llama's is grouped-query (train it as a "
+                             "transformers model object)")
         self.config = config
         self.model = LlamaBody(config)
         self.lm_head = Head(config.hidden_size, config.vocab_size, bias=False)

@@ -137,9 +137,12 @@ class Workload:
         return 2 * weights
 
     def attention_flops(self, seq_len: int | None = None) -> float:
-        """QK^T and AV of causal attention: token t meets t keys, so (T + 1) / 2 on average; 2 FLOPs per MAC."""
+        """QK^T and AV of causal attention: token t meets t keys, so (T + 1) / 2 on average; 2 FLOPs per MAC (latent
+        attention: q.k over head_size, the values over v_head_size)."""
         T = self.seq_len if seq_len is None else seq_len
-        return 2 * 2 * self.model.n_head * self.model.head_dim * (T + 1) / 2
+        c = self.model
+        v = (c.v_head_size or c.head_dim) if c.kv_lora_rank else c.head_dim
+        return 2 * c.n_head * (c.head_dim + v) * (T + 1) / 2
 
     @property
     def head_flops(self) -> int:
@@ -205,9 +208,11 @@ class Workload:
     @property
     def slot_bytes(self) -> int:
         """One device weight buffer: the streamed layer, plus its cast when the fp32 master streams."""
+        # sized for the largest layer (a mixture's dense first layers are smaller; the other per-layer figures
+        # take the mean layer, so totals stay exact)
         if self.resolved_stream == "master" and self.cb != 4:
-            return self.model.layer_params * (4 + self.cb)
-        return self.model.layer_params * self.cb
+            return self.model.max_layer_params * (4 + self.cb)
+        return self.model.max_layer_params * self.cb
 
     @property
     def n_slots(self) -> int:
@@ -275,7 +280,7 @@ class Workload:
         out = {"state": ram_params * STATE_BYTES}  # a file-backed layer keeps nothing in RAM
         if self.resolved_stream == "copy":
             out["stream_copy"] = ram_params * cb  # page-locked in place: exact sizes
-        out["grad_staging"] = S.staging_numel(c.layer_params, c.embedding_params) * cb
+        out["grad_staging"] = S.staging_numel(c.max_layer_params, c.embedding_params) * cb
         if self.offload_checkpoints == "disk":
             out["block_input_tiles"] = S.BLOCK_INPUT_TILES * S.BLOCK_INPUT_PIECE
         elif self.offload_checkpoints:

@@ -53,11 +53,53 @@ def test_mixture_of_experts_presets_match_published_sizes(name, total, active, e
         assert c.n_layer * (c.layer_params - 6 * expert) + c.embedding_params == c.active_params
 
 
+def test_dense_first_layers_shared_experts_and_latent_attention_by_hand():
+    """GLM-4.5-Air and DeepSeek-V3, layer by layer from their config.json (sources in config.py)."""
+    g = Config.from_name("glm-4.5-air")
+    attn = 2 * 4096 * 96 * 128 + 2 * 4096 * 8 * 128 + (96 + 2 * 8) * 128  # q and o, k and v, the q/k/v biases
+    expert = 3 * 4096 * 1408
+    dense = attn + 3 * 4096 * 10944 + 2 * 4096  # layer 0
+    moe = attn + (128 + 1) * expert + 4096 * 128 + 2 * 4096  # 128 routed + 1 shared, the router
+    assert g.n_params == dense + 45 * moe + 2 * 151552 * 4096 + 4096
+    assert g.n_params == pytest.approx(106e9, rel=0.01)  # Z.ai: "106 billion total parameters"
+    active = g.active_params - 2 * 151552 * 4096 - 4096  # without the embedding, the head and the final norm
+    assert active == dense + 45 * (attn + 9 * expert + 4096 * 128 + 2 * 4096)
+    # Z.ai: "12 billion active": 12.18B here. Published active counts are whole billions, so "within 1%" cannot be
+    # judged past their rounding: the count rounds to the published figure
+    assert round(active / 1e9) == 12
+    assert g.max_layer_params == moe and g.layer_params == (dense + 45 * moe) // 46
+
+    d = Config.from_name("deepseek-v3")
+    H = 128
+    attn = (7168 * 1536 + 1536 + 1536 * H * 192  # q through its rank-1536 latent (and its norm), heads of 128 + 64
+            + 7168 * (512 + 64) + 512 + 512 * H * (128 + 128)  # kv latent + shared rotary key, norm, k (no rope) and v
+            + H * 128 * 7168)  # o
+    expert = 3 * 7168 * 2048
+    dense = attn + 3 * 7168 * 18432 + 2 * 7168  # layers 0-2
+    moe = attn + (256 + 1) * expert + 7168 * 256 + 2 * 7168
+    assert d.attn_params == attn
+    assert d.n_params == 3 * dense + 58 * moe + 2 * 129280 * 7168 + 7168
+    assert d.n_params == pytest.approx(671e9, rel=0.01)  # DeepSeek: "671B total parameters" (MTP module apart)
+    # DeepSeek: "37B activated for each token": 36.63B without the embedding table (its lookup is no matmul; 37.55B
+    # with it), which rounds to the published whole billions
+    assert round((d.active_params - 129280 * 7168) / 1e9) == 37
+
+
 def test_a_mixture_of_experts_preset_is_not_a_llama():
     with pytest.raises(ValueError, match="gpt-oss-120b is a mixture of experts: Llama has dense MLPs"):
         Llama(Config.from_name("gpt-oss-120b", n_layer=1, vocab_size=16))
     with pytest.raises(ValueError, match="needs 1 <= experts_per_token <= n_experts"):
         Config(n_experts=4, experts_per_token=5, moe_intermediate_size=8)
+    with pytest.raises(ValueError, match="n_shared_experts and n_dense_layers describe a mixture of experts"):
+        Config(n_dense_layers=1)
+    with pytest.raises(ValueError, match=r"n_dense_layers must be in \[0, n_layer\), got 2"):
+        Config(n_layer=2, n_experts=4, experts_per_token=2, moe_intermediate_size=8, n_dense_layers=2)
+    with pytest.raises(ValueError, match="latent attention needs 0 < qk_rope_head_dim < head_size"):
+        Config(kv_lora_rank=8, qk_rope_head_dim=0)
+    with pytest.raises(ValueError, match="deepseek-v3 is a mixture of experts"):
+        Llama(Config.from_name("deepseek-v3", n_layer=4, vocab_size=16))
+    with pytest.raises(ValueError, match="has latent attention: Llama's is grouped-query"):
+        Llama(Config(n_layer=1, kv_lora_rank=8, qk_rope_head_dim=4, hidden_size=64, n_head=4))
 
 
 def test_untied_3b_is_the_peer_shape():
