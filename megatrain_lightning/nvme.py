@@ -36,7 +36,9 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning import ownership, schedule as S
+from megatrain_lightning.host_memory import pinned_empty
 from megatrain_lightning.state_files import read_file as _read_file, write_file as _write_file
+
 
 ALIGN = 4096  # the copy region starts on a page (and O_DIRECT-sized) boundary
 CAST_PIECE = 16 * 2**20  # elements of master cast into the copy per write request (32 MiB in bf16)
@@ -51,12 +53,14 @@ class IOStats:
     read_s: dict[str, float] = field(default_factory=dict)
     write_bytes: dict[str, int] = field(default_factory=dict)
     write_s: dict[str, float] = field(default_factory=dict)
+    direct_bytes: int = 0  # of all of those, moved through O_DIRECT (state_files.py)
     wait_s: float = 0.0
 
-    def add(self, kind: str, where: str, nbytes: int, seconds: float) -> None:
+    def add(self, kind: str, where: str, nbytes: int, seconds: float, direct: bool = False) -> None:
         b, s = getattr(self, f"{kind}_bytes"), getattr(self, f"{kind}_s")
         b[where] = b.get(where, 0) + nbytes
         s[where] = s.get(where, 0.0) + seconds
+        self.direct_bytes += nbytes if direct else 0
 
     def rates(self) -> dict[str, float]:
         """Achieved GB/s per drive (each directory's bytes over its thread's busy seconds) and in all (the sum of
@@ -69,6 +73,8 @@ class IOStats:
                 out[f"nvme{k}_{kind}_GBps"] = rate
                 out[f"nvme_{kind}_GBps"] += rate
         out["nvme_wait_s"] = self.wait_s
+        moved = sum(self.total_bytes)
+        out["nvme_direct_share"] = self.direct_bytes / moved if moved else 0.0
         return out
 
     @property
@@ -124,7 +130,6 @@ class TilePool:
     """Reused buffers of one kind; `get` blocks while all are in use (the bound on the tier's RAM)."""
 
     def __init__(self, n: int, numel: int, dtype: torch.dtype, pin: bool) -> None:
-        from megatrain_lightning.store import pinned_empty  # store imports this module
         self._q: queue.Queue[Tensor] = queue.Queue()
         for _ in range(n):
             self._q.put(pinned_empty(numel, dtype, pin) if numel else torch.empty(0, dtype=dtype))
@@ -171,7 +176,8 @@ class NvmeTier:
         self._readers = [ThreadPoolExecutor(1, thread_name_prefix=f"megatrain-nvme{k}-read") for k in range(len(roots))]
         self._writers = [ThreadPoolExecutor(1, thread_name_prefix=f"megatrain-nvme{k}-write") for k in range(len(roots))]
         self._release = ThreadPoolExecutor(1, thread_name_prefix="megatrain-nvme-release")
-        self._cast_scratch = [torch.empty(CAST_PIECE, dtype=copy_dtype) for _ in roots]  # one per writer thread
+        # one per writer thread, aligned for O_DIRECT
+        self._cast_scratch = [pinned_empty(CAST_PIECE, copy_dtype, False) for _ in roots]
         piece = max(s.trainable for s in self.shapes.values()) if max_piece is None else max_piece
         self.n_buffers = buffers
         self._tiles = TilePool(buffers, 4 * piece, torch.float32, False)  # [master | m | v | grad] of a piece
@@ -354,9 +360,9 @@ class NvmeTier:
     def _io(self, kind: str, io, index: int, t: Tensor, offset: int) -> None:
         """Moves `t` between it and a unit's file at byte `offset`, adding the bytes and seconds to the stats."""
         start = time.perf_counter()
-        io(self.path(index), t, offset)
+        direct = io(self.path(index), t, offset)
         with self._lock:
-            self.stats.add(kind, str(self.dirs[self._where[index]]), t.nbytes, time.perf_counter() - start)
+            self.stats.add(kind, str(self.dirs[self._where[index]]), t.nbytes, time.perf_counter() - start, direct)
 
     def flush(self) -> None:
         """Waits for every write behind; raises the first write error."""

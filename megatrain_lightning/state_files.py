@@ -1,13 +1,26 @@
-"""Whole-buffer reads and writes of the file-backed tier's state files, with the errors a failing drive gives."""
+"""Whole-buffer reads and writes of the file-backed tier's state files, with the errors a failing drive gives.
+
+A request whose buffer address, file offset and length are all multiples of ALIGN goes through O_DIRECT: straight
+between the drive and the buffer, no copy through the page cache and no cache to flush or drop afterwards (the
+tier's buffers start on such a boundary: host_memory.pinned_empty; the shapes of real models make most requests
+aligned). Others, and every request on a filesystem that refuses O_DIRECT (tmpfs), are buffered: flushed with
+fdatasync and dropped from the page cache, so the RAM budget holds either way.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from megatrain_lightning.host_memory import ALIGN_BYTES as ALIGN
+
+_no_direct: set[str] = set()  # directories whose filesystem refused O_DIRECT
+_lock = threading.Lock()
 
 
 class DriveError(OSError):
@@ -29,9 +42,30 @@ def _open(path: Path, flags: int) -> int:
                          "(deleted, or its drive unmounted)") from None
 
 
-def read_file(path: Path, out: Tensor, offset: int = 0) -> None:
+def _direct_fd(path: Path, flags: int, t: Tensor, offset: int) -> int | None:
+    """A file descriptor opened with O_DIRECT when the request qualifies and the filesystem takes it, else None."""
+    if not hasattr(os, "O_DIRECT") or t.data_ptr() % ALIGN or offset % ALIGN or t.nbytes % ALIGN or not t.nbytes:
+        return None
+    where = str(path.parent)
+    if where in _no_direct:
+        return None
+    try:
+        return _open(path, flags | os.O_DIRECT)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        with _lock:
+            _no_direct.add(where)  # e.g. tmpfs: buffered from now on
+        return None
+
+
+def read_file(path: Path, out: Tensor, offset: int = 0) -> bool:
+    """Fills `out` from the file at byte `offset`; returns whether the read went through O_DIRECT."""
     view, want = _bytes(out), out.nbytes
-    fd = _open(path, os.O_RDONLY)
+    fd = _direct_fd(path, os.O_RDONLY, out, offset)
+    direct = fd is not None
+    if fd is None:
+        fd = _open(path, os.O_RDONLY)
     try:
         got = 0
         while got < want:
@@ -40,23 +74,32 @@ def read_file(path: Path, out: Tensor, offset: int = 0) -> None:
                 raise DriveError(errno.EIO, f"the state file {path} is truncated: it ends {want - got} bytes short "
                                  "of what the run wrote there")
             got += n
-        os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
+        if not direct:
+            os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+    return direct
 
 
-def write_file(path: Path, data: Tensor, offset: int = 0) -> None:
+def write_file(path: Path, data: Tensor, offset: int = 0) -> bool:
+    """Writes `data` into the file at byte `offset` (never creating it: a file that vanished is an error, not a
+    fresh start); returns whether the write went through O_DIRECT."""
     view, want = _bytes(data), data.nbytes
-    fd = _open(path, os.O_WRONLY)  # never O_CREAT: a file that vanished is an error, not a fresh start
+    fd = _direct_fd(path, os.O_WRONLY, data, offset)
+    direct = fd is not None
+    if fd is None:
+        fd = _open(path, os.O_WRONLY)
     try:
         done = 0
         while done < want:
             done += os.pwritev(fd, [view[done:]], offset + done)
-        os.fdatasync(fd)  # on the disk, so the pages can leave the cache (and a full disk shows up here)
-        os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
+        if not direct:
+            os.fdatasync(fd)  # on the disk, so the pages can leave the cache (and a full disk shows up here)
+            os.posix_fadvise(fd, offset, want, os.POSIX_FADV_DONTNEED)
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DriveError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {path}") from e
         raise
     finally:
         os.close(fd)
+    return direct

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from megatrain_lightning.host_memory import pinned_empty, register as _register
 from megatrain_lightning.nvme import NvmeTier, pieces as nvme_pieces
 
 
@@ -131,15 +132,6 @@ class Unit:
             self.stream.copy_(master)  # cast fp32 -> compute dtype
 
 
-def pinned_empty(numel: int, dtype: torch.dtype, pin: bool) -> Tensor:
-    """A host buffer of exactly `numel` elements, page-locked when `pin` (PyTorch's pinned allocator would round
-    the request up to a power of two: up to 2x the RAM)."""
-    t = torch.empty(numel, dtype=dtype)
-    if pin and numel:
-        _register(t)
-    return t
-
-
 def available_ram_bytes() -> int:
     """What the OS can still give this process (MemAvailable), or all physical memory where that is unknown."""
     try:
@@ -150,18 +142,6 @@ def available_ram_bytes() -> int:
     except OSError:
         pass
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def _register(t: Tensor) -> weakref.finalize:
-    """Page-locks `t`'s memory for asynchronous DMA until `t`'s storage is freed (or the returned finalizer is
-    called)."""
-    cudart = torch.cuda.cudart()
-    ptr, nbytes = t.data_ptr(), t.nbytes
-    err = cudart.cudaHostRegister(ptr, nbytes, 0)
-    if int(err) != 0:
-        raise RuntimeError(f"cudaHostRegister of {nbytes / 2**30:.1f} GiB failed ({err}): the OS refused to page-lock "
-                           "host memory for transfers (check `ulimit -l` and free RAM)")
-    return weakref.finalize(t.untyped_storage(), cudart.cudaHostUnregister, ptr)
 
 
 class HostStore:

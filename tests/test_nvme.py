@@ -54,6 +54,39 @@ def test_every_layer_on_disk_equals_ram_bit_for_bit(clip, piece, tmp_path, monke
     assert got[3].updater.eager_steps == (4 if clip is None else 0)
 
 
+# Every tensor a multiple of 1024 elements, as in real models (hidden 1024): the tier's requests are aligned
+ALIGNED = dict(n_layer=2, hidden_size=1024, n_head=8, n_kv_head=4, intermediate_size=2048)
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_aligned_requests_go_through_o_direct(refuse, tmp_path, monkeypatch):
+    """Aligned buffers, offsets and lengths read and write their files with O_DIRECT (no page-cache copy), others
+    buffered; a filesystem that refuses O_DIRECT (`refuse`: EINVAL, as tmpfs) gets buffered I/O. Either way the
+    run equals storage=ram bit for bit."""
+    from megatrain_lightning import state_files
+    monkeypatch.setattr(state_files, "_no_direct", set())
+    if refuse:
+        real = os.open
+
+        def no_direct(path, flags, *args):
+            if flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(path, flags, *args)
+        monkeypatch.setattr(state_files.os, "open", no_direct)
+    model = make_model("tiny", **ALIGNED)
+    batches = make_batches(model.config, 3)
+    want = megatrain_run(model, batches, 3, 1, 1.0, record_grads=False)
+    got = megatrain_run(model, batches, 3, 1, 1.0, record_grads=False, **_all_on_disk(model, [tmp_path / "d0"]))
+    assert got[0] == want[0]
+    for name, w in want[2].items():
+        assert torch.equal(got[2][name], w), name
+    shares = [r["nvme_direct_share"] for r in got[3].nvme_log]
+    if refuse:
+        assert shares == [0.0] * len(shares)
+    else:  # the state, gradients and copies of both layers: every request but none
+        assert min(shares) > 0.99, shares
+
+
 _RSS_SCRIPT = """
 import json, sys, threading, time, gc
 import torch
