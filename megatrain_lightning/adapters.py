@@ -7,6 +7,8 @@ families in ARCHITECTURES, tested against Lightning's default strategy in tests/
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from megatrain_lightning.model import Trunk
@@ -75,3 +77,13 @@ def stream_layers(module: nn.Module) -> LayerList | None:
     streamed = LayerList(list(layers))
     setattr(base, ARCHITECTURES[kind], streamed)
     return streamed
+
+
+def initializer(module: nn.Module) -> Callable[[nn.Module], None] | None:
+    """For a transformers model in `module`: initializes a freshly materialized part of it the way the model's
+    own initialization does (its `_init_weights` on each submodule: linear and embedding weights, norms, experts,
+    routers, rotary tables); None when there is no transformers model."""
+    model = next((m for m in module.modules() if is_transformers_model(m)), None)
+    if model is None or not callable(getattr(model, "_init_weights", None)):
+        return None
+    return lambda part: part.apply(model._init_weights)

@@ -238,13 +238,12 @@ class MegatrainStrategy(SingleDeviceStrategy):
             log.info(f"storage=nvme: {len(nvme_units)} of {len(trunk)} layers keep their fp32 state in "
                      f"{store.nvme.dir}")
 
-        if isinstance(trunk, adapters.LayerList) and any(p.is_meta for p in module.parameters()):
-            raise UserError("a transformers model built on the meta device (in configure_model) cannot be initialized "
-                            "layer by layer yet: build it in the LightningModule's __init__ (from_pretrained, or "
-                            "from its config)")
+        # a transformers model built on the meta device (configure_model) is initialized part by part as its own
+        # initialization would, one layer at a time
+        init = adapters.initializer(module) if isinstance(trunk, adapters.LayerList) else None
         for i, block in enumerate(trunk):
-            if any(p.is_meta for p in block.parameters()):
-                surgery.materialize(block, initialize=self.init_from is None)  # imported weights replace these
+            if any(p.is_meta for p in block.parameters()) or any(b.is_meta for b in block.buffers()):
+                surgery.materialize(block, initialize=self.init_from is None, init=init)  # imported weights replace
             store.fill(i, list(block.named_parameters()))
             surgery.parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
             for n, p in block.named_parameters():
@@ -257,10 +256,14 @@ class MegatrainStrategy(SingleDeviceStrategy):
             if p.is_meta:
                 surgery.assign(owners, nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad))
         for m in meta_owners.values() if self.init_from is None else ():
+            if init is not None:
+                init(m)
+                continue
             if not callable(getattr(m, "reset_parameters", None)):
                 raise UserError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
                                 "reset_parameters()")
             m.reset_parameters()
+        surgery.materialize_buffers(module, skip=trunk, init=init)  # e.g. rotary tables outside the layers
         store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
         for name, owners in refs:
             for m, attr, _ in owners[1:]:

@@ -24,22 +24,41 @@ def reset(module: nn.Module) -> None:
         reset(child)
 
 
-def materialize(block: nn.Module, initialize: bool) -> None:
-    """Gives a block built on the meta device CPU memory, initialized by its `reset_parameters` when `initialize`.
-    Its buffers' values were never computed (meta tensors have none): each must be set by `reset_parameters`, or
-    the block would run with whatever the memory held; a sentinel fill shows the ones left unset."""
+def materialize(block: nn.Module, initialize: bool, init: Callable[[nn.Module], None] | None = None) -> None:
+    """Gives a block built on the meta device CPU memory, initialized when `initialize` by `init` (a transformers
+    model's own initialization, adapters.initializer) or else its `reset_parameters`. Its buffers' values were never
+    computed (meta tensors have none): each must be set by that initialization, or the block would run with
+    whatever the memory held; a sentinel fill shows the ones left unset."""
     unset = {n for n, b in block.named_buffers() if b.is_meta}
     block.to_empty(device="cpu")
     buffers = dict(block.named_buffers())
     for n in unset:
         buffers[n].fill_(_sentinel(buffers[n].dtype))
     if initialize:
-        reset(block)
+        (init or reset)(block)
     unset = sorted(n for n in unset if _untouched(buffers[n]))
     if unset:
         raise UserError(f"{type(block).__name__} was built on the meta device and its buffers {unset} have no values "
                         "(a meta tensor holds none): set them in reset_parameters(), or build the module outside "
                         "configure_model")
+
+
+def materialize_buffers(module: nn.Module, skip: nn.Module, init: Callable[[nn.Module], None] | None) -> None:
+    """Buffers outside `skip` (the trunk) still on the meta device: given CPU memory and set by `init` (a
+    transformers model's initialization sets its rotary tables); any left unset are named."""
+    inside = {id(m) for m in skip.modules()}
+    owners = [m for m in module.modules() if id(m) not in inside
+              and any(b is not None and b.is_meta for b in m._buffers.values())]
+    for m in owners:
+        for name, b in m._buffers.items():
+            if b is not None and b.is_meta:
+                m._buffers[name] = torch.full_like(b, _sentinel(b.dtype), device="cpu")
+        if init is not None:
+            init(m)
+        unset = sorted(n for n, b in m._buffers.items() if b is not None and _untouched(b))
+        if unset:
+            raise UserError(f"{type(m).__name__} was built on the meta device and its buffers {unset} have no values "
+                            "(a meta tensor holds none): build the module outside configure_model")
 
 
 def _sentinel(dtype: torch.dtype):

@@ -138,24 +138,72 @@ def test_chunks_and_per_layer_masks():
             assert rel_err(masters[name], p.detach()) < max(tol(name), 5e-5), name
 
 
-def test_a_transformers_model_built_on_the_meta_device_is_refused():
-    from megatrain_lightning.errors import UserError
+class LateHFModule(HFModule):
+    """The model is built in configure_model: on the meta device under strategy="megatrain", which initializes it
+    layer by layer (the model's own _init_weights); `weights`, when given, are loaded after that (the same starting
+    point for a model built in memory)."""
 
-    class Late(L.LightningModule):
-        def configure_model(self):
-            self.model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY))
+    def __init__(self, family: str, weights: dict | None = None) -> None:
+        L.LightningModule.__init__(self)
+        self.family, self.weights, self.model, self.losses = family, weights, None, []
 
-        def training_step(self, batch, batch_idx):
-            return self.model(input_ids=batch, labels=batch).loss
+    def configure_model(self):
+        if self.model is None:
+            config_cls, model_cls, extra = FAMILIES[self.family]
+            config = getattr(transformers, config_cls)(**{**TINY, **extra})
+            self.model = getattr(transformers, model_cls)(config).float()
+            if self.weights is not None:
+                self.model.load_state_dict(self.weights, strict=False)
 
-        def configure_optimizers(self):
-            return torch.optim.AdamW(self.parameters())
 
-    trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", max_steps=1, logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(UserError, match="a transformers model built on the meta device .* build it in the "
-                                        "LightningModule's __init__"):
-        trainer.fit(Late(), train_dataloaders=loader([torch.randint(0, 128, (2, 16))]))
+class _FirstMasters(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        store = trainer.strategy.store
+        self.weights = {name: t.clone() for name, t in store.named("master").items()}
+        self.aliases = dict(trainer.strategy._aliases)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gemma3_text", "deepseek_v3"])
+def test_a_transformers_model_built_on_the_meta_device_trains(family):
+    """Built in configure_model (meta), initialized layer by layer as the model's own initialization does (normal
+    weights of initializer_range, norms at their init, rotary tables computed, a router's bias set): it then trains
+    exactly as the same weights do in a model built in memory under Lightning's default strategy."""
+    if not hasattr(transformers, FAMILIES[family][1]):
+        pytest.skip(f"transformers {transformers.__version__} has no {FAMILIES[family][1]}")
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (4, 24), generator=g) for _ in range(STEPS * ACCUMULATE)]
+
+    def fit(module, strategy, callbacks=()):
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=STEPS, precision="32-true",
+                            accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=list(callbacks))
+        trainer.fit(module, train_dataloaders=loader(batches))
+        return trainer
+
+    first = _FirstMasters()
+    got = LateHFModule(family)
+    trainer = fit(got, MegatrainStrategy(), [first])
+    q = first.weights["model.model.layers.0.self_attn.q_proj.weight" if family != "deepseek_v3"
+                      else "model.model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    std = got.model.config.initializer_range
+    assert abs(q.std().item() - std) < 0.15 * std  # the model's init, not zeros or torch's kaiming default
+    norm = next(v for k, v in first.weights.items() if k.endswith("layers.1.input_layernorm.weight"))
+    assert torch.equal(norm, torch.full_like(norm, norm[0].item())) and norm[0].item() in (0.0, 1.0)
+    # the same weights in a model built in memory, under the default strategy
+    weights = {k.removeprefix("model."): v for k, v in first.weights.items()}
+    for alias, name in first.aliases.items():
+        weights[alias.removeprefix("model.")] = first.weights[name]
+    want = LateHFModule(family, weights)
+    want.configure_model()
+    fit(want, "auto")
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
+    masters = trainer.strategy.store.named("master")
+    for name, p in want.named_parameters():
+        assert rel_err(masters[trainer.strategy._aliases.get(name, name)], p.detach()) < tol(name), name
+    rotary = {n: b for n, b in got.model.named_buffers() if "inv_freq" in n}
+    assert rotary and all(torch.equal(b.cpu(), dict(want.model.named_buffers())[n].cpu()) for n, b in rotary.items())
 
 
 @CUDA
