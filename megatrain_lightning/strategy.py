@@ -38,7 +38,7 @@ from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
 from megatrain_lightning.ownership import DirectoryLock
 from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout
-from megatrain_lightning.trace import Trace
+from megatrain_lightning.trace import StepTracer
 
 log = logging.getLogger(__name__)
 
@@ -125,8 +125,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.step_cache_GiB = step_cache_GiB
         self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
         self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
-        self.trace_dir = Path(trace_dir) if trace_dir is not None else None
-        self.trace_step = trace_step
+        self.tracer = StepTracer(trace_dir, trace_step)  # one step's timeline, when trace_dir is given
         self.store: HostStore | None = None
         self.engine: StreamingEngine | None = None
         self._resident_params: list[nn.Parameter] = []
@@ -137,7 +136,6 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self._trunk_prefix = ""
         self.updater: HostAdam | None = None  # the overlapped host optimizer (set up for fitting)
         self._resident_stale: set[int] = set()  # parts of the resident unit updated since their device copy
-        self._host_trace: Trace | None = None  # a traced step whose host updates still run behind the next forward
         self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
         self._locks: list[DirectoryLock] = []  # checkpoint directories this fit writes to
 
@@ -189,7 +187,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
                 raise UserError(f"the megatrain strategy supports one optimizer, got {len(self.optimizers)}")
             self._grad_pairs = bind_optimizer(self.optimizers[0], self.store, self._param_names)
             step = self.updater = self.optimizers[0].step  # a HostAdam
-            self.engine.attach_updater(self.updater, trace_of=lambda: self.engine.trace or self._host_trace)
+            self.engine.attach_updater(self.updater, trace_of=lambda: self.tracer.host_trace(self.engine))
             self.engine.after_forward = self._after_trunk_forward
             self._keep_device_states()
             self._keep_step_cache(trainer.accumulate_grad_batches)
@@ -411,8 +409,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
 
     def _after_trunk_forward(self) -> None:
         self._refresh_resident(1)
-        if self._host_trace is not None and not self.updater.pending:  # the traced step's updates are all done
-            self._save_trace()
+        if not self.updater.pending:
+            self.tracer.updates_done(self.engine, self._trace_meta)
 
     def flush(self) -> None:
         """Waits for every queued update and refreshes the device copies: the store is then the model's state."""
@@ -424,8 +422,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
             self.engine.device_states.sync()
         self._refresh_resident(0)
         self._refresh_resident(1)
-        if self._host_trace is not None:
-            self._save_trace()
+        self.tracer.updates_done(self.engine, self._trace_meta)
 
     def _log_nvme(self) -> None:
         """Achieved disk rates of the step just done (writes behind may finish during the next step)."""
@@ -452,28 +449,15 @@ class MegatrainStrategy(SingleDeviceStrategy):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         trainer = self.lightning_module.trainer
         step_start = batch_idx % trainer.accumulate_grad_batches == 0
-        if self.engine.trace is not None and step_start and trainer.global_step > self.trace_step:
-            # the traced step is over on the device; its host updates may still run behind this step's forward:
-            # keep recording those (only), and save once they are done
-            self._host_trace, self.engine.trace = self.engine.trace, None
-            if self.updater is None:
-                self._save_trace()
-        if (self.trace_dir is not None and self.engine.trace is None and trainer.global_step == self.trace_step
-                and step_start):
-            self.engine.trace = Trace(self.root_device)
+        self.tracer.batch_start(self.engine, self.root_device, trainer.global_step, step_start,
+                                overlapped=self.updater is not None, meta=self._trace_meta)
         if self.updater is not None:
             self._refresh_resident(0)
-
-    def _save_trace(self) -> None:
-        trace = self._host_trace or self.engine.trace
-        self._host_trace = self.engine.trace = None
-        trace.save(self.trace_dir / f"step{self.trace_step}.json", **self._trace_meta())
 
     @override
     def on_train_end(self) -> None:
         self.flush()
-        if self.engine.trace is not None or self._host_trace is not None:
-            self._save_trace()
+        self.tracer.finish(self.engine, self._trace_meta)
 
     @override
     def on_validation_start(self) -> None:

@@ -90,3 +90,41 @@ class Trace:
         step = max((r["end"] for r in events), default=0.0)
         path.write_text(json.dumps({"meta": meta, "step_time_s": step, "events": events}, indent=1))
         return path
+
+
+class StepTracer:
+    """Records optimizer step `step` of an engine into `directory`/step{step}.json (nothing when `directory` is
+    None). The step's host updates may run behind the next step's forward (clipping defers them): once its device
+    work is over the trace keeps recording those only (`behind`), and is saved when they are done."""
+
+    def __init__(self, directory: str | Path | None, step: int) -> None:
+        self.directory = Path(directory) if directory is not None else None
+        self.step = step
+        self.behind: Trace | None = None
+
+    def host_trace(self, engine) -> Trace | None:
+        """Where host spans go now: the traced step's, or its updates running behind."""
+        return engine.trace or self.behind
+
+    def batch_start(self, engine, device: torch.device, global_step: int, step_start: bool, overlapped: bool,
+                    meta) -> None:
+        if engine.trace is not None and step_start and global_step > self.step:
+            self.behind, engine.trace = engine.trace, None
+            if not overlapped:
+                self.save(engine, meta)
+        if self.directory is not None and engine.trace is None and global_step == self.step and step_start:
+            engine.trace = Trace(device)
+
+    def updates_done(self, engine, meta) -> None:
+        """The traced step's host updates are all done: saved if they were what it waited for."""
+        if self.behind is not None:
+            self.save(engine, meta)
+
+    def finish(self, engine, meta) -> None:
+        if engine.trace is not None or self.behind is not None:
+            self.save(engine, meta)
+
+    def save(self, engine, meta) -> None:
+        trace = self.behind or engine.trace
+        self.behind = engine.trace = None
+        trace.save(self.directory / f"step{self.step}.json", **meta())
