@@ -38,6 +38,7 @@ class Answer:
     tiers: list[Tier]
     busy_s: dict[str, float]
     advice: list[str] = field(default_factory=list)
+    asked: Workload | None = None  # the workload as given, before placement (what alternatives re-place from)
 
     @property
     def fits(self) -> bool:
@@ -173,7 +174,7 @@ def ram_need(hw: Hardware, wl: Workload, timeline: Timeline | None = None) -> in
 
 
 def plan(hw: Hardware, wl: Workload, advise: bool = True) -> Answer:
-    wl = place(hw, wl)
+    asked, wl = wl, place(hw, wl)
     t = simulate(hw, wl)
     ram = Tier("RAM", ram_need(hw, wl, t), usable_ram_bytes(hw),
                f"{hw.host_ram_GiB:g} GiB less {hw.host_reserved_GiB:g} reserved")
@@ -187,7 +188,7 @@ def plan(hw: Hardware, wl: Workload, advise: bool = True) -> Answer:
         tiers.append(Tier("NVMe", wl.nvme_bytes, int(hw.nvme_capacity_TB * 1e12),
                           f"{wl.n_nvme_layers} of {wl.n_layers} layers"))
     busy = {lane: t.busy_s(lane) for lane in S.LANES if not (hw.unified and lane in (S.H2D, S.D2H))}
-    answer = Answer(hw, wl, t, tiers, busy)
+    answer = Answer(hw, wl, t, tiers, busy, asked=asked)
     if advise:
         answer.advice = advice(answer)
     return answer
@@ -222,14 +223,30 @@ def advice(a: Answer) -> list[str]:
         out.append("stream: the fp32 master streams (4 bytes per parameter over PCIe instead of 2, the device casts; "
                    "the host's update is then AdamW alone); storage.stream=copy keeps a bf16 copy in RAM instead")
     if "GPU" in by_name and not by_name["GPU"].fits:
-        mb = _largest(lambda m: _gpu_fits(hw, replace(wl, micro_batch=m)), wl.micro_batch - 1)
-        out.append(f"GPU: {by_name['GPU'].need_bytes / GiB:.1f} GiB needed of {hw.hbm_GiB:g}; "
-                   + (f"data.micro_batch={mb} fits (raise trainer.accumulate_grad_batches to keep the tokens per "
-                      "step)" if mb else "even micro-batch 1 does not fit: shorten data.seq_len"))
+        asked = a.asked or wl  # alternatives are placed afresh: the batch and K move the chunk and the offload
+        mb = _largest(lambda m: _gpu_fits(hw, place(hw, replace(asked, micro_batch=m))), wl.micro_batch - 1)
+        if mb:
+            fix = (f"data.micro_batch={mb} fits (raise trainer.accumulate_grad_batches to keep the tokens per "
+                   "step)")
+        elif _gpu_fits(hw, replace(wl, micro_batch=1, seq_len=min(wl.seq_len, 128), token_chunk=None)):
+            fix = "even micro-batch 1 does not fit: shorten data.seq_len"
+        else:  # what does not depend on the batch: weights in their slots, a layer's gradients, the resident copy
+            slots = wl.n_slots * wl.slot_bytes / GiB
+            k1 = replace(asked, checkpoint_interval=1)
+            mb1 = _largest(lambda m: _gpu_fits(hw, place(hw, replace(k1, micro_batch=m))), wl.micro_batch) \
+                if wl.checkpoint_interval > 1 else 0
+            fix = (f"no batch fits: the largest layer ({wl.model.max_layer_params / 1e9:.3g}B parameters) takes "
+                   f"{slots:.1f} GiB in its {wl.n_slots} weight slots before any activation, with its gradients on "
+                   "top; " + (f"storage.checkpoint_interval=1 (fewer slots) fits data.micro_batch={mb1}" if mb1 else
+                              "streaming below a whole layer (expert by expert) is not supported" if wl.model.n_experts
+                              else "a GPU with more memory"))
+        out.append(f"GPU: {by_name['GPU'].need_bytes / GiB:.1f} GiB needed of {hw.hbm_GiB:g}; {fix}")
     if "GPU" in by_name and by_name["GPU"].fits:
-        ks = [k for k in range(1, wl.n_layers + 1) if _gpu_fits(hw, replace(wl, checkpoint_interval=k))]
-        if ks and max(ks) != wl.checkpoint_interval:
-            out.append(f"checkpoint interval: up to storage.checkpoint_interval={max(ks)} fits the GPU "
+        asked = a.asked or wl
+        # more layers a block: more slots and a block's activations (monotone): bisected
+        k = _largest(lambda k: _gpu_fits(hw, place(hw, replace(asked, checkpoint_interval=k))), wl.n_layers)
+        if k and k != wl.checkpoint_interval:
+            out.append(f"checkpoint interval: up to storage.checkpoint_interval={k} fits the GPU "
                        f"(now {wl.checkpoint_interval})")
     ckpt = wl.plan.n_checkpoints * wl.checkpoint_bytes
     if not hw.unified and not wl.offload_checkpoints:

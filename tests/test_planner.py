@@ -365,6 +365,9 @@ def test_mixture_of_experts_on_an_h200_with_2_tib(name, short):
     assert a.fits == (not short) and [t.name for t in a.tiers if not t.fits] == short
     if short:  # RAM: 16 bytes per parameter, every expert's
         assert next(t for t in a.tiers if t.name == "RAM").need_bytes >= 16 * c.n_params
+    if "GPU" in short:  # no batch helps: the advice says what does not fit, not "shorten data.seq_len"
+        (gpu,) = [x for x in a.advice if x.startswith("GPU:")]
+        assert "no batch fits: the largest layer (11.5B parameters) takes" in gpu and "expert by expert" in gpu
     assert a.wl.model_flops_per_step == 6 * c.active_params * a.wl.step_tokens
     assert a.wl.layer_matmul_flops < 2 * (c.attn_params + c.mlp_params) / 2  # top-k of the experts
     assert a.wl.load_bytes == c.layer_params * 4  # every expert streams (the fp32 master: stream=auto)
@@ -420,6 +423,20 @@ def test_block_inputs_the_gpu_cannot_hold_go_to_the_drives_not_the_gpu():
     assert a.wl.offload_checkpoints == "disk" and a.fits
     assert not on_gpu.fits and [t.name for t in on_gpu.tiers if not t.fits] == ["GPU"]
     assert not any("keeps them in RAM" in x for x in a.advice)
+
+
+def test_a_gpu_too_small_for_the_slots_is_told_what_fits():
+    """An RTX 4090 at K=4: five slots of a 10240-wide layer leave no batch room, K=1 does (the batch sweep then runs
+    a sequence at a time); the advice names that instead of a shorter sequence."""
+    a = check(compose(["model=llama100b", "hardware=workstation-4090", *SSD_RUN]))
+    (gpu,) = [x for x in a.advice if x.startswith("GPU:")]
+    mb = int(re.search(r"storage\.checkpoint_interval=1 \(fewer slots\) fits data\.micro_batch=(\d+)", gpu).group(1))
+    assert "no batch fits: the largest layer (1.11B parameters) takes 10.4 GiB in its 5 weight slots" in gpu
+    b = check(compose(["model=llama100b", "hardware=workstation-4090", *SSD_RUN, "storage.checkpoint_interval=1",
+                       f"data.micro_batch={mb}"]))
+    c = check(compose(["model=llama100b", "hardware=workstation-4090", *SSD_RUN, "storage.checkpoint_interval=1",
+                       f"data.micro_batch={mb + 1}"]))
+    assert b.fits and not c.fits
 
 
 def test_offload_checkpoints_disk_needs_storage_nvme():
