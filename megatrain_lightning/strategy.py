@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from megatrain_lightning import adapters
 from megatrain_lightning import checkpoint as ckpt
-from megatrain_lightning import hf
+from megatrain_lightning import model_store
 from megatrain_lightning import placement
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
@@ -37,7 +37,7 @@ from megatrain_lightning.layer_calls import LayerCalls
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
 from megatrain_lightning.ownership import DirectoryLock
-from megatrain_lightning.store import STREAMS as store_streams, HostStore, Layout
+from megatrain_lightning.store import STREAMS as store_streams, HostStore
 from megatrain_lightning.trace import StepTracer
 
 log = logging.getLogger(__name__)
@@ -208,67 +208,14 @@ class MegatrainStrategy(SingleDeviceStrategy):
     # ---- building the store and the engine ----
     def _build(self) -> None:
         module = self.lightning_module
-        adapters.stream_layers(module)  # a transformers causal LM: its decoder layers become a LayerList (a Trunk)
-        trunks = [(n, m) for n, m in module.named_modules() if isinstance(m, Trunk)]
-        if not trunks:
-            raise UserError(
-                f"{type(module).__name__} has no streamable blocks: the megatrain strategy streams the blocks of a "
-                "`megatrain_lightning.Trunk` (wrap the model's repeated layers in one and call it as "
-                "`x = trunk(x, *extras)`)")
-        if len(trunks) > 1:
-            raise UserError(f"the megatrain strategy streams one Trunk per model; found {[n for n, _ in trunks]}")
-        prefix, trunk = trunks[0]
-        if len(trunk) == 0:
-            raise UserError(f"the Trunk {prefix!r} has no blocks")
-        self._trunk_prefix = prefix + "."
         device, dtype = self.root_device, self.compute_dtype
-        refs = list(surgery.param_refs(module, skip=trunk).values())  # resident: [(name, [(module, attr, parameter)])]
-        layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()],
-                          frozen={n for n, p in block.named_parameters() if not p.requires_grad}) for block in trunk]
-        layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs],
-                              frozen={name for name, owners in refs if not owners[0][2].requires_grad}))
-        names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
-        stream = placement.resolve_stream(self.storage, self.stream, dtype)
-        nvme_units = placement.nvme_units(layouts, dtype, self.ram_budget_GiB) if self.storage == "nvme" else []
-        store = HostStore(layouts, names, dtype, pin=device.type == "cuda", stream=stream,
-                          nvme_units=nvme_units, nvme_dir=self.nvme_dir)
-        if nvme_units:
-            log.info(f"storage=nvme: {len(nvme_units)} of {len(trunk)} layers keep their fp32 state in "
-                     f"{store.nvme.dir}")
-
-        # a transformers model built on the meta device (configure_model) is initialized part by part as its own
-        # initialization would, one layer at a time
-        init = adapters.initializer(module) if isinstance(trunk, adapters.LayerList) else None
-        for i, block in enumerate(trunk):
-            if any(p.is_meta for p in block.parameters()) or any(b.is_meta for b in block.buffers()):
-                surgery.materialize(block, initialize=self.init_from is None, init=init)  # imported weights replace
-            store.fill(i, list(block.named_parameters()))
-            surgery.parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
-            for n, p in block.named_parameters():
-                self._param_names[id(p)] = f"{prefix}.{i}.{n}"
-
-        # the resident rest of the model: parameters outside the trunk, deduplicated (tied weights)
-        meta_owners = {id(m): m for _, owners in refs for m, _, p in owners if p.is_meta}
-        for _, owners in refs:
-            p = owners[0][2]
-            if p.is_meta:
-                surgery.assign(owners, nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad))
-        for m in meta_owners.values() if self.init_from is None else ():
-            if init is not None:
-                init(m)
-                continue
-            if not callable(getattr(m, "reset_parameters", None)):
-                raise UserError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
-                                "reset_parameters()")
-            m.reset_parameters()
-        surgery.materialize_buffers(module, skip=trunk, init=init)  # e.g. rotary tables outside the layers
-        store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
-        for name, owners in refs:
-            for m, attr, _ in owners[1:]:
-                self._aliases[surgery.full_name(module, m, attr)] = name
-        if self.init_from is not None:
-            hf.load_into_store(self.init_from, store, self._aliases)
-            log.info(f"initialized from the Hugging Face checkpoint {self.init_from}")
+        built = model_store.build(module, dtype, pin=device.type == "cuda", storage=self.storage, stream=self.stream,
+                                  ram_budget_GiB=self.ram_budget_GiB, nvme_dir=self.nvme_dir,
+                                  init_from=self.init_from)
+        store, trunk, refs = built.store, built.trunk, built.refs
+        self._trunk_prefix = built.prefix + "."
+        self._aliases.update(built.aliases)
+        self._param_names.update(built.param_names)
         unit = store.units[-1]
         # a device copy in the compute dtype (never an alias of the host store, even when the device is the CPU)
         self._resident_flat = torch.empty(unit.layout.numel, dtype=dtype, device=device).copy_(unit.stream)

@@ -1,0 +1,99 @@
+"""The model's parameters moved into the host store at setup: the trunk found (a `Trunk`, or a transformers
+model's decoder layers), each layer materialized (from the meta device, initialized as the model would be) and
+copied in one at a time, then freed; the resident rest (embedding, norms, head; tied weights once) likewise;
+a Hugging Face checkpoint imported into the store when asked."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from megatrain_lightning import adapters, hf, placement, surgery
+from megatrain_lightning.errors import UserError
+from megatrain_lightning.model import Trunk
+from megatrain_lightning.store import HostStore, Layout
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Built:
+    store: HostStore
+    trunk: Trunk
+    prefix: str  # the trunk's name in the module
+    refs: list  # resident parameters: [(store name, [(module, attribute, parameter)])]
+    aliases: dict[str, str] = field(default_factory=dict)  # tied parameter name -> the name the store keeps
+    param_names: dict[int, str] = field(default_factory=dict)  # id(parameter as the module held it) -> store name
+
+
+def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream: str,
+          ram_budget_GiB: float | None, nvme_dir: str | Path | Sequence[str | Path],
+          init_from: Path | None) -> Built:
+    """Moves `module`'s parameters into a new host store (the strategy's settings: `storage`, `stream`,
+    `ram_budget_GiB`, `nvme_dir`, `init_from`); the trunk's blocks keep meta tensors afterwards."""
+    aliases: dict[str, str] = {}
+    param_names: dict[int, str] = {}
+    adapters.stream_layers(module)  # a transformers causal LM: its decoder layers become a LayerList (a Trunk)
+    trunks = [(n, m) for n, m in module.named_modules() if isinstance(m, Trunk)]
+    if not trunks:
+        raise UserError(
+            f"{type(module).__name__} has no streamable blocks: the megatrain strategy streams the blocks of a "
+            "`megatrain_lightning.Trunk` (wrap the model's repeated layers in one and call it as "
+            "`x = trunk(x, *extras)`)")
+    if len(trunks) > 1:
+        raise UserError(f"the megatrain strategy streams one Trunk per model; found {[n for n, _ in trunks]}")
+    prefix, trunk = trunks[0]
+    if len(trunk) == 0:
+        raise UserError(f"the Trunk {prefix!r} has no blocks")
+    refs = list(surgery.param_refs(module, skip=trunk).values())  # resident: [(name, [(module, attr, parameter)])]
+    layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()],
+                      frozen={n for n, p in block.named_parameters() if not p.requires_grad}) for block in trunk]
+    layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs],
+                          frozen={name for name, owners in refs if not owners[0][2].requires_grad}))
+    names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
+    streamed = placement.resolve_stream(storage, stream, dtype)
+    nvme_units = placement.nvme_units(layouts, dtype, ram_budget_GiB) if storage == "nvme" else []
+    store = HostStore(layouts, names, dtype, pin=pin, stream=streamed, nvme_units=nvme_units, nvme_dir=nvme_dir)
+    if nvme_units:
+        log.info(f"storage=nvme: {len(nvme_units)} of {len(trunk)} layers keep their fp32 state in "
+                 f"{store.nvme.dir}")
+
+    # a transformers model built on the meta device (configure_model) is initialized part by part as its own
+    # initialization would, one layer at a time
+    init = adapters.initializer(module) if isinstance(trunk, adapters.LayerList) else None
+    for i, block in enumerate(trunk):
+        if any(p.is_meta for p in block.parameters()) or any(b.is_meta for b in block.buffers()):
+            surgery.materialize(block, initialize=init_from is None, init=init)  # imported weights replace
+        store.fill(i, list(block.named_parameters()))
+        surgery.parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
+        for n, p in block.named_parameters():
+            param_names[id(p)] = f"{prefix}.{i}.{n}"
+
+    # the resident rest of the model: parameters outside the trunk, deduplicated (tied weights)
+    meta_owners = {id(m): m for _, owners in refs for m, _, p in owners if p.is_meta}
+    for _, owners in refs:
+        p = owners[0][2]
+        if p.is_meta:
+            surgery.assign(owners, nn.Parameter(torch.empty_like(p, device="cpu"), p.requires_grad))
+    for m in meta_owners.values() if init_from is None else ():
+        if init is not None:
+            init(m)
+            continue
+        if not callable(getattr(m, "reset_parameters", None)):
+            raise UserError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
+                            "reset_parameters()")
+        m.reset_parameters()
+    surgery.materialize_buffers(module, skip=trunk, init=init)  # e.g. rotary tables outside the layers
+    store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
+    for name, owners in refs:
+        for m, attr, _ in owners[1:]:
+            aliases[surgery.full_name(module, m, attr)] = name
+    if init_from is not None:
+        hf.load_into_store(init_from, store, aliases)
+        log.info(f"initialized from the Hugging Face checkpoint {init_from}")
+    return Built(store, trunk, prefix, refs, aliases, param_names)
