@@ -28,6 +28,7 @@ from typing_extensions import override
 from megatrain_lightning import adapters
 from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import model_store
+from megatrain_lightning import options
 from megatrain_lightning import placement
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
@@ -37,14 +38,12 @@ from megatrain_lightning.layer_calls import LayerCalls
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
 from megatrain_lightning.ownership import DirectoryLock
-from megatrain_lightning.store import STREAMS as store_streams, HostStore
+from megatrain_lightning.store import HostStore
 from megatrain_lightning.trace import StepTracer
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("bf16-mixed", "32-true")
-STORAGES = ("ram", "nvme")
-STREAMS = ("auto", *store_streams)
 
 
 class MegatrainStrategy(SingleDeviceStrategy):
@@ -69,24 +68,11 @@ class MegatrainStrategy(SingleDeviceStrategy):
         trace_step: int = 2,
         **kwargs: Any,
     ) -> None:
-        # validated here so a bad value fails when the Trainer is built, not minutes into a run
-        if not isinstance(checkpoint_interval, int) or checkpoint_interval < 1:
-            raise UserError(f"checkpoint_interval must be an integer >= 1, got {checkpoint_interval!r}")
-        if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
-            raise UserError(f"prefetch_depth must be an integer >= 1, got {prefetch_depth!r}")
-        if storage not in STORAGES:
-            raise UserError(f"storage must be one of {STORAGES}, got {storage!r}")
-        if stream not in STREAMS:
-            raise UserError(f"stream must be one of {STREAMS}, got {stream!r}")
-        for name, value in (("device_state_GiB", device_state_GiB), ("step_cache_GiB", step_cache_GiB)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0):
-                raise UserError(f"{name} must be >= 0 (or None: auto), got {value!r}")
-        if chunk_tokens is not None and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int)
-                                         or chunk_tokens < 1):
-            raise UserError(f"chunk_tokens must be an integer >= 1 (or None: from free device memory), "
-                            f"got {chunk_tokens!r}")
-        if ram_budget_GiB is not None and not ram_budget_GiB > 0:
-            raise UserError(f"ram_budget_GiB must be > 0 (or None: all available RAM), got {ram_budget_GiB!r}")
+        # checked here so a bad value fails when the Trainer is built, not minutes into a run
+        options.check(checkpoint_interval=checkpoint_interval, prefetch_depth=prefetch_depth, storage=storage,
+                      stream=stream, ram_budget_GiB=ram_budget_GiB, compile=compile,
+                      offload_checkpoints=offload_checkpoints, device_state_GiB=device_state_GiB,
+                      chunk_tokens=chunk_tokens, step_cache_GiB=step_cache_GiB)
         if device is not None:
             device = torch.device(device)
             if device.type == "cuda" and device.index is None:
@@ -103,15 +89,6 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.init_from = Path(init_from) if init_from is not None else None  # a Hugging Face checkpoint directory
         # None: on for a CUDA device (blocks compiled with torch.compile; block inputs kept in host memory so that
         # device memory does not grow with depth, while the RAM left has room for them), off on the CPU
-        if compile is not None and not isinstance(compile, bool):
-            raise UserError(f"compile must be true, false or null (on for CUDA), got {compile!r}")
-        if offload_checkpoints is not None and not isinstance(offload_checkpoints, bool) \
-                and offload_checkpoints != "disk":
-            raise UserError(f"offload_checkpoints must be true, false, 'disk' or null (on for CUDA), "
-                            f"got {offload_checkpoints!r}")
-        if offload_checkpoints == "disk" and storage != "nvme":
-            raise UserError("offload_checkpoints='disk' writes the block inputs under nvme_dir: it needs "
-                            "storage='nvme'")
         self.compile, self.offload_checkpoints = compile, offload_checkpoints
         # device memory for the optimizer state of the first units (device_state.py); None: 40% of what is free on
         # a CUDA device once the engine is built, none on the CPU
