@@ -98,8 +98,12 @@ def high_water():  # peak RSS since the last reset (VmHWM)
 with torch.autocast("cpu", dtype=torch.bfloat16):
     linear_cross_entropy(hidden[:c], weight, labels[:c], c).backward()  # warm-up: libraries, thread pools
 hidden.grad = weight.grad = None
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")  # resets VmHWM to the RSS now (Linux): the imports' own peak does not count
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the RSS now (Linux): the imports' own peak does not count
+except OSError:
+    print("no-reset")  # a sandbox that keeps /proc read-only
+    sys.exit(0)
 base = rss()
 with torch.autocast("cpu", dtype=torch.bfloat16):
     linear_cross_entropy(hidden, weight, labels, c).backward()
@@ -123,6 +127,9 @@ def test_the_chunked_loss_holds_what_the_planner_counts():
     path = Path(__file__).resolve().parents[1] / "megatrain_lightning" / "loss.py"
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, env=env,
                          check=True)
-    peak = int(out.stdout.strip().splitlines()[-1])
+    last = out.stdout.strip().splitlines()[-1]
+    if last == "no-reset":
+        pytest.skip("/proc/self/clear_refs is not writable here: the peak RSS cannot be reset after the imports")
+    peak = int(last)
     assert peak <= 1.1 * bound, (peak, bound)
     assert peak >= 0.5 * bound, (peak, bound)  # it does measure the logits
