@@ -59,13 +59,16 @@ def _direct_fd(path: Path, flags: int, t: Tensor, offset: int) -> int | None:
         return None
 
 
+def _open_for(path: Path, flags: int, t: Tensor, offset: int) -> tuple[int, bool]:
+    """A file descriptor for moving `t` at `offset`, and whether it is O_DIRECT."""
+    fd = _direct_fd(path, flags, t, offset)
+    return (fd, True) if fd is not None else (_open(path, flags), False)
+
+
 def read_file(path: Path, out: Tensor, offset: int = 0) -> bool:
     """Fills `out` from the file at byte `offset`; returns whether the read went through O_DIRECT."""
     view, want = _bytes(out), out.nbytes
-    fd = _direct_fd(path, os.O_RDONLY, out, offset)
-    direct = fd is not None
-    if fd is None:
-        fd = _open(path, os.O_RDONLY)
+    fd, direct = _open_for(path, os.O_RDONLY, out, offset)
     try:
         got = 0
         while got < want:
@@ -85,10 +88,7 @@ def write_file(path: Path, data: Tensor, offset: int = 0) -> bool:
     """Writes `data` into the file at byte `offset` (never creating it: a file that vanished is an error, not a
     fresh start); returns whether the write went through O_DIRECT."""
     view, want = _bytes(data), data.nbytes
-    fd = _direct_fd(path, os.O_WRONLY, data, offset)
-    direct = fd is not None
-    if fd is None:
-        fd = _open(path, os.O_WRONLY)
+    fd, direct = _open_for(path, os.O_WRONLY, data, offset)
     try:
         done = 0
         while done < want:
