@@ -149,7 +149,8 @@ def main() -> None:
     ap.add_argument("--skip-block", action="store_true")
     ap.add_argument("--attention", action="store_true", help="also causal SDPA alone, and one block's peak memory")
     a = ap.parse_args()
-    config = Config.from_name(a.model, tie_embeddings=False, max_seq_len=max(a.seq_len, Config.from_name(a.model).max_seq_len))
+    longest = max(a.seq_len, Config.from_name(a.model).max_seq_len)  # long context: the rotary tables reach it
+    config = Config.from_name(a.model, tie_embeddings=False, max_seq_len=longest)
     if not a.skip_adamw:
         numels = [config.layer_params] * config.n_layer + [config.embedding_params]
         for worker in (False, True):

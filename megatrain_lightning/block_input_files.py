@@ -5,9 +5,9 @@ storage=nvme).
 Each block input is cut into pieces of schedule.BLOCK_INPUT_PIECE bytes, striped over the `nvme_dir` directories
 (a writer and a reader thread each, so the drives work at once) through a pool of schedule.BLOCK_INPUT_TILES pinned
 host tiles: RAM holds those tiles whatever the batch. Forward hands an input over as it is produced and goes on;
-the device keeps it until its pieces are in their files, at most schedule.BLOCK_INPUTS_IN_FLIGHT inputs at a time (`put` then waits for
-the oldest). Backward asks for a block's input one block ahead (`fetch`) and waits for it when it starts the block
-(`take`). Runs on the CPU too (the "device" is then the host, the copies plain ones).
+the device keeps it until its pieces are in their files, at most schedule.BLOCK_INPUTS_IN_FLIGHT inputs at a time
+(`put` then waits for the oldest). Backward asks for a block's input one block ahead (`fetch`) and waits for it
+when it starts the block (`take`). Runs on the CPU too (the "device" is then the host, the copies plain ones).
 """
 
 from __future__ import annotations
@@ -121,8 +121,7 @@ class BlockInputFiles:
                 tile[:part.numel()].copy_(part)
             k, offset = self._where(b, p, per_input)
             writes.append(self._writers[k].submit(self._write_piece, k, tile, part.numel(), offset))
-        del flat  # every piece is in a tile: the device may reuse the input's memory
-        for w in writes:
+        for w in writes:  # the input's device memory is released once this returns (the job holds `flat`)
             w.result()
 
     def _write_piece(self, k: int, tile: Tensor, numel: int, offset: int) -> None:
