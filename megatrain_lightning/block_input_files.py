@@ -51,6 +51,7 @@ class BlockInputFiles:
         self._pending: list[Future] = []  # inputs of this forward still on their way to the drives
         self.saved: list[tuple[Future, torch.Size]] = []
         self.bytes_written = self.bytes_read = 0
+        self._counted = (0, 0)  # the totals at the last take_counts
         self._lock = threading.Lock()
         self._dtype: torch.dtype | None = None
         if self.cuda:
@@ -178,6 +179,14 @@ class BlockInputFiles:
     def take(self, fetched: Future) -> Tensor:
         """The block input of a `fetch`, once it is on the device (its copies have completed)."""
         return fetched.result()  # its copies completed (synchronized) before the future did: no stream to record
+
+    def take_counts(self) -> dict[str, float]:
+        """GB written and read back since the last call (the strategy logs them per step)."""
+        with self._lock:
+            out = {"block_inputs_written_GB": (self.bytes_written - self._counted[0]) / 1e9,
+                   "block_inputs_read_GB": (self.bytes_read - self._counted[1]) / 1e9}
+            self._counted = (self.bytes_written, self.bytes_read)
+        return out
 
     def flush(self) -> None:
         """Waits for the inputs still being written (raises a drive's error)."""

@@ -303,7 +303,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
             # the "device" is the host: overlapping would only split the same cores between the update and the
             # next forward (the planner's unified model: the update runs after backward)
             self.flush()
-        if self.store.nvme is not None:
+        host = self.engine.host_checkpoints
+        if self.store.nvme is not None or (host is not None and host.on_disk):
             self._log_nvme()
         return out
 
@@ -349,13 +350,17 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.tracer.updates_done(self.engine, self._trace_meta)
 
     def _log_nvme(self) -> None:
-        """Achieved disk rates of the step just done (writes behind may finish during the next step)."""
-        rates = self.store.nvme.reset_stats().rates()
+        """Achieved disk rates of the step just done (writes behind may finish during the next step), and the block
+        inputs' traffic when they go to the drives."""
+        rates = self.store.nvme.reset_stats().rates() if self.store.nvme is not None else {}
+        files = self.engine.host_checkpoints.files if self.engine.host_checkpoints is not None else None
+        if files is not None and self.engine.host_checkpoints.on_disk:
+            rates.update(files.take_counts())
         self.nvme_log.append(rates)
         trainer = self.lightning_module.trainer
         for logger in trainer.loggers:
             logger.log_metrics(rates, step=trainer.global_step)
-        if len(self.nvme_log) <= 3 or trainer.global_step % 50 == 0:
+        if (len(self.nvme_log) <= 3 or trainer.global_step % 50 == 0) and "nvme_read_GBps" in rates:
             log.info(f"step {trainer.global_step}: NVMe read {rates['nvme_read_GBps']:.2f} GB/s, write "
                      f"{rates['nvme_write_GBps']:.2f} GB/s, optimizer waited {rates['nvme_wait_s']:.3f} s")
 

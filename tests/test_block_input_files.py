@@ -40,6 +40,12 @@ def test_block_inputs_in_files_equal_keeping_them_bit_for_bit(k, chunk_tokens, o
     assert files.bytes_written == files.bytes_read == 8 * n_inputs * 2 * 16 * 64 * 4  # 8 micro-batches, fp32
     assert [p.stat().st_size for p in files.paths] == [n_inputs * 4 * 1024] * 2  # 8 pieces an input, striped
     assert files.nbytes == 3 * 1024  # RAM: the tiles
+    # logged per optimizer step: two micro-batches' inputs out and back
+    per_step = 2 * n_inputs * 2 * 16 * 64 * 4 / 1e9
+    for rates in got[3].nvme_log:
+        assert rates["block_inputs_written_GB"] == pytest.approx(per_step)
+        assert rates["block_inputs_read_GB"] == pytest.approx(per_step)
+    assert len(got[3].nvme_log) == 4
 
 
 def test_a_vanished_block_input_file_stops_the_run_naming_it(tmp_path):
