@@ -112,10 +112,14 @@ class Config:
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "hf") -> Config:
-        """From a Hugging Face config.json of a Llama, Mistral, Qwen2 or Qwen3 model (transformers 4 or 5 layout)."""
+        """From a Hugging Face config.json of a Llama, Mistral, Qwen2 or Qwen3 model (transformers 4 or 5 layout);
+        of Mixtral, Qwen3-MoE, DeepSeek-V3 and GLM-4.5 a planner shape (`moe_from_hf`)."""
         kind = hf.get("model_type")
+        if kind in MOE_HF_TYPES:
+            return cls.moe_from_hf(hf, name)
         if kind not in HF_TYPES:
-            raise ValueError(f"model_type {kind!r} is not supported; supported: {', '.join(HF_TYPES)}")
+            raise ValueError(f"model_type {kind!r} is not supported; supported: "
+                             f"{', '.join([*HF_TYPES, *MOE_HF_TYPES])}")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
         if kind in ("llama", "mistral", "qwen3") and (hf.get("attention_bias") or hf.get("mlp_bias")):
@@ -140,6 +144,35 @@ class Config:
                    qkv_bias=kind == "qwen2", rope_scaling=dict(scaling) if scaling else None,
                    head_size=head if head and head != hf["hidden_size"] // n_head else None,
                    qk_norm=kind == "qwen3", sliding_window=window, hf_type=kind)
+
+    @classmethod
+    def moe_from_hf(cls, hf: dict[str, Any], name: str = "hf") -> Config:
+        """The planner's shape of a mixture-of-experts config.json (these train as transformers model objects, not
+        as megatrain_lightning.Llama): experts, shared experts, dense first layers, latent attention."""
+        kind = hf["model_type"]
+        n_head, D = hf["num_attention_heads"], hf["hidden_size"]
+        sparse = hf.get("decoder_sparse_step", 1)
+        if kind == "qwen3_moe" and (sparse != 1 or hf.get("mlp_only_layers")):
+            raise ValueError("qwen3_moe with dense layers between the sparse ones (decoder_sparse_step, "
+                             "mlp_only_layers) is not modelled")
+        experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts")
+        moe_width = hf["intermediate_size"] if kind == "mixtral" else hf["moe_intermediate_size"]
+        latent = {}
+        head = hf.get("head_dim")
+        if kind == "deepseek_v3":
+            latent = dict(q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
+                          qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_size=hf["v_head_dim"])
+            head = hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]
+        return cls(name=name, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], hidden_size=D,
+                   n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                   intermediate_size=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                   qkv_bias=bool(hf.get("attention_bias", False)),
+                   head_size=head if head and head != D // n_head else None,
+                   qk_norm=kind == "qwen3_moe" or bool(hf.get("use_qk_norm", False)), n_experts=experts,
+                   experts_per_token=hf["num_experts_per_tok"], moe_intermediate_size=moe_width,
+                   n_shared_experts=hf.get("n_shared_experts") or 0,
+                   n_dense_layers=hf.get("first_k_dense_replace") or 0, **latent)
 
     def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
         """A Hugging Face config.json of the architecture it came from (`hf_type`; else LlamaForCausalLM, or
@@ -258,6 +291,9 @@ class Config:
 
 HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
             "qwen3": "Qwen3ForCausalLM"}
+# mixtures of experts whose config.json the planner reads (model=hf model.path=...); they train as transformers
+# model objects
+MOE_HF_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 _LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
