@@ -23,7 +23,6 @@ from torch.func import functional_call
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
-from megatrain_lightning.block_input_files import BlockInputFiles
 from megatrain_lightning.host_checkpoints import HostCheckpoints
 from megatrain_lightning.store import HostStore, Unit, pinned_empty
 from megatrain_lightning.sweep import Sweep, add_fp32
@@ -107,10 +106,10 @@ class StreamingEngine:
         self.store, self.device = store, device
         self.cuda = device.type == "cuda"
         self._call = torch.compile(_functional, dynamic=False) if compile else _functional
-        files = BlockInputFiles(block_input_dirs, device) if block_input_dirs and (
-            offload_checkpoints == "disk" or (offload_checkpoints is None and self.cuda)) else None
-        self.host_checkpoints = (HostCheckpoints(self, auto=offload_checkpoints is None, files=files)
-                                 if offload_checkpoints is not False and (self.cuda or files) else None)
+        spill = tuple(block_input_dirs) if block_input_dirs and (
+            offload_checkpoints == "disk" or (offload_checkpoints is None and self.cuda)) else ()
+        self.host_checkpoints = (HostCheckpoints(self, auto=offload_checkpoints is None, spill_dirs=spill)
+                                 if offload_checkpoints is not False and (self.cuda or spill) else None)
         self.plan = S.Plan(len(blocks), checkpoint_interval)
         self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
         # one stateless template per distinct layer signature and configuration (a per-layer sliding window or

@@ -22,13 +22,15 @@ log = logging.getLogger(__name__)
 class HostCheckpoints:
     """Block inputs kept outside device memory (memory flat in depth). In host memory, each goes out on the D2H stream
     as forward produces it and comes back on the H2D stream one block ahead of backward. `auto`: in host memory only
-    while the RAM the OS still has leaves RAM_MARGIN beside them; else in `files` where there are some (storage=nvme),
-    else they stay on the device. `files` and not `auto`: always in files (offload_checkpoints="disk")."""
+    while the RAM the OS still has leaves RAM_MARGIN beside them; else in files under `spill_dirs` where there are
+    some (storage=nvme), else they stay on the device. `spill_dirs` and not `auto`: always in files
+    (offload_checkpoints="disk"). The files, their directories and threads exist only once first needed."""
 
     RAM_MARGIN = 4 * 2**30
 
-    def __init__(self, engine: StreamingEngine, auto: bool, files: BlockInputFiles | None = None) -> None:
-        self.engine, self.auto, self.files = engine, auto, files
+    def __init__(self, engine: StreamingEngine, auto: bool, spill_dirs: tuple = ()) -> None:
+        self.engine, self.auto, self.spill_dirs = engine, auto, spill_dirs
+        self.files: BlockInputFiles | None = None  # made at the first spill
         self._host: Tensor | None = None  # [n_checkpoints * numel] pinned, reused while the size fits
         self.saved: list[tuple[Tensor, torch.Size, torch.dtype, torch.cuda.Event]] = []
         self.active = False  # the last training forward's block inputs are here
@@ -39,13 +41,13 @@ class HostCheckpoints:
         """Before a training forward: whether its block inputs leave the device."""
         n = self.engine.plan.n_checkpoints * x.numel()
         self.active, self.on_disk = True, False
-        if self.files is not None and not self.auto:
+        if self.spill_dirs and not self.auto:
             return self._to_files(x)
         if self._host is None or self._host.numel() < n or self._host.dtype != x.dtype:
             self._host = None  # unregister and free the old buffer before page-locking the new one
             need = n * x.element_size()
             if self.auto and need > available_ram_bytes() - self.RAM_MARGIN:
-                if self.files is not None:
+                if self.spill_dirs:
                     return self._to_files(x, f"offload_checkpoints: the block inputs ({need / 2**30:.1f} GiB) go to "
                                              "the drives of storage.nvme_dir: host RAM has no room for them")
                 if not self._warned:
@@ -62,6 +64,8 @@ class HostCheckpoints:
         if why and not self._warned:
             log.info(why)
             self._warned = True
+        if self.files is None:
+            self.files = BlockInputFiles(self.spill_dirs, self.engine.device)
         self.files.begin(x, self.engine.plan.n_checkpoints)
         self.on_disk = True
         return True

@@ -90,3 +90,13 @@ def test_cuda_block_inputs_in_files_equal_pinned_host_memory(offload, tmp_path, 
         assert torch.equal(got[2][name], w), name
     host = got[3].engine.host_checkpoints
     assert host.on_disk and host.files.bytes_read == host.files.bytes_written > 0
+
+
+def test_no_spill_files_unless_block_inputs_go_to_the_drives(tmp_path):
+    """storage=nvme alone (on the CPU the block inputs stay where the device is): no block-input directory, file or
+    thread is made on the drives."""
+    model = make_model("tiny")
+    got = megatrain_run(model, make_batches(model.config, 2), 2, 1, 1.0, record_grads=False, storage="nvme",
+                        nvme_dir=[tmp_path / "d0"], ram_budget_GiB=nvme_budget_GiB(model, 2))
+    assert got[3].engine.host_checkpoints is None
+    assert not list((tmp_path / "d0").glob("megatrain-inputs-*"))
