@@ -121,6 +121,13 @@ def device_units(unit_bytes: list[float], budget_bytes: float, skip: tuple[int, 
 ACTIVATION_PER_INPUT = 40
 CHUNK_MEMORY_SHARE = 0.5
 
+# A compiled block (torch.compile fuses the fp32 norm/RoPE intermediates and the SwiGLU product) holds less than the
+# eager count above (autograd's saved tensors plus a pass's transients: 33.3x the input for llama-3.2-3b): its
+# recompute + backward peak measured 17.4x at 1 x 262144 tokens and 17.6x at 32 x 1024 on the H200 (bench/kernels.py
+# --attention, 2026-12-02; eager 27.7x and 27.9x), 0.52 of the count. The planner scales a compiled block's
+# activations and transients by it; eager blocks keep the count (17% over what the GPU showed, on the safe side).
+COMPILED_BLOCK_MEMORY_SHARE = 0.52
+
 
 def chunk_sequences(batch: int, seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int,
                     free_bytes: float, layers: int = 1) -> int:

@@ -113,7 +113,7 @@ def workload(cfg: dict[str, Any]) -> Workload:
                     checkpoint_interval=st["checkpoint_interval"], prefetch_depth=st["prefetch_depth"],
                     storage=st["kind"], stream=st.get("stream", "auto"), ram_budget_GiB=st.get("ram_budget_GiB"),
                     clip=bool(tr.get("gradient_clip_val")),
-                    offload_checkpoints=st.get("offload_checkpoints"),
+                    offload_checkpoints=st.get("offload_checkpoints"), compile=st.get("compile"),
                     device_state_GiB=st.get("device_state_GiB", 0.0), chunk_tokens=st.get("chunk_tokens"),
                     step_cache_GiB=st.get("step_cache_GiB", 0.0))
 

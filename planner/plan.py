@@ -73,7 +73,15 @@ def usable_ram_bytes(hw: Hardware) -> int:
 def place(hw: Hardware, wl: Workload) -> Workload:
     """Resolves storage.stream=auto, the units whose state the GPU keeps and, for storage=nvme, how many layers keep
     their state on the SSD."""
-    return _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(hw, wl))))
+    return _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(hw, _compile(hw, wl)))))
+
+
+def _compile(hw: Hardware, wl: Workload) -> Workload:
+    """The engine's default (strategy: torch.compile on for a CUDA device and this project's model; transformers
+    objects, which every mixture of experts here is, run eager)."""
+    if wl.compile is not None:
+        return wl
+    return replace(wl, compile=not hw.unified and not wl.model.n_experts)
 
 
 def _gpu_free_bytes(hw: Hardware, wl: Workload) -> float:

@@ -130,6 +130,7 @@ class _Sim:
         wl, hw = self.wl, self.hw
         p, c = wl.plan, wl.model
         tok = wl.chunk_tokens_resolved  # activations exist for one chunk of the sweep at a time
+        block = wl.block_memory_share  # compiled blocks hold less than the eager count
         out_bytes = wl.checkpoint_bytes if wl.n_chunks > 1 else 0  # chunked: the layer's output, filled in pieces
         slots = self.slots
         embed = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3,
@@ -155,7 +156,7 @@ class _Sim:
                 self.write_through(i, fwd.end)
             if i % p.k == 0:
                 ckpt_alloc[i // p.k] = fwd.start
-            self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok + out_bytes)
+            self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok * block + out_bytes)
             slots.append(fwd.end)
         self.pump(None)
         head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(),
@@ -188,8 +189,8 @@ class _Sim:
             for j, rec in reversed(recomputed):
                 bwd = self.span(S.COMPUTE, S.BACKWARD, j, self.layer_s(2), after=g_ready)
                 g_ready = bwd.end
-                self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok)
-                self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok)
+                self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok * block)
+                self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok * block)
                 slots.append(bwd.end)
                 if j in wl.kept or (j in wl.cached and not last):  # its gradient stays on the device, in fp32
                     continue

@@ -55,6 +55,10 @@ class Workload:
     # `cached`: the units resolved.
     step_cache_GiB: float | None = 0.0
     cached: tuple[int, ...] = ()
+    # blocks through torch.compile (storage.compile); None: the engine's default, resolved by the planner: on for
+    # this project's model on a GPU, off on the CPU and for transformers objects (every mixture of experts here:
+    # megatrain_lightning.Llama has dense MLPs). Unresolved counts as eager.
+    compile: bool | None = None
 
     def __post_init__(self) -> None:
         checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
@@ -155,6 +159,12 @@ class Workload:
         return 6 * self.model.active_params * self.step_tokens
 
     # ---- device bytes ----
+    @property
+    def block_memory_share(self) -> float:
+        """What a block holds, relative to the eager count (act_ and transient_bytes_per_token): less when compiled
+        (schedule.COMPILED_BLOCK_MEMORY_SHARE, measured on the H200)."""
+        return S.COMPILED_BLOCK_MEMORY_SHARE if self.compile else 1.0
+
     @property
     def act_bytes_per_token(self) -> int:
         """What autograd keeps for one block's backward, per token (measured with saved_tensors_hooks: the
