@@ -16,7 +16,7 @@ from megatrain_lightning.model import Trunk
 # model_type -> the attribute of the base model holding the decoder layers
 ARCHITECTURES = {"llama": "layers", "mistral": "layers", "qwen2": "layers", "qwen3": "layers", "mixtral": "layers",
                  "qwen3_moe": "layers", "qwen2_moe": "layers", "phi3": "layers", "gemma3_text": "layers",
-                 "gpt_oss": "layers", "deepseek_v3": "layers"}
+                 "gpt_oss": "layers", "deepseek_v3": "layers", "glm4_moe": "layers"}
 
 
 def is_transformers_model(m: nn.Module) -> bool:

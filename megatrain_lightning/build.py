@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 from pathlib import Path
@@ -207,9 +208,14 @@ def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> s
 
 
 def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
+    hp = OmegaConf.to_container(cfg.optim, resolve=True)  # plain values: hyperparameters go into checkpoints
+    if config.n_experts and cfg.model.name == "hf":  # a mixture of experts: the transformers model itself
+        from megatrain_lightning.hf_lm import HFCausalLM
+
+        hf_config = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        return HFCausalLM(config, hf_config, max_steps=cfg.trainer.max_steps, **hp)
     if config.n_experts:
         raise UserError(f"model={config.name}: a mixture-of-experts shape for the planner; train.py's Llama has no "
                         "experts. Train such a model as a transformers model object in your LightningModule (README, "
                         "'In your own Lightning code')")
-    # plain values: hyperparameters go into checkpoints, which load with weights_only=True
-    return CausalLM(config, max_steps=cfg.trainer.max_steps, **OmegaConf.to_container(cfg.optim, resolve=True))
+    return CausalLM(config, max_steps=cfg.trainer.max_steps, **hp)

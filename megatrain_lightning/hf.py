@@ -10,18 +10,20 @@ directory unit by unit and writes shards of at most `max_shard_GB`, so `transfor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
-from torch import Tensor
+from torch import Tensor, nn
 
 from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning import hf_layout
 from megatrain_lightning.config import Config
 from megatrain_lightning.store import HostStore
 
@@ -58,53 +60,79 @@ def _hf_prefix(names: Iterable[str]) -> str:
     raise ckpt.CheckpointError("no `model.embed_tokens.weight`: Hugging Face import and export need the Llama layout")
 
 
-def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, str] | None = None) -> None:
+def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, str] | None = None,
+                    hf_model: nn.Module | None = None, buffers: dict[str, Tensor] | None = None) -> None:
     """Copies a Hugging Face checkpoint's weights into the store's fp32 masters (Adam moments stay zero). Every
     shard header is checked first: missing, unexpected and mis-shaped tensors are listed before anything is
-    written."""
-    prefix, aliases = _hf_prefix(store.index), aliases or {}
+    written. `hf_model`: the transformers model the store holds, whose layout transformers converts on load
+    (hf_layout.py: one decoder layer's tensors at a time); None: names and layouts as in the checkpoint.
+    `buffers`: the module's buffers by full name; a checkpoint's value for one is copied into it (a router's
+    trained bias), the others keep what the model's initialization gave them."""
+    prefix, aliases, buffers = _hf_prefix(store.index), aliases or {}, buffers or {}
     files = shards(directory)
-    plan: dict[Path, list[tuple[str, str]]] = {f: [] for f in files}  # shard -> (name in it, name in the store)
-    problems, seen = [], set()
-    for file in files:
-        header = ckpt.read_header(file)
+    where: dict[str, Path] = {}  # checkpoint name -> its shard
+    problems = []
+    headers = {file: ckpt.read_header(file) for file in files}
+    meta: dict[str, Tensor] = {}
+    for file, header in headers.items():
         for name, info in header.items():
             if name == "__metadata__" or name.endswith(IGNORED_SUFFIXES):
                 continue
+            if info["dtype"] not in FLOAT_DTYPES:
+                problems.append(f"{name}: dtype {info['dtype']} is not a floating-point type")
+            where[name] = file
+            meta[name] = torch.empty(info["shape"], device="meta")
+    # groups converted together: a decoder layer's tensors when transformers fuses some of them, else one tensor
+    groups = hf_layout.by_layer(where) if hf_model is not None else {n: [n] for n in where}
+    convert = (lambda d: hf_layout.to_module(hf_model, d)) if hf_model is not None else dict
+    seen = set()
+    for names in groups.values():
+        for name, t in convert({n: meta[n] for n in names}).items():
             full = prefix + name
             if full in aliases:  # a tied weight saved twice: the store keeps one copy
+                continue
+            if full in buffers:
+                if tuple(t.shape) != tuple(buffers[full].shape):
+                    problems.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(buffers[full].shape)}")
                 continue
             if full not in store.index:
                 problems.append(f"{name}: not in the model")
                 continue
             _, entry = store.index[full]
-            if tuple(info["shape"]) != tuple(entry.shape):
-                problems.append(f"{name}: checkpoint {tuple(info['shape'])} vs model {tuple(entry.shape)}")
-            if info["dtype"] not in FLOAT_DTYPES:
-                problems.append(f"{name}: dtype {info['dtype']} is not a floating-point type")
+            if tuple(t.shape) != tuple(entry.shape):
+                problems.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(entry.shape)}")
             seen.add(full)
-            plan[file].append((name, full))
     problems += [f"{k[len(prefix):]}: missing from the checkpoint" for k in store.index if k not in seen]
     if problems:
         raise ckpt.CheckpointError(f"Hugging Face checkpoint {directory} does not match the model:\n  "
                                    + "\n  ".join(problems[:50]))
     dirty: set[int] = set()
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as f:
-                for name, full in plan[file]:
-                    i, entry = store.index[full]
-                    value = f.get_tensor(name).to(torch.float32).reshape(-1)
-                    unit = store.units[i]
-                    if unit.on_disk:  # into the file's master and streamed copy
-                        store.nvme.store_master(i, entry.offset, value)
-                    else:
-                        unit.master[entry.offset:entry.offset + entry.numel].copy_(value)
-                        dirty.add(i)
-        except ckpt.CheckpointError:
-            raise
-        except Exception as e:
-            raise ckpt.CheckpointError(f"corrupted safetensors file {file}: {e}") from e
+    with contextlib.ExitStack() as stack:
+        opened: dict[Path, Any] = {}
+        for names in groups.values():
+            tensors = {}
+            for n in names:
+                if where[n] not in opened:
+                    opened[where[n]] = stack.enter_context(safe_open(str(where[n]), framework="pt"))
+                try:
+                    tensors[n] = opened[where[n]].get_tensor(n)
+                except Exception as e:
+                    raise ckpt.CheckpointError(f"corrupted safetensors file {where[n]}: {e}") from e
+            for name, value in convert(tensors).items():
+                full = prefix + name
+                if full in aliases:
+                    continue
+                if full in buffers:
+                    buffers[full].copy_(value)
+                    continue
+                i, entry = store.index[full]
+                value = value.to(torch.float32).reshape(-1)
+                unit = store.units[i]
+                if unit.on_disk:  # into the file's master and streamed copy
+                    store.nvme.store_master(i, entry.offset, value)
+                else:
+                    unit.master[entry.offset:entry.offset + entry.numel].copy_(value)
+                    dirty.add(i)
     for i in sorted(dirty):  # the streamed copies follow the new masters
         store.units[i].refresh_stream()
 
@@ -119,10 +147,17 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
         raise ckpt.CheckpointError(f"{src} has no {ckpt.MODEL_CONFIG}: only checkpoints of megatrain's CausalLM "
                                    "can be exported")
     config = Config(**json.loads((src / ckpt.MODEL_CONFIG).read_text()))
+    # a transformers model trained as itself (hf_lm.HFCausalLM): its own config.json, its checkpoint layout
+    meta = ckpt.load_meta(src)
+    hf_config = meta.get("hyper_parameters", {}).get("hf_config")
+    hf_model = _meta_model(hf_config) if hf_config else None
     entries = json.loads((src / ckpt.MANIFEST).read_text())["units"]
     units = [src / u["file"] for u in entries]
     masters = [[k for k in ckpt.read_header(f) if k != "__metadata__" and "/" not in k] for f in units]
     prefix = _hf_prefix(k for keys in masters for k in keys)  # "exp_avg/..." keys are optimizer state
+    # its persistent buffers (a router's bias) are part of its checkpoint, by decoder layer
+    buffers = hf_layout.by_layer(k[len(prefix):] for k in meta.get("state_dict", {}) if k.startswith(prefix)) \
+        if hf_model is not None else {}
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -141,14 +176,19 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
 
         for file, keys, entry in zip(units, masters, entries):  # one unit file at a time
             with safe_open(str(file), framework="pt") as f:
-                for key in keys:
-                    t = ckpt.get_verified(f, key, entry, file).to(DTYPES[dtype]).contiguous()
-                    if shard and shard_bytes + t.nbytes > limit:
-                        flush()
-                        shard_bytes = 0
-                    shard.append((key[len(prefix):], t))
-                    shard_bytes += t.nbytes
-                    total += t.nbytes
+                tensors = {key[len(prefix):]: ckpt.get_verified(f, key, entry, file) for key in keys}
+            if hf_model is not None:  # a unit is a decoder layer or the rest: transformers' rules stay within one
+                layer = next(iter(hf_layout.by_layer(tensors)))
+                tensors.update({n: meta["state_dict"][prefix + n] for n in buffers.get(layer, ())})
+                tensors = hf_layout.to_checkpoint(hf_model, tensors)
+            for name, t in tensors.items():
+                t = t.to(DTYPES[dtype]).contiguous()
+                if shard and shard_bytes + t.nbytes > limit:
+                    flush()
+                    shard_bytes = 0
+                shard.append((name, t))
+                shard_bytes += t.nbytes
+                total += t.nbytes
         if shard:
             flush()
         weight_map = {}
@@ -157,7 +197,8 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
             os.rename(tmp / name, tmp / final)
             weight_map.update({key: final for key in keys})
         (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        (tmp / "config.json").write_text(json.dumps(config.to_hf(dtype), indent=1))
+        hf_json = {**hf_config, "torch_dtype": dtype, "dtype": dtype} if hf_config else config.to_hf(dtype)
+        (tmp / "config.json").write_text(json.dumps(hf_json, indent=1))
         if out.exists():
             shutil.rmtree(out)
         os.rename(tmp, out)
@@ -165,6 +206,17 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _meta_model(hf_config: dict[str, Any]) -> nn.Module:
+    """The transformers model of a config.json, on the meta device (its layout rules need the model, not weights)."""
+    from megatrain_lightning.hf_lm import transformers_module
+
+    transformers = transformers_module()
+    hf_config = dict(hf_config)
+    with torch.device("meta"):
+        return transformers.AutoModelForCausalLM.from_config(
+            transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config))
 
 
 def main(argv: list[str] | None = None) -> None:

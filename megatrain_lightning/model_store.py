@@ -68,7 +68,10 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
     init = adapters.initializer(module) if isinstance(trunk, adapters.LayerList) else None
     for i, block in enumerate(trunk):
         if any(p.is_meta for p in block.parameters()) or any(b.is_meta for b in block.buffers()):
-            surgery.materialize(block, initialize=init_from is None, init=init)  # imported weights replace
+            # imported weights replace the initialized ones; a buffer (a router's bias) is set by the model's
+            # initialization in any case, and by the checkpoint when it holds one
+            unset_buffers = any(b.is_meta for b in block.buffers())
+            surgery.materialize(block, initialize=init_from is None or unset_buffers, init=init)
         store.fill(i, list(block.named_parameters()))
         surgery.parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
         for n, p in block.named_parameters():
@@ -94,6 +97,9 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
         for m, attr, _ in owners[1:]:
             aliases[surgery.full_name(module, m, attr)] = name
     if init_from is not None:
-        hf.load_into_store(init_from, store, aliases)
+        hf_model = next((m for m in module.modules() if adapters.is_transformers_model(m)), None)
+        buffers = {n: b for n, b in module.named_buffers() if not n.startswith(prefix + ".")}
+        buffers.update({f"{prefix}.{i}.{n}": b for i, block in enumerate(trunk) for n, b in block.named_buffers()})
+        hf.load_into_store(init_from, store, aliases, hf_model, buffers)
         log.info(f"initialized from the Hugging Face checkpoint {init_from}")
     return Built(store, trunk, prefix, refs, aliases, param_names)

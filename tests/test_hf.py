@@ -207,4 +207,4 @@ def test_an_unsupported_transformers_architecture_is_refused_by_name():
     with pytest.raises(UserError) as e:
         trainer.fit(HoldsGPT2(), train_dataloaders=loader(make_batches(Config.from_name("tiny"), 1)))
     assert str(e.value).startswith("GPT2LMHeadModel (model_type 'gpt2') cannot be streamed: supported transformers "
-                                   "architectures are deepseek_v3, gemma3_text, gpt_oss, llama, ")
+                                   "architectures are deepseek_v3, gemma3_text, glm4_moe, gpt_oss, llama, ")
