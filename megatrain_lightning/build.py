@@ -209,7 +209,7 @@ def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> s
 
 def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
     hp = OmegaConf.to_container(cfg.optim, resolve=True)  # plain values: hyperparameters go into checkpoints
-    if config.n_experts and cfg.model.name == "hf":  # a mixture of experts: the transformers model itself
+    if config.transformers_type:  # model=hf on a family Llama does not have: the transformers model itself
         from megatrain_lightning.hf_lm import HFCausalLM
 
         hf_config = json.loads((Path(cfg.model.path) / "config.json").read_text())

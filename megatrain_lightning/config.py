@@ -34,6 +34,9 @@ class Config:
     # for sequences up to this length: longer ones are refused (never silently different)
     sliding_window: int | None = None
     hf_type: str | None = None  # the Hugging Face model_type to export as (None: llama, or qwen2 with qkv_bias)
+    # a checkpoint's model_type that trains as the transformers model itself (model=hf: hf_lm.HFCausalLM; the
+    # TRANSFORMERS_HF_TYPES); this Config is then the planner's shape of it. None: megatrain_lightning.Llama
+    transformers_type: str | None = None
     # Mixture-of-experts (planner shapes; megatrain_lightning.Llama has no experts: such models train as transformers
     # objects): each layer's MLP is n_experts SwiGLU experts of moe_intermediate_size and a router, of which
     # experts_per_token run for each token. 0: a dense MLP of intermediate_size.
@@ -117,9 +120,11 @@ class Config:
         kind = hf.get("model_type")
         if kind in MOE_HF_TYPES:
             return cls.moe_from_hf(hf, name)
+        if kind in TRANSFORMERS_HF_TYPES:
+            return cls.dense_from_hf(hf, name)
         if kind not in HF_TYPES:
             raise ValueError(f"model_type {kind!r} is not supported; supported: "
-                             f"{', '.join([*HF_TYPES, *MOE_HF_TYPES])}")
+                             f"{', '.join([*HF_TYPES, *TRANSFORMERS_HF_TYPES])}")
         if hf.get("hidden_act", "silu") != "silu":
             raise ValueError(f"hidden_act {hf['hidden_act']!r} is not supported (SwiGLU with silu only)")
         if kind in ("llama", "mistral", "qwen3") and (hf.get("attention_bias") or hf.get("mlp_bias")):
@@ -156,7 +161,7 @@ class Config:
             raise ValueError("qwen3_moe with dense layers between the sparse ones (decoder_sparse_step, "
                              "mlp_only_layers) is not modelled")
         experts = hf.get("num_local_experts") or hf.get("num_experts") or hf.get("n_routed_experts")
-        moe_width = hf["intermediate_size"] if kind == "mixtral" else hf["moe_intermediate_size"]
+        moe_width = hf["intermediate_size"] if kind in ("mixtral", "gpt_oss") else hf["moe_intermediate_size"]
         latent = {}
         head = hf.get("head_dim")
         if kind == "deepseek_v3":
@@ -172,7 +177,22 @@ class Config:
                    qk_norm=kind == "qwen3_moe" or bool(hf.get("use_qk_norm", False)), n_experts=experts,
                    experts_per_token=hf["num_experts_per_tok"], moe_intermediate_size=moe_width,
                    n_shared_experts=hf.get("n_shared_experts") or 0,
-                   n_dense_layers=hf.get("first_k_dense_replace") or 0, **latent)
+                   n_dense_layers=hf.get("first_k_dense_replace") or 0, transformers_type=kind, **latent)
+
+    @classmethod
+    def dense_from_hf(cls, hf: dict[str, Any], name: str = "hf") -> Config:
+        """The planner's shape of a dense config.json that trains as the transformers model (Phi-3, Gemma 3 text):
+        widths and counts (Gemma's extra norms and a sliding window on some layers are not modelled: full
+        attention everywhere, the FLOPs counted on the safe side)."""
+        n_head, D = hf["num_attention_heads"], hf["hidden_size"]
+        head = hf.get("head_dim")
+        return cls(name=name, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], hidden_size=D,
+                   n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                   intermediate_size=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                   norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                   qkv_bias=bool(hf.get("attention_bias", False)),
+                   head_size=head if head and head != D // n_head else None,
+                   qk_norm=hf["model_type"] == "gemma3_text", transformers_type=hf["model_type"])
 
     def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
         """A Hugging Face config.json of the architecture it came from (`hf_type`; else LlamaForCausalLM, or
@@ -293,7 +313,10 @@ HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
             "qwen3": "Qwen3ForCausalLM"}
 # mixtures of experts whose config.json the planner reads (model=hf model.path=...); they train as transformers
 # model objects
-MOE_HF_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe")
+MOE_HF_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")
+# model_types that model=hf trains as the transformers model itself (hf_lm.HFCausalLM): every mixture of experts,
+# and dense families whose layers megatrain_lightning.Llama does not have
+TRANSFORMERS_HF_TYPES = (*MOE_HF_TYPES, "phi3", "gemma3_text")
 _LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 _LLAMA32_ROPE = {**_LLAMA31_ROPE, "factor": 32.0}
@@ -338,10 +361,11 @@ PRESETS: dict[str, Config] = {
                head_size=128, intermediate_size=12288, max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6,
                qk_norm=True, n_experts=128, experts_per_token=8, moe_intermediate_size=1536),
         # https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json (alternating 128-token sliding and full
-        # attention: the planner counts full causal attention, an upper bound on its FLOPs)
+        # attention: the planner counts full causal attention, an upper bound on its FLOPs; attention_bias: q/k/v
+        # biases)
         Config("gpt-oss-120b", vocab_size=201088, n_layer=36, hidden_size=2880, n_head=64, n_kv_head=8,
                head_size=64, intermediate_size=2880, max_seq_len=131072, rope_theta=150000.0, n_experts=128,
-               experts_per_token=4, moe_intermediate_size=2880),
+               experts_per_token=4, moe_intermediate_size=2880, qkv_bias=True),
         # https://huggingface.co/zai-org/GLM-4.5-Air/blob/main/config.json: one dense layer, then 45 of 128 routed
         # experts (top 8) and a shared one; q/k/v biases; half-rotary heads (the same FLOPs). The multi-token
         # prediction layer (num_nextn_predict_layers) is not counted, as the published 106B does not

@@ -1,6 +1,6 @@
-"""train.py's LightningModule for a Hugging Face architecture that megatrain's Llama does not have: the mixtures of
-experts of `config.MOE_HF_TYPES` (Mixtral, Qwen3-MoE, DeepSeek-V3, GLM-4.5), trained as the transformers model
-itself. Needs transformers (`pip install transformers`; the README says which version)."""
+"""train.py's LightningModule for a Hugging Face architecture that megatrain's Llama does not have
+(`config.TRANSFORMERS_HF_TYPES`: the mixtures of experts, Phi-3, Gemma 3 text), trained as the transformers model
+itself. Needs transformers (the `hf` extra)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def transformers_module():
     try:
         import transformers
     except ImportError:
-        raise UserError("model=hf on a mixture of experts trains the transformers model: pip install "
-                        "transformers") from None
+        raise UserError("model=hf on this architecture trains the transformers model: pip install "
+                        "'megatrain-lightning[hf]' (transformers)") from None
     return transformers
 
 
@@ -32,6 +32,9 @@ class HFCausalLM(CausalLM):
     gradient formed in forward (loss.py), on the base model's final hidden state."""
 
     def __init__(self, config: Config, hf_config: dict[str, Any], **kwargs) -> None:
+        if hf_config.get("final_logit_softcapping"):
+            raise UserError("model.path: config.json sets final_logit_softcapping, which train.py's loss does not "
+                            "apply yet; train the model in your own LightningModule")
         if hf_config.get("output_router_logits"):
             # transformers then adds router_aux_loss_coef times a load-balancing loss to the language-model loss;
             # this module computes the language-model loss alone, so training would silently differ

@@ -216,6 +216,9 @@ class LlamaBody(nn.Module):
 class Llama(nn.Module):
     def __init__(self, config: Config) -> None:
         super().__init__()
+        if config.transformers_type:
+            raise ValueError(f"{config.name} is a {config.transformers_type} shape: it trains as the transformers "
+                             "model (model=hf: hf_lm.HFCausalLM), not as Llama")
         if config.n_experts:
             raise ValueError(f"{config.name} is a mixture of experts: Llama has dense MLPs (train it as a "
                              "transformers model object)")

@@ -228,3 +228,37 @@ def test_a_mixture_of_experts_config_json_gives_the_planner_its_exact_size(confi
         model = getattr(transformers, model_cls)(hf)
     c = Config.from_hf(hf.to_dict(), name="x")
     assert c.n_experts == 4 and c.n_params == sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("config_cls,model_cls,extra,rel", [
+    ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0), 0.0),
+    # Gemma's pre/post feed-forward norms and gpt-oss's expert biases and attention sinks are not counted: 0.4% and
+    # 1.2% of these tiny shapes, 0.04% of gpt-oss-120b (below)
+    ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16), 0.005),
+    ("GptOssConfig", "GptOssForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                               sliding_window=8), 0.015),
+])
+def test_a_config_json_that_trains_as_the_transformers_model_gives_the_planner_its_size(config_cls, model_cls, extra,
+                                                                                       rel):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, model_cls):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
+    hf = getattr(transformers, config_cls)(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                           num_attention_heads=4, num_key_value_heads=2, **extra)
+    with torch.device("meta"):
+        model = getattr(transformers, model_cls)(hf)
+    c = Config.from_hf(hf.to_dict(), name="x")
+    assert c.transformers_type == hf.model_type
+    assert c.n_params == pytest.approx(sum(p.numel() for p in model.parameters()), rel=rel, abs=0)
+    with pytest.raises(ValueError, match="trains as the transformers model"):
+        Llama(c)
+
+
+def test_gpt_oss_config_json_matches_the_preset():
+    """transformers' GptOssConfig defaults are gpt-oss-120b's: the shape read from them is the preset's."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("no GptOssConfig")
+    c = Config.from_hf(transformers.GptOssConfig().to_dict())
+    preset = Config.from_name("gpt-oss-120b")
+    assert c.n_params == preset.n_params and c.active_params == preset.active_params

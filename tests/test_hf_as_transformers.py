@@ -1,6 +1,7 @@
-"""model=hf on a mixture-of-experts checkpoint (hf_lm.HFCausalLM: the transformers model itself): import through
-transformers' own layout rules (transformers 5 fuses each layer's experts on load), training equal to Lightning's
-default strategy on the same module, export under the model's own architecture and layout, re-import the identity."""
+"""model=hf on a checkpoint of a family megatrain's Llama does not have (every mixture of experts, Phi-3, Gemma 3
+text; hf_lm.HFCausalLM: the transformers model itself): import through transformers' own layout rules
+(transformers 5 fuses each layer's experts on load), training equal to Lightning's default strategy on the same
+module, export under the model's own architecture and layout, re-import the identity."""
 
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ transformers = pytest.importorskip("transformers")
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6)
-# config.MOE_HF_TYPES, each as transformers names it
+# config.TRANSFORMERS_HF_TYPES, each as transformers names it
 FAMILIES = {
+    "phi3": ("Phi3Config", dict(pad_token_id=0)),
+    "gemma3_text": ("Gemma3TextConfig", dict(head_dim=16, sliding_window=8, query_pre_attn_scalar=16)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, head_dim=16, sliding_window=8)),
     "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2)),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                           decoder_sparse_step=1, head_dim=16)),
@@ -76,7 +80,7 @@ def _fit(module, strategy, batches):
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_moe_checkpoint_imports_trains_and_exports(family, tmp_path):
+def test_checkpoint_imports_trains_and_exports_as_the_transformers_model(family, tmp_path):
     src, out = tmp_path / "src", tmp_path / "exported"
     _checkpoint(family, src)
     g = torch.Generator().manual_seed(1)
@@ -110,7 +114,7 @@ def test_moe_checkpoint_imports_trains_and_exports(family, tmp_path):
         json.loads((src / "config.json").read_text())["architectures"]
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     assert type(loaded) is type(reference)
-    params, buffers = dict(loaded.named_parameters()), dict(reference.named_buffers())
+    params, buffers = dict(loaded.named_parameters(remove_duplicate=False)), dict(reference.named_buffers())
     for name, value in loaded.state_dict().items():
         full = trainer.strategy._aliases.get(f"model.{name}", f"model.{name}")
         if name in params:
@@ -132,10 +136,15 @@ def test_moe_checkpoint_imports_trains_and_exports(family, tmp_path):
         assert torch.equal(value, masters[name]), name
 
 
-def test_router_aux_loss_is_refused_by_name(tmp_path):
-    _checkpoint("mixtral", tmp_path)
-    hf_config = {**json.loads((tmp_path / "config.json").read_text()), "output_router_logits": True}
-    with pytest.raises(UserError, match="output_router_logits=true"):
+@pytest.mark.parametrize("family,key,value,message", [
+    ("mixtral", "output_router_logits", True, "config.json sets output_router_logits=true"),
+    ("gemma3_text", "final_logit_softcapping", 30.0, "config.json sets final_logit_softcapping"),
+])
+def test_a_loss_train_py_does_not_compute_is_refused_by_name(family, key, value, message, tmp_path):
+    """transformers would add an auxiliary router loss / soft-cap the logits: refused, never silently different."""
+    _checkpoint(family, tmp_path)
+    hf_config = {**json.loads((tmp_path / "config.json").read_text()), key: value}
+    with pytest.raises(UserError, match=message):
         HFCausalLM(Config.from_dict({"name": "hf", "path": str(tmp_path)}), hf_config)
 
 
