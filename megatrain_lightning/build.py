@@ -216,6 +216,6 @@ def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
         return HFCausalLM(config, hf_config, max_steps=cfg.trainer.max_steps, **hp)
     if config.n_experts:
         raise UserError(f"model={config.name}: a mixture-of-experts shape for the planner; train.py's Llama has no "
-                        "experts. Train such a model as a transformers model object in your LightningModule (README, "
-                        "'In your own Lightning code')")
+                        "experts. Train its checkpoint with model=hf model.path=<its directory> (the transformers model "
+                        "itself), or as a transformers model object in your LightningModule")
     return CausalLM(config, max_steps=cfg.trainer.max_steps, **hp)
