@@ -209,13 +209,15 @@ def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> s
 
 def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
     hp = OmegaConf.to_container(cfg.optim, resolve=True)  # plain values: hyperparameters go into checkpoints
-    if config.transformers_type:  # model=hf on a family Llama does not have: the transformers model itself
-        from megatrain_lightning.hf_lm import HFCausalLM
+    if config.transformers_type:  # a family Llama does not have: the transformers model itself
+        from megatrain_lightning.hf_lm import HFCausalLM, config_json
 
-        hf_config = json.loads((Path(cfg.model.path) / "config.json").read_text())
+        # model=hf: the checkpoint's config.json (and its weights, imported by the strategy); a preset: its shape,
+        # from a random start
+        hf_config = (json.loads((Path(cfg.model.path) / "config.json").read_text()) if cfg.model.name == "hf"
+                     else config_json(config))
         return HFCausalLM(config, hf_config, max_steps=cfg.trainer.max_steps, **hp)
     if config.n_experts:
-        raise UserError(f"model={config.name}: a mixture-of-experts shape for the planner; train.py's Llama has no "
-                        "experts. Train its checkpoint with model=hf model.path=<its directory> (the transformers model "
-                        "itself), or as a transformers model object in your LightningModule")
+        raise UserError(f"model={config.name}: a mixture of experts with no transformers_type (mixtral, qwen3_moe, "
+                        "gpt_oss, glm4_moe or deepseek_v3): train.py's Llama has no experts")
     return CausalLM(config, max_steps=cfg.trainer.max_steps, **hp)

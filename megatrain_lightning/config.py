@@ -37,8 +37,8 @@ class Config:
     # a checkpoint's model_type that trains as the transformers model itself (model=hf: hf_lm.HFCausalLM; the
     # TRANSFORMERS_HF_TYPES); this Config is then the planner's shape of it. None: megatrain_lightning.Llama
     transformers_type: str | None = None
-    # Mixture-of-experts (planner shapes; megatrain_lightning.Llama has no experts: such models train as transformers
-    # objects): each layer's MLP is n_experts SwiGLU experts of moe_intermediate_size and a router, of which
+    # Mixture-of-experts (megatrain_lightning.Llama has no experts: such models train as the transformers model,
+    # transformers_type): each layer's MLP is n_experts SwiGLU experts of moe_intermediate_size and a router, of which
     # experts_per_token run for each token. 0: a dense MLP of intermediate_size.
     n_experts: int = 0
     experts_per_token: int = 0
@@ -116,7 +116,7 @@ class Config:
     @classmethod
     def from_hf(cls, hf: dict[str, Any], name: str = "hf") -> Config:
         """From a Hugging Face config.json of a Llama, Mistral, Qwen2 or Qwen3 model (transformers 4 or 5 layout);
-        of Mixtral, Qwen3-MoE, DeepSeek-V3 and GLM-4.5 a planner shape (`moe_from_hf`)."""
+        of the families that train as the transformers model, the planner's shape (`moe_from_hf`, `dense_from_hf`)."""
         kind = hf.get("model_type")
         if kind in MOE_HF_TYPES:
             return cls.moe_from_hf(hf, name)
@@ -350,28 +350,30 @@ PRESETS: dict[str, Config] = {
                intermediate_size=28672, max_seq_len=131072, rope_theta=1000000.0),
         Config("llama-3.1-405b", vocab_size=128256, n_layer=126, hidden_size=16384, n_head=128, n_kv_head=8,
                intermediate_size=53248, max_seq_len=131072, rope_theta=500000.0, rope_scaling=_LLAMA31_ROPE),
-        # Mixtures of experts, for the planner (they train as transformers model objects; README). Attention biases,
+        # Mixtures of experts (they train as the transformers model of transformers_type; README). Attention biases,
         # attention sinks and expert biases (gpt-oss) are not counted: 0.04% of its parameters.
         # https://huggingface.co/mistralai/Mixtral-8x22B-v0.1/blob/main/config.json
         Config("mixtral-8x22b", vocab_size=32000, n_layer=56, hidden_size=6144, n_head=48, n_kv_head=8,
                intermediate_size=16384, max_seq_len=65536, rope_theta=1000000.0, n_experts=8, experts_per_token=2,
-               moe_intermediate_size=16384),
+               moe_intermediate_size=16384, transformers_type="mixtral"),
         # https://huggingface.co/Qwen/Qwen3-235B-A22B/blob/main/config.json
         Config("qwen3-235b-a22b", vocab_size=151936, n_layer=94, hidden_size=4096, n_head=64, n_kv_head=4,
                head_size=128, intermediate_size=12288, max_seq_len=40960, rope_theta=1000000.0, norm_eps=1e-6,
-               qk_norm=True, n_experts=128, experts_per_token=8, moe_intermediate_size=1536),
+               qk_norm=True, n_experts=128, experts_per_token=8, moe_intermediate_size=1536,
+               transformers_type="qwen3_moe"),
         # https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json (alternating 128-token sliding and full
         # attention: the planner counts full causal attention, an upper bound on its FLOPs; attention_bias: q/k/v
         # biases)
         Config("gpt-oss-120b", vocab_size=201088, n_layer=36, hidden_size=2880, n_head=64, n_kv_head=8,
                head_size=64, intermediate_size=2880, max_seq_len=131072, rope_theta=150000.0, n_experts=128,
-               experts_per_token=4, moe_intermediate_size=2880, qkv_bias=True),
+               experts_per_token=4, moe_intermediate_size=2880, qkv_bias=True, transformers_type="gpt_oss"),
         # https://huggingface.co/zai-org/GLM-4.5-Air/blob/main/config.json: one dense layer, then 45 of 128 routed
         # experts (top 8) and a shared one; q/k/v biases; half-rotary heads (the same FLOPs). The multi-token
         # prediction layer (num_nextn_predict_layers) is not counted, as the published 106B does not
         Config("glm-4.5-air", vocab_size=151552, n_layer=46, hidden_size=4096, n_head=96, n_kv_head=8, head_size=128,
                intermediate_size=10944, max_seq_len=131072, rope_theta=1000000.0, qkv_bias=True, n_experts=128,
-               experts_per_token=8, moe_intermediate_size=1408, n_shared_experts=1, n_dense_layers=1),
+               experts_per_token=8, moe_intermediate_size=1408, n_shared_experts=1, n_dense_layers=1,
+               transformers_type="glm4_moe"),
         # https://huggingface.co/deepseek-ai/DeepSeek-V3/blob/main/config.json: three dense layers, then 256 routed
         # experts (top 8) and a shared one; multi-head latent attention (q rank 1536, kv rank 512, q.k heads of
         # 128 + 64 rotary, v heads of 128). The multi-token prediction module (14B of the 685B on the Hub) is not
@@ -379,7 +381,8 @@ PRESETS: dict[str, Config] = {
         Config("deepseek-v3", vocab_size=129280, n_layer=61, hidden_size=7168, n_head=128, n_kv_head=128,
                head_size=192, intermediate_size=18432, max_seq_len=163840, norm_eps=1e-6, n_experts=256,
                experts_per_token=8, moe_intermediate_size=2048, n_shared_experts=1, n_dense_layers=3,
-               q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, v_head_size=128),
+               q_lora_rank=1536, kv_lora_rank=512, qk_rope_head_dim=64, v_head_size=128,
+               transformers_type="deepseek_v3"),
         # https://huggingface.co/Qwen/Qwen2-0.5B/blob/main/config.json
         Config("qwen2-0.5b", vocab_size=151936, n_layer=24, hidden_size=896, n_head=14, n_kv_head=2,
                intermediate_size=4864, max_seq_len=32768, rope_theta=1000000.0, norm_eps=1e-6,

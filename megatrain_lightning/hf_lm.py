@@ -25,6 +25,39 @@ def transformers_module():
     return transformers
 
 
+def config_json(config: Config) -> dict[str, Any]:
+    """The transformers config.json of a preset that trains as the transformers model (`transformers_type`: the
+    mixture-of-experts presets), so `model=gpt-oss-120b` trains from a random start as `model=hf` on its checkpoint
+    would from the checkpoint's weights. tests/test_hf_as_transformers.py checks that transformers builds exactly
+    the parameters the preset counts."""
+    c, kind = config, config.transformers_type
+    out: dict[str, Any] = dict(
+        model_type=kind, vocab_size=c.vocab_size, hidden_size=c.hidden_size, num_hidden_layers=c.n_layer,
+        num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head, head_dim=c.head_dim,
+        max_position_embeddings=c.max_seq_len, rms_norm_eps=c.norm_eps, tie_word_embeddings=c.tie_embeddings,
+        rope_theta=c.rope_theta, num_experts_per_tok=c.experts_per_token)
+    if kind in ("mixtral", "gpt_oss"):  # every layer's MLP is its experts, each of intermediate_size
+        out.update(intermediate_size=c.moe_intermediate_size, num_local_experts=c.n_experts)
+        if kind == "gpt_oss":
+            out.update(attention_bias=c.qkv_bias)
+    elif kind == "qwen3_moe":
+        out.update(intermediate_size=c.intermediate_size, moe_intermediate_size=c.moe_intermediate_size,
+                   num_experts=c.n_experts, decoder_sparse_step=1, mlp_only_layers=[])
+    elif kind in ("glm4_moe", "deepseek_v3"):  # dense first layers, shared experts; one expert group
+        out.update(intermediate_size=c.intermediate_size, moe_intermediate_size=c.moe_intermediate_size,
+                   n_routed_experts=c.n_experts, n_shared_experts=c.n_shared_experts,
+                   first_k_dense_replace=c.n_dense_layers, n_group=1, topk_group=1)
+        if kind == "glm4_moe":
+            out.update(attention_bias=c.qkv_bias, use_qk_norm=c.qk_norm)
+        else:
+            out.update(q_lora_rank=c.q_lora_rank or None, kv_lora_rank=c.kv_lora_rank,
+                       qk_rope_head_dim=c.qk_rope_head_dim, qk_nope_head_dim=c.head_dim - c.qk_rope_head_dim,
+                       v_head_dim=c.v_head_size or c.head_dim, rope_scaling=None)
+    else:
+        raise UserError(f"model={c.name}: no transformers config is known for transformers_type {kind!r}")
+    return out
+
+
 class HFCausalLM(CausalLM):
     """The transformers causal LM of `hf_config` (a checkpoint's config.json), built in `configure_model` (on the
     meta device under the megatrain strategy, which streams its decoder layers and imports the checkpoint's weights:

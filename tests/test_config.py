@@ -1,5 +1,6 @@
 """Presets against hand-derived and published sizes; every YAML in conf/ composes and builds."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -86,8 +87,10 @@ def test_dense_first_layers_shared_experts_and_latent_attention_by_hand():
 
 
 def test_a_mixture_of_experts_preset_is_not_a_llama():
-    with pytest.raises(ValueError, match="gpt-oss-120b is a mixture of experts: Llama has dense MLPs"):
+    with pytest.raises(ValueError, match="gpt-oss-120b is a gpt_oss shape: it trains as the transformers model"):
         Llama(Config.from_name("gpt-oss-120b", n_layer=1, vocab_size=16))
+    with pytest.raises(ValueError, match="x is a mixture of experts: Llama has dense MLPs"):
+        Llama(replace(Config.from_name("gpt-oss-120b", n_layer=1, vocab_size=16), name="x", transformers_type=None))
     with pytest.raises(ValueError, match="needs 1 <= experts_per_token <= n_experts"):
         Config(n_experts=4, experts_per_token=5, moe_intermediate_size=8)
     with pytest.raises(ValueError, match="n_shared_experts and n_dense_layers describe a mixture of experts"):
@@ -96,7 +99,7 @@ def test_a_mixture_of_experts_preset_is_not_a_llama():
         Config(n_layer=2, n_experts=4, experts_per_token=2, moe_intermediate_size=8, n_dense_layers=2)
     with pytest.raises(ValueError, match="latent attention needs 0 < qk_rope_head_dim < head_size"):
         Config(kv_lora_rank=8, qk_rope_head_dim=0)
-    with pytest.raises(ValueError, match="deepseek-v3 is a mixture of experts"):
+    with pytest.raises(ValueError, match="deepseek-v3 is a deepseek_v3 shape"):
         Llama(Config.from_name("deepseek-v3", n_layer=4, vocab_size=16))
     with pytest.raises(ValueError, match="has latent attention: Llama's is grouped-query"):
         Llama(Config(n_layer=1, kv_lora_rank=8, qk_rope_head_dim=4, hidden_size=64, n_head=4))
@@ -132,11 +135,9 @@ def test_every_yaml_composes_and_builds(group, option, tmp_path):
     assert answer.wl.model.n_params == config.n_params and answer.step_time_s > 0
     strategy = build.strategy(cfg.storage)
     assert strategy.storage == cfg.storage.kind
-    if config.n_experts:  # planner shapes: train.py says how such a model trains
-        with pytest.raises(UserError, match=f"model={config.name}: a mixture-of-experts shape for the planner"):
-            build.lightning_module(cfg, config)
-        return
-    build.lightning_module(cfg, config)
+    lm = build.lightning_module(cfg, config)
+    if config.transformers_type:  # the mixture presets train as the transformers model, from its config.json
+        assert type(lm).__name__ == "HFCausalLM" and lm.hparams["hf_config"]["model_type"] == config.transformers_type
     if cfg.data.kind != "bytes":  # file-backed data names the file it needs
         with pytest.raises(ValueError, match=f"data={cfg.data.kind} needs data.path"):
             build.datamodule(cfg.data, config, cfg.seed)
@@ -262,3 +263,10 @@ def test_gpt_oss_config_json_matches_the_preset():
     c = Config.from_hf(transformers.GptOssConfig().to_dict())
     preset = Config.from_name("gpt-oss-120b")
     assert c.n_params == preset.n_params and c.active_params == preset.active_params
+
+
+def test_a_mixture_without_a_transformers_family_is_refused_by_name():
+    cfg = _compose(["model=glm-4.5-air", "+model.transformers_type=null"])
+    config = build.model_config(cfg.model)
+    with pytest.raises(UserError, match="model=glm-4.5-air: a mixture of experts with no transformers_type"):
+        build.lightning_module(cfg, config)

@@ -16,7 +16,7 @@ from megatrain_lightning import MegatrainStrategy, hf
 from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.hf_lm import HFCausalLM
+from megatrain_lightning.hf_lm import HFCausalLM, config_json
 from tests.helpers import lm_kwargs, loader, rel_err
 from tests.test_cli import restore_logging  # noqa: F401  (a fixture: train.main sets up its own logging)
 
@@ -148,19 +148,46 @@ def test_a_loss_train_py_does_not_compute_is_refused_by_name(family, key, value,
         HFCausalLM(Config.from_dict({"name": "hf", "path": str(tmp_path)}), hf_config)
 
 
-def test_train_py_trains_and_exports_a_moe_checkpoint(tmp_path, restore_logging):
-    """The Hydra entry point: model=hf on a Mixtral directory trains the transformers model (byte-level data needs
-    256 tokens), and its checkpoint exports as a Mixtral that transformers loads."""
+TINY_PRESET = ["+model.n_layer=2", "+model.hidden_size=64", "+model.n_head=4", "+model.n_kv_head=2",
+               "+model.moe_intermediate_size=96", "+model.intermediate_size=96", "+model.vocab_size=256"]
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "preset"])
+def test_train_py_trains_and_exports_a_mixtral(source, tmp_path, restore_logging):
+    """The Hydra entry point: model=hf on a Mixtral directory, or the mixtral-8x22b preset's layout at a tiny width
+    (a random start), trains the transformers model (byte-level data needs 256 tokens), and its checkpoint exports
+    as a Mixtral that transformers loads."""
     import train
 
-    _checkpoint("mixtral", tmp_path / "src", vocab_size=256)
-    code = train.main(["model=hf", f"model.path={tmp_path / 'src'}", "trainer.max_steps=2",
-                       "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "data.seq_len=16",
-                       "data.micro_batch=2", f"hydra.run.dir={tmp_path / 'run'}"])
+    if source == "checkpoint":
+        _checkpoint("mixtral", tmp_path / "src", vocab_size=256)
+        model = ["model=hf", f"model.path={tmp_path / 'src'}"]
+    else:
+        model = ["model=mixtral-8x22b", *TINY_PRESET]
+    code = train.main([*model, "trainer.max_steps=2", "trainer.val_check_interval=2", "trainer.limit_val_batches=1",
+                       "data.seq_len=16", "data.micro_batch=2", f"hydra.run.dir={tmp_path / 'run'}"])
     assert code == 0
     hf.export(tmp_path / "run" / "checkpoints", tmp_path / "out")
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert type(loaded).__name__ == "MixtralForCausalLM"
+    assert loaded.config.num_hidden_layers == {"checkpoint": TINY["num_hidden_layers"], "preset": 2}[source]
     masters = ckpt.read_masters(ckpt.resolve(tmp_path / "run" / "checkpoints"))
     for name, p in loaded.named_parameters():
         assert torch.equal(p, masters[f"model.{name}"].to(torch.bfloat16)), name  # export's default dtype
+
+
+@pytest.mark.parametrize("preset", ["mixtral-8x22b", "qwen3-235b-a22b", "gpt-oss-120b", "glm-4.5-air",
+                                    "deepseek-v3"])
+def test_a_mixture_preset_builds_the_parameters_it_counts(preset):
+    """The preset's transformers config.json (hf_lm.config_json) builds exactly the parameters the planner counts
+    (gpt-oss: its expert biases and attention sinks aside, 0.03% here); two layers, a small vocabulary."""
+    config = Config.from_name(preset, n_layer=4, vocab_size=1024)
+    hf_config = config_json(config)
+    if not hasattr(transformers, transformers.models.auto.configuration_auto.CONFIG_MAPPING_NAMES.get(
+            hf_config["model_type"], "")):
+        pytest.skip(f"transformers {transformers.__version__} has no {hf_config['model_type']}")
+    kind = hf_config.pop("model_type")
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(kind, **hf_config))
+    n = sum(p.numel() for p in model.parameters())
+    assert config.n_params == pytest.approx(n, rel=4e-4 if kind == "gpt_oss" else 0, abs=0)
