@@ -1,5 +1,6 @@
 """Times training steps of a preset with the megatrain strategy and reports step time, model TFLOPS,
-peak device memory and host bytes per parameter. One JSON line per run on stdout (and --out).
+peak device memory and host bytes per parameter. One JSON line per run on stdout (and --out). A mixture preset
+(gpt-oss-120b, qwen3-235b-a22b, ...) runs as the transformers model of its exact layer shape.
 
   python bench/step.py --model llama-3.2-3b --untied --micro-batch 8 --accumulate 4 --seq-len 1024 --steps 5
 """
@@ -237,8 +238,13 @@ def main() -> None:
                       batch_size=a.micro_batch)  # no workers: a fork would copy-on-write the store
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    lm = (FrozenLM(a.freeze, config, lr=1e-4, warmup_steps=1, max_steps=a.steps + 1) if a.freeze else
-          CausalLM(config, lr=1e-4, warmup_steps=1, max_steps=a.steps + 1))
+    hp = dict(lr=1e-4, warmup_steps=1, max_steps=a.steps + 1)
+    if config.transformers_type:  # a mixture preset: the transformers model of its layer shape (hf_lm.config_json)
+        from megatrain_lightning.hf_lm import HFCausalLM, config_json
+
+        lm = HFCausalLM(config, config_json(config), **hp)
+    else:
+        lm = FrozenLM(a.freeze, config, **hp) if a.freeze else CausalLM(config, **hp)
     trainer.fit(lm, train_dataloaders=data)
     wall = time.perf_counter() - t0
     tokens = a.micro_batch * a.accumulate * a.seq_len
@@ -248,7 +254,7 @@ def main() -> None:
                   micro_batch=a.micro_batch, accumulate=a.accumulate, seq_len=a.seq_len, tokens_per_step=tokens,
                   checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth,
                   step_times_s=[round(t, 4) for t in timer.times], step_time_s=round(step, 4),
-                  tokens_per_s=round(tokens / step, 1), model_tflops=round(6 * config.n_params * tokens / step / 1e12, 1),
+                  tokens_per_s=round(tokens / step, 1), model_tflops=round(6 * config.active_params * tokens / step / 1e12, 1),
                   peak_gpu_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if accel == "gpu" else None,
                   host_rss_GiB=round(rss_bytes() / 2**30, 2),
                   host_peak_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
