@@ -36,6 +36,10 @@ class LayerCalls:
         self._backward: _Prefetcher | None = None
         self._next = 0  # the layer the running pass expects next
         self._tuple = False  # the layers return a tuple (transformers 4.x) rather than the hidden state
+        # the layers' inputs kept for backward outside device memory (the engine's offload_checkpoints; None: on
+        # the device), and the one being fetched back one layer ahead of backward
+        self._host = None
+        self._fetched = None
 
     def __call__(self, i: int, x: Tensor, args: tuple, kwargs: dict):
         # no KV cache: a layer that appended its keys and values to one in forward would attend to them again in
@@ -62,7 +66,12 @@ class LayerCalls:
         eng = self.engine
         if i == 0:
             self._forward, self._next = _Prefetcher(eng, eng.plan.forward_loads()), 0
+            if keep:
+                host = eng.host_checkpoints
+                self._host = host if host is not None and host.begin(x) else None
         slot = self._acquire(self._forward, i, i, "forward of")
+        if keep and self._host is not None:
+            self._host.put(x)  # the input goes out as the layer runs; backward fetches it back
         params = eng._views(i, slot)
         chunks = eng.sweep.chunks(x)
         whole = len(chunks) == 1
@@ -82,11 +91,17 @@ class LayerCalls:
                 eng.after_forward()
         return _joined(outs), (chunks, rng)
 
-    def backward(self, i: int, x: Tensor, replay, leaves: list, spec, grad: Tensor, autocast) -> Tensor:
+    def backward(self, i: int, x: Tensor | None, replay, leaves: list, spec, grad: Tensor, autocast) -> Tensor:
+        """`x`: the layer's input, or None when it went out of device memory (fetched back here)."""
         eng = self.engine
         if i == self.n - 1:
             self._backward, self._next = _Prefetcher(eng, eng.plan.backward_loads()), 0
+            if x is None:
+                self._fetched = self._host.fetch(i)
         slot = self._acquire(self._backward, self.n - 1 - i, i, "backward of")
+        if x is None:
+            x = self._host.take(self._fetched)
+            self._fetched = self._host.fetch(i - 1) if i > 0 else None  # the next one comes in meanwhile
         self._next += 1
         params = eng._views(i, slot)
         entries = eng.store.units[i].layout.trainable_entries
@@ -155,7 +170,7 @@ class _StreamedLayer(torch.autograd.Function):
         ctx.calls, ctx.i, ctx.leaves, ctx.spec, ctx.n_tensors = calls, i, leaves, spec, len(tensors)
         ctx.autocast = (torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
         out, ctx.replay = calls.forward(i, x, leaves, spec, keep=True)
-        ctx.x = x.detach()
+        ctx.x = x.detach() if calls._host is None else None  # None: in host memory or files (LayerCalls._host)
         return _first(out)
 
     @staticmethod

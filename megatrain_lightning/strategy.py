@@ -207,18 +207,21 @@ class MegatrainStrategy(SingleDeviceStrategy):
         hook = functools.partial(MegatrainStrategy._state_dict_from_store, self)  # a plain callable: torch marks it
         for m in module.modules():  # module.state_dict() then holds the trained weights (`_state_dict_from_store`)
             m.register_state_dict_post_hook(hook)
-        cuda = device.type == "cuda"
+        cuda, layer_list = device.type == "cuda", isinstance(trunk, adapters.LayerList)
         self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth,
                                       # a transformers model's layers: eager unless asked (each layer is its own
                                       # template, past torch.compile's recompile limit)
-                                      compile=(cuda and not isinstance(trunk, adapters.LayerList))
-                                      if self.compile is None else self.compile,
-                                      offload_checkpoints=self.offload_checkpoints, chunk_tokens=self.chunk_tokens,
+                                      compile=(cuda and not layer_list) if self.compile is None else self.compile,
+                                      # a transformers model's layer inputs: on the device unless asked
+                                      # (layer_calls.py's offload has not run on a GPU yet)
+                                      offload_checkpoints=(False if layer_list and self.offload_checkpoints is None
+                                                           else self.offload_checkpoints),
+                                      chunk_tokens=self.chunk_tokens,
                                       per_sample_extras=trunk.per_sample_extras,
                                       block_input_dirs=(([self.nvme_dir] if isinstance(self.nvme_dir, Path)
                                                          else self.nvme_dir) if self.storage == "nvme" else ()))
         trunk.engine = self.engine
-        if isinstance(trunk, adapters.LayerList):  # the model's own forward calls each layer
+        if layer_list:  # the model's own forward calls each layer
             trunk.calls = LayerCalls(self.engine)
         self.model_to_device()
 

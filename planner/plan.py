@@ -78,10 +78,10 @@ def place(hw: Hardware, wl: Workload) -> Workload:
 
 def _compile(hw: Hardware, wl: Workload) -> Workload:
     """The engine's default (strategy: torch.compile on for a CUDA device and this project's model; transformers
-    objects, which every mixture of experts here is, run eager)."""
+    models, which every mixture of experts here is, run eager)."""
     if wl.compile is not None:
         return wl
-    return replace(wl, compile=not hw.unified and not wl.model.n_experts)
+    return replace(wl, compile=not hw.unified and not wl.model.transformers_type and not wl.model.n_experts)
 
 
 def _gpu_free_bytes(hw: Hardware, wl: Workload) -> float:
@@ -131,11 +131,12 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
 def _offload_when_room(hw: Hardware, wl: Workload) -> Workload:
     """offload_checkpoints=None, the engine's rule: block inputs go to host memory while the RAM left has room for
     them, else to the drives under storage=nvme, else they stay on the GPU (never offloaded with no separate
-    device)."""
+    device). A transformers model's layer inputs stay on the GPU unless asked (the strategy's default while
+    layer_calls.py's offload is unmeasured on a GPU)."""
     if wl.offload_checkpoints is not None:
         return wl
     on = replace(wl, offload_checkpoints=True)
-    if hw.unified:
+    if hw.unified or wl.model.transformers_type:
         return replace(wl, offload_checkpoints=False)
     if ram_need(hw, on) <= usable_ram_bytes(hw):
         return on

@@ -83,11 +83,13 @@ def test_transformers_model_trains_like_the_default_strategy(family):
     assert all(p.is_meta for p in got.model.base_model.layers.parameters())  # the layers live in the store
 
 
-@pytest.mark.parametrize("mode", ["kept", "nvme", "eager"])
+@pytest.mark.parametrize("mode", ["kept", "nvme", "eager", "inputs_on_disk"])
 def test_transformers_model_in_every_update_mode(mode, tmp_path):
-    """State kept on the device, layers in files, and updates during backward (no clipping) with a transformers model."""
+    """State kept on the device, layers in files, updates during backward (no clipping), and the layers' inputs
+    kept for backward in files (offload_checkpoints="disk") with a transformers model."""
     kwargs = dict(kept=dict(device_state_GiB=1e-3), nvme=dict(storage="nvme", ram_budget_GiB=1.2e-3,
-                                                              nvme_dir=str(tmp_path)), eager={})[mode]
+                                                              nvme_dir=str(tmp_path)), eager={},
+                  inputs_on_disk=dict(storage="nvme", nvme_dir=str(tmp_path), offload_checkpoints="disk"))[mode]
     clip = None if mode == "eager" else 1.0
 
     def fit(strategy):
@@ -106,6 +108,10 @@ def test_transformers_model_in_every_update_mode(mode, tmp_path):
         assert trainer.strategy.engine.device_states is not None
     if mode == "nvme":
         assert trainer.strategy.store.nvme is not None
+    if mode == "inputs_on_disk":  # every layer's input went out and came back, each step
+        host = trainer.strategy.engine.host_checkpoints
+        layer_input = 4 * 24 * TINY["hidden_size"] * 4  # [4, 24, hidden] fp32, for each of 3 layers and 10 passes
+        assert host.on_disk and host.files.bytes_written == host.files.bytes_read == 3 * 10 * layer_input
     for a, b in zip(got.losses, want.losses, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
     masters = trainer.strategy.store.named("master")
