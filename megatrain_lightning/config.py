@@ -155,7 +155,6 @@ class Config:
         """The planner's shape of a mixture-of-experts config.json (these train as transformers model objects, not
         as megatrain_lightning.Llama): experts, shared experts, dense first layers, latent attention."""
         kind = hf["model_type"]
-        n_head, D = hf["num_attention_heads"], hf["hidden_size"]
         sparse = hf.get("decoder_sparse_step", 1)
         if kind == "qwen3_moe" and (sparse != 1 or hf.get("mlp_only_layers")):
             raise ValueError("qwen3_moe with dense layers between the sparse ones (decoder_sparse_step, "
@@ -168,31 +167,29 @@ class Config:
             latent = dict(q_lora_rank=hf.get("q_lora_rank") or 0, kv_lora_rank=hf["kv_lora_rank"],
                           qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_size=hf["v_head_dim"])
             head = hf["qk_nope_head_dim"] + hf["qk_rope_head_dim"]
-        return cls(name=name, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], hidden_size=D,
-                   n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-                   intermediate_size=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                   norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                   qkv_bias=bool(hf.get("attention_bias", False)),
-                   head_size=head if head and head != D // n_head else None,
+        return cls(**cls._transformers_shape(hf, name, head),
                    qk_norm=kind == "qwen3_moe" or bool(hf.get("use_qk_norm", False)), n_experts=experts,
                    experts_per_token=hf["num_experts_per_tok"], moe_intermediate_size=moe_width,
                    n_shared_experts=hf.get("n_shared_experts") or 0,
-                   n_dense_layers=hf.get("first_k_dense_replace") or 0, transformers_type=kind, **latent)
+                   n_dense_layers=hf.get("first_k_dense_replace") or 0, **latent)
 
     @classmethod
     def dense_from_hf(cls, hf: dict[str, Any], name: str = "hf") -> Config:
         """The planner's shape of a dense config.json that trains as the transformers model (Phi-3, Gemma 3 text):
         widths and counts (Gemma's extra norms and a sliding window on some layers are not modelled: full
         attention everywhere, the FLOPs counted on the safe side)."""
+        return cls(**cls._transformers_shape(hf, name, hf.get("head_dim")), qk_norm=hf["model_type"] == "gemma3_text")
+
+    @staticmethod
+    def _transformers_shape(hf: dict[str, Any], name: str, head: int | None) -> dict[str, Any]:
+        """The fields every family that trains as the transformers model reads alike from its config.json."""
         n_head, D = hf["num_attention_heads"], hf["hidden_size"]
-        head = hf.get("head_dim")
-        return cls(name=name, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], hidden_size=D,
-                   n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
-                   intermediate_size=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
-                   norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                   qkv_bias=bool(hf.get("attention_bias", False)),
-                   head_size=head if head and head != D // n_head else None,
-                   qk_norm=hf["model_type"] == "gemma3_text", transformers_type=hf["model_type"])
+        return dict(name=name, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], hidden_size=D,
+                    n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
+                    intermediate_size=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
+                    norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                    qkv_bias=bool(hf.get("attention_bias", False)),
+                    head_size=head if head and head != D // n_head else None, transformers_type=hf["model_type"])
 
     def to_hf(self, dtype: str = "bfloat16") -> dict[str, Any]:
         """A Hugging Face config.json of the architecture it came from (`hf_type`; else LlamaForCausalLM, or

@@ -205,33 +205,17 @@ def test_save_on_signal_is_configurable(flag, present, tmp_path):
     assert any(isinstance(c, SaveOnSignal) for c in trainer.callbacks) == present
 
 
-@pytest.mark.parametrize("config_cls,model_cls,extra", [
-    ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+@pytest.mark.parametrize("config_cls,model_cls,extra,rel", [
+    ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2), 0.0),
     ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                                                   head_dim=32)),
+                                                   head_dim=32), 0.0),
     ("DeepseekV3Config", "DeepseekV3ForCausalLM", dict(
         n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, n_shared_experts=1,
         first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8, qk_nope_head_dim=8,
-        v_head_dim=16, n_group=1, topk_group=1)),
+        v_head_dim=16, n_group=1, topk_group=1), 0.0),
     ("Glm4MoeConfig", "Glm4MoeForCausalLM", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                                  n_shared_experts=1, first_k_dense_replace=1, attention_bias=True,
-                                                 head_dim=32, n_group=1, topk_group=1)),
-])
-def test_a_mixture_of_experts_config_json_gives_the_planner_its_exact_size(config_cls, model_cls, extra):
-    """model=hf on a mixture's checkpoint directory: the planner's shape counts exactly the parameters transformers
-    builds from that config.json."""
-    transformers = pytest.importorskip("transformers")
-    if not hasattr(transformers, model_cls):
-        pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
-    hf = getattr(transformers, config_cls)(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                           num_attention_heads=4, num_key_value_heads=2, **extra)
-    with torch.device("meta"):
-        model = getattr(transformers, model_cls)(hf)
-    c = Config.from_hf(hf.to_dict(), name="x")
-    assert c.n_experts == 4 and c.n_params == sum(p.numel() for p in model.parameters())
-
-
-@pytest.mark.parametrize("config_cls,model_cls,extra,rel", [
+                                                 head_dim=32, n_group=1, topk_group=1), 0.0),
     ("Phi3Config", "Phi3ForCausalLM", dict(pad_token_id=0), 0.0),
     # Gemma's pre/post feed-forward norms and gpt-oss's expert biases and attention sinks are not counted: 0.4% and
     # 1.2% of these tiny shapes, 0.04% of gpt-oss-120b (below)
@@ -241,6 +225,8 @@ def test_a_mixture_of_experts_config_json_gives_the_planner_its_exact_size(confi
 ])
 def test_a_config_json_that_trains_as_the_transformers_model_gives_the_planner_its_size(config_cls, model_cls, extra,
                                                                                        rel):
+    """model=hf on a checkpoint directory of a family that trains as the transformers model: the planner's shape
+    counts the parameters transformers builds from that config.json (exactly, but where said)."""
     transformers = pytest.importorskip("transformers")
     if not hasattr(transformers, model_cls):
         pytest.skip(f"transformers {transformers.__version__} has no {model_cls}")
@@ -249,7 +235,8 @@ def test_a_config_json_that_trains_as_the_transformers_model_gives_the_planner_i
     with torch.device("meta"):
         model = getattr(transformers, model_cls)(hf)
     c = Config.from_hf(hf.to_dict(), name="x")
-    assert c.transformers_type == hf.model_type
+    experts = extra.get("num_local_experts") or extra.get("num_experts") or extra.get("n_routed_experts") or 0
+    assert c.transformers_type == hf.model_type and c.n_experts == experts
     assert c.n_params == pytest.approx(sum(p.numel() for p in model.parameters()), rel=rel, abs=0)
     with pytest.raises(ValueError, match="trains as the transformers model"):
         Llama(c)
