@@ -174,6 +174,9 @@ def test_train_py_trains_and_exports_a_mixtral(source, tmp_path, restore_logging
     masters = ckpt.read_masters(ckpt.resolve(tmp_path / "run" / "checkpoints"))
     for name, p in loaded.named_parameters():
         assert torch.equal(p, masters[f"model.{name}"].to(torch.bfloat16)), name  # export's default dtype
+    evaluated = HFCausalLM.load_from_checkpoint(tmp_path / "run" / "checkpoints")  # for evaluation, on the CPU
+    assert type(evaluated.model).__name__ == "MixtralForCausalLM"
+    assert all(torch.equal(evaluated.get_parameter(k), v) for k, v in masters.items())
 
 
 @pytest.mark.parametrize("preset", ["mixtral-8x22b", "qwen3-235b-a22b", "gpt-oss-120b", "glm-4.5-air",
