@@ -136,6 +136,22 @@ def test_checkpoint_imports_trains_and_exports_as_the_transformers_model(family,
         assert torch.equal(value, masters[name]), name
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_import_into_files_trains_like_ram(family, tmp_path):
+    """storage=nvme with a RAM budget that puts every layer's state in its file: the import writes the converted
+    layers (and the router biases) straight into the files, and training equals the same import into RAM."""
+    src = tmp_path / "src"
+    _checkpoint(family, src)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(STEPS * ACCUMULATE)]
+    _, want = _fit(_module(src), MegatrainStrategy(init_from=src), batches)
+    trainer, got = _fit(_module(src), MegatrainStrategy(init_from=src, storage="nvme", ram_budget_GiB=3e-4,
+                                                        nvme_dir=str(tmp_path / "nvme")), batches)
+    store = trainer.strategy.store
+    assert all(u.on_disk for u in store.units[:-1])
+    assert got == want
+
+
 @pytest.mark.parametrize("family,key,value,message", [
     ("mixtral", "output_router_logits", True, "config.json sets output_router_logits=true"),
     ("gemma3_text", "final_logit_softcapping", 30.0, "config.json sets final_logit_softcapping"),
