@@ -87,3 +87,14 @@ def initializer(module: nn.Module) -> Callable[[nn.Module], None] | None:
     if model is None or not callable(getattr(model, "_init_weights", None)):
         return None
     return lambda part: part.apply(model._init_weights)
+
+
+def eager_attention_heads(module: nn.Module) -> int:
+    """Attention heads of a transformers model in `module` whose attention materializes its [heads, T, T] scores
+    (transformers' "eager" implementation: gpt-oss's default, its attention sinks having no SDPA path), for the
+    batch sweep's chunk rule; 0 when there is none or attention runs fused (SDPA, flash)."""
+    model = next((m for m in module.modules() if is_transformers_model(m)), None)
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) != "eager":
+        return 0
+    return int(getattr(config, "num_attention_heads", 0) or 0)

@@ -275,6 +275,11 @@ class Config:
         return max(moe, self.intermediate_size) if self.n_dense_layers else moe
 
     @property
+    def eager_attention(self) -> bool:
+        """Attention materializes its scores (EAGER_ATTENTION_TYPES): memory grows with the square of the length."""
+        return self.transformers_type in EAGER_ATTENTION_TYPES
+
+    @property
     def active_params(self) -> int:
         """Parameters one token's forward uses (the metric's N for a mixture of experts; n_params when dense)."""
         return self.n_params - (self.trunk_mlp_params - self.trunk_active_mlp_params)
@@ -311,6 +316,9 @@ HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
 # mixtures of experts whose config.json the planner reads (model=hf model.path=...); they train as transformers
 # model objects
 MOE_HF_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")
+# transformers families whose attention materializes [heads, T, T + 1] scores (its "eager" implementation, the
+# default where there is no SDPA path: gpt-oss's attention sinks); the planner counts their memory
+EAGER_ATTENTION_TYPES = ("gpt_oss",)
 # model_types that model=hf trains as the transformers model itself (hf_lm.HFCausalLM): every mixture of experts,
 # and dense families whose layers megatrain_lightning.Llama does not have
 TRANSFORMERS_HF_TYPES = (*MOE_HF_TYPES, "phi3", "gemma3_text")

@@ -129,16 +129,25 @@ CHUNK_MEMORY_SHARE = 0.5
 COMPILED_BLOCK_MEMORY_SHARE = 0.52
 
 
+# Attention that materializes its scores (transformers' eager attention: gpt-oss, whose attention sinks have no SDPA
+# path) holds per token [heads, T + 1] probabilities for backward (one copy, measured with saved_tensors_hooks in
+# tests/test_planner.py) and, while a layer runs, about three more of that size (scores, the logits with the sink
+# column, their gradients; counted, not measured on the GPU).
+EAGER_SCORES_COPIES = 4
+
+
 def chunk_sequences(batch: int, seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int,
-                    free_bytes: float, layers: int = 1) -> int:
+                    free_bytes: float, layers: int = 1, scores_bytes_per_token: int = 0) -> int:
     """Sequences per chunk of the sweep. `chunk_tokens` set: that many tokens (at least one sequence); None (auto):
     as many sequences as CHUNK_MEMORY_SHARE of `free_bytes` holds at ACTIVATION_PER_INPUT times their input for each
-    of the `layers` (the checkpoint interval) that backward recomputes together."""
+    of the `layers` (the checkpoint interval) that backward recomputes together, plus EAGER_SCORES_COPIES of
+    `scores_bytes_per_token` (one token's saved attention probabilities, 0 unless attention is eager)."""
     if chunk_tokens is not None:
         return max(1, min(batch, chunk_tokens // seq_len))
     if free_bytes == float("inf"):
         return batch
-    per_seq = ACTIVATION_PER_INPUT * layers * input_bytes_per_token * seq_len
+    per_seq = (ACTIVATION_PER_INPUT * input_bytes_per_token + EAGER_SCORES_COPIES * scores_bytes_per_token) \
+        * layers * seq_len
     return max(1, min(batch, int(CHUNK_MEMORY_SHARE * free_bytes // per_seq)))
 
 

@@ -223,6 +223,7 @@ class MegatrainStrategy(SingleDeviceStrategy):
         trunk.engine = self.engine
         if layer_list:  # the model's own forward calls each layer
             trunk.calls = LayerCalls(self.engine)
+            self.engine.sweep.eager_attention_heads = adapters.eager_attention_heads(module)
         self.model_to_device()
 
     @override

@@ -28,6 +28,8 @@ class Sweep:
         # templates that can run their token-wise part in pieces of a sequence (long context)
         self.token_chunked = [t for t in {id(t): t for t in templates}.values() if hasattr(t, "token_chunk")]
         self.eager = False  # the blocks run checkpointed pieces: not through torch.compile
+        # attention heads of layers whose attention materializes its scores (adapters.eager_attention_heads; 0: not)
+        self.eager_attention_heads = 0
         self._warned: set[int] = set()
 
     def chunks(self, x: Tensor) -> list[tuple[int, int]]:
@@ -42,7 +44,8 @@ class Sweep:
             else:
                 free = float("inf")  # the CPU: the device is the host
             per_token = x[0].numel() // T * x.element_size()
-            n = S.chunk_sequences(B, T, self.chunk_tokens, per_token, free, self.layers)
+            scores = self.eager_attention_heads * (T + 1) * x.element_size()  # one token's probabilities
+            n = S.chunk_sequences(B, T, self.chunk_tokens, per_token, free, self.layers, scores)
             self.chunk_of[key] = n
             self.token_chunk_of[key] = S.token_chunk(T, self.chunk_tokens, per_token, free, self.layers) \
                 if n == 1 else None

@@ -108,7 +108,7 @@ def _sweep_chunk(hw: Hardware, wl: Workload) -> Workload:
     free = float("inf") if hw.unified else _gpu_free_bytes(hw, wl)
     per_token = wl.model.hidden_size * wl.cb
     k = wl.checkpoint_interval
-    cap = S.chunk_sequences(2**31, wl.seq_len, wl.chunk_tokens, per_token, free, k)
+    cap = S.chunk_sequences(2**31, wl.seq_len, wl.chunk_tokens, per_token, free, k, wl.scores_bytes_per_token)
     tokens = S.token_chunk(wl.seq_len, wl.chunk_tokens, per_token, free, k) if cap == 1 else None
     return replace(wl, chunk_cap=cap, token_chunk=tokens)
 

@@ -172,10 +172,17 @@ class Workload:
         half's share is one piece's, spread over the sequence, plus each piece's saved input."""
         c, cb = self.model, self.cb
         whole = (12 + 4 * cb) * c.hidden_size + 4 * cb * c.active_intermediate_size + 2 * cb * c.n_kv_head * c.head_dim
+        whole += self.scores_bytes_per_token
         if not self.token_chunk:
             return whole
         mlp = self.mlp_act_bytes_per_token
         return whole - mlp + cb * c.hidden_size + mlp * self.token_chunk // self.seq_len
+
+    @property
+    def scores_bytes_per_token(self) -> int:
+        """Eager attention (Config.eager_attention): one token's [heads, T + 1] probabilities, saved for backward
+        (schedule.EAGER_SCORES_COPIES of them exist while a layer runs); 0 for fused attention."""
+        return self.model.n_head * (self.seq_len + 1) * self.cb if self.model.eager_attention else 0
 
     @property
     def mlp_act_bytes_per_token(self) -> int:
@@ -190,7 +197,7 @@ class Workload:
         mlp = 3 * self.cb * self.model.active_intermediate_size
         if self.token_chunk:
             mlp = mlp * self.token_chunk // self.seq_len
-        return mlp + 8 * self.model.hidden_size
+        return mlp + 8 * self.model.hidden_size + (S.EAGER_SCORES_COPIES - 1) * self.scores_bytes_per_token
 
     @property
     def head_bytes(self) -> int:

@@ -478,3 +478,42 @@ def test_offload_checkpoints_disk_needs_storage_nvme():
 def test_nvme_drives_must_be_a_whole_number():
     with pytest.raises(Exception, match=r"hardware\.nvme_drives: must be a whole number >= 1, got 0"):
         check(compose(["storage=nvme", "hardware=h200", "hardware.nvme_drives=0"]))
+
+
+def test_eager_attention_scores_grow_as_autograd_saves_them():
+    """gpt-oss's eager attention (Config.eager_attention) saves one [heads, T + 1] probability row per token: the
+    bytes autograd saves for one transformers layer grow with T as the planner's scores_bytes_per_token does."""
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "GptOssConfig"):
+        pytest.skip("no GptOssConfig")
+    hf = transformers.GptOssConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=64, num_attention_heads=8,
+                                   num_key_value_heads=2, head_dim=16, vocab_size=128, num_local_experts=2,
+                                   num_experts_per_tok=1, sliding_window=4096)
+    model = transformers.AutoModelForCausalLM.from_config(hf).float()
+    assert model.config._attn_implementation == "eager"
+    layer = model.model.layers[0]
+
+    def saved_per_token(T: int) -> float:
+        x = torch.randn(2, T, 64, requires_grad=True)
+        position = model.model.rotary_emb(x, torch.arange(T)[None].expand(2, -1))
+        mask = torch.full((T, T), float("-inf")).triu(1)[None, None].expand(2, 1, T, T)
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x, attention_mask=mask, position_embeddings=position)
+        return sum(v for k, v in seen.items() if k not in skip) / (2 * T)
+
+    config = Config.from_hf(hf.to_dict())
+    at = {T: Workload(config, seq_len=T, micro_batch=2, precision="32-true") for T in (128, 256)}
+    assert at[128].scores_bytes_per_token == 8 * 129 * 4
+    grown = saved_per_token(256) - saved_per_token(128)
+    assert grown == pytest.approx(at[256].scores_bytes_per_token - at[128].scores_bytes_per_token, rel=0.05)
+    # the sweep's chunk rule leaves room for them: fewer sequences per chunk than without
+    free = 2**30
+    assert S.chunk_sequences(64, 256, None, 256, free, scores_bytes_per_token=at[256].scores_bytes_per_token) < \
+        S.chunk_sequences(64, 256, None, 256, free)
