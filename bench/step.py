@@ -156,6 +156,9 @@ def predicted(a, config: Config) -> dict:
                  f"storage.offload_checkpoints={'null' if a.offload_checkpoints == 'auto' else a.offload_checkpoints}"]
     if a.ram_budget_GiB is not None:
         overrides.append(f"storage.ram_budget_GiB={a.ram_budget_GiB}")
+    if a.as_transformers:  # what the strategy does with a transformers model: eager layers, inputs on the device
+        overrides += ["storage.compile=false"] + (["storage.offload_checkpoints=false"]
+                                                  if a.offload_checkpoints == "auto" else [])
     ans = check(compose(overrides))
     return dict(planner_step_s=round(ans.step_time_s, 4), planner_compute_share=round(ans.compute_share, 4),
                 planner_gpu_GiB=round(ans.timeline.gpu_peak_bytes / 2**30, 2), planner_fits=ans.fits,
@@ -209,6 +212,9 @@ def main() -> None:
                     help="also report the planner's prediction for this run on conf/hardware/PRESET.yaml")
     ap.add_argument("--freeze", default=None, metavar="REGEX",
                     help="requires_grad=False for parameters whose name matches (e.g. a LoRA-style frozen base)")
+    ap.add_argument("--as-transformers", action="store_true",
+                    help="a Llama-family preset as the transformers model of its config.json (the path a user's "
+                         "transformers model takes), against its native run")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--memory-peak", action="store_true",
                     help="CUDA: name what is live at the second step's peak of allocated memory")
@@ -239,17 +245,18 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     hp = dict(lr=1e-4, warmup_steps=1, max_steps=a.steps + 1)
-    if config.transformers_type:  # a mixture preset: the transformers model of its layer shape (hf_lm.config_json)
+    if config.transformers_type or a.as_transformers:  # the transformers model of the preset's layer shape
         from megatrain_lightning.hf_lm import HFCausalLM, config_json
 
-        lm = HFCausalLM(config, config_json(config), **hp)
+        lm = HFCausalLM(config, config_json(config) if config.transformers_type else config.to_hf("float32"), **hp)
     else:
         lm = FrozenLM(a.freeze, config, **hp) if a.freeze else CausalLM(config, **hp)
     trainer.fit(lm, train_dataloaders=data)
     wall = time.perf_counter() - t0
     tokens = a.micro_batch * a.accumulate * a.seq_len
     step = statistics.fmean(timer.times)  # the window between two synchronizations: its mean is the throughput
-    result = dict(model=a.model, n_layer=config.n_layer, untied=a.untied, n_params=config.n_params,
+    result = dict(model=a.model, as_transformers=bool(config.transformers_type or a.as_transformers),
+                  n_layer=config.n_layer, untied=a.untied, n_params=config.n_params,
                   device=torch.cuda.get_device_name() if accel == "gpu" else "cpu", precision=a.precision,
                   micro_batch=a.micro_batch, accumulate=a.accumulate, seq_len=a.seq_len, tokens_per_step=tokens,
                   checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth,
