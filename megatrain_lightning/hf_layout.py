@@ -26,7 +26,10 @@ def _rules(model: nn.Module, saving: bool):
         from transformers.core_model_loading import WeightConverter, WeightRenaming
     except ImportError:  # transformers 4
         return None
-    rules = get_model_conversion_mapping(model, add_legacy=not saving)
+    try:
+        rules = get_model_conversion_mapping(model, add_legacy=not saving)
+    except TypeError:  # a transformers without the legacy renamings' switch
+        rules = get_model_conversion_mapping(model)
     if not rules:
         return None
     return [r for r in rules if isinstance(r, WeightRenaming)], [r for r in rules if isinstance(r, WeightConverter)]
