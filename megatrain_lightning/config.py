@@ -33,6 +33,12 @@ class Config:
     # Mistral / Qwen: each token attends to this many tokens back. Attention here is full causal, which is the same
     # for sequences up to this length: longer ones are refused (never silently different)
     sliding_window: int | None = None
+    # transformers families with local attention on some layers (gpt-oss: every other layer within 128 tokens;
+    # Gemma 3: five of six within a window): the window and the share of layers that use it (a share, so that a
+    # truncated depth keeps it), for the planner's attention FLOPs (transformers runs them). megatrain's Llama has
+    # none: its sliding_window refuses longer sequences instead
+    local_window: int | None = None
+    local_share: float = 0.0
     hf_type: str | None = None  # the Hugging Face model_type to export as (None: llama, or qwen2 with qkv_bias)
     # a checkpoint's model_type that trains as the transformers model itself (model=hf: hf_lm.HFCausalLM; the
     # TRANSFORMERS_HF_TYPES); this Config is then the planner's shape of it. None: megatrain_lightning.Llama
@@ -70,6 +76,9 @@ class Config:
             need = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
             if kind != "llama3" or not need <= set(self.rope_scaling):
                 raise ValueError(f"rope_scaling supports rope_type 'llama3' with {sorted(need)}; got {self.rope_scaling}")
+        if not 0 <= self.local_share <= 1 or self.local_share and not (self.local_window or 0) >= 1:
+            raise ValueError(f"local_share must be in [0, 1] with a local_window >= 1, got {self.local_share} and "
+                             f"{self.local_window}")
         if self.hf_type is not None and self.hf_type not in HF_TYPES:
             raise ValueError(f"hf_type {self.hf_type!r} is not one of {sorted(HF_TYPES)}")
         self.head_dim = self.head_size or self.hidden_size // self.n_head
@@ -184,7 +193,10 @@ class Config:
     def _transformers_shape(hf: dict[str, Any], name: str, head: int | None) -> dict[str, Any]:
         """The fields every family that trains as the transformers model reads alike from its config.json."""
         n_head, D = hf["num_attention_heads"], hf["hidden_size"]
+        local = sum("sliding" in str(t) for t in hf.get("layer_types") or ())  # transformers 5 lists each layer's
         return dict(name=name, vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], hidden_size=D,
+                    local_window=hf.get("sliding_window") if local else None,
+                    local_share=local / hf["num_hidden_layers"],
                     n_head=n_head, n_kv_head=hf.get("num_key_value_heads") or n_head,
                     intermediate_size=hf["intermediate_size"], max_seq_len=hf.get("max_position_embeddings", 2048),
                     norm_eps=hf.get("rms_norm_eps", 1e-6), tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -367,11 +379,11 @@ PRESETS: dict[str, Config] = {
                qk_norm=True, n_experts=128, experts_per_token=8, moe_intermediate_size=1536,
                transformers_type="qwen3_moe"),
         # https://huggingface.co/openai/gpt-oss-120b/blob/main/config.json (alternating 128-token sliding and full
-        # attention: the planner counts full causal attention, an upper bound on its FLOPs; attention_bias: q/k/v
-        # biases)
+        # attention: local_share; attention_bias: q/k/v biases)
         Config("gpt-oss-120b", vocab_size=201088, n_layer=36, hidden_size=2880, n_head=64, n_kv_head=8,
                head_size=64, intermediate_size=2880, max_seq_len=131072, rope_theta=150000.0, n_experts=128,
-               experts_per_token=4, moe_intermediate_size=2880, qkv_bias=True, transformers_type="gpt_oss"),
+               experts_per_token=4, moe_intermediate_size=2880, qkv_bias=True, transformers_type="gpt_oss",
+               local_window=128, local_share=0.5),
         # https://huggingface.co/zai-org/GLM-4.5-Air/blob/main/config.json: one dense layer, then 45 of 128 routed
         # experts (top 8) and a shared one; q/k/v biases; half-rotary heads (the same FLOPs). The multi-token
         # prediction layer (num_nextn_predict_layers) is not counted, as the published 106B does not

@@ -38,8 +38,8 @@ def config_json(config: Config) -> dict[str, Any]:
         rope_theta=c.rope_theta, num_experts_per_tok=c.experts_per_token)
     if kind in ("mixtral", "gpt_oss"):  # every layer's MLP is its experts, each of intermediate_size
         out.update(intermediate_size=c.moe_intermediate_size, num_local_experts=c.n_experts)
-        if kind == "gpt_oss":
-            out.update(attention_bias=c.qkv_bias)
+        if kind == "gpt_oss":  # its layer_types alternate local (sliding_window) and full, local first
+            out.update(attention_bias=c.qkv_bias, sliding_window=c.local_window)
     elif kind == "qwen3_moe":
         out.update(intermediate_size=c.intermediate_size, moe_intermediate_size=c.moe_intermediate_size,
                    num_experts=c.n_experts, decoder_sparse_step=1, mlp_only_layers=[])

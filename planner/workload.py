@@ -141,12 +141,18 @@ class Workload:
         return 2 * weights
 
     def attention_flops(self, seq_len: int | None = None) -> float:
-        """QK^T and AV of causal attention: token t meets t keys, so (T + 1) / 2 on average; 2 FLOPs per MAC (latent
-        attention: q.k over head_size, the values over v_head_size)."""
+        """QK^T and AV of causal attention per token, the mean layer: token t meets t keys, so (T + 1) / 2 on average,
+        and min(t, W) in a layer of local attention (Config.local_share of them); 2 FLOPs per MAC (latent attention:
+        q.k over head_size, the values over v_head_size)."""
         T = self.seq_len if seq_len is None else seq_len
         c = self.model
         v = (c.v_head_size or c.head_dim) if c.kv_lora_rank else c.head_dim
-        return 2 * c.n_head * (c.head_dim + v) * (T + 1) / 2
+        keys = (T + 1) / 2
+        if c.local_share:
+            W = c.local_window
+            local = keys if T <= W else (W * (W + 1) / 2 + (T - W) * W) / T
+            keys = (1 - c.local_share) * keys + c.local_share * local
+        return 2 * c.n_head * (c.head_dim + v) * keys
 
     @property
     def head_flops(self) -> int:

@@ -250,6 +250,9 @@ def test_gpt_oss_config_json_matches_the_preset():
     c = Config.from_hf(transformers.GptOssConfig().to_dict())
     preset = Config.from_name("gpt-oss-120b")
     assert c.n_params == preset.n_params and c.active_params == preset.active_params
+    assert (c.local_window, c.local_share) == (preset.local_window, preset.local_share) == (128, 0.5)
+    with pytest.raises(ValueError, match="local_share must be in \\[0, 1\\] with a local_window >= 1"):
+        replace(preset, local_window=None)
 
 
 def test_a_mixture_without_a_transformers_family_is_refused_by_name():

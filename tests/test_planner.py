@@ -517,3 +517,15 @@ def test_eager_attention_scores_grow_as_autograd_saves_them():
     free = 2**30
     assert S.chunk_sequences(64, 256, None, 256, free, scores_bytes_per_token=at[256].scores_bytes_per_token) < \
         S.chunk_sequences(64, 256, None, 256, free)
+
+
+def test_local_attention_layers_count_their_window_only():
+    """gpt-oss: half its layers attend within 128 tokens (Config.local_share), so at 4096 tokens its attention
+    FLOPs are the mean of a full layer's (T + 1) / 2 keys per token and a local layer's (W(W+1)/2 + (T-W)W) / T."""
+    c = Config.from_name("gpt-oss-120b")
+    T, W = 4096, 128
+    wl = Workload(c, seq_len=T, micro_batch=1)
+    per_key = 2 * c.n_head * 2 * c.head_dim
+    local = (W * (W + 1) / 2 + (T - W) * W) / T
+    assert wl.attention_flops() == pytest.approx(per_key * (18 * (T + 1) / 2 + 18 * local) / 36)
+    assert Workload(c, seq_len=W, micro_batch=1).attention_flops() == pytest.approx(per_key * (W + 1) / 2)
