@@ -200,6 +200,7 @@ def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, w
     matmul = hw["bf16_TFLOPS"] if dtype == torch.bfloat16 else hw["fp32_TFLOPS"]
     say("a transformer block at two batch sizes")
     hw["block_efficiency"], hw["layer_overhead_ms"] = block_fit(device, dtype, width, tokens, seq_len, matmul, sync)
+    hw["eager_block_efficiency"] = hw["block_efficiency"]  # the block runs eagerly here; compiled it would do better
     say("host memory copies and AdamW")
     hw.update(host_rates(4_000_000 if quick else 50_000_000))
     if not cuda:

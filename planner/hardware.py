@@ -45,11 +45,13 @@ class Hardware:
     # the block's rate (matmul rate x block_efficiency). Matters at long context, where attention is most FLOPs.
     attention_fwd_TFLOPS: float | None = None
     attention_bwd_TFLOPS: float | None = None
+    # block_efficiency of blocks run eagerly (storage.compile=false; transformers models' layers); null: the same
+    eager_block_efficiency: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = getattr(self, f.name)
-            if v is None and f.name.startswith("attention_"):
+            if v is None and f.default is None:  # optional
                 continue
             if f.type in ("float", float, "float | None") and (not isinstance(v, (int, float)) or isinstance(v, bool)):
                 raise PlanError(f"hardware.{f.name}", f"must be a number, got {v!r}")
@@ -60,8 +62,10 @@ class Hardware:
                 raise PlanError(f"hardware.{f.name}", f"must be >= 0, got {v}")
         if not isinstance(self.nvme_drives, int) or isinstance(self.nvme_drives, bool) or self.nvme_drives < 1:
             raise PlanError("hardware.nvme_drives", f"must be a whole number >= 1, got {self.nvme_drives!r}")
-        if not 0 < self.block_efficiency <= 1:
-            raise PlanError("hardware.block_efficiency", f"must be in (0, 1], got {self.block_efficiency}")
+        for name in ("block_efficiency", "eager_block_efficiency"):
+            v = getattr(self, name)
+            if v is not None and not 0 < v <= 1:
+                raise PlanError(f"hardware.{name}", f"must be in (0, 1], got {v}")
         if self.duplex_GBps < max(self.h2d_GBps, self.d2h_GBps):
             raise PlanError("hardware.duplex_GBps", f"{self.duplex_GBps} is below one direction's bandwidth "
                             f"(h2d {self.h2d_GBps}, d2h {self.d2h_GBps})")

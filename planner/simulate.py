@@ -112,7 +112,8 @@ class _Sim:
         flops = wl.layer_matmul_flops * wl.micro_tokens * passes
         if passes == 2 and wl.token_chunk:  # each checkpointed piece's MLP runs forward once more in backward
             flops += 2 * wl.model.active_mlp_params * wl.micro_tokens
-        rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
+        eager = not wl.compile and hw.eager_block_efficiency is not None
+        rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * (hw.eager_block_efficiency if eager else hw.block_efficiency)
         attn = hw.attention_fwd_TFLOPS if passes == 1 else hw.attention_bwd_TFLOPS
         attn_s = wl.attention_flops() * wl.micro_tokens * (1 if passes == 1 else 2.5) / (
             attn * 1e12 if attn and wl.cb == 2 else rate)
