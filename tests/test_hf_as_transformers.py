@@ -152,6 +152,25 @@ def test_import_into_files_trains_like_ram(family, tmp_path):
     assert got == want
 
 
+def test_a_checkpoint_already_in_the_modules_layout_imports_too(tmp_path):
+    """A Mixtral checkpoint written with the module's own (fused) names, as `safetensors.save_file(model.state_dict())`
+    would: the layout rules leave such names alone, and the import gives transformers' own loss."""
+    from safetensors.torch import save_file
+
+    src, fused = tmp_path / "src", tmp_path / "fused"
+    _checkpoint("mixtral", src)
+    reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    fused.mkdir()
+    (fused / "config.json").write_text((src / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, fused / "model.safetensors")
+    assert any(k.endswith("experts.gate_up_proj") for k in load_file(fused / "model.safetensors"))
+    batch = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        first = reference(input_ids=batch, labels=batch).loss.item()
+    _, got = _fit(_module(fused), MegatrainStrategy(init_from=fused), [batch] * (STEPS * ACCUMULATE))
+    assert got[0] == pytest.approx(first, rel=1e-5)
+
+
 @pytest.mark.parametrize("family,key,value,message", [
     ("mixtral", "output_router_logits", True, "config.json sets output_router_logits=true"),
     ("gemma3_text", "final_logit_softcapping", 30.0, "config.json sets final_logit_softcapping"),
