@@ -1,8 +1,11 @@
-"""Hugging Face checkpoints in and out (Llama, Mistral, Qwen2, Qwen3): config.json + sharded safetensors + index.
+"""Hugging Face checkpoints in and out: config.json + sharded safetensors + index (Llama, Mistral, Qwen2, Qwen3 as
+megatrain's Llama; the families of config.TRANSFORMERS_HF_TYPES as the transformers model itself).
 
 Import reads one tensor at a time, shard by shard, straight into the host store (file-backed layers write it
-into their files), so the extra RAM is one tensor, never the model. Export reads a megatrain checkpoint
-directory unit by unit and writes shards of at most `max_shard_GB`, so `transformers` loads the result:
+into their files), so the extra RAM is one tensor, never the model; for a transformers model whose layout
+transformers converts (fused experts, hf_layout.py) one decoder layer's tensors at a time, and their fused
+copies. Export reads a megatrain checkpoint directory unit by unit and writes shards of at most `max_shard_GB`,
+so `transformers` loads the result:
 
     python -m megatrain_lightning.hf export runs/.../checkpoints/last.ckpt exported/ [--dtype bfloat16]
 """
