@@ -260,3 +260,7 @@ def test_a_mixture_without_a_transformers_family_is_refused_by_name():
     config = build.model_config(cfg.model)
     with pytest.raises(UserError, match="model=glm-4.5-air: a mixture of experts with no transformers_type"):
         build.lightning_module(cfg, config)
+    cfg = _compose(["model=llama-3.2-1b", "+model.transformers_type=phi3"])  # no preset config.json for that family
+    with pytest.raises(UserError, match="model=llama-3.2-1b: no transformers config is known for transformers_type "
+                                        "'phi3'"):
+        build.lightning_module(cfg, build.model_config(cfg.model))
