@@ -213,13 +213,10 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat
 
 def _meta_model(hf_config: dict[str, Any]) -> nn.Module:
     """The transformers model of a config.json, on the meta device (its layout rules need the model, not weights)."""
-    from megatrain_lightning.hf_lm import transformers_module
+    from megatrain_lightning.hf_lm import build_model
 
-    transformers = transformers_module()
-    hf_config = dict(hf_config)
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(
-            transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config))
+        return build_model(hf_config)
 
 
 def main(argv: list[str] | None = None) -> None:

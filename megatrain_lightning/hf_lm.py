@@ -6,14 +6,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
+from typing_extensions import override
 
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.lm import CausalLM
-from megatrain_lightning.loss import linear_cross_entropy
 
 
 def transformers_module():
@@ -62,7 +61,8 @@ class HFCausalLM(CausalLM):
     """The transformers causal LM of `hf_config` (a checkpoint's config.json), built in `configure_model` (on the
     meta device under the megatrain strategy, which streams its decoder layers and imports the checkpoint's weights:
     `MegatrainStrategy(init_from=...)`). The loss is CausalLM's: the head runs over chunks of tokens with its
-    gradient formed in forward (loss.py), on the base model's final hidden state."""
+    gradient formed in forward (loss.py), on the base model's final hidden state: only where the hidden state and
+    the logits come from differ (`final_hidden`, `logits`)."""
 
     def __init__(self, config: Config, hf_config: dict[str, Any], **kwargs) -> None:
         if hf_config.get("final_logit_softcapping"):
@@ -79,20 +79,20 @@ class HFCausalLM(CausalLM):
 
     def configure_model(self) -> None:
         if self.model is None:
-            transformers = transformers_module()
-            hf_config = dict(self.hparams["hf_config"])
-            config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
-            self.model = transformers.AutoModelForCausalLM.from_config(config).float()  # fp32 masters
+            self.model = build_model(self.hparams["hf_config"]).float()  # fp32 masters
 
-    def loss(self, batch: Tensor | dict[str, Tensor]) -> Tensor:
-        if isinstance(batch, dict):
-            x, y = batch["input_ids"], batch["labels"]
-        else:
-            x, y = batch[:, :-1], batch[:, 1:]
-        hidden = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state.flatten(0, 1)  # [B*T, D]
-        y = y.flatten()
-        head = self.model.lm_head.weight  # [V, D]
-        chunk = self.hparams.get("loss_chunk_tokens")
-        if chunk is None:
-            return F.cross_entropy(F.linear(hidden, head).float(), y, ignore_index=-100)
-        return linear_cross_entropy(hidden, head, y, chunk)
+    @override
+    def final_hidden(self, x: Tensor) -> Tensor:
+        return self.model.base_model(input_ids=x, use_cache=False).last_hidden_state
+
+    @override
+    def logits(self, hidden: Tensor) -> Tensor:
+        return F.linear(hidden, self.model.lm_head.weight)
+
+
+def build_model(hf_config: dict[str, Any]):
+    """The transformers causal LM of a config.json (on the device torch's default says: meta under the strategy)."""
+    transformers = transformers_module()
+    hf_config = dict(hf_config)
+    return transformers.AutoModelForCausalLM.from_config(
+        transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config))

@@ -70,12 +70,20 @@ class CausalLM(L.LightningModule):
             x, y = batch["input_ids"], batch["labels"]
         else:
             x, y = batch[:, :-1], batch[:, 1:]
-        hidden = self.model(x).flatten(0, 1)  # [B*T, D]
+        hidden = self.final_hidden(x).flatten(0, 1)  # [B*T, D]
         y = y.flatten()
         chunk = self.hparams.get("loss_chunk_tokens")
         if chunk is None:
-            return F.cross_entropy(self.model.logits(hidden).float(), y, ignore_index=-100)
+            return F.cross_entropy(self.logits(hidden).float(), y, ignore_index=-100)
         return linear_cross_entropy(hidden, self.model.lm_head.weight, y, chunk)  # [chunk, V] logits at a time
+
+    def final_hidden(self, x: Tensor) -> Tensor:
+        """[B, T, D] hidden state after the final norm, for token ids x [B, T]."""
+        return self.model(x)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """[N, V] logits of hidden states [N, D] (the unchunked loss)."""
+        return self.model.logits(hidden)
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
