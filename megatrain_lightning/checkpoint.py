@@ -131,65 +131,96 @@ def unit_file(index: int) -> str:
 
 
 def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config: dict | None = None) -> Path:
-    """Writes a complete checkpoint directory at `path` (atomically replacing one that is there)."""
+    """Writes a complete checkpoint directory at `path` (atomically replacing one that is there). With several ranks
+    every rank calls it: each writes the unit files it owns into rank 0's temporary directory, rank 0 writes the rest
+    and renames it into place; an error on one rank is raised on all (nothing is renamed)."""
     path = Path(path)
-    parent = path.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    need = 12 * store.n_params + (1 << 20)
-    free = shutil.disk_usage(parent).free
-    if need > free:
-        raise OSError(errno.ENOSPC, f"not enough disk space for checkpoint {path}: it needs {need / 1e9:.2f} GB, "
-                      f"{parent} has {free / 1e9:.2f} GB free (nothing was written; earlier checkpoints are "
-                      "intact)")
-    ownership.remove_dead(parent, ".*.tmp-*", "a partial checkpoint")  # a save killed midway
-    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    ownership.mark(tmp)
+    ranks = store.ranks
+    lead = ranks.rank == 0
+    tmp = ranks.share(ranks.together(lambda: _begin(path, store, lead)))
     try:
-        files, hashes = {}, []
-        for i, (prefix, unit) in enumerate(zip(store.names, store.units)):
-            state = store.read_state(i)  # [master | m | v]
-            master = unit.layout.split_state(state)[0]
-            if not torch.isfinite(master).all():
-                bad = next(n for n, v in unit.layout.views(master).items() if not torch.isfinite(v).all())
-                raise CheckpointError(f"checkpoint {path} not saved: the weight {prefix + bad} holds NaN or inf "
-                                      f"(step {meta.get('global_step')}); earlier checkpoints are intact")
-            tensors = []
-            for part, key in zip(unit.layout.split_state(state), ("", *(m + "/" for m in MOMENTS))):
-                tensors += [(key + prefix + name, view) for name, view in unit.layout.views(part).items()]
-            files[unit_file(i)] = write_safetensors(tmp / unit_file(i), tensors)
-            hashes.append({name: digest(t) for name, t in tensors})
-        torch.save(_plain(meta), tmp / META)
-        if model_config is not None:
-            (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1))
-        for name in (META, MODEL_CONFIG):
-            if (tmp / name).exists():
-                _fsync_file(tmp / name)
-        manifest = {"format": FORMAT, "version": VERSION, "global_step": meta.get("global_step"),
-                    "units": [{"file": f, "bytes": b, "prefix": p, "xxh3_64": h}
-                              for (f, b), p, h in zip(files.items(), store.names, hashes)]}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync_file(tmp / MANIFEST)
-        ownership.unmark(tmp)  # complete: no longer a partial checkpoint that a later run may remove
-        _fsync_dir(tmp)
-        old = None
-        if path.exists():
-            old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(path, old)
-        os.rename(tmp, path)
-        _fsync_dir(parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        written: dict[int, tuple[str, int, dict]] = {}
+        for part in ranks.gather(ranks.together(lambda: _write_units(tmp, path, store, meta))):
+            written.update(part)
+        ranks.together(lambda: _finish(tmp, path, store, meta, model_config, written) if lead else None)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"the disk filled up while saving checkpoint {path}; the partial write was "
                           "removed and earlier checkpoints are intact") from e
         raise
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if lead:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+def _begin(path: Path, store: HostStore, lead: bool) -> Path | None:
+    """Checks the disk space this rank's units need; rank 0 (`lead`) makes the temporary directory."""
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    need = 12 * sum(u.layout.numel for u in store.units if not u.remote) + (1 << 20)
+    free = shutil.disk_usage(parent).free
+    if need > free:
+        raise OSError(errno.ENOSPC, f"not enough disk space for checkpoint {path}: it needs {need / 1e9:.2f} GB, "
+                      f"{parent} has {free / 1e9:.2f} GB free (nothing was written; earlier checkpoints are "
+                      "intact)")
+    if not lead:
+        return None
+    ownership.remove_dead(parent, ".*.tmp-*", "a partial checkpoint")  # a save killed midway
+    tmp = parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    ownership.mark(tmp)
+    return tmp
+
+
+def _write_units(tmp: Path, path: Path, store: HostStore, meta: dict[str, Any]) -> dict[int, tuple[str, int, dict]]:
+    """This rank's unit files: {unit: (file, bytes, tensor hashes)}."""
+    out = {}
+    for i, (prefix, unit) in enumerate(zip(store.names, store.units)):
+        if unit.remote:
+            continue
+        state = store.read_state(i)  # [master | m | v]
+        master = unit.layout.split_state(state)[0]
+        if not torch.isfinite(master).all():
+            bad = next(n for n, v in unit.layout.views(master).items() if not torch.isfinite(v).all())
+            raise CheckpointError(f"checkpoint {path} not saved: the weight {prefix + bad} holds NaN or inf "
+                                  f"(step {meta.get('global_step')}); earlier checkpoints are intact")
+        tensors = []
+        for part, key in zip(unit.layout.split_state(state), ("", *(m + "/" for m in MOMENTS))):
+            tensors += [(key + prefix + name, view) for name, view in unit.layout.views(part).items()]
+        nbytes = write_safetensors(tmp / unit_file(i), tensors)
+        out[i] = (unit_file(i), nbytes, {name: digest(t) for name, t in tensors})
+    return out
+
+
+def _finish(tmp: Path, path: Path, store: HostStore, meta: dict[str, Any], model_config: dict | None,
+            written: dict[int, tuple[str, int, dict]]) -> None:
+    """Lightning's part, the model config and the manifest (last), then the rename into place."""
+    parent = path.parent
+    torch.save(_plain(meta), tmp / META)
+    if model_config is not None:
+        (tmp / MODEL_CONFIG).write_text(json.dumps(model_config, indent=1))
+    for name in (META, MODEL_CONFIG):
+        if (tmp / name).exists():
+            _fsync_file(tmp / name)
+    manifest = {"format": FORMAT, "version": VERSION, "global_step": meta.get("global_step"),
+                "units": [{"file": written[i][0], "bytes": written[i][1], "prefix": p, "xxh3_64": written[i][2]}
+                          for i, p in enumerate(store.names)]}
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    _fsync_file(tmp / MANIFEST)
+    ownership.unmark(tmp)  # complete: no longer a partial checkpoint that a later run may remove
+    _fsync_dir(tmp)
+    old = None
+    if path.exists():
+        old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _plain(obj: Any) -> Any:
@@ -340,6 +371,8 @@ def load_store(path: Path, store: HostStore) -> None:
         raise CheckpointError(f"checkpoint {path} was saved with other parameters frozen (requires_grad=False); "
                               "resume with the same ones frozen:\n  " + "\n  ".join(problems[:50]))
     for i, (entry, unit) in enumerate(zip(units, store.units)):
+        if unit.remote:  # another rank loads it
+            continue
         prefix = store.names[i]
         state = torch.empty(unit.layout.state_numel, dtype=torch.float32) if unit.on_disk \
             else unit.tile[:unit.layout.state_numel]

@@ -19,7 +19,8 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from megatrain_lightning.errors import UserError
 
@@ -29,30 +30,43 @@ TOKEN_DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
 # ---- resumable loading ----
-class EpochSampler(Sampler[int]):
-    """Indices 0..n-1, in a fresh permutation each epoch when `shuffle` (seeded by seed and epoch)."""
+class EpochSampler(DistributedSampler):
+    """Indices 0..n-1, in a fresh permutation each epoch when `shuffle` (seeded by seed and epoch); with several ranks
+    rank r of N takes every N-th index of that order from the r-th, each rank as many (the same global batches as one
+    rank at N times the micro-batch). A DistributedSampler, so that Lightning keeps it instead of wrapping it in one;
+    it splits itself at iteration, when the process group exists."""
 
-    def __init__(self, n: int, seed: int, shuffle: bool) -> None:
+    def __init__(self, n: int, seed: int, shuffle: bool) -> None:  # no process group yet: not the parent's __init__
         self.n, self.seed, self.shuffle = n, seed, shuffle
-        self.epoch, self.skip = 0, 0
+        self.epoch, self.skip = 0, 0  # skip: samples of the epoch's order already consumed, over all ranks
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
         self.epoch = epoch
 
+    @staticmethod
+    def ranks() -> tuple[int, int]:
+        """(world size, rank)."""
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_world_size(), dist.get_rank()
+        return 1, 0
+
     def __len__(self) -> int:
-        return self.n
+        return self.n // self.ranks()[0]
 
     def __iter__(self):
+        world, rank = self.ranks()
         if self.shuffle:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 7919 + self.epoch))
         else:
             order = torch.arange(self.n)
         skip, self.skip = self.skip, 0  # a resumed epoch starts where the checkpoint was taken
-        return iter(order[skip:].tolist())
+        left = order[skip:]
+        return iter(left[:len(left) // world * world][rank::world].tolist())
 
 
 class ResumableLoader(DataLoader):
-    """A DataLoader that counts the samples it handed out; Lightning stores that in checkpoints and restores it."""
+    """A DataLoader that counts the samples it handed out (over all ranks); Lightning stores that in checkpoints and
+    restores it, also into a run with another number of ranks."""
 
     def __init__(self, dataset: Dataset, batch_size: int, seed: int, shuffle: bool, num_workers: int = 0) -> None:
         super().__init__(dataset, batch_size=batch_size, sampler=EpochSampler(len(dataset), seed, shuffle),
@@ -61,8 +75,9 @@ class ResumableLoader(DataLoader):
 
     def __iter__(self):
         self.consumed = self.sampler.skip
+        world = EpochSampler.ranks()[0]
         for batch in super().__iter__():
-            self.consumed += self.batch_size
+            self.consumed += self.batch_size * world
             yield batch
 
     def state_dict(self) -> dict[str, int]:

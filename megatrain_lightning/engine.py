@@ -309,6 +309,14 @@ class StreamingEngine:
     def _load(self, i: int, slot: _Slot) -> None:
         unit = self.store.units[i]
         n = unit.layout.numel
+        if unit.remote:  # another rank's: its owner loads it and broadcasts it from its device (ranks.py)
+            with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
+                if self.cuda:
+                    self.h2d.wait_event(slot.free)
+                self.store.ranks.broadcast_(slot.compute[:n], i)
+                if self.cuda:
+                    slot.ready.record(self.h2d)
+            return
         states = self.device_states if self.device_states is not None and i in self.device_states else None
         cache = self.step_cache if self.step_cache is not None and i in self.step_cache else None
         cached = cache is not None and i in cache.valid
@@ -344,6 +352,7 @@ class StreamingEngine:
                 if cache is not None:  # the rest of the step takes them from here (same stream: in order)
                     cache.weights[i].copy_(slot.compute[:n])
                     cache.valid.add(i)
+            self.store.ranks.broadcast_(slot.compute[:n], i)  # to the ranks that do not own it
             if self.cuda:
                 slot.ready.record(self.h2d)
 
@@ -366,7 +375,12 @@ class StreamingEngine:
         """Sends one unit's gradients (device, compute dtype, its trainable parameters in layout order; None where
         the loss did not reach one) to the host. The first micro-batch
         of a step lands them in the fp32 gradient buffer directly (cast to fp32 on the device, one DMA per
-        tensor); later ones go through a compute-dtype staging buffer that the host thread adds into fp32."""
+        tensor); later ones go through a compute-dtype staging buffer that the host thread adds into fp32. With
+        several ranks, only the unit's owner ships: the mean over the ranks (ranks.py)."""
+        if self.store.ranks.multi:
+            grads = self._reduce(unit_index, grads)
+            if grads is None:
+                return
         if self.device_states is not None and unit_index in self.device_states:
             self.device_states.land(unit_index, grads, fresh=self.fresh_grads)  # on the compute stream
             return
@@ -386,6 +400,19 @@ class StreamingEngine:
         self._pending.append(future)
         if self.final and self.updater is not None:
             self._pending.append(self.updater.after_landing(unit_index))
+
+    def _reduce(self, unit_index: int, grads) -> list[Tensor] | None:
+        """One unit's gradients of this rank summed into its owner's, in fp32 (flat, one collective), as the mean over
+        the ranks; None on the other ranks."""
+        layout = self.store.units[unit_index].layout
+        flat = torch.empty(layout.trainable, dtype=torch.float32, device=self.device)
+        views = layout.views(flat)
+        for entry, g in zip(layout.trainable_entries, grads):
+            views[entry.name].copy_(g) if g is not None else views[entry.name].zero_()
+        self.store.ranks.reduce_mean_(flat, unit_index)
+        if self.store.units[unit_index].remote:
+            return None
+        return [views[e.name] for e in layout.trainable_entries]
 
     def _land(self, unit_index: int, grads, sums=None) -> Future:
         unit = self.store.units[unit_index]

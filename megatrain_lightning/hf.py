@@ -129,8 +129,10 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
                     buffers[full].copy_(value)
                     continue
                 i, entry = store.index[full]
-                value = value.to(torch.float32).reshape(-1)
                 unit = store.units[i]
+                if unit.remote:  # another rank's (ranks.py)
+                    continue
+                value = value.to(torch.float32).reshape(-1)
                 if unit.on_disk:  # into the file's master and streamed copy
                     store.nvme.store_master(i, entry.offset, value)
                 else:

@@ -16,6 +16,7 @@ from torch import nn
 from megatrain_lightning import adapters, hf, placement, surgery
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.model import Trunk
+from megatrain_lightning.ranks import Ranks
 from megatrain_lightning.store import HostStore, Layout
 
 log = logging.getLogger(__name__)
@@ -33,9 +34,11 @@ class Built:
 
 def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream: str,
           ram_budget_GiB: float | None, nvme_dir: str | Path | Sequence[str | Path],
-          init_from: Path | None) -> Built:
+          init_from: Path | None, world: int = 1, rank: int = 0, device: torch.device | None = None) -> Built:
     """Moves `module`'s parameters into a new host store (the strategy's settings: `storage`, `stream`,
-    `ram_budget_GiB`, `nvme_dir`, `init_from`); the trunk's blocks keep meta tensors afterwards."""
+    `ram_budget_GiB`, `nvme_dir`, `init_from`); the trunk's blocks keep meta tensors afterwards. With several ranks
+    (`world`), this `rank` keeps the units it owns (ranks.py); every rank initializes every layer (the same random
+    numbers) and imports only its own."""
     aliases: dict[str, str] = {}
     param_names: dict[int, str] = {}
     adapters.stream_layers(module)  # a transformers causal LM: its decoder layers become a LayerList (a Trunk)
@@ -58,7 +61,9 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
     names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
     streamed = placement.resolve_stream(storage, stream, dtype)
     nvme_units = placement.nvme_units(layouts, dtype, ram_budget_GiB) if storage == "nvme" else []
-    store = HostStore(layouts, names, dtype, pin=pin, stream=streamed, nvme_units=nvme_units, nvme_dir=nvme_dir)
+    ranks = Ranks.from_sizes([4 * lay.tile_numel for lay in layouts], world, rank, device)
+    store = HostStore(layouts, names, dtype, pin=pin, stream=streamed, nvme_units=nvme_units, nvme_dir=nvme_dir,
+                      ranks=ranks)
     if nvme_units:
         log.info(f"storage=nvme: {len(nvme_units)} of {len(trunk)} layers keep their fp32 state in "
                  f"{store.nvme.dir}")

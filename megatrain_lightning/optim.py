@@ -59,7 +59,7 @@ def bind_optimizer(optimizer: torch.optim.Optimizer, store: HostStore,
                 continue
             i, entry = store.index[name]
             unit = store.units[i]
-            if unit.on_disk:
+            if unit.on_disk or unit.remote:  # remote: another rank updates it (ranks.py)
                 host, m, v, grad = (_placeholder(entry.shape) for _ in range(4))
             else:
                 grad = unit.grad[entry.offset:entry.offset + entry.numel].view(entry.shape)
@@ -176,8 +176,12 @@ class HostAdam:
         for b in bound:
             part = int(b.unit == resident and b.entry > 0)
             self.parts.setdefault((b.unit, part), []).append(b)
-        # forward order: embedding, trunk layers, then the rest of the resident unit (final norm, head)
-        self.order = sorted(self.parts, key=lambda k: (0 if k == (resident, 0) else 2 if k[0] == resident else 1, k))
+        # forward order: embedding, trunk layers, then the rest of the resident unit (final norm, head); this rank's
+        # units only (`parts` keeps the others' too: their ranges are the same on every rank)
+        self.order = sorted((k for k in self.parts if not store.units[k[0]].remote),
+                            key=lambda k: (0 if k == (resident, 0) else 2 if k[0] == resident else 1, k))
+        self._remote_steps = [b.step for b in bound if store.units[b.unit].remote]  # counted here, updated elsewhere
+        self._ranges = {key: _span(store.units[key[0]], part) for key, part in self.parts.items()}
         self.pending: dict[tuple[int, int], Future] = {}
         self.executor = None  # the engine's host thread (`attach`)
         self.trace_of: Callable[[], Any] = lambda: None
@@ -256,10 +260,13 @@ class HostAdam:
         kept = self.device.units if self.device is not None else ()
         for i in {b.unit for b in self.bound if b.norm is None and self.store.units[b.unit].on_disk}:
             self.note_norms(i, self.tier.load_grad(i))  # not taken on the way out (clipping called by user code)
-        squares = [b.norm if b.norm is not None else square_norm(b.grad) for b in self.bound if b.unit not in kept]
+        remote = {i for i, u in enumerate(self.store.units) if u.remote}
+        squares = [b.norm if b.norm is not None else square_norm(b.grad) for b in self.bound
+                   if b.unit not in kept and b.unit not in remote]
         if self._kept:  # one synchronization: backward has to have ended anyway
             squares.append(torch.stack([square_norm(b.grad) for b in self._kept]).sum().cpu())
-        total, scale = clip_scale(squares, max_norm)
+        local = torch.stack(squares).sum() if squares else torch.zeros(())
+        total, scale = clip_scale([self.store.ranks.sum(local)], max_norm)  # the norm over every rank's units
         self._clip = ("norm", scale)
         return total
 
@@ -284,6 +291,8 @@ class HostAdam:
                                for lo, hi in self._pieces[k[0]]]
             for key in self.order:
                 self.pending[key] = self.executor.submit(self._update, key, hp, clip, self.trace_of())
+        if self._remote_steps:  # the step counts of other ranks' parameters (checkpoints save rank 0's)
+            torch._foreach_add_(self._remote_steps, 1.0)
         self._hp, self._clip, self.eager = None, None, False
         return loss
 
@@ -369,7 +378,7 @@ class HostAdam:
 
     def part_range(self, unit: int, part: int) -> tuple[int, int]:
         """[lo, hi) of a unit part in its flat layout."""
-        return _span(self.store.units[unit], self.parts.get((unit, part), []))
+        return self._ranges.get((unit, part), (0, 0))
 
 
 def _span(unit, bound: list[_Bound]) -> tuple[int, int]:

@@ -85,14 +85,15 @@ def device_states(store: HostStore, device: torch.device, budget_GiB: float | No
         log.info("device_state_GiB: a hook reads gradients (on_before_optimizer_step, configure_gradient_clipping "
                  "or optimizer_step): every update runs on the host")
         budget = 0.0
-    on_disk = {i for i, u in enumerate(store.units) if u.on_disk}  # their state is in files: nothing to write through
-    units = S.device_units([4 * u.layout.tile_numel for u in store.units], budget * 2**30, skip=on_disk)
+    # file-backed units' state is in files (nothing to write through); other ranks keep their own units
+    skip = {i for i, u in enumerate(store.units) if u.on_disk or u.remote}
+    units = S.device_units([4 * u.layout.tile_numel for u in store.units], budget * 2**30, skip=skip)
     if not units:
         return None
     states = DeviceStates(store, units, device)
     resident = len(store.units) - 1
     log.info(f"device_state_GiB={budget:.3g}: the device keeps and updates the state of "
-             f"{len(units) - (resident in units)} of {resident} layers"
+             f"{len(units) - (resident in units)} of {resident} layers{' (of this rank)' if store.ranks.multi else ''}"
              f"{' and the embedding/head' if resident in units else ''} ({states.nbytes / 2**30:.3g} GiB)")
     return states
 

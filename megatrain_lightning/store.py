@@ -25,8 +25,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.host_memory import pinned_empty, register as _register
 from megatrain_lightning.nvme import NvmeTier, pieces as nvme_pieces
+from megatrain_lightning.ranks import Ranks
 
 
 STREAMS = ("copy", "master")
@@ -97,12 +99,15 @@ class Layout:
 
 
 class Unit:
-    def __init__(self, layout: Layout, stream: Tensor | None, pin: bool, on_disk: bool = False) -> None:
+    def __init__(self, layout: Layout, stream: Tensor | None, pin: bool, on_disk: bool = False,
+                 remote: bool = False) -> None:
         n, t = layout.numel, layout.trainable
-        self.layout, self.on_disk = layout, on_disk
+        self.layout, self.on_disk, self.remote = layout, on_disk, remote
         self._lock: weakref.finalize | None = None  # the page-lock of the gradient or of the whole tile
         self._tile_locked = False
-        if on_disk:  # everything lives in its file (nvme.py); the tier's window holds it while it is used
+        # on_disk: everything lives in its file (nvme.py); the tier's window holds it while it is used. remote:
+        # another rank holds it (ranks.py)
+        if on_disk or remote:
             self.tile = self.grad = self.master = self.exp_avg = self.exp_avg_sq = self.stream = None
             return
         self.tile = torch.zeros(layout.tile_numel, dtype=torch.float32)  # [master | m | v | grad]
@@ -147,10 +152,12 @@ def available_ram_bytes() -> int:
 class HostStore:
     """All units of a model: `units[i]` is trunk block i, `units[-1]` the resident part. The streamed copies of
     units in RAM share one page-locked allocation. `nvme_units` (trunk indices) keep all their state in files under
-    `nvme_dir` (one directory, or a list striped over)."""
+    `nvme_dir` (one directory, or a list striped over). With several ranks (`ranks`), the units another rank owns are
+    `remote`: their layout only."""
 
     def __init__(self, layouts: list[Layout], names: list[str], compute_dtype: torch.dtype, pin: bool,
-                 stream: str = "copy", nvme_units: Sequence[int] = (), nvme_dir: str | Path | Sequence[str | Path] | None = None) -> None:
+                 stream: str = "copy", nvme_units: Sequence[int] = (), nvme_dir: str | Path | Sequence[str | Path] | None = None,
+                 ranks: Ranks | None = None) -> None:
         if stream not in STREAMS:
             raise ValueError(f"stream must be one of {STREAMS}, got {stream!r}")
         self.compute_dtype = compute_dtype
@@ -160,7 +167,9 @@ class HostStore:
         on_disk = set(nvme_units)
         if len(layouts) - 1 in on_disk:
             raise ValueError("the resident unit cannot be file-backed")
-        copied = [i for i in range(len(layouts)) if self.stream == "copy" and i not in on_disk]
+        self.ranks = ranks if ranks is not None else Ranks.single(len(layouts))
+        remote = {i for i in range(len(layouts)) if not self.ranks.owns(i)}
+        copied = [i for i in range(len(layouts)) if self.stream == "copy" and i not in on_disk | remote]
         self._streams = pinned_empty(sum(layouts[i].numel for i in copied), self.stream_dtype, pin)
         self.units: list[Unit] = []
         offset = 0
@@ -169,7 +178,7 @@ class HostStore:
             if i in copied:
                 copy = self._streams[offset:offset + layout.numel]
                 offset += layout.numel
-            self.units.append(Unit(layout, copy, pin, on_disk=i in on_disk))
+            self.units.append(Unit(layout, copy, pin, on_disk=i in on_disk, remote=i in remote))
         self.nvme = None
         if on_disk:
             piece = max([hi - lo for i in on_disk
@@ -182,8 +191,11 @@ class HostStore:
                       for e in u.layout.entries}
 
     def fill(self, index: int, named_tensors: list[tuple[str, Tensor]]) -> None:
-        """Copies a unit's (materialized) tensors into its fp32 master (Adam moments zero) and its streamed copy."""
+        """Copies a unit's (materialized) tensors into its fp32 master (Adam moments zero) and its streamed copy
+        (nothing for a remote unit)."""
         unit = self.units[index]
+        if unit.remote:
+            return
         n = unit.layout.numel
         state = torch.zeros(unit.layout.state_numel, dtype=torch.float32) if unit.on_disk \
             else unit.tile[:unit.layout.state_numel]
@@ -223,6 +235,10 @@ class HostStore:
         """One parameter's fp32 master: a view for a RAM unit, a copy read from its file for a file-backed one."""
         i, entry = self.index[name]
         unit = self.units[i]
+        if unit.remote:
+            raise UserError(f"{name} is held by rank {self.ranks.owners[i]} of {self.ranks.world}: with several ranks "
+                            "the trained weights are read from a checkpoint (trainer.save_checkpoint), which "
+                            "every rank writes its part of")
         if unit.on_disk:
             return self.nvme.load_master(i, entry.offset, entry.numel).view(entry.shape)
         return unit.master[entry.offset:entry.offset + entry.numel].view(entry.shape)
@@ -230,10 +246,12 @@ class HostStore:
     def named(self, which: str = "master") -> dict[str, Tensor]:
         """Full-name tensors of one of 'master', 'exp_avg', 'exp_avg_sq', 'grad' (the last three: trainable parameters
         only): views into RAM units, and copies read from disk for file-backed units (writing to those changes
-        nothing)."""
+        nothing); this rank's units only."""
         part = {"master": 0, "exp_avg": 1, "exp_avg_sq": 2}
         out: dict[str, Tensor] = {}
         for i, (prefix, unit) in enumerate(zip(self.names, self.units)):
+            if unit.remote:
+                continue
             if unit.on_disk:
                 flat = self.nvme.load_grad(i) if which == "grad" else \
                     unit.layout.split_state(self.read_state(i))[part[which]]

@@ -17,9 +17,15 @@ from typing import Any, Callable, Generator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.distributed import (_distributed_is_initialized,
+                                                     _get_default_process_group_backend_for_device,
+                                                     _init_dist_connection, _sync_ddp_if_available)
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.strategies import SingleDeviceStrategy
+from lightning.pytorch.strategies import ParallelStrategy
+from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
@@ -46,7 +52,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("bf16-mixed", "32-true")
 
 
-class MegatrainStrategy(SingleDeviceStrategy):
+class MegatrainStrategy(ParallelStrategy):
     strategy_name = "megatrain"
 
     def __init__(
@@ -77,10 +83,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
             device = torch.device(device)
             if device.type == "cuda" and device.index is None:
                 device = torch.device("cuda", 0)
-        super().__init__(device=device if device is not None else "cpu", **kwargs)
+        super().__init__(**kwargs)
+        self._root_device = device if device is not None else torch.device("cpu")
         self._device_given = device is not None
-        self.parallel_devices: list[torch.device] | None = None  # Lightning's connector fills in its choice
-        self.num_nodes = 1  # likewise (checked in _configure_launcher)
+        self.num_nodes = 1  # Lightning's connector fills in its choice, and that of parallel_devices
         self.checkpoint_interval, self.prefetch_depth, self.storage = checkpoint_interval, prefetch_depth, storage
         self.stream = stream
         self.ram_budget_GiB = ram_budget_GiB
@@ -116,21 +122,69 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
         self._locks: list[DirectoryLock] = []  # checkpoint directories this fit writes to
 
+    # ---- ranks: Lightning's launch and process group (as its DDPStrategy), one process per device ----
     @property
     @override
     def root_device(self) -> torch.device:
-        if not self._device_given and self.parallel_devices:
-            return self.parallel_devices[0]
+        if self.parallel_devices and (self.world_size > 1 or not self._device_given):
+            return self.parallel_devices[self.local_rank]
         return self._root_device
+
+    @property
+    def num_processes(self) -> int:
+        return len(self.parallel_devices) if self.parallel_devices else 1
+
+    @property
+    def is_distributed(self) -> bool:
+        """Several ranks: Lightning then gives each its part of the data (a DistributedSampler)."""
+        return self.num_processes * self.num_nodes > 1
+
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+    def set_world_ranks(self) -> None:
+        if self.cluster_environment is not None:
+            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+        rank_zero_only.rank = self.global_rank
 
     @override
     def _configure_launcher(self) -> None:
-        # the connector has just filled in devices and nodes: one device is all this strategy trains on yet, and
-        # training on fewer devices than asked for would be silently wrong
-        devices = len(self.parallel_devices or ()) or 1
-        if devices > 1 or self.num_nodes > 1:
-            raise UserError(f"the megatrain strategy trains on one device; got devices={devices}, "
-                            f"num_nodes={self.num_nodes} (use devices=1)")
+        # the connector has just filled in devices and nodes
+        if self.is_distributed:
+            if self.storage == "nvme":
+                raise UserError("storage='nvme' trains on one device yet; with several (devices x num_nodes > 1) "
+                                "use storage='ram'")
+            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
+
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.is_distributed:
+            reset_seed()
+            self.set_world_ranks()
+            backend = _get_default_process_group_backend_for_device(self.root_device)
+            _init_dist_connection(self.cluster_environment, backend,
+                                  device_id=self.root_device if self.root_device.type == "cuda" else None)
+
+    @override
+    def barrier(self, *args: Any, **kwargs: Any) -> None:
+        if _distributed_is_initialized():
+            torch.distributed.barrier(device_ids=[self.root_device.index] if self.root_device.type == "cuda" else None)
+
+    @override
+    def broadcast(self, obj: Any, src: int = 0) -> Any:
+        if not _distributed_is_initialized():
+            return obj
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src)
+        return box[0]
+
+    @override
+    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
+        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op) if isinstance(tensor, Tensor) else tensor
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -176,7 +230,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.setup_precision_plugin()
 
     def _lock_checkpoint_dirs(self, trainer: pl.Trainer) -> None:
-        """Two runs saving into one directory would replace each other's checkpoints: the second is refused."""
+        """Two runs saving into one directory would replace each other's checkpoints: the second is refused (rank 0
+        holds the lock for all ranks of a run)."""
+        if not self.is_global_zero:
+            return
         for callback in trainer.checkpoint_callbacks:
             dirpath = getattr(callback, "dirpath", None)
             if dirpath and not any(lock.path.parent == Path(dirpath) for lock in self._locks):
@@ -188,14 +245,18 @@ class MegatrainStrategy(SingleDeviceStrategy):
         device, dtype = self.root_device, self.compute_dtype
         built = model_store.build(module, dtype, pin=device.type == "cuda", storage=self.storage, stream=self.stream,
                                   ram_budget_GiB=self.ram_budget_GiB, nvme_dir=self.nvme_dir,
-                                  init_from=self.init_from)
+                                  init_from=self.init_from, world=self.world_size, rank=self.global_rank,
+                                  device=device)
         store, trunk, refs = built.store, built.trunk, built.refs
         self._trunk_prefix = built.prefix + "."
         self._aliases.update(built.aliases)
         self._param_names.update(built.param_names)
         unit = store.units[-1]
         # a device copy in the compute dtype (never an alias of the host store, even when the device is the CPU)
-        self._resident_flat = torch.empty(unit.layout.numel, dtype=dtype, device=device).copy_(unit.stream)
+        self._resident_flat = torch.empty(unit.layout.numel, dtype=dtype, device=device)
+        if not unit.remote:
+            self._resident_flat.copy_(unit.stream)
+        store.ranks.broadcast_(self._resident_flat, len(store.units) - 1)
         views = unit.layout.views(self._resident_flat)
         params = {}
         for name, owners in refs:
@@ -246,6 +307,11 @@ class MegatrainStrategy(SingleDeviceStrategy):
         self.updater.attach_device(states)
 
     def _keep_step_cache(self, accumulate: int) -> None:
+        if self.store.ranks.multi:
+            # every rank would have to cache the same units (their loads are collectives): not yet
+            if accumulate > 1:
+                log.info("accumulate_grad_batches > 1 with several ranks: every micro-batch loads the weights")
+            return
         if self.engine.step_cache is None:
             kept = self.engine.device_states.units if self.engine.device_states is not None else set()
             self.engine.step_cache = placement.step_cache(self.store, self.root_device, self.step_cache_GiB,
@@ -257,8 +323,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
         # A non-finite loss stops the run before its gradients can reach an update (eager updates start during
         # backward). The check synchronizes once per micro-batch, after the forward: the backward's first loads
         # are issued after it.
-        if not torch.isfinite(closure_loss.detach()).item():
-            self._diverged(f"the loss is {closure_loss.item()}")
+        # With several ranks they all stop: a rank going on would wait forever for the stopped one's collectives.
+        if self.store.ranks.any(not torch.isfinite(closure_loss.detach()).item()):
+            self._diverged(f"the loss is {closure_loss.item()}" if not torch.isfinite(closure_loss.detach())
+                           else "the loss of another rank is not finite")
 
     def _check_norm(self, total: Tensor) -> Tensor:
         """The global gradient norm, computed for clipping: logged, and checked before any update uses it."""
@@ -301,8 +369,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         states, resident = self.engine.device_states, len(self.store.units) - 1
         if states is not None and resident in states:  # updated on the device: cast its master in place
             self._resident_flat.copy_(states.master(resident))
-        else:
-            self._resident_stale = {0, 1}
+        if states is None or resident not in states or self.store.ranks.multi:
+            self._resident_stale = {0, 1}  # several ranks: the owner broadcasts the new weights
         if self.engine.device.type == "cpu":
             # the "device" is the host: overlapping would only split the same cores between the update and the
             # next forward (the planner's unified model: the update runs after backward)
@@ -332,9 +400,12 @@ class MegatrainStrategy(SingleDeviceStrategy):
             return
         self._resident_stale.discard(part)
         index = len(self.store.units) - 1
-        self.updater.wait(index, part)
         lo, hi = self.updater.part_range(index, part)
-        self._resident_flat[lo:hi].copy_(self.store.units[index].stream[lo:hi], non_blocking=True)
+        states = self.engine.device_states
+        if not self.store.units[index].remote and (states is None or index not in states):
+            self.updater.wait(index, part)
+            self._resident_flat[lo:hi].copy_(self.store.units[index].stream[lo:hi], non_blocking=True)
+        self.store.ranks.broadcast_(self._resident_flat[lo:hi], index)
 
     def _after_trunk_forward(self) -> None:
         self._refresh_resident(1)
@@ -376,7 +447,10 @@ class MegatrainStrategy(SingleDeviceStrategy):
             unit.refresh_stream()
         if trace is not None:
             trace.add_host(-1, S.CPU, S.CAST, start, time.perf_counter(), self.store.n_params * 4)
-        self._resident_flat.copy_(self.store.units[-1].stream, non_blocking=True)
+        resident = self.store.units[-1]
+        if not resident.remote:
+            self._resident_flat.copy_(resident.stream, non_blocking=True)
+        self.store.ranks.broadcast_(self._resident_flat, len(self.store.units) - 1)
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -498,6 +572,8 @@ class MegatrainStrategy(SingleDeviceStrategy):
         for lock in self._locks:
             lock.release()
         self._locks = []
+        if self.cluster_environment is not None:
+            self.cluster_environment.teardown()
         self.precision_plugin.teardown()
         assert self.accelerator is not None
         self.accelerator.teardown()

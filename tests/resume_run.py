@@ -1,7 +1,9 @@
 """One training run on packed token data, the way the resume tests need it: in this process, or as a separate
 process (`python -m tests.resume_run ARGS_JSON`) that a test starts, kills or resumes.
 
-It saves the store's final state (master weights, Adam moments) and the per-micro-batch losses to `out_dir`.
+It saves the store's final state (master weights, Adam moments) and the per-micro-batch losses to `out_dir`; with
+`devices` > 1 (Lightning starts the other ranks as processes running this module again), each rank its own units'
+state and its losses, under names with its rank.
 """
 
 from __future__ import annotations
@@ -37,15 +39,17 @@ def token_file(path: Path, n_windows: int = 18, vocab: int = 256) -> Path:
 def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir: str | None = None,
         save_every: int | None = None, resume: str | None = None, precision: str = "32-true",
         ram_budget_GiB: float | None = None, nvme_dir: str | None = None, drives: int = 1,
-        device_state_GiB: float | None = None, signal_at_batch: int | None = None) -> None:
+        device_state_GiB: float | None = None, signal_at_batch: int | None = None, devices: int = 1,
+        micro_batch: int = MICRO_BATCH) -> None:
     """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it).
-    `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives)."""
+    `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives). `devices`: CPU
+    ranks (gloo), each with `micro_batch` sequences."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny")
     torch.manual_seed(0)
     lm = RecordingLM(config, **lm_kwargs(TOTAL_STEPS))  # built on meta, initialized by the strategy from the seed
-    dm = TokensDataModule(data, seq_len=SEQ_LEN, micro_batch=MICRO_BATCH, val_fraction=0.1, seed=11,
+    dm = TokensDataModule(data, seq_len=SEQ_LEN, micro_batch=micro_batch, val_fraction=0.1, seed=11,
                           vocab_size=config.vocab_size)
     callbacks = []
     if save_every:
@@ -55,7 +59,7 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     strategy = MegatrainStrategy(storage=storage, ram_budget_GiB=ram_budget_GiB,
                                  nvme_dir=nvme_dir or [str(out / f"nvme{k}") for k in range(drives)],
                                  device_state_GiB=device_state_GiB)
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", precision=precision, max_steps=max_steps,
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, precision=precision, max_steps=max_steps,
                         accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=bool(save_every), callbacks=callbacks, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, deterministic=True)
@@ -63,8 +67,10 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     state = {}
     for which in ("master", "exp_avg", "exp_avg_sq"):
         state.update({f"{which}/{k}": v.contiguous() for k, v in strategy.store.named(which).items()})
-    save_file(state, out / "state.safetensors")
-    (out / "losses.json").write_text(json.dumps({"losses": lm.losses, "global_step": trainer.global_step}))
+    tag = f".rank{trainer.global_rank}" if devices > 1 else ""
+    save_file(state, out / f"state{tag}.safetensors")
+    (out / f"losses{tag}.json").write_text(json.dumps({"losses": lm.losses, "global_step": trainer.global_step,
+                                                       "store_bytes": strategy.store.nbytes}))
 
 
 class _SignalAt(L.Callback):

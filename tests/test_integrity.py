@@ -131,13 +131,6 @@ def test_the_gradient_norm_is_logged(tmp_path):
     assert len(got) == 1 and rel_err(torch.tensor(got[0]), want) < 1e-5
 
 
-@pytest.mark.parametrize("kwargs,shown", [(dict(devices=2), "devices=2, num_nodes=1"),
-                                          (dict(num_nodes=2), "devices=1, num_nodes=2")])
-def test_more_than_one_device_is_refused(kwargs, shown):
-    with pytest.raises(ValueError, match=f"the megatrain strategy trains on one device; got {shown}"):
-        L.Trainer(strategy="megatrain", accelerator="cpu", logger=False, **kwargs)
-
-
 @pytest.mark.parametrize("preset,strategy_kwargs", [("tiny", {}), ("tiny-qwen2", {}), ("tiny", "nvme")])
 def test_state_dict_and_load_from_checkpoint_give_the_trained_weights(preset, strategy_kwargs, tmp_path):
     """After fit, `lm.state_dict()` holds the store's fp32 masters (not meta tensors), also of file-backed layers,

@@ -1,0 +1,140 @@
+"""Several ranks (torch.distributed, data parallel): which rank holds each unit's training state, and the collectives
+the engine runs per unit.
+
+The host state is held once across the ranks, sharded by unit: each unit (a trunk layer, or the resident
+embedding/head) belongs to one rank, which keeps its fp32 master, Adam moments and gradient in host memory, runs its
+AdamW and writes its checkpoint file. The units are dealt out so that RAM and optimizer work split evenly (the
+resident unit, often the largest, counts as one unit among the rest) and consecutive layers alternate between ranks
+(`assign`). Per layer of a pass:
+
+- load: the owner copies the layer's weights over its own PCIe link (H2D) and broadcasts them from its GPU to the
+  others (NVLink within a node); the other ranks' links carry the neighbouring layers, whose loads the prefetch issues
+  ahead, so each link carries 1/N of a pass's bytes;
+- gradients: each rank's gradient of the layer (fp32, flat) is summed into the owner's (`reduce`), divided by N (the
+  mean over ranks, as DistributedDataParallel takes it), and only the owner ships it to its host.
+
+Every rank issues the same collectives in the same order (the schedule is the same on all of them), so no
+coordination is needed beyond the collectives themselves. Units rather than slices of every unit: the store, the
+optimizer, the file tier and the checkpoint format stay per unit (a checkpoint saved with N ranks resumes with M:
+each rank reads the unit files it owns).
+
+One rank (`Ranks.single`) is the plain single-process path: every unit owned, every collective skipped.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from megatrain_lightning.errors import UserError
+
+
+def assign(sizes: Sequence[int], world: int) -> list[int]:
+    """Each unit's owner (`sizes`: the trunk layers', then the resident unit's). Balanced by bytes: units by size,
+    largest first, each to the rank holding the fewest bytes so far (ties: the lower rank). Then the trunk layers each
+    rank got that many of are dealt again in layer order, each to the rank furthest behind its share, so that
+    consecutive layers (loaded one after the other, over their owners' links) alternate between ranks. The same on
+    every rank: it depends only on the sizes."""
+    loads = [(0, r) for r in range(world)]
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        load, r = heapq.heappop(loads)
+        owners[i] = r
+        heapq.heappush(loads, (load + sizes[i], r))
+    n_trunk = len(sizes) - 1
+    counts = [owners[:n_trunk].count(r) for r in range(world)]
+    given = [0] * world
+    for i in range(n_trunk):  # equal layers keep the same bytes per rank; unequal ones (dense-first) about so
+        r = max(range(world), key=lambda r: (counts[r] * (i + 1) / n_trunk - given[r], -r))
+        owners[i] = r
+        given[r] += 1
+    return owners
+
+
+class Ranks:
+    def __init__(self, world: int, rank: int, owners: list[int], device: torch.device | None = None) -> None:
+        self.world, self.rank, self.owners = world, rank, owners
+        self.device = device  # where collectives' tensors live (NCCL needs CUDA tensors; gloo takes CPU ones)
+
+    @classmethod
+    def single(cls, n_units: int) -> Ranks:
+        return cls(1, 0, [0] * n_units)
+
+    @classmethod
+    def from_sizes(cls, sizes: Sequence[int], world: int, rank: int, device: torch.device | None = None) -> Ranks:
+        n_trunk = len(sizes) - 1
+        if world > 1 and n_trunk < world:
+            raise UserError(f"the model streams {n_trunk} layers, fewer than the {world} ranks that would share "
+                            f"them (devices x num_nodes): use at most {n_trunk} ranks")
+        return cls(world, rank, assign(sizes, world), device)
+
+    @property
+    def multi(self) -> bool:
+        return self.world > 1
+
+    def owns(self, unit: int) -> bool:
+        return self.owners[unit] == self.rank
+
+    def owned(self) -> set[int]:
+        return {i for i, r in enumerate(self.owners) if r == self.rank}
+
+    # ---- collectives (no-ops on one rank) ----
+    def broadcast_(self, t: Tensor, unit: int) -> None:
+        """`t` becomes the owner's `t` on every rank (in place; on CUDA ordered on the current stream)."""
+        if self.multi:
+            dist.broadcast(t, src=self.owners[unit])
+
+    def reduce_mean_(self, t: Tensor, unit: int) -> None:
+        """The owner's `t` becomes the mean of every rank's `t` (the others' are left undefined)."""
+        if self.multi:
+            dist.reduce(t, dst=self.owners[unit], op=dist.ReduceOp.SUM)
+            if self.owns(unit):
+                t.div_(self.world)
+
+    def sum(self, value: Tensor) -> Tensor:
+        """A host scalar summed over the ranks (through the collective device)."""
+        if not self.multi:
+            return value
+        t = value.detach().to(self.device, torch.float32).reshape(1).clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t.cpu().reshape(())
+
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` holds on some rank."""
+        return bool(self.sum(torch.tensor(float(flag))) > 0) if self.multi else flag
+
+    def share(self, obj: Any, src: int = 0) -> Any:
+        """Rank `src`'s `obj`, on every rank."""
+        if not self.multi:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's `obj`, in rank order, on every rank."""
+        if not self.multi:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def together(self, fn: Callable[[], Any]) -> Any:
+        """Runs `fn` on this rank; if it raised on any rank, raises on every rank (the failing rank's error, the rank
+        named), so that no rank goes on into a collective the failed one will never join."""
+        try:
+            result, error = fn(), None
+        except Exception as e:  # re-raised below, on this rank and the others
+            result, error = None, e
+        errors = self.gather(None if error is None else (type(error).__name__, str(error)))
+        if error is not None:
+            raise error
+        failed = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
+        if failed is not None:
+            r, (kind, message) = failed
+            raise RuntimeError(f"rank {r} failed ({kind}): {message}")
+        return result

@@ -1,0 +1,133 @@
+"""Several ranks (data parallel, gloo on the CPU; Lightning starts the second process): two ranks at one micro-batch
+equal one rank at two (losses, weights and Adam moments after clipped, accumulated AdamW steps), each rank holds about
+half of the host state, and a checkpoint saved with 2 ranks resumes with 1 and one saved with 1 resumes with 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning.ranks import Ranks, assign
+from tests import resume_run
+from tests.helpers import kept_budget_GiB
+from megatrain_lightning.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = resume_run.TOTAL_STEPS
+# fp32 sums in another order (the mean over ranks of per-rank means; the global norm of per-rank squares): the
+# relative error of each tensor after 6 AdamW steps, measured at 3e-6 (masters) and 8e-6 (moments)
+TOL = 5e-5
+MODES = {"ram": {}, "kept": dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2))}
+
+
+def _two_ranks(args: dict) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run([sys.executable, "-m", "tests.resume_run", json.dumps({**args, "devices": 2,
+                                                                                 "micro_batch": 1})],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def _one_rank(data: str, out: Path, max_steps: int, **kw) -> None:
+    resume_run.run(data, str(out), max_steps, **kw)
+
+
+def _result(out: Path, ranks: int) -> tuple[list[float], dict[str, torch.Tensor], list[int]]:
+    """Losses (the mean over ranks, per micro-batch), the whole store's state, each rank's store bytes."""
+    tags = [f".rank{r}" for r in range(ranks)] if ranks > 1 else [""]
+    metas = [json.loads((out / f"losses{t}.json").read_text()) for t in tags]
+    losses = [sum(x) / ranks for x in zip(*(m["losses"] for m in metas))]
+    state: dict[str, torch.Tensor] = {}
+    for t in tags:
+        part = load_file(out / f"state{t}.safetensors")
+        assert not state.keys() & part.keys()  # each unit on one rank
+        state.update(part)
+    return losses, state, [m["store_bytes"] for m in metas]
+
+
+def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == want.keys()
+    for k in want:
+        err = ((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-30)).item()
+        assert err < TOL, (k, err)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> str:
+    return str(resume_run.token_file(tmp_path_factory.mktemp("data") / "tokens.npy"))
+
+
+@pytest.fixture(scope="module")
+def one(data, tmp_path_factory) -> dict[str, tuple]:
+    """One rank, two sequences per micro-batch, six steps, per mode."""
+    out = {}
+    for name, kw in MODES.items():
+        d = tmp_path_factory.mktemp(f"one-{name}")
+        _one_rank(data, d, STEPS, **kw)
+        out[name] = _result(d, 1)
+    return out
+
+
+def test_units_are_dealt_by_bytes_and_consecutive_layers_alternate():
+    # the resident 25 and one layer on rank 0, three layers on rank 1, spread over the depth
+    assert assign([10, 10, 10, 10, 25], 2) == [1, 0, 1, 1, 0]
+    assert assign([10] * 6 + [10], 2) == [0, 1, 0, 1, 0, 1, 0]
+    assert assign([1, 1, 1, 1], 3) == [0, 1, 2, 0]
+    assert assign([5, 5], 1) == [0, 0]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_ranks_equal_one_at_the_same_global_batch(mode, data, one, tmp_path):
+    _two_ranks(dict(data=data, out_dir=str(tmp_path), max_steps=STEPS, **MODES[mode]))
+    losses, state, nbytes = _result(tmp_path, 2)
+    want_losses, want_state, (want_bytes,) = one[mode]
+    assert len(losses) == STEPS * resume_run.ACCUMULATE
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+    _assert_close(state, want_state)
+    # the host state is held once: the two ranks' stores add up to one rank's, split about evenly
+    assert sum(nbytes) == want_bytes and max(nbytes) < 0.6 * want_bytes
+
+
+def test_two_ranks_save_and_one_resumes(data, one, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    _two_ranks(dict(data=data, out_dir=str(tmp_path / "first"), max_steps=3, ckpt_dir=str(ckpt_dir), save_every=3))
+    saved = json.loads((ckpt_dir / "epoch=0-step=3.ckpt" / "manifest.json").read_text())
+    assert len(saved["units"]) == Config.from_name("tiny").n_layer + 1  # both ranks' units in one checkpoint
+    _one_rank(data, tmp_path / "second", STEPS, resume=str(ckpt_dir))
+    losses, state, _ = _result(tmp_path / "second", 1)
+    want_losses, want_state, _ = one["ram"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses[3 * resume_run.ACCUMULATE:]),
+                               rtol=1e-5, atol=0)
+    _assert_close(state, want_state)
+
+
+def test_one_rank_saves_and_two_resume(data, one, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    _one_rank(data, tmp_path / "first", 3, ckpt_dir=str(ckpt_dir), save_every=3)
+    _two_ranks(dict(data=data, out_dir=str(tmp_path / "second"), max_steps=STEPS, resume=str(ckpt_dir)))
+    losses, state, _ = _result(tmp_path / "second", 2)
+    want_losses, want_state, _ = one["ram"]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses[3 * resume_run.ACCUMULATE:]),
+                               rtol=1e-5, atol=0)
+    _assert_close(state, want_state)
+
+
+def test_storage_nvme_with_several_devices_is_refused():
+    with pytest.raises(ValueError, match=r"storage='nvme' trains on one device yet; with several \(devices x "
+                                         r"num_nodes > 1\) use storage='ram'"):
+        L.Trainer(strategy=MegatrainStrategy(storage="nvme"), accelerator="cpu", devices=2, logger=False)
+
+
+def test_fewer_layers_than_ranks_is_refused():
+    with pytest.raises(ValueError, match="the model streams 2 layers, fewer than the 4 ranks that would share them "
+                                         r"\(devices x num_nodes\): use at most 2 ranks"):
+        Ranks.from_sizes([10, 10, 30], world=4, rank=0)
