@@ -156,9 +156,8 @@ def predicted(a, config: Config) -> dict:
                  f"storage.offload_checkpoints={'null' if a.offload_checkpoints == 'auto' else a.offload_checkpoints}"]
     if a.ram_budget_GiB is not None:
         overrides.append(f"storage.ram_budget_GiB={a.ram_budget_GiB}")
-    if a.as_transformers:  # what the strategy does with a transformers model: eager layers, inputs on the device
-        overrides += ["storage.compile=false"] + (["storage.offload_checkpoints=false"]
-                                                  if a.offload_checkpoints == "auto" else [])
+    if a.as_transformers:  # what the strategy does with a transformers model: eager layers
+        overrides += ["storage.compile=false"]
     ans = check(compose(overrides))
     return dict(planner_step_s=round(ans.step_time_s, 4), planner_compute_share=round(ans.compute_share, 4),
                 planner_gpu_GiB=round(ans.timeline.gpu_peak_bytes / 2**30, 2), planner_fits=ans.fits,

@@ -53,6 +53,28 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * x.to(dtype)
 
 
+# The final norm runs on the whole batch (the trunk's output), where autograd would keep its fp32 intermediates for all
+# tokens: llama100b at 96 x 4096 held 15 GiB in rms_norm and 75 GiB more through its backward on the H200
+# (bench/step.py --memory-peak, 2026-12-02), beyond the sweep's chunked layers. In pieces of this many tokens, each
+# recomputed in backward, it keeps only its bf16 output; the numbers are the same (the norm is per token).
+FINAL_NORM_TOKENS = 16384
+
+
+def rms_norm_in_pieces(x: Tensor, weight: Tensor, eps: float, tokens: int = FINAL_NORM_TOKENS) -> Tensor:
+    """rms_norm of x [..., D], `tokens` rows at a time with activation checkpointing when autograd records it."""
+    rows = x.reshape(-1, x.shape[-1])  # [N, D]
+    if not torch.is_grad_enabled() or rows.shape[0] <= tokens:
+        return rms_norm(x, weight, eps)
+    out = None
+    for lo in range(0, rows.shape[0], tokens):
+        piece = torch.utils.checkpoint.checkpoint(rms_norm, rows[lo:lo + tokens], weight, eps, use_reentrant=False)
+        if out is None:
+            out = torch.empty(rows.shape, dtype=piece.dtype, device=piece.device)  # [N, D]
+        out[lo:lo + tokens] = piece  # autograd's CopySlices hands each piece its gradient
+        del piece
+    return out.view(x.shape)
+
+
 def swiglu(x: Tensor, gate: Tensor, up: Tensor, down: Tensor) -> Tensor:
     return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
@@ -244,7 +266,8 @@ class Llama(nn.Module):
         cos, sin = rope_tables(self.config, T, device=idx.device)
         x = self.model.embed_tokens(idx)  # [B, T, D]
         x = self.model.layers(x, cos, sin)
-        return self.model.norm(x)
+        norm = self.model.norm
+        return rms_norm_in_pieces(x, norm.weight, norm.eps)
 
     def logits(self, hidden: Tensor) -> Tensor:
         return self.lm_head(hidden)  # [B, T, V]

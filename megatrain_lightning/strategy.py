@@ -273,10 +273,7 @@ class MegatrainStrategy(ParallelStrategy):
                                       # a transformers model's layers: eager unless asked (each layer is its own
                                       # template, past torch.compile's recompile limit)
                                       compile=(cuda and not layer_list) if self.compile is None else self.compile,
-                                      # a transformers model's layer inputs: on the device unless asked
-                                      # (layer_calls.py's offload has not run on a GPU yet)
-                                      offload_checkpoints=(False if layer_list and self.offload_checkpoints is None
-                                                           else self.offload_checkpoints),
+                                      offload_checkpoints=self.offload_checkpoints,
                                       chunk_tokens=self.chunk_tokens,
                                       per_sample_extras=trunk.per_sample_extras,
                                       block_input_dirs=(([self.nvme_dir] if isinstance(self.nvme_dir, Path)

@@ -131,12 +131,11 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
 def _offload_when_room(hw: Hardware, wl: Workload) -> Workload:
     """offload_checkpoints=None, the engine's rule: block inputs go to host memory while the RAM left has room for
     them, else to the drives under storage=nvme, else they stay on the GPU (never offloaded with no separate
-    device). A transformers model's layer inputs stay on the GPU unless asked (the strategy's default while
-    layer_calls.py's offload is unmeasured on a GPU)."""
+    device); a transformers model's layer inputs alike (layer_calls.py)."""
     if wl.offload_checkpoints is not None:
         return wl
     on = replace(wl, offload_checkpoints=True)
-    if hw.unified or wl.model.transformers_type:
+    if hw.unified:
         return replace(wl, offload_checkpoints=False)
     if ram_need(hw, on) <= usable_ram_bytes(hw):
         return on

@@ -133,3 +133,27 @@ def test_the_chunked_loss_holds_what_the_planner_counts():
     peak = int(last)
     assert peak <= 1.1 * bound, (peak, bound)
     assert peak >= 0.5 * bound, (peak, bound)  # it does measure the logits
+
+
+def test_the_final_norm_in_pieces_equals_it_whole_and_keeps_less_for_backward():
+    """model.rms_norm_in_pieces: the same output and input gradient (the norm is per token; the weight's gradient sums
+    in another order), while autograd keeps the pieces' inputs only, not the fp32 intermediates of every token."""
+    from megatrain_lightning.model import rms_norm, rms_norm_in_pieces
+
+    def run(fn, dtype):
+        torch.manual_seed(0)
+        x = torch.randn(4, 64, 16, dtype=dtype, requires_grad=True)
+        w = torch.randn(16, dtype=dtype, requires_grad=True)
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.nbytes) or t, lambda t: t):
+            out = fn(x, w, 1e-5)
+        return out, torch.autograd.grad(out, [x, w], torch.randn_like(out)), sum(saved), x.nbytes + 8 * w.nbytes
+
+    in_pieces = lambda *a: rms_norm_in_pieces(*a, tokens=32)  # noqa: E731
+    whole, (gx, gw), _, _ = run(rms_norm, torch.float32)
+    pieces, (px, pw), _, _ = run(in_pieces, torch.float32)
+    assert torch.equal(pieces, whole) and torch.equal(px, gx)
+    torch.testing.assert_close(pw, gw, rtol=1e-5, atol=1e-6)  # sums over 8 pieces vs one
+    *_, whole_bytes, _ = run(rms_norm, torch.bfloat16)
+    *_, piece_bytes, inputs = run(in_pieces, torch.bfloat16)
+    assert piece_bytes <= inputs < whole_bytes / 4  # the pieces' inputs (the weight once per piece)
