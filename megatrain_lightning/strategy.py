@@ -9,6 +9,7 @@ device as a compute-dtype copy, and runs the user's Adam/AdamW on the host.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import time
 from contextlib import contextmanager
@@ -17,15 +18,8 @@ from typing import Any, Callable, Generator, Mapping, Sequence
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.distributed import (_distributed_is_initialized,
-                                                     _get_default_process_group_backend_for_device,
-                                                     _init_dist_connection, _sync_ddp_if_available)
-from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.strategies import ParallelStrategy
-from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor, nn
@@ -38,6 +32,7 @@ from megatrain_lightning import options
 from megatrain_lightning import placement
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
+from megatrain_lightning.data_parallel import DataParallelBase
 from megatrain_lightning.engine import StreamingEngine
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.layer_calls import LayerCalls
@@ -52,7 +47,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("bf16-mixed", "32-true")
 
 
-class MegatrainStrategy(ParallelStrategy):
+class MegatrainStrategy(DataParallelBase):
     strategy_name = "megatrain"
 
     def __init__(
@@ -122,69 +117,12 @@ class MegatrainStrategy(ParallelStrategy):
         self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
         self._locks: list[DirectoryLock] = []  # checkpoint directories this fit writes to
 
-    # ---- ranks: Lightning's launch and process group (as its DDPStrategy), one process per device ----
-    @property
-    @override
-    def root_device(self) -> torch.device:
-        if self.parallel_devices and (self.world_size > 1 or not self._device_given):
-            return self.parallel_devices[self.local_rank]
-        return self._root_device
-
-    @property
-    def num_processes(self) -> int:
-        return len(self.parallel_devices) if self.parallel_devices else 1
-
-    @property
-    def is_distributed(self) -> bool:
-        """Several ranks: Lightning then gives each its part of the data (a DistributedSampler)."""
-        return self.num_processes * self.num_nodes > 1
-
-    @property
-    @override
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
-
-    def set_world_ranks(self) -> None:
-        if self.cluster_environment is not None:
-            self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
-            self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
-        rank_zero_only.rank = self.global_rank
-
     @override
     def _configure_launcher(self) -> None:
-        # the connector has just filled in devices and nodes
-        if self.is_distributed:
-            if self.storage == "nvme":
-                raise UserError("storage='nvme' trains on one device yet; with several (devices x num_nodes > 1) "
-                                "use storage='ram'")
-            self._launcher = _SubprocessScriptLauncher(self.cluster_environment, self.num_processes, self.num_nodes)
-
-    @override
-    def setup_environment(self) -> None:
-        super().setup_environment()
-        if self.is_distributed:
-            reset_seed()
-            self.set_world_ranks()
-            backend = _get_default_process_group_backend_for_device(self.root_device)
-            _init_dist_connection(self.cluster_environment, backend,
-                                  device_id=self.root_device if self.root_device.type == "cuda" else None)
-
-    @override
-    def barrier(self, *args: Any, **kwargs: Any) -> None:
-        if _distributed_is_initialized():
-            torch.distributed.barrier(device_ids=[self.root_device.index] if self.root_device.type == "cuda" else None)
-
-    @override
-    def broadcast(self, obj: Any, src: int = 0) -> Any:
-        if not _distributed_is_initialized():
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src)
-        return box[0]
-
-    @override
-    def reduce(self, tensor: Any, group: Any | None = None, reduce_op: Any | None = "mean") -> Any:
-        return _sync_ddp_if_available(tensor, group, reduce_op=reduce_op) if isinstance(tensor, Tensor) else tensor
+        if self.is_distributed and self.storage == "nvme":
+            raise UserError("storage='nvme' trains on one device yet; with several (devices x num_nodes > 1) use "
+                            "storage='ram'")
+        super()._configure_launcher()
 
     @property
     def compute_dtype(self) -> torch.dtype:
@@ -252,6 +190,11 @@ class MegatrainStrategy(ParallelStrategy):
         self._aliases.update(built.aliases)
         self._param_names.update(built.param_names)
         unit = store.units[-1]
+        self.agree(store.ranks, dict(
+            checkpoint_interval=self.checkpoint_interval, prefetch_depth=self.prefetch_depth, storage=self.storage,
+            stream=self.stream, ram_budget_GiB=self.ram_budget_GiB, compile=self.compile,
+            offload_checkpoints=self.offload_checkpoints, precision=str(dtype),
+            model=hashlib.sha1(repr([u.layout.signature for u in store.units]).encode()).hexdigest()[:16]))
         # a device copy in the compute dtype (never an alias of the host store, even when the device is the CPU)
         self._resident_flat = torch.empty(unit.layout.numel, dtype=dtype, device=device)
         if not unit.remote:

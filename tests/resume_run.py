@@ -40,10 +40,11 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
         save_every: int | None = None, resume: str | None = None, precision: str = "32-true",
         ram_budget_GiB: float | None = None, nvme_dir: str | None = None, drives: int = 1,
         device_state_GiB: float | None = None, signal_at_batch: int | None = None, devices: int = 1,
-        micro_batch: int = MICRO_BATCH) -> None:
+        micro_batch: int = MICRO_BATCH, fail_at_batch: int | None = None, last_rank_kwargs: dict | None = None) -> None:
     """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it).
     `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives). `devices`: CPU
-    ranks (gloo), each with `micro_batch` sequences."""
+    ranks (gloo), each with `micro_batch` sequences; `fail_at_batch`: the last rank raises during that micro-batch; `last_rank_kwargs`: strategy
+    arguments of the last rank only."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny")
@@ -56,9 +57,13 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=save_every, save_top_k=-1))
     if signal_at_batch is not None:
         callbacks += [SaveOnSignal(ckpt_dir), _SignalAt(signal_at_batch)]
-    strategy = MegatrainStrategy(storage=storage, ram_budget_GiB=ram_budget_GiB,
-                                 nvme_dir=nvme_dir or [str(out / f"nvme{k}") for k in range(drives)],
-                                 device_state_GiB=device_state_GiB)
+    if fail_at_batch is not None:
+        callbacks.append(_FailAt(fail_at_batch, devices - 1))
+    last = int(os.environ.get("LOCAL_RANK", 0)) == devices - 1 > 0  # Lightning sets it for the ranks it starts
+    strategy = MegatrainStrategy(**{**dict(storage=storage, ram_budget_GiB=ram_budget_GiB,
+                                           nvme_dir=nvme_dir or [str(out / f"nvme{k}") for k in range(drives)],
+                                           device_state_GiB=device_state_GiB),
+                                    **((last_rank_kwargs or {}) if last else {})})
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, precision=precision, max_steps=max_steps,
                         accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
                         enable_checkpointing=bool(save_every), callbacks=callbacks, enable_progress_bar=False,
@@ -80,6 +85,15 @@ class _SignalAt(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if batch_idx == self.batch:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class _FailAt(L.Callback):
+    def __init__(self, batch: int, rank: int) -> None:
+        self.batch, self.rank = batch, rank
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.batch and trainer.global_rank == self.rank:
+            raise RuntimeError(f"rank {self.rank} failed on purpose at batch {batch_idx}")
 
 
 if __name__ == "__main__":

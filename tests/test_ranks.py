@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning.ranks import Ranks, assign
 from tests import resume_run
 from tests.helpers import kept_budget_GiB
@@ -29,12 +30,14 @@ TOL = 5e-5
 MODES = {"ram": {}, "kept": dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2))}
 
 
-def _two_ranks(args: dict) -> None:
+def _two_ranks(args: dict, ok: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     run = subprocess.run([sys.executable, "-m", "tests.resume_run", json.dumps({**args, "devices": 2,
                                                                                  "micro_batch": 1})],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    if ok:
+        assert run.returncode == 0, run.stderr[-3000:]
+    return run
 
 
 def _one_rank(data: str, out: Path, max_steps: int, **kw) -> None:
@@ -131,3 +134,23 @@ def test_fewer_layers_than_ranks_is_refused():
     with pytest.raises(ValueError, match="the model streams 2 layers, fewer than the 4 ranks that would share them "
                                          r"\(devices x num_nodes\): use at most 2 ranks"):
         Ranks.from_sizes([10, 10, 30], world=4, rank=0)
+
+
+def test_a_rank_that_fails_ends_the_run_named_and_the_last_checkpoint_is_intact(data, one, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    run = _two_ranks(dict(data=data, out_dir=str(tmp_path / "first"), max_steps=STEPS, ckpt_dir=str(ckpt_dir),
+                          save_every=2, fail_at_batch=6), ok=False)  # rank 1 raises in step 3
+    assert run.returncode != 0
+    assert "[rank1]: RuntimeError: rank 1 failed on purpose at batch 6" in run.stderr
+    assert [p.name for p in ckpt.candidates(ckpt_dir)] == ["epoch=0-step=2.ckpt"]
+    _one_rank(data, tmp_path / "second", STEPS, resume=str(ckpt_dir))  # resumes from it, equal to the straight run
+    _, state, _ = _result(tmp_path / "second", 1)
+    _assert_close(state, one["ram"][1])
+
+
+def test_ranks_with_other_settings_are_named(data, tmp_path):
+    run = _two_ranks(dict(data=data, out_dir=str(tmp_path), max_steps=1, last_rank_kwargs=dict(prefetch_depth=3,
+                                                                                           ram_budget_GiB=4.0)), ok=False)
+    assert run.returncode != 0
+    assert ("the ranks differ in prefetch_depth (rank 0: 2, rank 1: 3), ram_budget_GiB (rank 0: None, rank 1: 4.0): "
+            "every rank must run the same strategy settings on the same model") in run.stderr
