@@ -62,7 +62,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e.strerror or e}. The run stopped; its last checkpoint is intact (resume from it)",
               file=sys.stderr)
         return 4
-    log.info(build.summary(trainer, run_dir, time.perf_counter() - start, answer))
+    if trainer.is_global_zero:  # one summary for all ranks
+        log.info(build.summary(trainer, run_dir, time.perf_counter() - start, answer))
     return 0
 
 

@@ -87,8 +87,9 @@ class CausalLM(L.LightningModule):
 
     def training_step(self, batch: Tensor, batch_idx: int) -> Tensor:
         loss = self.loss(batch)
-        self.log("train_loss", loss, prog_bar=True)
-        self.log("train_ppl", torch.exp(loss.detach()))
+        # several ranks: the mean over them (each rank's loss is of its own part of the batch)
+        self.log("train_loss", loss, prog_bar=True, sync_dist=True)
+        self.log("train_ppl", torch.exp(loss.detach()), sync_dist=True)
         return loss
 
     def validation_step(self, batch: Tensor, batch_idx: int) -> None:

@@ -135,3 +135,15 @@ def test_a_drive_failing_mid_run_exits_4_with_the_file_named(tmp_path, capsys, r
     assert re.match(r"error: the disk of storage\.nvme_dir is full while writing .*unit_0000\d\.bin\. The run "
                     r"stopped", errors[0]), errors[0]
 
+
+
+def test_train_py_on_two_ranks_reports_once(tmp_path):
+    """`trainer.devices=2`: Lightning starts the second rank from the same command line (Hydra's run directory
+    kept); both train the default tiny model, the summary comes once, with the loss averaged over the ranks."""
+    proc = subprocess.run([sys.executable, "train.py", "trainer.devices=2", "trainer.max_steps=4",
+                           "trainer.val_check_interval=4", f"hydra.run.dir={tmp_path}/run"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert out.count("done: 4 steps in") == 1
+    assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt" / "manifest.json").is_file()
