@@ -5,7 +5,7 @@ The host state is held once across the ranks, sharded by unit: each unit (a trun
 embedding/head) belongs to one rank, which keeps its fp32 master, Adam moments and gradient in host memory, runs its
 AdamW and writes its checkpoint file. The units are dealt out so that RAM and optimizer work split evenly (the
 resident unit, often the largest, counts as one unit among the rest) and consecutive layers alternate between ranks
-(`assign`). Per layer of a pass:
+(`schedule.assign_units`). Per layer of a pass:
 
 - load: the owner copies the layer's weights over its own PCIe link (H2D) and broadcasts them from its GPU to the
   others (NVLink within a node); the other ranks' links carry the neighbouring layers, whose loads the prefetch issues
@@ -23,36 +23,17 @@ One rank (`Ranks.single`) is the plain single-process path: every unit owned, ev
 
 from __future__ import annotations
 
-import heapq
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatrain_lightning import schedule as S
 from megatrain_lightning.errors import UserError
 
 
-def assign(sizes: Sequence[int], world: int) -> list[int]:
-    """Each unit's owner (`sizes`: the trunk layers', then the resident unit's). Balanced by bytes: units by size,
-    largest first, each to the rank holding the fewest bytes so far (ties: the lower rank). Then the trunk layers each
-    rank got that many of are dealt again in layer order, each to the rank furthest behind its share, so that
-    consecutive layers (loaded one after the other, over their owners' links) alternate between ranks. The same on
-    every rank: it depends only on the sizes."""
-    loads = [(0, r) for r in range(world)]
-    owners = [0] * len(sizes)
-    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
-        load, r = heapq.heappop(loads)
-        owners[i] = r
-        heapq.heappush(loads, (load + sizes[i], r))
-    n_trunk = len(sizes) - 1
-    counts = [owners[:n_trunk].count(r) for r in range(world)]
-    given = [0] * world
-    for i in range(n_trunk):  # equal layers keep the same bytes per rank; unequal ones (dense-first) about so
-        r = max(range(world), key=lambda r: (counts[r] * (i + 1) / n_trunk - given[r], -r))
-        owners[i] = r
-        given[r] += 1
-    return owners
+assign = S.assign_units  # shared with the planner (schedule.py is torch-free)
 
 
 class Ranks:

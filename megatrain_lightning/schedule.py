@@ -15,7 +15,8 @@ D2H = "d2h"  # device -> host copies (gradients out)
 CPU = "cpu"  # host CPU: gradient accumulation, AdamW, casts of master weights to the streamed copy
 NVME_READ = "nvme_read"  # file-backed tier: state read ahead of the optimizer
 NVME_WRITE = "nvme_write"  # file-backed tier: state written behind the optimizer
-LANES = (COMPUTE, H2D, D2H, CPU, NVME_READ, NVME_WRITE)
+COLLECTIVE = "collective"  # several ranks: broadcasts of weights and reductions of gradients between the GPUs
+LANES = (COMPUTE, H2D, D2H, CPU, NVME_READ, NVME_WRITE, COLLECTIVE)
 
 # Pinned host buffers that shipped gradients land in before the host adds them into fp32: a ring shared by
 # the trunk's layers. Shipping layer i waits until the host has consumed layer i - STAGING_RING.
@@ -175,6 +176,8 @@ BACKWARD = "backward"  # a block's backward
 RESIDENT = "resident"  # embedding / head / loss work outside the trunk
 LOAD = "load"  # a layer's weights H2D
 GRAD = "grad"  # a layer's gradients D2H
+BROADCAST = "broadcast"  # several ranks: a layer's weights from its owner's GPU to the others
+REDUCE = "reduce"  # several ranks: a layer's gradients summed into its owner's GPU
 ACCUMULATE = "accumulate"  # host adds shipped gradients into fp32 gradient buffers
 OPTIMIZER = "optimizer"  # host AdamW
 CAST = "cast"  # host casts fp32 masters into the streamed compute-dtype copy
@@ -217,3 +220,25 @@ def slots_needed(k: int, prefetch_depth: int) -> int:
     if prefetch_depth < 1:
         raise ValueError(f"prefetch_depth must be >= 1, got {prefetch_depth}")
     return k + prefetch_depth - 1
+
+
+def assign_units(sizes: list[int], world: int) -> list[int]:
+    """Each unit's owning rank (`sizes`: the trunk layers', then the resident unit's; ranks.py). Balanced by bytes:
+    units by size, largest first, each to the rank holding the fewest so far (ties: the lower rank). Then the trunk
+    layers each rank got that many of are dealt again in layer order, each to the rank furthest behind its share, so
+    that consecutive layers (loaded one after the other, over their owners' links) alternate between ranks. The same
+    on every rank: it depends only on the sizes."""
+    loads = [0] * world
+    owners = [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (loads[r], r))
+        owners[i] = r
+        loads[r] += sizes[i]
+    n_trunk = len(sizes) - 1
+    counts = [owners[:n_trunk].count(r) for r in range(world)]
+    given = [0] * world
+    for i in range(n_trunk):  # equal layers keep the same bytes per rank; unequal ones (dense-first) about so
+        r = max(range(world), key=lambda r: (counts[r] * (i + 1) / n_trunk - given[r], -r))
+        owners[i] = r
+        given[r] += 1
+    return owners

@@ -47,6 +47,11 @@ class Hardware:
     attention_bwd_TFLOPS: float | None = None
     # block_efficiency of blocks run eagerly (storage.compile=false; transformers models' layers); null: the same
     eager_block_efficiency: float | None = None
+    # several ranks (trainer.devices > 1): what one GPU moves to and from the others in a broadcast or a reduction
+    # (NCCL's bus bandwidth); null: no peer link, through PCIe at h2d_GBps
+    nvlink_GBps: float | None = None
+    # several machines (trainer.num_nodes > 1): what one node's network moves to and from the others
+    network_GBps: float | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):

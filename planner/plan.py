@@ -73,6 +73,9 @@ def usable_ram_bytes(hw: Hardware) -> int:
 def place(hw: Hardware, wl: Workload) -> Workload:
     """Resolves storage.stream=auto, the units whose state the GPU keeps and, for storage=nvme, how many layers keep
     their state on the SSD."""
+    if wl.nodes > 1 and hw.network_GBps is None:
+        raise PlanError("hardware.network_GBps", f"trainer.num_nodes={wl.nodes} needs the network's bandwidth between "
+                                                 "nodes (GB/s per node, e.g. 50 for 400 Gb/s InfiniBand)")
     return _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(hw, _compile(hw, wl)))))
 
 
@@ -93,7 +96,7 @@ def _gpu_free_bytes(hw: Hardware, wl: Workload) -> float:
 def _keep_grads(hw: Hardware, wl: Workload) -> Workload:
     """The engine's rule (strategy._keep_step_cache): with accumulation, units whose weights and fp32 gradient sums
     stay on the GPU for the step, within step_cache_GiB (auto: 40% of what the kept state leaves)."""
-    if hw.unified or wl.accumulate < 2:
+    if hw.unified or wl.accumulate < 2 or wl.ranks > 1:  # several ranks: not yet (strategy._keep_step_cache)
         return replace(wl, cached=())
     budget = wl.step_cache_GiB
     if budget is None:
@@ -124,8 +127,12 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
         free = hw.hbm_GiB * GiB - hw.gpu_reserved_GiB * GiB - wl.resident_bytes - wl.n_slots * wl.slot_bytes
         budget = 0.4 * max(free, 0) / GiB
     numels = [wl.model.layer_params] * wl.n_layers + [wl.model.embedding_params]
-    return replace(wl, kept=tuple(S.device_units([S.DEVICE_STATE_BYTES * n for n in numels], budget * GiB,
-                                                 skip=set(range(wl.n_nvme_layers)))))
+    kept = set()
+    for r in range(wl.ranks):  # each rank's GPU keeps units it owns (placement.device_states)
+        others = {i for i in range(wl.n_layers + 1) if wl.owner(i) != r}
+        kept |= set(S.device_units([S.DEVICE_STATE_BYTES * n for n in numels], budget * GiB,
+                                   skip=set(range(wl.n_nvme_layers)) | others))
+    return replace(wl, kept=tuple(sorted(kept)))
 
 
 def _offload_when_room(hw: Hardware, wl: Workload) -> Workload:
@@ -298,13 +305,17 @@ def advice(a: Answer) -> list[str]:
     if lane in (S.NVME_READ, S.NVME_WRITE):
         out.append(f"SSD: {lane_words(lane)} is busy {share:.0%} of the step; a faster SSD or more RAM "
                    "(fewer layers on it) shortens the step")
+    if lane == S.COLLECTIVE:
+        out.append(f"ranks: {lane_words(lane)} are busy {share:.0%} of the step; a larger micro-batch per rank "
+                   "carries the same bytes per layer over more tokens")
     return out
 
 
 def lane_words(lane: str) -> str:
     return {S.COMPUTE: "GPU compute", S.H2D: "the host-to-device link", S.D2H: "the device-to-host link",
             S.CPU: "the host CPU (optimizer, casts, gradient accumulation)", S.NVME_READ: "SSD reads",
-            S.NVME_WRITE: "SSD writes"}[lane]
+            S.NVME_WRITE: "SSD writes",
+            S.COLLECTIVE: "the GPU-to-GPU broadcasts and reductions (NVLink, or the network between nodes)"}[lane]
 
 
 def _gpu_fits(hw: Hardware, wl: Workload) -> bool:

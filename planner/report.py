@@ -9,7 +9,7 @@ from planner.shared import schedule as S
 from planner.workload import GiB
 
 LANE_TITLES = {S.COMPUTE: "GPU compute", S.H2D: "H2D", S.D2H: "D2H", S.CPU: "CPU (optimizer)",
-               S.NVME_READ: "NVMe read", S.NVME_WRITE: "NVMe write"}
+               S.NVME_READ: "NVMe read", S.NVME_WRITE: "NVMe write", S.COLLECTIVE: "GPU-to-GPU"}
 
 
 def _size(nbytes: float) -> str:
@@ -40,7 +40,9 @@ def text(a: Answer, tokens: float) -> str:
         + (f", {c.active_params / 1e9:.3g}B active: {c.experts_per_token} of {c.n_experts} experts"
            if c.n_experts else "") + f", {c.n_layer} layers) on {hw.name} "
         f"({hw.gpu}), storage={wl.storage}, {wl.precision}",
-        f"  {wl.micro_batch} x {wl.seq_len} tokens x accumulate {wl.accumulate} = {wl.step_tokens:,} tokens/step; "
+        f"  {wl.micro_batch} x {wl.seq_len} tokens x accumulate {wl.accumulate}"
+        + (f" x {wl.ranks} ranks ({wl.nodes} node{'s' * (wl.nodes > 1)}; the timeline is rank 0's)" if wl.ranks > 1
+           else "") + f" = {wl.step_tokens:,} tokens/step; "
         f"checkpoint_interval {wl.checkpoint_interval}, prefetch_depth {wl.prefetch_depth}, stream {wl.resolved_stream}",
         "",
         verdict(a),

@@ -81,7 +81,7 @@ class _Sim:
     def span(self, lane: str, kind: str, layer: int, dur: float, after: float = 0.0, nbytes: int = 0,
              issued: bool = True) -> Span:
         lane = self.lane_of.get(lane, lane)
-        start = max(self.free[lane], after, self.host if issued else 0.0)
+        start = max(self.free.setdefault(lane, 0.0), after, self.host if issued else 0.0)
         s = Span(lane, kind, layer, start, start + dur, nbytes)
         self.free[lane] = s.end
         self.t.spans.append(s)
@@ -95,14 +95,35 @@ class _Sim:
             self.t.gpu_mem.append((end, -nbytes))
 
     def transfer_s(self, lane: str, nbytes: int, at: float) -> float:
+        """`lane`: H2D or D2H of rank 0's link, or of another rank's ("h2d@1", `link`)."""
         hw = self.hw
         if hw.unified:
             return nbytes / (hw.host_mem_GBps * 1e9)
-        rate = hw.h2d_GBps if lane == S.H2D else hw.d2h_GBps
-        other = S.D2H if lane == S.H2D else S.H2D
-        if self.free[other] > at:  # both directions busy: they share the duplex cap
+        base, at_rank = lane.partition("@")[0], lane.partition("@")[2]
+        rate = hw.h2d_GBps if base == S.H2D else hw.d2h_GBps
+        other = (S.D2H if base == S.H2D else S.H2D) + (f"@{at_rank}" if at_rank else "")
+        if self.free.get(other, 0.0) > at:  # both directions busy: they share the duplex cap
             rate = min(rate, hw.duplex_GBps / 2)
         return nbytes / (rate * 1e9)
+
+    def link(self, lane: str, unit: int) -> str:
+        """The H2D or D2H lane of the unit's owner: rank 0's own, or another rank's link (several ranks)."""
+        r = self.wl.owner(unit)
+        return lane if r == 0 else f"{lane}@{r}"
+
+    def collective_s(self, nbytes: int) -> float:
+        """A broadcast or reduction of `nbytes` among the ranks: NVLink (else PCIe), the network across nodes."""
+        hw = self.hw
+        rate = hw.nvlink_GBps or hw.h2d_GBps
+        if self.wl.nodes > 1:
+            rate = min(rate, hw.network_GBps)
+        return nbytes / (rate * 1e9)
+
+    def collective(self, kind: str, layer: int, nbytes: int, after: float) -> float:
+        """Rank 0's part in one collective (every rank takes part in each); returns its end (0: one rank)."""
+        if self.wl.ranks == 1:
+            return after
+        return self.span(S.COLLECTIVE, kind, layer, self.collective_s(nbytes), after=after, nbytes=nbytes).end
 
     # ---- compute costs ----
     def layer_s(self, passes: int) -> float:
@@ -193,13 +214,19 @@ class _Sim:
                 self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok * block)
                 self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok * block)
                 slots.append(bwd.end)
+                if wl.ranks > 1:  # summed into its owner's GPU in fp32; the compute stream waits for it
+                    g_ready = self.collective(S.REDUCE, j, 4 * c.layer_params, bwd.end)
+                    self.alloc(bwd.start, g_ready, 4 * c.layer_params)
                 if j in wl.kept or (j in wl.cached and not last):  # its gradient stays on the device, in fp32
+                    continue
+                if not wl.on_this_node(j):  # another node's host takes it
                     continue
                 if ship >= S.STAGING_RING:  # the staging buffer is reused: wait for the host to consume it
                     self.host = max(self.host, acc_ends[-S.STAGING_RING])
                 landing = first or j in wl.cached  # fp32 straight into the host buffer (a device sum, or the first)
                 nbytes = wl.landing_grad_bytes if landing else wl.grad_bytes
-                grad = self.span(S.D2H, S.GRAD, j, self.transfer_s(S.D2H, nbytes, bwd.end), after=bwd.end,
+                lane = self.link(S.D2H, j)
+                grad = self.span(lane, S.GRAD, j, self.transfer_s(lane, nbytes, g_ready), after=g_ready,
                                  nbytes=nbytes)
                 acc_ends.append(self.accumulate(j, c.layer_params, grad.end, landing))
                 self.landed.append((j, c.layer_params, acc_ends[-1]))
@@ -215,13 +242,14 @@ class _Sim:
         self.alloc(embed_bwd.start, None, emb_grad)
         # post_backward: ship the resident gradients (unless they stay on the device), then wait until every
         # gradient sits in fp32
-        shipped = embed_bwd.end
+        shipped = self.collective(S.REDUCE, RESIDENT_LAYER, 4 * c.embedding_params, embed_bwd.end)
         resident_kept = wl.n_layers in wl.cached
-        if wl.n_layers not in wl.kept and (last or not resident_kept):
+        if wl.n_layers not in wl.kept and (last or not resident_kept) and wl.on_this_node(wl.n_layers):
             landing = first or resident_kept
             nbytes = c.embedding_params * (4 if landing else wl.cb)
-            shipped = self.span(S.D2H, S.GRAD, RESIDENT_LAYER, self.transfer_s(S.D2H, nbytes, embed_bwd.end),
-                                after=embed_bwd.end, nbytes=nbytes).end
+            lane = self.link(S.D2H, wl.n_layers)
+            shipped = self.span(lane, S.GRAD, RESIDENT_LAYER, self.transfer_s(lane, nbytes, shipped),
+                                after=shipped, nbytes=nbytes).end
             acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, shipped, landing))
             self.landed.append((RESIDENT_LAYER, c.embedding_params, acc_ends[-1]))
         self.alloc(shipped, None, -(head_grad + emb_grad))
@@ -231,13 +259,17 @@ class _Sim:
     def load(self, i: int, free_at: float) -> float:
         """When layer i's weights are in their slot: H2D, or (kept on the device) a cast of the device master."""
         wl = self.wl
-        if i in wl.kept or i in self.cache_loaded:  # kept, or in the step cache since its first load this step
+        if i in wl.kept:  # cast from its owner's device master; several ranks: broadcast from there
+            return self.collective(S.BROADCAST, i, wl.cb * wl.model.layer_params, free_at)
+        if i in self.cache_loaded:  # in the step cache since its first load this step
             return free_at
         if i in wl.cached:
             self.cache_loaded.add(i)
         if not self.on_disk(i):
-            return self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, wl.load_bytes, free_at), after=free_at,
-                             nbytes=wl.load_bytes).end
+            lane = self.link(S.H2D, i)
+            end = self.span(lane, S.LOAD, i, self.transfer_s(lane, wl.load_bytes, free_at), after=free_at,
+                            nbytes=wl.load_bytes).end
+            return self.collective(S.BROADCAST, i, wl.cb * wl.model.layer_params, end)
         # file-backed: its copy is read from the drives into a pinned tile (once the last update wrote it), then H2D
         nbytes = wl.cb * wl.model.layer_params
         read = self.span(S.NVME_READ, S.LOAD, i, nbytes / (self.hw.nvme_array_read_GBps * 1e9),
@@ -318,13 +350,17 @@ class _Sim:
     def previous_updates(self) -> None:
         """Deferred updates (clipping): the previous step's, in forward order, run from the step's start behind
         its forward (steady state: each step is preceded by one like it)."""
-        c, kept = self.wl.model, self.wl.kept
+        wl = self.wl
+        c, kept = wl.model, wl.kept
         half = c.embedding_params // 2
-        if self.wl.n_layers not in kept:
-            t = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half), issued=False).end
-            self.updated["embed"] = self.span(S.H2D, S.LOAD, RESIDENT_LAYER,
-                                              self.transfer_s(S.H2D, half * self.wl.cb, t), after=t,
-                                              nbytes=half * self.wl.cb, issued=False).end
+        if wl.n_layers not in kept:
+            # another node's host updates it meanwhile, as this one would
+            t = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half), issued=False).end \
+                if wl.on_this_node(wl.n_layers) else self.update_s(half)
+            lane = self.link(S.H2D, wl.n_layers)
+            t = self.span(lane, S.LOAD, RESIDENT_LAYER, self.transfer_s(lane, half * wl.cb, t), after=t,
+                          nbytes=half * wl.cb, issued=False).end
+            self.updated["embed"] = self.collective(S.BROADCAST, RESIDENT_LAYER, half * wl.cb, t)
         def update(i: int) -> None:
             if self.on_disk(i):
                 self.updated[i] = self.disk_update(i)
@@ -334,9 +370,9 @@ class _Sim:
         def head() -> None:
             self.updated["head"] = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half),
                                              issued=False).end
-        self.queued = [(i, lambda i=i: update(i)) for i in range(self.wl.n_layers) if i not in kept]
-        if self.wl.n_layers not in kept:
-            self.queued.append((self.wl.n_layers, head))
+        self.queued = [(i, lambda i=i: update(i)) for i in range(wl.n_layers) if i not in kept and wl.on_this_node(i)]
+        if wl.n_layers not in kept and wl.on_this_node(wl.n_layers):
+            self.queued.append((wl.n_layers, head))
 
     def overlapped_updates(self) -> None:
         """After the last micro-batch: per-unit norms for clipping as gradients land; without clipping each unit's
@@ -357,7 +393,7 @@ class _Sim:
         streamed copies; file-backed layers read their state ahead and write it behind."""
         wl, hw, c = self.wl, self.hw, self.wl.model
         opt_s = lambda n: n / (hw.cpu_adamw_Gparams * 1e9)  # noqa: E731
-        ram_params = c.n_params - wl.n_nvme_layers * c.layer_params
+        ram_params = wl.ram_params
         self.host = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(ram_params)).end
         for i in range(wl.n_nvme_layers):  # file-backed: read ahead, updated, written behind
             self.disk_update(i, after=self.host)

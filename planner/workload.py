@@ -59,12 +59,18 @@ class Workload:
     # this project's model on a GPU, off on the CPU and for transformers objects (every mixture of experts here:
     # megatrain_lightning.Llama has dense MLPs). Unresolved counts as eager.
     compile: bool | None = None
+    # data parallel (trainer.devices x trainer.num_nodes ranks, `nodes` machines): each unit's state is owned by one
+    # rank (schedule.assign_units), its owner loads it and broadcasts it, its gradients are reduced to the owner; the
+    # timeline is rank 0's, the host work of its node's ranks on its node's CPU, the micro-batch per rank
+    ranks: int = 1
+    nodes: int = 1
 
     def __post_init__(self) -> None:
         checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
                   ("trainer.accumulate_grad_batches", self.accumulate, 1),
                   ("storage.checkpoint_interval", self.checkpoint_interval, 1),
-                  ("storage.prefetch_depth", self.prefetch_depth, 1)]
+                  ("storage.prefetch_depth", self.prefetch_depth, 1), ("trainer.devices", self.ranks, 1),
+                  ("trainer.num_nodes", self.nodes, 1)]
         for name, v, lo in checks:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise PlanError(name, f"must be an integer >= {lo}, got {v!r}")
@@ -96,6 +102,11 @@ class Workload:
                                                     f"{self.chunk_tokens!r}")
         if self.ram_budget_GiB is not None and self.ram_budget_GiB <= 0:
             raise PlanError("storage.ram_budget_GiB", f"must be > 0, got {self.ram_budget_GiB}")
+        if self.ranks > 1 and self.n_layers < self.ranks:
+            raise PlanError("trainer.devices", f"{self.ranks} ranks share {self.model.name}'s {self.n_layers} layers: "
+                                               f"use at most {self.n_layers}")
+        if self.ranks > 1 and self.storage == "nvme":
+            raise PlanError("storage.kind", "storage=nvme trains on one device yet; with several use storage=ram")
 
     # ---- shape ----
     @property
@@ -117,7 +128,32 @@ class Workload:
 
     @property
     def step_tokens(self) -> int:
-        return self.micro_tokens * self.accumulate
+        """Over every rank."""
+        return self.micro_tokens * self.accumulate * self.ranks
+
+    # ---- ranks ----
+    @property
+    def owners(self) -> tuple[int, ...]:
+        """Each unit's owning rank (the resident unit last), as the engine deals them."""
+        c = self.model
+        return tuple(S.assign_units([c.layer_params] * self.n_layers + [c.embedding_params], self.ranks))
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.ranks // self.nodes
+
+    def owner(self, unit: int) -> int:
+        return self.owners[unit] if self.ranks > 1 else 0
+
+    def on_this_node(self, unit: int) -> bool:
+        """Whether rank 0's node holds the unit's state (its host does its host work)."""
+        return self.owner(unit) < self.ranks_per_node
+
+    @property
+    def node_params(self) -> tuple[int, int]:
+        """(trunk layers, resident: 0 or 1) whose state rank 0's node holds."""
+        layers = sum(self.on_this_node(i) for i in range(self.n_layers))
+        return layers, int(self.on_this_node(self.n_layers))
 
     @property
     def chunk_sequences(self) -> int:
@@ -248,9 +284,10 @@ class Workload:
 
     @property
     def kept_params(self) -> int:
-        """Parameters whose state the device keeps."""
+        """Parameters whose state the device (rank 0's GPU: each keeps units it owns) keeps."""
         c = self.model
-        return sum(c.embedding_params if i == self.n_layers else c.layer_params for i in self.kept)
+        return sum(c.embedding_params if i == self.n_layers else c.layer_params for i in self.kept
+                   if self.owner(i) == 0)
 
     @property
     def kept_bytes(self) -> int:
@@ -298,19 +335,25 @@ class Workload:
     def host_bytes(self) -> dict[str, int]:
         """Host RAM by purpose (the pinned parts are also listed under 'pinned')."""
         c, cb = self.model, self.cb
-        n_ram_layers = self.n_layers - self.n_nvme_layers
-        ram_params = n_ram_layers * c.layer_params + c.embedding_params
+        ram_params = self.ram_params
         out = {"state": ram_params * STATE_BYTES}  # a file-backed layer keeps nothing in RAM
         if self.resolved_stream == "copy":
             out["stream_copy"] = ram_params * cb  # page-locked in place: exact sizes
-        out["grad_staging"] = S.staging_numel(c.max_layer_params, c.embedding_params) * cb
+        per_rank = self.ranks_per_node  # each rank of the node has its own staging and block inputs
+        out["grad_staging"] = S.staging_numel(c.max_layer_params, c.embedding_params) * cb * per_rank
         if self.offload_checkpoints == "disk":
-            out["block_input_tiles"] = S.BLOCK_INPUT_TILES * S.BLOCK_INPUT_PIECE
+            out["block_input_tiles"] = S.BLOCK_INPUT_TILES * S.BLOCK_INPUT_PIECE * per_rank
         elif self.offload_checkpoints:
-            out["checkpoints"] = self.plan.n_checkpoints * self.checkpoint_bytes
+            out["checkpoints"] = self.plan.n_checkpoints * self.checkpoint_bytes * per_rank
         if self.n_nvme_layers:
             out["nvme_window"] = self.nvme_window_bytes
         return out
+
+    @property
+    def ram_params(self) -> int:
+        """Parameters whose state sits in this node's RAM (the units its ranks own; none of the file-backed ones)."""
+        layers, resident = self.node_params
+        return (layers - self.n_nvme_layers) * self.model.layer_params + resident * self.model.embedding_params
 
     @property
     def nvme_window_bytes(self) -> int:
@@ -332,7 +375,7 @@ class Workload:
         if hw_unified:
             return 0
         h = self.host_bytes()
-        n = self.model.n_params - self.n_nvme_layers * self.model.layer_params  # the units in RAM
+        n = self.ram_params  # the units in RAM
         # page-locked in place: the gradient buffers (they land by DMA), and whole tiles when the master streams
         tiles = 16 * n if self.resolved_stream == "master" else 4 * n
         return h.get("stream_copy", 0) + h["grad_staging"] + h.get("checkpoints", 0) + h.get("block_input_tiles", 0) \
