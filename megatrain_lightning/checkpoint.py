@@ -299,11 +299,16 @@ def load_newest_intact(path: str | Path, store: HostStore) -> tuple[Path, dict[s
         try:
             meta = load_meta(candidate)
             load_store(candidate, store)  # every unit: a partial load is overwritten by the next try
-            break
+            error = None
         except CheckpointError as e:
-            if k + 1 == len(found):
-                raise
-            log.warning(f"{e}\nresuming from the next older checkpoint instead: {found[k + 1]}")
+            error = e
+        # several ranks each verify the units they own: all take the same checkpoint, the newest intact for all
+        seen = [e for e in store.ranks.gather(None if error is None else str(error)) if e is not None]
+        if not seen:
+            break
+        if k + 1 == len(found):
+            raise error if error is not None else CheckpointError(seen[0])
+        log.warning(f"{error or seen[0]}\nresuming from the next older checkpoint instead: {found[k + 1]}")
     if candidate != Path(path):
         log.info(f"resuming from {candidate}, the last intact checkpoint in {path}")
     return candidate, meta

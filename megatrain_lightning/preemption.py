@@ -61,8 +61,13 @@ class SaveOnSignal(pl.Callback):
         self._step_at_start = trainer.global_step
 
     def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
-        if self.received is None or trainer.global_step == self._step_at_start:
-            return  # no signal, or mid-accumulation: the step is not finished
+        if trainer.global_step == self._step_at_start:
+            return  # mid-accumulation: the step is not finished
+        received = self.received is not None
+        if trainer.world_size > 1:  # the save is collective: every rank saves after the step any rank got it in
+            received = trainer.strategy.reduce_boolean_decision(received, all=False)
+        if not received:
+            return
         dirpath = self.dirpath
         if dirpath is None:
             callback = trainer.checkpoint_callback
@@ -70,7 +75,8 @@ class SaveOnSignal(pl.Callback):
                 Path(trainer.default_root_dir) / "checkpoints"
         path = dirpath / f"interrupted-step={trainer.global_step}.ckpt"
         trainer.save_checkpoint(path)
-        name = signal.Signals(self.received).name
+        signum = self.received or signal.SIGTERM  # another rank's signal
+        name = signal.Signals(signum).name
         log.warning(f"{name}: saved {path} after step {trainer.global_step}; resume with ckpt_path={dirpath} "
                     f"(train.py: resume={dirpath})")
-        raise SystemExit(128 + self.received)
+        raise SystemExit(128 + signum)

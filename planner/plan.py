@@ -215,7 +215,11 @@ def advice(a: Answer) -> list[str]:
     out: list[str] = []
     by_name = {t.name: t for t in a.tiers}
     ram = by_name["RAM"]
-    if wl.storage == "ram" and not ram.fits:
+    if wl.storage == "ram" and not ram.fits and wl.ranks > 1:
+        out.append(f"RAM: this node's share of the state needs {ram.need_bytes / GiB:,.0f} GiB of "
+                   f"{ram.capacity_bytes / GiB:,.0f} usable; more nodes (trainer.num_nodes) split it further "
+                   "(storage=nvme trains on one device yet)")
+    elif wl.storage == "ram" and not ram.fits:
         nv = place(hw, replace(wl, storage="nvme", stream="copy"))
         nv_ram = ram_need(hw, nv)
         alt = (f"storage=nvme (puts {nv.n_nvme_layers} of {wl.n_layers} layers' state, {nv.nvme_bytes / 1e12:.2f} TB, "

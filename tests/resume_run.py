@@ -55,8 +55,8 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     callbacks = []
     if save_every:
         callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=save_every, save_top_k=-1))
-    if signal_at_batch is not None:
-        callbacks += [SaveOnSignal(ckpt_dir), _SignalAt(signal_at_batch)]
+    if signal_at_batch is not None:  # several ranks: the last one alone gets it
+        callbacks += [SaveOnSignal(ckpt_dir), _SignalAt(signal_at_batch, devices - 1)]
     if fail_at_batch is not None:
         callbacks.append(_FailAt(fail_at_batch, devices - 1))
     last = int(os.environ.get("LOCAL_RANK", 0)) == devices - 1 > 0  # Lightning sets it for the ranks it starts
@@ -79,11 +79,11 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
 
 
 class _SignalAt(L.Callback):
-    def __init__(self, batch: int) -> None:
-        self.batch = batch
+    def __init__(self, batch: int, rank: int = 0) -> None:
+        self.batch, self.rank = batch, rank
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if batch_idx == self.batch:
+        if batch_idx == self.batch and trainer.global_rank == self.rank:
             os.kill(os.getpid(), signal.SIGTERM)
 
 

@@ -154,3 +154,35 @@ def test_ranks_with_other_settings_are_named(data, tmp_path):
     assert run.returncode != 0
     assert ("the ranks differ in prefetch_depth (rank 0: 2, rank 1: 3), ram_budget_GiB (rank 0: None, rank 1: 4.0): "
             "every rank must run the same strategy settings on the same model") in run.stderr
+
+
+def test_a_signal_to_one_rank_saves_on_every_rank_after_the_same_step(data, one, tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    run = _two_ranks(dict(data=data, out_dir=str(tmp_path / "first"), max_steps=STEPS, ckpt_dir=str(ckpt_dir),
+                          signal_at_batch=5), ok=False)  # SIGTERM to rank 1 alone, mid-step 3
+    assert run.returncode == 143, run.stderr[-3000:]
+    assert [p.name for p in ckpt.candidates(ckpt_dir)] == ["interrupted-step=3.ckpt"]
+    _one_rank(data, tmp_path / "second", STEPS, resume=str(ckpt_dir))
+    losses, state, _ = _result(tmp_path / "second", 1)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["ram"][0][3 * resume_run.ACCUMULATE:]),
+                               rtol=1e-5, atol=0)
+    _assert_close(state, one["ram"][1])
+
+
+def test_ranks_agree_on_the_newest_intact_checkpoint(data, one, tmp_path):
+    """The newest checkpoint's data is damaged in a unit only rank 1 owns (and verifies): both ranks resume from the
+    older one, and the run equals the straight one."""
+    ckpt_dir = tmp_path / "ckpt"
+    _two_ranks(dict(data=data, out_dir=str(tmp_path / "first"), max_steps=4, ckpt_dir=str(ckpt_dir), save_every=2))
+    c = Config.from_name("tiny")
+    owners = assign([c.layer_params] * c.n_layer + [c.embedding_params], 2)
+    unit = ckpt_dir / "epoch=0-step=4.ckpt" / ckpt.unit_file(owners.index(1))
+    raw = bytearray(unit.read_bytes())
+    raw[-5] ^= 0xFF  # a bit of the last tensor's data: the header and size stay right, the hash does not
+    unit.write_bytes(bytes(raw))
+    run = _two_ranks(dict(data=data, out_dir=str(tmp_path / "second"), max_steps=STEPS, resume=str(ckpt_dir)))
+    assert "resuming from the next older checkpoint instead" in run.stderr
+    losses, state, _ = _result(tmp_path / "second", 2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(one["ram"][0][2 * resume_run.ACCUMULATE:]),
+                               rtol=1e-5, atol=0)
+    _assert_close(state, one["ram"][1])
