@@ -40,11 +40,12 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
         save_every: int | None = None, resume: str | None = None, precision: str = "32-true",
         ram_budget_GiB: float | None = None, nvme_dir: str | None = None, drives: int = 1,
         device_state_GiB: float | None = None, signal_at_batch: int | None = None, devices: int = 1,
-        micro_batch: int = MICRO_BATCH, fail_at_batch: int | None = None, last_rank_kwargs: dict | None = None) -> None:
+        micro_batch: int = MICRO_BATCH, fail_at_batch: int | None = None, last_rank_kwargs: dict | None = None,
+        clip: float = 1.0) -> None:
     """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it).
     `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives). `devices`: CPU
     ranks (gloo), each with `micro_batch` sequences; `fail_at_batch`: the last rank raises during that micro-batch; `last_rank_kwargs`: strategy
-    arguments of the last rank only."""
+    arguments of the last rank only; `clip` 0: no clipping (updates then start as gradients land)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny")
@@ -65,7 +66,7 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
                                            device_state_GiB=device_state_GiB),
                                     **((last_rank_kwargs or {}) if last else {})})
     trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=devices, precision=precision, max_steps=max_steps,
-                        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
+                        accumulate_grad_batches=ACCUMULATE, gradient_clip_val=clip or None, logger=False,
                         enable_checkpointing=bool(save_every), callbacks=callbacks, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0, deterministic=True)
     trainer.fit(lm, datamodule=dm, ckpt_path=resume)
