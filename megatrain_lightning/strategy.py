@@ -264,9 +264,9 @@ class MegatrainStrategy(DataParallelBase):
         # backward). The check synchronizes once per micro-batch, after the forward: the backward's first loads
         # are issued after it.
         # With several ranks they all stop: a rank going on would wait forever for the stopped one's collectives.
-        if self.store.ranks.any(not torch.isfinite(closure_loss.detach()).item()):
-            self._diverged(f"the loss is {closure_loss.item()}" if not torch.isfinite(closure_loss.detach())
-                           else "the loss of another rank is not finite")
+        finite = bool(torch.isfinite(closure_loss.detach()).item())
+        if self.store.ranks.any(not finite):
+            self._diverged(f"the loss is {closure_loss.item()}" if not finite else "the loss of another rank is not finite")
 
     def _check_norm(self, total: Tensor) -> Tensor:
         """The global gradient norm, computed for clipping: logged, and checked before any update uses it."""
