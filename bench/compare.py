@@ -143,25 +143,32 @@ def run_one(a) -> dict:
     profile = {}
     if system == "megatrain" and a.profile:
         callbacks.append(ComputeBusy(a.warmup + a.steps, profile))  # after the timed steps
-    trainer = L.Trainer(strategy=strategy, accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=1,
+    trainer = L.Trainer(strategy=strategy, accelerator="gpu" if torch.cuda.is_available() else "cpu", devices=a.devices,
                         precision="bf16-mixed", max_steps=a.warmup + a.steps + (PROFILED_STEPS + 1 if a.profile else 0),
                         gradient_clip_val=a.clip, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
                         callbacks=callbacks)
-    n = (a.warmup + a.steps + PROFILED_STEPS + 2) * a.micro_batch
+    n = (a.warmup + a.steps + PROFILED_STEPS + 2) * a.micro_batch * a.devices
     data = DataLoader(RandomTokens(config.vocab_size, a.seq_len, n), batch_size=a.micro_batch)
     t0 = time.perf_counter()
     trainer.fit(build_lm(a, config, system), train_dataloaders=data)
     times = timer.times[a.warmup - 1:a.warmup - 1 + a.steps]  # timer.times[0] is step 2 (step 1 has no start)
-    tokens = a.micro_batch * a.seq_len
+    tokens = a.micro_batch * a.seq_len * a.devices  # every rank's
     step = statistics.fmean(times)  # the window between two synchronizations: its mean is the throughput
+    rss = [rss_bytes()]
+    if torch.distributed.is_initialized():  # each rank's host memory
+        rss = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(rss, rss_bytes())
+    if not trainer.is_global_zero:
+        return {}
     return dict(system=system, model=a.model, n_layer=config.n_layer, n_params=config.n_params,
-                micro_batch=a.micro_batch, seq_len=a.seq_len, tokens_per_step=tokens, clip=a.clip,
+                devices=a.devices, micro_batch=a.micro_batch, seq_len=a.seq_len, tokens_per_step=tokens, clip=a.clip,
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 torch=torch.__version__, step_times_s=[round(t, 4) for t in times], step_time_s=round(step, 4),
                 model_tflops=round(6 * config.n_params * tokens / step / 1e12, 1),
                 peak_gpu_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
-                host_rss_GiB=round(rss_bytes() / 2**30, 2), host_bytes_per_param=round(rss_bytes() / config.n_params, 2),
+                host_rss_GiB=round(rss[0] / 2**30, 2), host_rss_per_rank_GiB=[round(r / 2**30, 2) for r in rss],
+                host_bytes_per_param=round(sum(rss) / config.n_params, 2),
                 wall_s=round(time.perf_counter() - t0, 1), **profile, **kept_units(trainer.strategy))
 
 
@@ -229,7 +236,7 @@ def _busy_from_trace(path: Path, wall: float) -> dict:
 def planner_prediction(a) -> dict | None:
     over = [f"model={a.model}", f"data.micro_batch={a.micro_batch}", f"data.seq_len={a.seq_len}",
             f"hardware={a.planner_hardware}", "trainer=gpu", f"storage.prefetch_depth={a.prefetch_depth}",
-            f"storage.checkpoint_interval={a.checkpoint_interval}"]
+            f"storage.checkpoint_interval={a.checkpoint_interval}", f"trainer.devices={a.devices}"]
     if a.untied:
         over.append("+model.tie_embeddings=false")
     if a.n_layer:
@@ -255,6 +262,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.2-3b")
     ap.add_argument("--untied", action="store_true")
     ap.add_argument("--n-layer", type=int, default=None)
+    ap.add_argument("--devices", type=int, default=1, help="ranks (GPUs), data parallel; the batch is per rank")
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run")
@@ -275,7 +283,9 @@ def main() -> None:
     a = ap.parse_args()
     if a.worker:
         a.clip = a.clip or None
-        print("RESULT " + json.dumps(run_one(a)), flush=True)
+        result = run_one(a)
+        if result:  # rank 0's
+            print("RESULT " + json.dumps(result), flush=True)
         return
 
     systems = [s for s in a.systems.split(",") if s]

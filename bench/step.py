@@ -3,6 +3,9 @@ peak device memory and host bytes per parameter. One JSON line per run on stdout
 (gpt-oss-120b, qwen3-235b-a22b, ...) runs as the transformers model of its exact layer shape.
 
   python bench/step.py --model llama-3.2-3b --untied --micro-batch 8 --accumulate 4 --seq-len 1024 --steps 5
+
+With --devices N (data parallel, one process a GPU: Lightning's launcher starts the others by re-running this
+command) the batch is per rank, tokens count every rank's, and rank 0 prints the line with every rank's host RSS.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset
 
 from megatrain_lightning import MegatrainStrategy
@@ -144,6 +148,7 @@ def predicted(a, config: Config) -> dict:
     from planner.check import check, compose
 
     overrides = [f"model={a.model}", f"hardware={a.plan}", "trainer=gpu", f"trainer.precision={a.precision}",
+                 f"trainer.devices={a.devices}",
                  f"data.seq_len={a.seq_len}", f"data.micro_batch={a.micro_batch}",
                  f"trainer.accumulate_grad_batches={a.accumulate}", "trainer.gradient_clip_val=1.0",
                  f"+model.n_layer={config.n_layer}", f"+model.tie_embeddings={str(config.tie_embeddings).lower()}",
@@ -190,7 +195,8 @@ def main() -> None:
     ap.add_argument("--model", default="tiny")
     ap.add_argument("--n-layer", type=int, default=None, help="truncate depth (same layer shape)")
     ap.add_argument("--untied", action="store_true")
-    ap.add_argument("--micro-batch", type=int, default=8)
+    ap.add_argument("--devices", type=int, default=1, help="ranks (GPUs, or CPU processes), data parallel")
+    ap.add_argument("--micro-batch", type=int, default=8, help="sequences per rank")
     ap.add_argument("--accumulate", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=5)
@@ -234,12 +240,13 @@ def main() -> None:
                                  offload_checkpoints=OFFLOAD[a.offload_checkpoints])
     timer = StepTimer(sync_at={1, a.steps + 1})  # step 1 is the warm-up; the window is steps 2 .. steps + 1
     peak = PeakMemory(step=a.accumulate) if a.memory_peak and torch.cuda.is_available() else None
-    trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=1, precision=a.precision,
+    trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=a.devices, precision=a.precision,
                         max_steps=a.steps + 1, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         callbacks=[timer] + ([peak] if peak else []))
-    data = DataLoader(RandomTokens(config.vocab_size, a.seq_len, (a.steps + 1) * a.accumulate * a.micro_batch),
+    data = DataLoader(RandomTokens(config.vocab_size, a.seq_len,
+                                   (a.steps + 1) * a.accumulate * a.micro_batch * a.devices),
                       batch_size=a.micro_batch)  # no workers: a fork would copy-on-write the store
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -252,20 +259,28 @@ def main() -> None:
         lm = FrozenLM(a.freeze, config, **hp) if a.freeze else CausalLM(config, **hp)
     trainer.fit(lm, train_dataloaders=data)
     wall = time.perf_counter() - t0
-    tokens = a.micro_batch * a.accumulate * a.seq_len
+    tokens = a.micro_batch * a.accumulate * a.seq_len * a.devices  # every rank's
+    mine = (rss_bytes(), strategy.store.nbytes)
+    per_rank = [mine]
+    if dist.is_initialized():  # every rank's host memory (the store is split between them)
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, mine)
+    rss, stores = [r for r, _ in per_rank], [b for _, b in per_rank]
+    if not trainer.is_global_zero:
+        return
     step = statistics.fmean(timer.times)  # the window between two synchronizations: its mean is the throughput
     result = dict(model=a.model, as_transformers=bool(config.transformers_type or a.as_transformers),
                   n_layer=config.n_layer, untied=a.untied, n_params=config.n_params,
                   device=torch.cuda.get_device_name() if accel == "gpu" else "cpu", precision=a.precision,
-                  micro_batch=a.micro_batch, accumulate=a.accumulate, seq_len=a.seq_len, tokens_per_step=tokens,
+                  devices=a.devices, micro_batch=a.micro_batch, accumulate=a.accumulate, seq_len=a.seq_len, tokens_per_step=tokens,
                   checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth,
                   step_times_s=[round(t, 4) for t in timer.times], step_time_s=round(step, 4),
                   tokens_per_s=round(tokens / step, 1), model_tflops=round(6 * config.active_params * tokens / step / 1e12, 1),
                   peak_gpu_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if accel == "gpu" else None,
-                  host_rss_GiB=round(rss_bytes() / 2**30, 2),
+                  host_rss_GiB=round(rss[0] / 2**30, 2), host_rss_per_rank_GiB=[round(r / 2**30, 2) for r in rss],
                   host_peak_rss_GiB=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-                  host_bytes_per_param=round(rss_bytes() / config.n_params, 2),
-                  store_bytes_per_param=round(strategy.store.nbytes / config.n_params, 2), stream=strategy.store.stream,
+                  host_bytes_per_param=round(sum(rss) / config.n_params, 2),
+                  store_bytes_per_param=round(sum(stores) / config.n_params, 2), stream=strategy.store.stream,
                   wall_s=round(wall, 1), storage=a.storage, device_units=len(strategy.engine.device_states.units)
                   if strategy.engine.device_states else 0,
                   nvme_layers=sum(u.on_disk for u in strategy.store.units), freeze=a.freeze,

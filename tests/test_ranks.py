@@ -43,7 +43,7 @@ def _two_ranks(args: dict, ok: bool = True) -> subprocess.CompletedProcess:
     return run
 
 
-def _one_rank(data: str, out: Path, max_steps: int, **kw) -> None:
+def _one_rank(data: str, out: Path, max_steps: int, **kw) -> None:  # in this process
     resume_run.run(data, str(out), max_steps, **kw)
 
 
@@ -101,6 +101,19 @@ def test_two_ranks_equal_one_at_the_same_global_batch(mode, data, one, tmp_path)
     _assert_close(state, want_state)
     # the host state is held once: the two ranks' stores add up to one rank's, split about evenly
     assert sum(nbytes) == want_bytes and max(nbytes) < 0.6 * want_bytes
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+@pytest.mark.parametrize("mode", MODES)
+def test_two_cuda_ranks_equal_one_cuda_rank(mode, data, tmp_path):
+    """The same on 2 GPUs (NCCL: broadcasts on the copy stream, reductions on the compute stream) against 1 GPU."""
+    kw = dict(MODES[mode], accelerator="gpu")
+    _one_rank(data, tmp_path / "one", STEPS, **kw)
+    _two_ranks(dict(data=data, out_dir=str(tmp_path / "two"), max_steps=STEPS, **kw))
+    want_losses, want_state, _ = _result(tmp_path / "one", 1)
+    losses, state, _ = _result(tmp_path / "two", 2)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+    _assert_close(state, want_state)
 
 
 def test_two_ranks_save_and_one_resumes(data, one, tmp_path):
