@@ -34,11 +34,13 @@ class Built:
 
 def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream: str,
           ram_budget_GiB: float | None, nvme_dir: str | Path | Sequence[str | Path],
-          init_from: Path | None, world: int = 1, rank: int = 0, device: torch.device | None = None) -> Built:
+          init_from: Path | None, world: int = 1, rank: int = 0, device: torch.device | None = None,
+          ranks_per_node: int = 1) -> Built:
     """Moves `module`'s parameters into a new host store (the strategy's settings: `storage`, `stream`,
     `ram_budget_GiB`, `nvme_dir`, `init_from`); the trunk's blocks keep meta tensors afterwards. With several ranks
-    (`world`), this `rank` keeps the units it owns (ranks.py); every rank initializes every layer (the same random
-    numbers) and imports only its own."""
+    (`world`), this `rank` keeps the units it owns (ranks.py) and, under storage=nvme, its share of the node's RAM
+    budget (`ranks_per_node`); every rank initializes every layer (the same random numbers) and imports only its
+    own."""
     aliases: dict[str, str] = {}
     param_names: dict[int, str] = {}
     adapters.stream_layers(module)  # a transformers causal LM: its decoder layers become a LayerList (a Trunk)
@@ -60,13 +62,13 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
                           frozen={name for name, owners in refs if not owners[0][2].requires_grad}))
     names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
     streamed = placement.resolve_stream(storage, stream, dtype)
-    nvme_units = placement.nvme_units(layouts, dtype, ram_budget_GiB) if storage == "nvme" else []
     ranks = Ranks.from_sizes([4 * lay.tile_numel for lay in layouts], world, rank, device)
+    nvme_units = placement.nvme_units(layouts, dtype, ram_budget_GiB, ranks.owners, rank, ranks_per_node) \
+        if storage == "nvme" else []
     store = HostStore(layouts, names, dtype, pin=pin, stream=streamed, nvme_units=nvme_units, nvme_dir=nvme_dir,
                       ranks=ranks)
     if nvme_units:
-        log.info(f"storage=nvme: {len(nvme_units)} of {len(trunk)} layers keep their fp32 state in "
-                 f"{store.nvme.dir}")
+        log.info(f"storage=nvme: the file-backed layers' state is in {store.nvme.dir}")
 
     # a transformers model built on the meta device (configure_model) is initialized part by part as its own
     # initialization would, one layer at a time

@@ -50,26 +50,36 @@ def nvme_ram_bytes(layouts: list[Layout], dtype: torch.dtype, n_on_disk: int) ->
     return fixed + sum(layer_ram[n_on_disk:])
 
 
-def nvme_units(layouts: list[Layout], dtype: torch.dtype, ram_budget_GiB: float | None) -> list[int]:
+def nvme_units(layouts: list[Layout], dtype: torch.dtype, ram_budget_GiB: float | None,
+               owners: list[int] | None = None, rank: int = 0, ranks_per_node: int = 1) -> list[int]:
     """storage=nvme: the first trunk layers whose state (fp32 tile and streamed copy) does not fit the RAM budget
     keep all of it in files (nvme.py); the tier's window of a few layer-sized tiles comes on top. None: all the RAM
-    the rest of the run (the window and the gradient staging included) leaves."""
+    the rest of the run (the window and the gradient staging included) leaves. With several ranks (`owners`, each
+    unit's rank), the budget is the node's: each of its `ranks_per_node` ranks gets an equal share for the units it
+    owns, and puts the first of them in files (schedule.nvme_layers_of_ranks); this `rank`'s are returned."""
     layer_ram, fixed, window = nvme_terms(layouts, dtype)
+    owners = owners or [0] * len(layouts)
     if ram_budget_GiB is not None:
-        budget = ram_budget_GiB * 2**30
+        budget = ram_budget_GiB * 2**30 / ranks_per_node
     else:
         cb = torch.finfo(dtype).bits // 8
         staging = S.staging_numel(max(lay.numel for lay in layouts[:-1]), layouts[-1].numel) * cb
-        budget = available_ram_bytes() - staging - window - 2 * 2**30
-    floor = S.nvme_floor(fixed)
+        budget = (available_ram_bytes() - 2 * 2**30) / ranks_per_node - staging - window
+    share = f" ({ram_budget_GiB:g} GiB over the node's {ranks_per_node} ranks)" if ranks_per_node > 1 and \
+        ram_budget_GiB is not None else ""
+    floor = S.nvme_floor(fixed if owners[-1] == rank else 0)
     if floor > budget:
-        raise UserError(f"storage=nvme: the RAM budget ({budget / 2**30:.3g} GiB) cannot hold even the state that "
-                        f"stays in RAM with every layer on disk ({floor / 2**30:.3g} GiB: the embedding/head state)")
-    n = S.nvme_layers(layer_ram, fixed, budget)
-    if n:
-        log.info(f"storage=nvme: {n} of {len(layer_ram)} layers keep all their state in files; RAM holds "
-                 f"{(fixed + sum(layer_ram[n:])) / 2**30:.3g} GiB of state and a window of {window / 2**30:.3g} GiB")
-    return list(range(n))
+        raise UserError(f"storage=nvme: the RAM budget{' of a rank' if share else ''} ({budget / 2**30:.3g} GiB{share}) "
+                        f"cannot hold even the state that stays in RAM with every layer on disk "
+                        f"({floor / 2**30:.3g} GiB: the embedding/head state)")
+    mine = [i for i in S.nvme_layers_of_ranks(layer_ram, fixed, budget, owners) if owners[i] == rank]
+    if mine:
+        own = [i for i in range(len(layer_ram)) if owners[i] == rank]
+        ram = (fixed if owners[-1] == rank else 0) + sum(layer_ram[i] for i in own if i not in mine)
+        log.info(f"storage=nvme: {len(mine)} of {len(own)} layers{' of this rank' if len(own) < len(layer_ram) else ''} "
+                 f"keep all their state in files; RAM holds {ram / 2**30:.3g} GiB of state and a window of "
+                 f"{window / 2**30:.3g} GiB")
+    return mine
 
 
 def _free_GiB(device: torch.device, share: float) -> float:

@@ -7,6 +7,7 @@ definition of the order of loads, computes and gradient shipments.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 # Lanes: the resources a step's events occupy (the trace and the planner use the same names).
 COMPUTE = "compute"  # the compute device's main stream
@@ -77,6 +78,19 @@ def nvme_layers(layer_ram: list[float], fixed_ram: float, budget_bytes: float) -
             return n
         ram -= moved
     return len(layer_ram)
+
+
+def nvme_layers_of_ranks(layer_ram: list[float], fixed_ram: float, budget_bytes: float,
+                         owners: Sequence[int]) -> list[int]:
+    """The file-backed trunk layers with the units dealt to ranks (`owners`: assign_units'; one rank: all 0): each
+    rank, within its share `budget_bytes` of its node's budget, puts the first of its own layers in files
+    (nvme_layers over them; the resident unit's state counts for its owner). Sorted layer indices."""
+    out: list[int] = []
+    for r in sorted(set(owners)):
+        mine = [i for i in range(len(layer_ram)) if owners[i] == r]
+        n = nvme_layers([layer_ram[i] for i in mine], fixed_ram if owners[-1] == r else 0, budget_bytes)
+        out += mine[:n]
+    return sorted(out)
 
 
 def nvme_floor(fixed_ram: float) -> float:

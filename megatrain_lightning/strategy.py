@@ -117,13 +117,6 @@ class MegatrainStrategy(DataParallelBase):
         self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
         self._locks: list[DirectoryLock] = []  # checkpoint directories this fit writes to
 
-    @override
-    def _configure_launcher(self) -> None:
-        if self.is_distributed and self.storage == "nvme":
-            raise UserError("storage='nvme' trains on one device yet; with several (devices x num_nodes > 1) use "
-                            "storage='ram'")
-        super()._configure_launcher()
-
     @property
     def compute_dtype(self) -> torch.dtype:
         plugin = self.precision_plugin
@@ -184,7 +177,7 @@ class MegatrainStrategy(DataParallelBase):
         built = model_store.build(module, dtype, pin=device.type == "cuda", storage=self.storage, stream=self.stream,
                                   ram_budget_GiB=self.ram_budget_GiB, nvme_dir=self.nvme_dir,
                                   init_from=self.init_from, world=self.world_size, rank=self.global_rank,
-                                  device=device)
+                                  device=device, ranks_per_node=self.num_processes)
         store, trunk, refs = built.store, built.trunk, built.refs
         self._trunk_prefix = built.prefix + "."
         self._aliases.update(built.aliases)

@@ -131,7 +131,7 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
     for r in range(wl.ranks):  # each rank's GPU keeps units it owns (placement.device_states)
         others = {i for i in range(wl.n_layers + 1) if wl.owner(i) != r}
         kept |= set(S.device_units([S.DEVICE_STATE_BYTES * n for n in numels], budget * GiB,
-                                   skip=set(range(wl.n_nvme_layers)) | others))
+                                   skip=set(wl.nvme_layers) | others))
     return replace(wl, kept=tuple(sorted(kept)))
 
 
@@ -157,7 +157,8 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
         wl = replace(wl, stream="copy")
         # the engine's rule (placement.nvme_units): a layer in RAM holds its fp32 tile and streamed copy, a
         # file-backed one nothing (its file has it all); the tier's window comes on top of the budget
-        everything_on_disk = replace(wl, n_nvme_layers=wl.n_layers, offload_checkpoints=bool(wl.offload_checkpoints))
+        everything_on_disk = replace(wl, nvme_layers=tuple(range(wl.n_layers)),
+                                     offload_checkpoints=bool(wl.offload_checkpoints))
         others = sum(v for k, v in everything_on_disk.host_bytes().items() if k not in ("state", "stream_copy"))
         budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
@@ -165,11 +166,15 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
         layer_ram = [per_param * wl.model.layer_params] * wl.n_layers
         fixed = per_param * wl.model.embedding_params
         floor = S.nvme_floor(fixed)
-        if wl.ram_budget_GiB is not None and floor > budget:
-            raise PlanError("storage.ram_budget_GiB", f"{wl.ram_budget_GiB:g} GiB cannot hold even the state that "
-                            f"stays in RAM with every layer on disk ({floor / GiB:.3g} GiB: the embedding/head "
+        share = budget / wl.ranks_per_node  # several ranks: the node's budget in equal shares
+        if wl.ram_budget_GiB is not None and floor > share:
+            each = f" (a rank's share: {share / GiB:.3g} GiB)" if wl.ranks_per_node > 1 else ""
+            raise PlanError("storage.ram_budget_GiB", f"{wl.ram_budget_GiB:g} GiB{each} cannot hold even the state "
+                            f"that stays in RAM with every layer on disk ({floor / GiB:.3g} GiB: the embedding/head "
                             "state)")
-        return _keep_on_device(hw, replace(wl, n_nvme_layers=S.nvme_layers(layer_ram, fixed, budget)))
+        # each rank's first own layers to files (one rank: the first layers)
+        return _keep_on_device(hw, replace(wl, nvme_layers=tuple(S.nvme_layers_of_ranks(layer_ram, fixed, share,
+                                                                                         wl.owners))))
     if wl.stream == "auto":  # the engine's rule (placement.resolve_stream): the master streams
         wl = replace(wl, stream="master")
     return _keep_on_device(hw, wl)
@@ -217,8 +222,8 @@ def advice(a: Answer) -> list[str]:
     ram = by_name["RAM"]
     if wl.storage == "ram" and not ram.fits and wl.ranks > 1:
         out.append(f"RAM: this node's share of the state needs {ram.need_bytes / GiB:,.0f} GiB of "
-                   f"{ram.capacity_bytes / GiB:,.0f} usable; more nodes (trainer.num_nodes) split it further "
-                   "(storage=nvme trains on one device yet)")
+                   f"{ram.capacity_bytes / GiB:,.0f} usable; more nodes (trainer.num_nodes) split it further, "
+                   "or storage=nvme puts layers' state on the SSD")
     elif wl.storage == "ram" and not ram.fits:
         nv = place(hw, replace(wl, storage="nvme", stream="copy"))
         nv_ram = ram_need(hw, nv)
@@ -228,7 +233,7 @@ def advice(a: Answer) -> list[str]:
         out.append(f"RAM: the state needs {ram.need_bytes / GiB:,.0f} GiB of {ram.capacity_bytes / GiB:,.0f} usable; "
                    f"use a host with >= {(ram.need_bytes / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB RAM; {alt}")
     if wl.storage == "nvme" and wl.n_nvme_layers:
-        full = ram_need(hw, replace(wl, storage="ram", n_nvme_layers=0, offload_checkpoints=True))
+        full = ram_need(hw, replace(wl, storage="ram", nvme_layers=(), offload_checkpoints=True))
         out.append(f"NVMe: {wl.n_nvme_layers} of {wl.n_layers} layers keep all their state on the SSD "
                    f"({wl.nvme_bytes / 1e12:.2f} TB); >= {(full / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB of RAM "
                    "would keep everything in RAM")

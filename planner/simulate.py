@@ -71,8 +71,10 @@ class _Sim:
         self.cache_loaded: set[int] = set()  # step-cached layers whose weights this step has loaded
         # the file-backed tier (nvme.py): when each tile of its window is free again (reads take them in order),
         # when each layer's state and copy (the previous step's update) and gradient are on the disk
-        self.copy_tiles = [0.0] * (S.NVME_COPY_BUFFERS - 1)
-        self.opt_tiles = [0.0] * S.NVME_BUFFERS
+        # (each rank's tier has its own window; a node's ranks share its drives)
+        self.file_backed = set(wl.nvme_layers)
+        self.copy_tiles = {r: [0.0] * (S.NVME_COPY_BUFFERS - 1) for r in range(wl.ranks)}
+        self.opt_tiles = {r: [0.0] * S.NVME_BUFFERS for r in range(wl.ranks)}
         self.written: dict[int, float] = {}
         self.grad_written: dict[int, float] = {}
         self.queued: list = []  # the previous step's updates not yet emitted (`pump`)
@@ -270,17 +272,24 @@ class _Sim:
             end = self.span(lane, S.LOAD, i, self.transfer_s(lane, wl.load_bytes, free_at), after=free_at,
                             nbytes=wl.load_bytes).end
             return self.collective(S.BROADCAST, i, wl.cb * wl.model.layer_params, end)
-        # file-backed: its copy is read from the drives into a pinned tile (once the last update wrote it), then H2D
-        nbytes = wl.cb * wl.model.layer_params
-        read = self.span(S.NVME_READ, S.LOAD, i, nbytes / (self.hw.nvme_array_read_GBps * 1e9),
-                         after=max(self.copy_tiles.pop(0), self.written.get(i, 0.0)), nbytes=nbytes, issued=False)
+        # file-backed: its owner reads its copy from the drives into a pinned tile (once the last update wrote it),
+        # then H2D over its link (several ranks: and broadcasts it)
+        nbytes, tiles = wl.cb * wl.model.layer_params, self.copy_tiles[wl.owner(i)]
+        read = self.span(self.drive(S.NVME_READ, i), S.LOAD, i, nbytes / (self.hw.nvme_array_read_GBps * 1e9),
+                         after=max(tiles.pop(0), self.written.get(i, 0.0)), nbytes=nbytes, issued=False)
         at = max(free_at, read.end)
-        end = self.span(S.H2D, S.LOAD, i, self.transfer_s(S.H2D, nbytes, at), after=at, nbytes=nbytes).end
-        self.copy_tiles.append(end)
-        return end
+        lane = self.link(S.H2D, i)
+        end = self.span(lane, S.LOAD, i, self.transfer_s(lane, nbytes, at), after=at, nbytes=nbytes).end
+        tiles.append(end)
+        return self.collective(S.BROADCAST, i, nbytes, end)
+
+    def drive(self, lane: str, unit: int) -> str:
+        """The NVMe lane of the unit's owner's node: rank 0's node's drives (shared by its ranks), or another node's."""
+        node = self.wl.owner(unit) // self.wl.ranks_per_node
+        return lane if node == 0 else f"{lane}@node{node}"
 
     def on_disk(self, i: int) -> bool:
-        return 0 <= i < self.wl.n_nvme_layers  # the file-backed layers are the first ones
+        return i in self.file_backed
 
     def disk_s(self, lane: str, nbytes: int) -> float:
         hw = self.hw
@@ -292,14 +301,15 @@ class _Sim:
         end (what the engine's wait for the update sees; the next read of the copy waits for the write)."""
         lp, cb = self.wl.model.layer_params, self.wl.cb
         nbytes = S.DISK_STATE_BYTES * lp
+        tiles = self.opt_tiles[self.wl.owner(i)]
         read = self.span(S.NVME_READ, S.OPTIMIZER, i, self.disk_s(S.NVME_READ, nbytes),
-                         after=max(self.opt_tiles.pop(0), self.grad_written.get(i, 0.0), after), nbytes=nbytes,
+                         after=max(tiles.pop(0), self.grad_written.get(i, 0.0), after), nbytes=nbytes,
                          issued=False)
         opt = self.span(S.CPU, S.OPTIMIZER, i, lp / (self.hw.cpu_adamw_Gparams * 1e9), after=read.end, issued=False)
         nbytes = (S.DISK_STATE_BYTES - 4 + cb) * lp
         write = self.span(S.NVME_WRITE, S.OPTIMIZER, i, self.disk_s(S.NVME_WRITE, nbytes), after=opt.end,
                           nbytes=nbytes, issued=False)
-        self.opt_tiles.append(write.end)
+        tiles.append(write.end)
         self.written[i] = write.end
         return opt.end
 
@@ -395,7 +405,7 @@ class _Sim:
         opt_s = lambda n: n / (hw.cpu_adamw_Gparams * 1e9)  # noqa: E731
         ram_params = wl.ram_params
         self.host = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(ram_params)).end
-        for i in range(wl.n_nvme_layers):  # file-backed: read ahead, updated, written behind
+        for i in wl.node_nvme_layers:  # file-backed: read ahead, updated, written behind
             self.disk_update(i, after=self.host)
         self.host = max(self.host, self.free[S.CPU])
         if wl.resolved_stream == "copy":

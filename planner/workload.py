@@ -31,7 +31,7 @@ class Workload:
     storage: str = "ram"
     stream: str = "copy"  # copy: a pinned compute-dtype copy streams; master: the fp32 master streams, cast on device
     ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer state (None: all the RAM left)
-    n_nvme_layers: int = 0  # set by the planner when it places layers on the SSD
+    nvme_layers: tuple[int, ...] = ()  # the file-backed layers, set by the planner when it places layers on the SSD
     clip: bool = True  # gradient clipping: host updates wait for the whole backward (else they start as it goes)
     # block inputs: True in host memory, "disk" in files on the drives (block_input_files.py), False on the GPU;
     # None: host memory while RAM has room, else (storage=nvme) the drives (resolved by the planner)
@@ -105,8 +105,6 @@ class Workload:
         if self.ranks > 1 and self.n_layers < self.ranks:
             raise PlanError("trainer.devices", f"{self.ranks} ranks share {self.model.name}'s {self.n_layers} layers: "
                                                f"use at most {self.n_layers}")
-        if self.ranks > 1 and self.storage == "nvme":
-            raise PlanError("storage.kind", "storage=nvme trains on one device yet; with several use storage=ram")
 
     # ---- shape ----
     @property
@@ -148,6 +146,15 @@ class Workload:
     def on_this_node(self, unit: int) -> bool:
         """Whether rank 0's node holds the unit's state (its host does its host work)."""
         return self.owner(unit) < self.ranks_per_node
+
+    @property
+    def n_nvme_layers(self) -> int:
+        return len(self.nvme_layers)
+
+    @property
+    def node_nvme_layers(self) -> list[int]:
+        """The file-backed layers of rank 0's node (its drives hold them)."""
+        return [i for i in self.nvme_layers if self.on_this_node(i)]
 
     @property
     def node_params(self) -> tuple[int, int]:
@@ -345,15 +352,20 @@ class Workload:
             out["block_input_tiles"] = S.BLOCK_INPUT_TILES * S.BLOCK_INPUT_PIECE * per_rank
         elif self.offload_checkpoints:
             out["checkpoints"] = self.plan.n_checkpoints * self.checkpoint_bytes * per_rank
-        if self.n_nvme_layers:
-            out["nvme_window"] = self.nvme_window_bytes
+        if self.node_nvme_layers:  # each rank with file-backed layers has its window
+            out["nvme_window"] = self.nvme_window_bytes * self.node_tier_ranks
         return out
 
     @property
     def ram_params(self) -> int:
         """Parameters whose state sits in this node's RAM (the units its ranks own; none of the file-backed ones)."""
         layers, resident = self.node_params
-        return (layers - self.n_nvme_layers) * self.model.layer_params + resident * self.model.embedding_params
+        return (layers - len(self.node_nvme_layers)) * self.model.layer_params + resident * self.model.embedding_params
+
+    @property
+    def node_tier_ranks(self) -> int:
+        """Ranks of rank 0's node with file-backed layers (each has its tier's window of RAM)."""
+        return len({self.owner(i) for i in self.node_nvme_layers})
 
     @property
     def nvme_window_bytes(self) -> int:
@@ -369,7 +381,7 @@ class Workload:
     def nvme_pinned_bytes(self) -> int:
         """The window's page-locked part: the copy tiles (H2D) and the gradient tiles (D2H)."""
         lp = self.model.layer_params
-        return (S.NVME_COPY_BUFFERS * self.cb * lp + S.NVME_GRAD_BUFFERS * 4 * lp) if self.n_nvme_layers else 0
+        return (S.NVME_COPY_BUFFERS * self.cb * lp + S.NVME_GRAD_BUFFERS * 4 * lp) * self.node_tier_ranks
 
     def pinned_bytes(self, hw_unified: bool = False) -> int:
         if hw_unified:
@@ -383,11 +395,11 @@ class Workload:
 
     @property
     def nvme_bytes(self) -> int:
-        """SSD space: each file-backed layer's [master | m | v | grad] and its streamed copy (nvme.py), and the block
-        inputs spilled there (whole pieces each)."""
-        state = self.n_nvme_layers * self.model.layer_params * (S.DISK_STATE_BYTES + self.cb)
-        return state + (self.plan.n_checkpoints * self.block_input_file_bytes if self.offload_checkpoints == "disk"
-                        else 0)
+        """SSD space of rank 0's node: each of its file-backed layers' [master | m | v | grad] and streamed copy
+        (nvme.py), and the block inputs its ranks spill there (whole pieces each)."""
+        state = len(self.node_nvme_layers) * self.model.layer_params * (S.DISK_STATE_BYTES + self.cb)
+        return state + (self.plan.n_checkpoints * self.block_input_file_bytes * self.ranks_per_node
+                        if self.offload_checkpoints == "disk" else 0)
 
     @property
     def block_input_file_bytes(self) -> int:

@@ -77,7 +77,11 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     tag = f".rank{trainer.global_rank}" if devices > 1 else ""
     save_file(state, out / f"state{tag}.safetensors")
     (out / f"losses{tag}.json").write_text(json.dumps({"losses": lm.losses, "global_step": trainer.global_step,
-                                                       "store_bytes": strategy.store.nbytes}))
+                                                       "store_bytes": strategy.store.nbytes,
+                                                       "window_bytes": strategy.store.nvme.nbytes
+                                                       if strategy.store.nvme else 0,
+                                                       "on_disk": [i for i, u in enumerate(strategy.store.units)
+                                                                   if u.on_disk]}))
 
 
 class _SignalAt(L.Callback):

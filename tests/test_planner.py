@@ -608,8 +608,34 @@ def test_ranks_the_planner_refuses_by_name():
         _ranks_plan(32)
     with pytest.raises(PlanError, match="hardware.network_GBps: trainer.num_nodes=2 needs the network's bandwidth"):
         _ranks_plan(2, "trainer.num_nodes=2")
-    with pytest.raises(PlanError, match="storage.kind: storage=nvme trains on one device yet"):
-        _ranks_plan(2, "storage=nvme")
+    # the node's RAM budget in equal shares: the rank that holds the embedding/head (13.2 GiB of state) needs more
+    with pytest.raises(PlanError, match=r"storage.ram_budget_GiB: 20 GiB \(a rank's share: 10 GiB\) cannot hold even "
+                                        r"the state that stays in RAM with every layer on disk \(13.2 GiB"):
+        _ranks_plan(2, "storage=nvme", "storage.ram_budget_GiB=20")
+
+
+def test_two_ranks_under_storage_nvme_split_the_node_budget_and_share_its_drives():
+    """Each rank puts the first of its own layers in files within half the node's budget (the engine's rule,
+    placement.nvme_units); the node's drives carry both ranks' file-backed loads."""
+    budget = 40
+    one, two = (_ranks_plan(n, "storage=nvme", f"storage.ram_budget_GiB={budget}", "storage.device_state_GiB=0")
+                for n in (1, 2))
+    wl = two.wl
+    assert one.wl.nvme_layers == tuple(range(one.wl.n_nvme_layers)) and one.wl.n_nvme_layers > 0
+    per_param = 16 + wl.cb  # fp32 master, m, v, gradient and the streamed copy
+    for r in range(2):
+        mine = [i for i in range(wl.n_layers) if wl.owner(i) == r]
+        files = [i for i in wl.nvme_layers if wl.owner(i) == r]
+        assert files and files == mine[:len(files)]  # its first own layers
+        resident = wl.model.embedding_params if wl.owner(wl.n_layers) == r else 0
+        in_ram = (len(mine) - len(files)) * wl.model.layer_params + resident
+        assert in_ram * per_param <= budget * 2**30 / 2  # within its share
+        assert (in_ram + wl.model.layer_params) * per_param > budget * 2**30 / 2  # one more layer would not fit
+    # both ranks' file-backed copies are read from the one node's drives (forward and recompute)
+    reads = sum(s.nbytes for s in two.timeline.spans if s.lane == "nvme_read" and s.kind == "load")
+    assert reads == 2 * wl.cb * wl.model.layer_params * wl.n_nvme_layers
+    # the node's RAM holds the state of its layers in RAM once, and a window per rank
+    assert wl.host_bytes()["nvme_window"] == 2 * wl.nvme_window_bytes
 
 
 def test_two_nodes_move_the_collectives_over_the_network():

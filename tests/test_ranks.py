@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatrain_lightning import MegatrainStrategy
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning import checkpoint as ckpt, placement
 from megatrain_lightning.ranks import Ranks, assign
 from tests import resume_run
 from tests.helpers import kept_budget_GiB
@@ -28,9 +28,12 @@ STEPS = resume_run.TOTAL_STEPS
 # relative error of each tensor after 6 AdamW steps, measured at 3e-6 (masters) and 8e-6 (moments)
 TOL = 5e-5
 # ram: clipped (deferred updates); eager: no clipping (each unit's update starts as its gradient lands); kept: the
-# first units' state on the "device"
+# first units' state on the "device"; nvme: a RAM budget that leaves layers of each rank to files (one rank: layers 0
+# and 1; two ranks, each with half of it: 0 and 2 of rank 0 (which also holds the embedding/head), 1 of rank 1)
+NVME_BUDGET_GiB = 2.2 / 1024
 MODES = {"ram": {}, "eager": dict(clip=0.0),
-         "kept": dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2))}
+         "kept": dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2)),
+         "nvme": dict(storage="nvme", ram_budget_GiB=NVME_BUDGET_GiB)}
 
 
 def _two_ranks(args: dict, ok: bool = True) -> subprocess.CompletedProcess:
@@ -47,8 +50,9 @@ def _one_rank(data: str, out: Path, max_steps: int, **kw) -> None:  # in this pr
     resume_run.run(data, str(out), max_steps, **kw)
 
 
-def _result(out: Path, ranks: int) -> tuple[list[float], dict[str, torch.Tensor], list[int]]:
-    """Losses (the mean over ranks, per micro-batch), the whole store's state, each rank's store bytes."""
+def _result(out: Path, ranks: int) -> tuple[list[float], dict[str, torch.Tensor], list[dict]]:
+    """Losses (the mean over ranks, per micro-batch), the whole store's state, each rank's store facts (bytes in RAM,
+    the file tier's window, the file-backed units)."""
     tags = [f".rank{r}" for r in range(ranks)] if ranks > 1 else [""]
     metas = [json.loads((out / f"losses{t}.json").read_text()) for t in tags]
     losses = [sum(x) / ranks for x in zip(*(m["losses"] for m in metas))]
@@ -57,7 +61,7 @@ def _result(out: Path, ranks: int) -> tuple[list[float], dict[str, torch.Tensor]
         part = load_file(out / f"state{t}.safetensors")
         assert not state.keys() & part.keys()  # each unit on one rank
         state.update(part)
-    return losses, state, [m["store_bytes"] for m in metas]
+    return losses, state, metas
 
 
 def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
@@ -94,13 +98,18 @@ def test_units_are_dealt_by_bytes_and_consecutive_layers_alternate():
 @pytest.mark.parametrize("mode", MODES)
 def test_two_ranks_equal_one_at_the_same_global_batch(mode, data, one, tmp_path):
     _two_ranks(dict(data=data, out_dir=str(tmp_path), max_steps=STEPS, **MODES[mode]))
-    losses, state, nbytes = _result(tmp_path, 2)
-    want_losses, want_state, (want_bytes,) = one[mode]
+    losses, state, metas = _result(tmp_path, 2)
+    want_losses, want_state, (want,) = one[mode]
     assert len(losses) == STEPS * resume_run.ACCUMULATE
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
     _assert_close(state, want_state)
+    if mode == "nvme":  # each rank keeps its RAM state within its half of the budget, and files the rest
+        assert want["on_disk"] == [0, 1] and [m["on_disk"] for m in metas] == [[0, 2], [1]]
+        assert all(m["store_bytes"] - m["window_bytes"] <= NVME_BUDGET_GiB * 2**30 / 2 for m in metas)
+        return
     # the host state is held once: the two ranks' stores add up to one rank's, split about evenly
-    assert sum(nbytes) == want_bytes and max(nbytes) < 0.6 * want_bytes
+    nbytes = [m["store_bytes"] for m in metas]
+    assert sum(nbytes) == want["store_bytes"] and max(nbytes) < 0.6 * want["store_bytes"]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
@@ -116,14 +125,16 @@ def test_two_cuda_ranks_equal_one_cuda_rank(mode, data, tmp_path):
     _assert_close(state, want_state)
 
 
-def test_two_ranks_save_and_one_resumes(data, one, tmp_path):
+@pytest.mark.parametrize("mode", ["ram", "nvme"])
+def test_two_ranks_save_and_one_resumes(mode, data, one, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    _two_ranks(dict(data=data, out_dir=str(tmp_path / "first"), max_steps=3, ckpt_dir=str(ckpt_dir), save_every=3))
+    _two_ranks(dict(data=data, out_dir=str(tmp_path / "first"), max_steps=3, ckpt_dir=str(ckpt_dir), save_every=3,
+                    **MODES[mode]))
     saved = json.loads((ckpt_dir / "epoch=0-step=3.ckpt" / "manifest.json").read_text())
     assert len(saved["units"]) == Config.from_name("tiny").n_layer + 1  # both ranks' units in one checkpoint
-    _one_rank(data, tmp_path / "second", STEPS, resume=str(ckpt_dir))
+    _one_rank(data, tmp_path / "second", STEPS, resume=str(ckpt_dir), **MODES[mode])
     losses, state, _ = _result(tmp_path / "second", 1)
-    want_losses, want_state, _ = one["ram"]
+    want_losses, want_state, _ = one[mode]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses[3 * resume_run.ACCUMULATE:]),
                                rtol=1e-5, atol=0)
     _assert_close(state, want_state)
@@ -140,10 +151,18 @@ def test_one_rank_saves_and_two_resume(data, one, tmp_path):
     _assert_close(state, want_state)
 
 
-def test_storage_nvme_with_several_devices_is_refused():
-    with pytest.raises(ValueError, match=r"storage='nvme' trains on one device yet; with several \(devices x "
-                                         r"num_nodes > 1\) use storage='ram'"):
-        L.Trainer(strategy=MegatrainStrategy(storage="nvme"), accelerator="cpu", devices=2, logger=False)
+def test_a_node_budget_whose_share_cannot_hold_the_embedding_state_is_named():
+    from megatrain_lightning.store import Layout
+    # 4 layers of 256 MiB of fp32 state, an embedding of 4 GiB (shapes only: nothing is allocated)
+    layouts = [Layout([("w", (4096, 4096))]) for _ in range(4)] + [Layout([("emb", (65536, 4096))])]
+    owners = assign([4 * lay.tile_numel for lay in layouts], 2)
+    resident_rank = owners[-1]
+    with pytest.raises(ValueError, match=r"storage=nvme: the RAM budget of a rank \(3 GiB \(6 GiB over the node's 2 "
+                                         r"ranks\)\) cannot hold even the state that stays in RAM with every layer on "
+                                         r"disk \(4 GiB: the embedding/head state\)"):
+        placement.nvme_units(layouts, torch.float32, 6.0, owners, resident_rank, ranks_per_node=2)
+    # the other rank holds the layers: its share keeps them in RAM
+    assert placement.nvme_units(layouts, torch.float32, 6.0, owners, 1 - resident_rank, ranks_per_node=2) == []
 
 
 def test_fewer_layers_than_ranks_is_refused():
