@@ -89,11 +89,14 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
     groups = hf_layout.by_layer(where) if hf_model is not None else {n: [n] for n in where}
     convert = (lambda d: hf_layout.to_module(hf_model, d)) if hf_model is not None else dict
     seen = set()
-    for names in groups.values():
+    needed = set()  # the groups this rank reads: a buffer (every rank runs every layer) or a unit it owns
+    for key, names in groups.items():
         for name, t in convert({n: meta[n] for n in names}).items():
             full = prefix + name
             if full in aliases:  # a tied weight saved twice: the store keeps one copy
                 continue
+            if full in buffers or (full in store.index and not store.units[store.index[full][0]].remote):
+                needed.add(key)
             if full in buffers:
                 if tuple(t.shape) != tuple(buffers[full].shape):
                     problems.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(buffers[full].shape)}")
@@ -112,7 +115,9 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
     dirty: set[int] = set()
     with contextlib.ExitStack() as stack:
         opened: dict[Path, Any] = {}
-        for names in groups.values():
+        for key, names in groups.items():
+            if key not in needed:  # several ranks: another rank's units only (its shards are not even opened)
+                continue
             tensors = {}
             for n in names:
                 if where[n] not in opened:
@@ -130,7 +135,7 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
                     continue
                 i, entry = store.index[full]
                 unit = store.units[i]
-                if unit.remote:  # another rank's (ranks.py)
+                if unit.remote:  # another rank's, in a group this rank reads for a buffer
                     continue
                 value = value.to(torch.float32).reshape(-1)
                 if unit.on_disk:  # into the file's master and streamed copy

@@ -208,3 +208,47 @@ def test_an_unsupported_transformers_architecture_is_refused_by_name():
         trainer.fit(HoldsGPT2(), train_dataloaders=loader(make_batches(Config.from_name("tiny"), 1)))
     assert str(e.value).startswith("GPT2LMHeadModel (model_type 'gpt2') cannot be streamed: supported transformers "
                                    "architectures are deepseek_v3, gemma3_text, glm4_moe, gpt_oss, llama, ")
+
+
+def test_with_several_ranks_each_reads_only_the_tensors_of_its_own_units(tmp_path, monkeypatch):
+    """Each rank's store takes its units from the checkpoint, and reads no other rank's tensor (nor opens a shard
+    holding only those); together the ranks hold the whole checkpoint."""
+    from megatrain_lightning import model_store
+    hf_model = _hf_model("llama", tmp_path / "hf")
+    want = {k: v.float() for k, v in hf_model.state_dict().items() if "rotary" not in k}
+    read: list[str] = []
+    real_open = hf.safe_open
+
+    class Recording:
+        def __init__(self, *a, **k):
+            self.f = real_open(*a, **k)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def get_tensor(self, name):
+            read.append(name)
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(hf, "safe_open", Recording)
+    config = Config.from_dict({"name": "hf", "path": str(tmp_path / "hf")})
+    got: dict[str, torch.Tensor] = {}
+    for rank in range(2):
+        read.clear()
+        lm = CausalLM(config, **lm_kwargs(4))
+        with torch.device("meta"):
+            lm.configure_model()
+        built = model_store.build(lm, torch.float32, pin=False, storage="ram", stream="auto", ram_budget_GiB=None,
+                                  nvme_dir=tmp_path / "nvme", init_from=tmp_path / "hf", world=2, rank=rank)
+        store = built.store
+        mine = {name[len("model."):] for name, (i, _) in store.index.items() if store.ranks.owns(i)}
+        assert set(read) == mine and 0 < len(mine) < len(want)
+        for name in mine:
+            got[name] = store.master_of("model." + name)
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
