@@ -128,7 +128,7 @@ class LayerCalls:
                 grad_in = grads[0]
             else:
                 grad_in[lo:hi].copy_(grads[0])
-        eng.ship_grads(i, sums)
+        eng.grads.ship(i, sums)
         self._backward.release(slot)
         if i == 0:
             self._backward = None

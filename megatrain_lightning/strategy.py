@@ -276,14 +276,14 @@ class MegatrainStrategy(DataParallelBase):
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
         grads = [p.grad for p in self._resident_params]
-        self.engine.ship_grads(len(self.store.units) - 1, grads)
+        self.engine.grads.ship(len(self.store.units) - 1, grads)
         for p in self._resident_params:
             p.grad = None
         # Gradients of a micro-batch that is not the step's last keep landing behind the next forward. On the
         # last one, hooks and clipping (deferred updates) read them: wait. Eager updates are already queued.
-        if self.engine.final and not self.updater.eager:
-            self.engine.wait_grads()
-        self.engine.fresh_grads = False
+        if self.engine.grads.final and not self.updater.eager:
+            self.engine.grads.wait()
+        self.engine.grads.fresh = False
         bind_grads(self._grad_pairs)
 
     @override
@@ -291,12 +291,12 @@ class MegatrainStrategy(DataParallelBase):
         trainer = self.lightning_module.trainer  # fitting: setup made the updater
         self.updater.begin_step(eager=self._eager_updates(),
                                 need_norms=bool(trainer.gradient_clip_val) and trainer.gradient_clip_algorithm == "norm")
-        self.engine.final = True
+        self.engine.grads.final = True
         try:
             out = super().optimizer_step(optimizer, closure, model, **kwargs)
         finally:
-            self.engine.final = False
-        self.engine.fresh_grads = True
+            self.engine.grads.final = False
+        self.engine.grads.fresh = True
         if self.engine.step_cache is not None:
             self.engine.step_cache.invalidate()  # the update changes the weights
         states, resident = self.engine.device_states, len(self.store.units) - 1
@@ -349,7 +349,7 @@ class MegatrainStrategy(DataParallelBase):
         """Waits for every queued update and refreshes the device copies: the store is then the model's state."""
         if self.updater is None or self.engine is None:
             return
-        self.engine.wait_grads()
+        self.engine.grads.wait()
         self.updater.wait_all()
         if self.engine.device_states is not None:
             self.engine.device_states.sync()

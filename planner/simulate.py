@@ -2,7 +2,7 @@
 
 Each lane (schedule.LANES) runs its spans in the order the engine issues them, like a CUDA stream; a span
 starts when its lane is free and its inputs exist. The main thread's own waits (the gradient staging ring,
-`wait_grads`, the optimizer and cast it runs itself) hold back everything it issues after them. Overlap
+`grads.wait`, the optimizer and cast it runs itself) hold back everything it issues after them. Overlap
 and stalls are what this produces, not inputs; memory per tier comes from the same spans.
 """
 
