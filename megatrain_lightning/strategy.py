@@ -39,6 +39,7 @@ from megatrain_lightning.layer_calls import LayerCalls
 from megatrain_lightning.model import Trunk
 from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
 from megatrain_lightning.ownership import DirectoryLock
+from megatrain_lightning.resident import EMBEDDING, REST, ResidentCopy
 from megatrain_lightning.store import HostStore
 from megatrain_lightning.trace import StepTracer
 
@@ -106,14 +107,12 @@ class MegatrainStrategy(DataParallelBase):
         self.tracer = StepTracer(trace_dir, trace_step)  # one step's timeline, when trace_dir is given
         self.store: HostStore | None = None
         self.engine: StreamingEngine | None = None
-        self._resident_params: list[nn.Parameter] = []
-        self._resident_flat: Tensor | None = None
+        self.resident: ResidentCopy | None = None  # the embedding/head's device copy (set up with the store)
         self._param_names: dict[int, str] = {}  # id(parameter as the module holds it) -> store name
         self._aliases: dict[str, str] = {}  # tied parameter name -> the name the store keeps
         self._grad_pairs: list[tuple[Tensor, Tensor]] = []
         self._trunk_prefix = ""
         self.updater: HostAdam | None = None  # the overlapped host optimizer (set up for fitting)
-        self._resident_stale: set[int] = set()  # parts of the resident unit updated since their device copy
         self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
         self._locks: list[DirectoryLock] = []  # checkpoint directories this fit writes to
 
@@ -182,24 +181,13 @@ class MegatrainStrategy(DataParallelBase):
         self._trunk_prefix = built.prefix + "."
         self._aliases.update(built.aliases)
         self._param_names.update(built.param_names)
-        unit = store.units[-1]
         self.agree(store.ranks, dict(
             checkpoint_interval=self.checkpoint_interval, prefetch_depth=self.prefetch_depth, storage=self.storage,
             stream=self.stream, ram_budget_GiB=self.ram_budget_GiB, compile=self.compile,
             offload_checkpoints=self.offload_checkpoints, precision=str(dtype),
             model=hashlib.sha1(repr([u.layout.signature for u in store.units]).encode()).hexdigest()[:16]))
-        # a device copy in the compute dtype (never an alias of the host store, even when the device is the CPU)
-        self._resident_flat = torch.empty(unit.layout.numel, dtype=dtype, device=device)
-        if not unit.remote:
-            self._resident_flat.copy_(unit.stream)
-        store.ranks.broadcast_(self._resident_flat, len(store.units) - 1)
-        views = unit.layout.views(self._resident_flat)
-        params = {}
-        for name, owners in refs:
-            p = params[name] = nn.Parameter(views[name], requires_grad=owners[0][2].requires_grad)
-            surgery.assign(owners, p)
-            self._param_names[id(p)] = name
-        self._resident_params = [params[e.name] for e in unit.layout.trainable_entries]  # what gets gradients
+        self.resident = ResidentCopy(store, refs, dtype, device)
+        self._param_names.update(self.resident.names)
         self.store = store
         hook = functools.partial(MegatrainStrategy._state_dict_from_store, self)  # a plain callable: torch marks it
         for m in module.modules():  # module.state_dict() then holds the trained weights (`_state_dict_from_store`)
@@ -275,10 +263,7 @@ class MegatrainStrategy(DataParallelBase):
 
     @override
     def post_backward(self, closure_loss: Tensor) -> None:
-        grads = [p.grad for p in self._resident_params]
-        self.engine.grads.ship(len(self.store.units) - 1, grads)
-        for p in self._resident_params:
-            p.grad = None
+        self.engine.grads.ship(len(self.store.units) - 1, self.resident.take_grads())
         # Gradients of a micro-batch that is not the step's last keep landing behind the next forward. On the
         # last one, hooks and clipping (deferred updates) read them: wait. Eager updates are already queued.
         if self.engine.grads.final and not self.updater.eager:
@@ -299,11 +284,7 @@ class MegatrainStrategy(DataParallelBase):
         self.engine.grads.fresh = True
         if self.engine.step_cache is not None:
             self.engine.step_cache.invalidate()  # the update changes the weights
-        states, resident = self.engine.device_states, len(self.store.units) - 1
-        if states is not None and resident in states:  # updated on the device: cast its master in place
-            self._resident_flat.copy_(states.master(resident))
-        if states is None or resident not in states or self.store.ranks.multi:
-            self._resident_stale = {0, 1}  # several ranks: the owner broadcasts the new weights
+        self.resident.updated(self.engine.device_states)
         if self.engine.device.type == "cpu":
             # the "device" is the host: overlapping would only split the same cores between the update and the
             # next forward (the planner's unified model: the update runs after backward)
@@ -327,21 +308,10 @@ class MegatrainStrategy(DataParallelBase):
         return any(is_overridden("on_before_optimizer_step", cb, pl.Callback) for cb in trainer.callbacks)
 
     def _refresh_resident(self, part: int) -> None:
-        """Copies an updated part of the resident unit (0: its first tensor, the embedding; 1: the rest) to its
-        device copy, once its update is done."""
-        if part not in self._resident_stale:
-            return
-        self._resident_stale.discard(part)
-        index = len(self.store.units) - 1
-        lo, hi = self.updater.part_range(index, part)
-        states = self.engine.device_states
-        if not self.store.units[index].remote and (states is None or index not in states):
-            self.updater.wait(index, part)
-            self._resident_flat[lo:hi].copy_(self.store.units[index].stream[lo:hi], non_blocking=True)
-        self.store.ranks.broadcast_(self._resident_flat[lo:hi], index)
+        self.resident.refresh(part, self.updater, self.engine.device_states)
 
     def _after_trunk_forward(self) -> None:
-        self._refresh_resident(1)
+        self._refresh_resident(REST)
         if not self.updater.pending:
             self.tracer.updates_done(self.engine, self._trace_meta)
 
@@ -353,8 +323,8 @@ class MegatrainStrategy(DataParallelBase):
         self.updater.wait_all()
         if self.engine.device_states is not None:
             self.engine.device_states.sync()
-        self._refresh_resident(0)
-        self._refresh_resident(1)
+        self._refresh_resident(EMBEDDING)
+        self._refresh_resident(REST)
         self.tracer.updates_done(self.engine, self._trace_meta)
 
     def _log_nvme(self) -> None:
@@ -380,10 +350,7 @@ class MegatrainStrategy(DataParallelBase):
             unit.refresh_stream()
         if trace is not None:
             trace.add_host(-1, S.CPU, S.CAST, start, time.perf_counter(), self.store.n_params * 4)
-        resident = self.store.units[-1]
-        if not resident.remote:
-            self._resident_flat.copy_(resident.stream, non_blocking=True)
-        self.store.ranks.broadcast_(self._resident_flat, len(self.store.units) - 1)
+        self.resident.publish()
 
     @override
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
@@ -392,7 +359,7 @@ class MegatrainStrategy(DataParallelBase):
         self.tracer.batch_start(self.engine, self.root_device, trainer.global_step, step_start,
                                 overlapped=self.updater is not None, meta=self._trace_meta)
         if self.updater is not None:
-            self._refresh_resident(0)
+            self._refresh_resident(EMBEDDING)
 
     @override
     def on_train_end(self) -> None:
