@@ -3,7 +3,8 @@
 #   bash bench/gpu_session.sh ["STEP.PY ARGS" ...]
 # - tests: pytest ${TESTS:-tests} on CUDA (SKIP_TESTS=1 skips);
 # - bench: bench/step.py once per argument string, for this tree and for each tree in $TREES (an A/B against an
-#   older commit extracted beside it: TREES=.prev), every line tagged with its tree in $OUT/bench.jsonl;
+#   older commit extracted beside it: TREES=.prev; a list naming "." sets the whole order, e.g. TREES=".prev . .prev ."
+#   to interleave), every line tagged with its tree in $OUT/bench.jsonl;
 # - train.py: a short llama-3.2-1b run through the Hydra entry point (SKIP_TRAIN=1 skips);
 # - KERNELS="kernels.py ARGS": bench/kernels.py first (host AdamW, a block eager vs compiled, --attention: SDPA alone
 #   and a block's memory), lines into $OUT/kernels.jsonl;
@@ -25,8 +26,10 @@ if [ -n "${COMPARE:-}" ]; then
   echo "== compare $COMPARE"; timeout 540 python3 bench/compare.py $COMPARE --out "$OUT/compare.jsonl" 2>&1 \
     | grep -E "^\{|median|Error" | tail -8 | cut -c1-400
 fi
+trees=${TREES:-}
+case " $trees " in *" . "*) ;; *) trees=". $trees" ;; esac
 for args in "$@"; do
-  for tree in . ${TREES:-}; do
+  for tree in $trees; do
     echo "== bench [$tree] $args"
     (cd "$tree" && PYTHONPATH=/tmp/site:. timeout 420 python3 bench/step.py $args) 2>&1 | grep -E "^\{|Error|error|Killed" \
       | tail -3 | sed "s|^{|{\"tree\": \"$tree\", |" | tee -a "$OUT/bench.jsonl" | cut -c1-400

@@ -145,7 +145,9 @@ class StepCache:
       add (a full host pass per micro-batch: 2.4 Gparam/s on the H200 box's 16 cores), and the step's last ships
       the sum once, straight into the host fp32 gradient buffer.
 
-    Per step a cached unit's weights cross PCIe once and its gradients once, whatever the number of micro-batches.
+    Per step a cached unit's weights cross PCIe once and its gradients once, whatever the number of micro-batches;
+    with several ranks every rank caches the same units (the others' too), so that a cached unit is broadcast once
+    and its sum reduced once per step.
     `invalidate()` after each update (and after the store changes) drops the weights."""
 
     def __init__(self, store: HostStore, units: list[int], device: torch.device, n_trunk: int) -> None:
@@ -187,6 +189,10 @@ class StepCache:
                 view.copy_(g)
             else:
                 view.add_(g)
+
+    def flat(self, i: int) -> Tensor:
+        """Unit i's whole gradient sum ([trainable] fp32)."""
+        return self.sums[i]
 
     def grads(self, i: int) -> list[Tensor]:
         """Unit i's summed gradients, its trainable parameters in layout order."""

@@ -296,17 +296,24 @@ class StreamingEngine:
     def _load(self, i: int, slot: _Slot) -> None:
         unit = self.store.units[i]
         n = unit.layout.numel
+        # every rank caches the same units (placement.step_cache): a cached load is no collective on any rank
+        cache = self.step_cache if self.step_cache is not None and i in self.step_cache else None
+        cached = cache is not None and i in cache.valid
         if unit.remote:  # another rank's: its owner loads it and broadcasts it from its device (ranks.py)
             with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
                 if self.cuda:
                     self.h2d.wait_event(slot.free)
-                self.store.ranks.broadcast_(slot.compute[:n], i)
+                if cached:
+                    slot.compute[:n].copy_(cache.weights[i])
+                else:
+                    self.store.ranks.broadcast_(slot.compute[:n], i)
+                    if cache is not None:
+                        cache.weights[i].copy_(slot.compute[:n])
+                        cache.valid.add(i)
                 if self.cuda:
                     slot.ready.record(self.h2d)
             return
         states = self.device_states if self.device_states is not None and i in self.device_states else None
-        cache = self.step_cache if self.step_cache is not None and i in self.step_cache else None
-        cached = cache is not None and i in cache.valid
         if self.updater is not None and states is None and not cached:
             self.updater.wait(i)  # the last step's update of this layer (and its streamed copy) is done
         with torch.cuda.stream(self.h2d) if self.cuda else nullcontext():
@@ -339,7 +346,8 @@ class StreamingEngine:
                 if cache is not None:  # the rest of the step takes them from here (same stream: in order)
                     cache.weights[i].copy_(slot.compute[:n])
                     cache.valid.add(i)
-            self.store.ranks.broadcast_(slot.compute[:n], i)  # to the ranks that do not own it
+            if not cached:
+                self.store.ranks.broadcast_(slot.compute[:n], i)  # to the ranks that do not own it
             if self.cuda:
                 slot.ready.record(self.h2d)
 

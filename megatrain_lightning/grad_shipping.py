@@ -45,21 +45,26 @@ class GradShipper:
         the loss did not reach one) to the host. The first micro-batch
         of a step lands them in the fp32 gradient buffer directly (cast to fp32 on the device, one DMA per
         tensor); later ones go through a compute-dtype staging buffer that the host thread adds into fp32. With
-        several ranks, only the unit's owner ships: the mean over the ranks (ranks.py)."""
-        if self.store.ranks.multi:
-            grads = self._reduce(unit_index, grads)
-            if grads is None:
-                return
-        eng = self.engine
-        if eng.device_states is not None and unit_index in eng.device_states:
-            eng.device_states.land(unit_index, grads, fresh=self.fresh)  # on the compute stream
-            return
+        several ranks, only the unit's owner ships: the mean over the ranks (ranks.py); a step-cached unit's sum
+        is reduced once, at the step's last micro-batch."""
+        eng, ranks = self.engine, self.store.ranks
         sums = eng.step_cache if eng.step_cache is not None and unit_index in eng.step_cache else None
         if sums is not None:  # summed on the device over the step's micro-batches; the last one ships the sum
             sums.land(unit_index, grads, fresh=self.fresh)
             if not self.final:
                 return
             grads = sums.grads(unit_index)
+            if ranks.multi:  # every rank's sum into its owner's, once a step (in place: the sum is flat fp32)
+                ranks.reduce_mean_(sums.flat(unit_index), unit_index)
+                if self.store.units[unit_index].remote:
+                    return
+        elif ranks.multi:
+            grads = self._reduce(unit_index, grads)
+            if grads is None:
+                return
+        if eng.device_states is not None and unit_index in eng.device_states:  # never step-cached
+            eng.device_states.land(unit_index, grads, fresh=self.fresh)  # on the compute stream
+            return
         if eng.updater is not None:
             eng.updater.wait(unit_index)  # never overwrite gradients an update still reads
         self._prune()

@@ -112,10 +112,15 @@ def step_cache(store: HostStore, device: torch.device, budget_GiB: float | None,
                kept: set[int]) -> StepCache | None:
     """With accumulation, the units (not `kept` whole) whose weights and fp32 gradient sums stay on the device for a
     step within `budget_GiB` (None: schedule.DEVICE_GRADS_SHARE of what is free): their later loads cost no H2D, their
-    later micro-batches no D2H and no host add."""
+    later micro-batches no D2H and no host add. With several ranks every rank caches the same units, its own and
+    the others' (a cached load is then no broadcast on any rank, and a sum is reduced once a step): within the
+    smallest rank's budget, none that a rank keeps whole."""
     if accumulate < 2:
         return None
     budget = _free_GiB(device, S.DEVICE_GRADS_SHARE) if budget_GiB is None else budget_GiB
+    if store.ranks.multi:
+        shared = store.ranks.gather((budget, sorted(kept)))
+        budget, kept = min(b for b, _ in shared), set().union(*(set(k) for _, k in shared))
     n_trunk, cb = len(store.units) - 1, torch.finfo(store.compute_dtype).bits // 8
     need = [StepCache.unit_bytes(u.layout.trainable, u.layout.numel, cb, i < n_trunk) for i, u in enumerate(store.units)]
     units = S.device_units(need, budget * 2**30, skip=kept)

@@ -228,11 +228,6 @@ class MegatrainStrategy(DataParallelBase):
         self.updater.attach_device(states)
 
     def _keep_step_cache(self, accumulate: int) -> None:
-        if self.store.ranks.multi:
-            # every rank would have to cache the same units (their loads are collectives): not yet
-            if accumulate > 1:
-                log.info("accumulate_grad_batches > 1 with several ranks: every micro-batch loads the weights")
-            return
         if self.engine.step_cache is None:
             kept = self.engine.device_states.units if self.engine.device_states is not None else set()
             self.engine.step_cache = placement.step_cache(self.store, self.root_device, self.step_cache_GiB,

@@ -96,7 +96,7 @@ def _gpu_free_bytes(hw: Hardware, wl: Workload) -> float:
 def _keep_grads(hw: Hardware, wl: Workload) -> Workload:
     """The engine's rule (strategy._keep_step_cache): with accumulation, units whose weights and fp32 gradient sums
     stay on the GPU for the step, within step_cache_GiB (auto: 40% of what the kept state leaves)."""
-    if hw.unified or wl.accumulate < 2 or wl.ranks > 1:  # several ranks: not yet (strategy._keep_step_cache)
+    if hw.unified or wl.accumulate < 2:
         return replace(wl, cached=())
     budget = wl.step_cache_GiB
     if budget is None:

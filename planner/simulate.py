@@ -216,10 +216,13 @@ class _Sim:
                 self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok * block)
                 self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok * block)
                 slots.append(bwd.end)
+                if j in wl.cached and not last:  # summed on the device (every rank's own); reduced at the last
+                    continue
                 if wl.ranks > 1:  # summed into its owner's GPU in fp32; the compute stream waits for it
                     g_ready = self.collective(S.REDUCE, j, 4 * c.layer_params, bwd.end)
-                    self.alloc(bwd.start, g_ready, 4 * c.layer_params)
-                if j in wl.kept or (j in wl.cached and not last):  # its gradient stays on the device, in fp32
+                    if j not in wl.cached:  # a flat fp32 copy (a cached sum is reduced in place)
+                        self.alloc(bwd.start, g_ready, 4 * c.layer_params)
+                if j in wl.kept:  # its gradient stays on the device, in fp32
                     continue
                 if not wl.on_this_node(j):  # another node's host takes it
                     continue
@@ -244,8 +247,9 @@ class _Sim:
         self.alloc(embed_bwd.start, None, emb_grad)
         # post_backward: ship the resident gradients (unless they stay on the device), then wait until every
         # gradient sits in fp32
-        shipped = self.collective(S.REDUCE, RESIDENT_LAYER, 4 * c.embedding_params, embed_bwd.end)
         resident_kept = wl.n_layers in wl.cached
+        shipped = embed_bwd.end if resident_kept and not last else \
+            self.collective(S.REDUCE, RESIDENT_LAYER, 4 * c.embedding_params, embed_bwd.end)
         if wl.n_layers not in wl.kept and (last or not resident_kept) and wl.on_this_node(wl.n_layers):
             landing = first or resident_kept
             nbytes = c.embedding_params * (4 if landing else wl.cb)

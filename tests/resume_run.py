@@ -41,12 +41,12 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
         ram_budget_GiB: float | None = None, nvme_dir: str | None = None, drives: int = 1,
         device_state_GiB: float | None = None, signal_at_batch: int | None = None, devices: int = 1,
         micro_batch: int = MICRO_BATCH, fail_at_batch: int | None = None, last_rank_kwargs: dict | None = None,
-        clip: float = 1.0, accelerator: str = "cpu") -> None:
+        clip: float = 1.0, accelerator: str = "cpu", step_cache_GiB: float | None = None) -> None:
     """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it).
     `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives). `devices`: CPU
     ranks (gloo), each with `micro_batch` sequences; `fail_at_batch`: the last rank raises during that micro-batch; `last_rank_kwargs`: strategy
     arguments of the last rank only; `clip` 0: no clipping (updates then start as gradients land); `accelerator` "gpu":
-    one GPU a rank (NCCL)."""
+    one GPU a rank (NCCL); `step_cache_GiB`: the strategy's (None: auto, which on the CPU caches nothing)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny")
@@ -64,7 +64,7 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     last = int(os.environ.get("LOCAL_RANK", 0)) == devices - 1 > 0  # Lightning sets it for the ranks it starts
     strategy = MegatrainStrategy(**{**dict(storage=storage, ram_budget_GiB=ram_budget_GiB,
                                            nvme_dir=nvme_dir or [str(out / f"nvme{k}") for k in range(drives)],
-                                           device_state_GiB=device_state_GiB),
+                                           device_state_GiB=device_state_GiB, step_cache_GiB=step_cache_GiB),
                                     **((last_rank_kwargs or {}) if last else {})})
     trainer = L.Trainer(strategy=strategy, accelerator=accelerator, devices=devices, precision=precision, max_steps=max_steps,
                         accumulate_grad_batches=ACCUMULATE, gradient_clip_val=clip or None, logger=False,
@@ -81,7 +81,11 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
                                                        "window_bytes": strategy.store.nvme.nbytes
                                                        if strategy.store.nvme else 0,
                                                        "on_disk": [i for i, u in enumerate(strategy.store.units)
-                                                                   if u.on_disk]}))
+                                                                   if u.on_disk],
+                                                       "kept": sorted(strategy.engine.device_states.units)
+                                                       if strategy.engine.device_states else [],
+                                                       "cached": sorted(strategy.engine.step_cache.units)
+                                                       if strategy.engine.step_cache else []}))
 
 
 class _SignalAt(L.Callback):

@@ -649,3 +649,16 @@ def test_two_nodes_move_the_collectives_over_the_network():
                if wl.owner(i) < 2)
     assert two.wl.host_bytes()["state"] == 16 * mine
     assert 0.45 < mine / c.n_params < 0.55
+
+
+def test_two_ranks_with_accumulation_broadcast_and_reduce_each_step_cached_unit_once_a_step():
+    """Every rank caches the same units (placement.step_cache): a cached layer is broadcast at its first load of the
+    step only, and its gradient sum reduced at the last micro-batch only."""
+    acc = _ranks_plan(2, "storage.device_state_GiB=0", "data.micro_batch=8", "trainer.accumulate_grad_batches=4")
+    one = _ranks_plan(1, "storage.device_state_GiB=0", "data.micro_batch=8", "trainer.accumulate_grad_batches=4")
+    c, wl = acc.wl.model, acc.wl
+    assert len(wl.cached) == wl.n_layers + 1 == len(one.wl.cached)
+    moved = sum(s.nbytes for s in acc.timeline.spans if s.lane == "collective")
+    assert moved == wl.n_layers * (wl.cb + 4) * c.layer_params + 4 * c.embedding_params \
+        + c.embedding_params // 2 * wl.cb
+    assert acc.tokens_per_s >= 1.9 * one.tokens_per_s

@@ -29,11 +29,13 @@ STEPS = resume_run.TOTAL_STEPS
 TOL = 5e-5
 # ram: clipped (deferred updates); eager: no clipping (each unit's update starts as its gradient lands); kept: the
 # first units' state on the "device"; nvme: a RAM budget that leaves layers of each rank to files (one rank: layers 0
-# and 1; two ranks, each with half of it: 0 and 2 of rank 0 (which also holds the embedding/head), 1 of rank 1)
+# and 1; two ranks, each with half of it: 0 and 2 of rank 0 (which also holds the embedding/head), 1 of rank 1);
+# cached: the step cache (weights and gradient sums on the "device" for a step) beside units kept whole
 NVME_BUDGET_GiB = 2.2 / 1024
 MODES = {"ram": {}, "eager": dict(clip=0.0),
          "kept": dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2)),
-         "nvme": dict(storage="nvme", ram_budget_GiB=NVME_BUDGET_GiB)}
+         "nvme": dict(storage="nvme", ram_budget_GiB=NVME_BUDGET_GiB),
+         "cached": dict(step_cache_GiB=1.0, device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 0))}
 
 
 def _two_ranks(args: dict, ok: bool = True) -> subprocess.CompletedProcess:
@@ -103,6 +105,10 @@ def test_two_ranks_equal_one_at_the_same_global_batch(mode, data, one, tmp_path)
     assert len(losses) == STEPS * resume_run.ACCUMULATE
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
     _assert_close(state, want_state)
+    if mode == "cached":  # every rank caches the same units: all but those any rank keeps whole
+        kept = set().union(*(m["kept"] for m in metas))
+        units = range(Config.from_name("tiny").n_layer + 1)
+        assert kept and metas[0]["cached"] == metas[1]["cached"] == [i for i in units if i not in kept]
     if mode == "nvme":  # each rank keeps its RAM state within its half of the budget, and files the rest
         assert want["on_disk"] == [0, 1] and [m["on_disk"] for m in metas] == [[0, 2], [1]]
         assert all(m["store_bytes"] - m["window_bytes"] <= NVME_BUDGET_GiB * 2**30 / 2 for m in metas)
