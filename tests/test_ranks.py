@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from megatrain_lightning import MegatrainStrategy
-from megatrain_lightning import checkpoint as ckpt, placement
+from megatrain_lightning import checkpoint as ckpt, hf, placement
 from megatrain_lightning.ranks import Ranks, assign
 from tests import resume_run
 from tests.helpers import kept_budget_GiB
@@ -144,6 +144,13 @@ def test_two_ranks_save_and_one_resumes(mode, data, one, tmp_path):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses[3 * resume_run.ACCUMULATE:]),
                                rtol=1e-5, atol=0)
     _assert_close(state, want_state)
+    if mode == "ram":  # `hf export` takes it like any checkpoint: the weights one rank had after the same steps
+        _one_rank(data, tmp_path / "ref", 3, ckpt_dir=str(tmp_path / "ref-ckpt"), save_every=3)
+        got, want = ({k: v for f in hf.export(d / "epoch=0-step=3.ckpt", tmp_path / f"hf-{d.name}",
+                                              dtype="float32").glob("*.safetensors") for k, v in load_file(f).items()}
+                     for d in (ckpt_dir, tmp_path / "ref-ckpt"))
+        assert len(want) == sum(k.startswith("master/") for k in want_state)  # every trained tensor
+        _assert_close(got, want)
 
 
 def test_one_rank_saves_and_two_resume(data, one, tmp_path):
