@@ -13,6 +13,12 @@ every system starts from the same numbers however it builds the model.
 Prints one JSON line per run, then a table: step time, model TFLOPS (6 N tokens / step time), peak GPU memory,
 host RSS, host bytes per parameter, and each system's ratio to megatrain; the planner's prediction (hardware
 preset --planner-hardware) stands beside the megatrain rows.
+
+Scaling: `--devices 1,2,4` runs every system at each number of GPUs (data parallel, the same batch per GPU) in the
+same rounds, and adds each one's scaling efficiency (tokens/s on N GPUs / (N x tokens/s on 1)):
+
+  python bench/compare.py --model llama-3.2-3b --untied --micro-batch 32 --devices 1,2,4 --systems megatrain,fsdp \
+      --device-state-GiB 0 --rounds 1
 """
 
 from __future__ import annotations
@@ -165,6 +171,7 @@ def run_one(a) -> dict:
                 devices=a.devices, micro_batch=a.micro_batch, seq_len=a.seq_len, tokens_per_step=tokens, clip=a.clip,
                 device=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                 torch=torch.__version__, step_times_s=[round(t, 4) for t in times], step_time_s=round(step, 4),
+                tokens_per_s=round(tokens / step, 1),
                 model_tflops=round(6 * config.n_params * tokens / step / 1e12, 1),
                 peak_gpu_GiB=round(torch.cuda.max_memory_allocated() / 2**30, 2) if torch.cuda.is_available() else None,
                 host_rss_GiB=round(rss[0] / 2**30, 2), host_rss_per_rank_GiB=[round(r / 2**30, 2) for r in rss],
@@ -233,10 +240,10 @@ def _busy_from_trace(path: Path, wall: float) -> dict:
 
 
 # ---------------------------------------------------------------- the parent: alternate, collect, compare
-def planner_prediction(a) -> dict | None:
+def planner_prediction(a, devices: int) -> dict | None:
     over = [f"model={a.model}", f"data.micro_batch={a.micro_batch}", f"data.seq_len={a.seq_len}",
             f"hardware={a.planner_hardware}", "trainer=gpu", f"storage.prefetch_depth={a.prefetch_depth}",
-            f"storage.checkpoint_interval={a.checkpoint_interval}", f"trainer.devices={a.devices}"]
+            f"storage.checkpoint_interval={a.checkpoint_interval}", f"trainer.devices={devices}"]
     if a.untied:
         over.append("+model.tie_embeddings=false")
     if a.n_layer:
@@ -262,7 +269,8 @@ def main() -> None:
     ap.add_argument("--model", default="llama-3.2-3b")
     ap.add_argument("--untied", action="store_true")
     ap.add_argument("--n-layer", type=int, default=None)
-    ap.add_argument("--devices", type=int, default=1, help="ranks (GPUs), data parallel; the batch is per rank")
+    ap.add_argument("--devices", default="1",
+                    help="ranks (GPUs), data parallel, the batch per rank; a list (1,2,4) runs each count")
     ap.add_argument("--micro-batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per run")
@@ -281,7 +289,14 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append each run's JSON line here")
     ap.add_argument("--worker", choices=SYSTEMS, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    try:
+        counts = [int(n) for n in a.devices.split(",")]
+        if not counts or min(counts) < 1:
+            raise ValueError
+    except ValueError:
+        ap.error(f"--devices: GPU counts >= 1, comma-separated (1,2,4), got {a.devices!r}")
     if a.worker:
+        a.devices = counts[0]  # the parent passes one count
         a.clip = a.clip or None
         result = run_one(a)
         if result:  # rank 0's
@@ -295,8 +310,8 @@ def main() -> None:
     runs: list[dict] = []
     for r in range(a.rounds):
         order = systems[r % len(systems):] + systems[:r % len(systems)]  # alternate who goes first
-        for system in order:
-            cmd = [sys.executable, __file__, *sys.argv[1:], "--worker", system]
+        for system, devices in ((s, n) for n in counts for s in order):
+            cmd = [sys.executable, __file__, *sys.argv[1:], "--devices", str(devices), "--worker", system]
             try:
                 p = subprocess.run(cmd, capture_output=True, text=True, timeout=a.timeout, cwd=ROOT)
                 lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
@@ -304,36 +319,57 @@ def main() -> None:
                     raise RuntimeError(p.stderr[-3000:])
                 result = json.loads(lines[-1][7:]) | {"round": r}
             except Exception as e:  # a peer that fails or runs out of memory is a result too
-                result = {"system": system, "round": r, "error": str(e)[-1500:]}
+                result = {"system": system, "devices": devices, "round": r, "error": str(e)[-1500:]}
             print(json.dumps(result), flush=True)
             runs.append(result)
             if a.out:
                 with open(a.out, "a") as f:
                     f.write(json.dumps(result) + "\n")
-    plan = planner_prediction(a) if "megatrain" in systems else None
-    print_table(runs, plan)
+    plans = {n: planner_prediction(a, n) for n in counts} if "megatrain" in systems else {}
+    print_table(runs, plans)
 
 
-def print_table(runs: list[dict], plan: dict | None) -> None:
+def print_table(runs: list[dict], plans: dict[int, dict | None]) -> None:
+    """Every run, its ratio to megatrain's median at the same GPU count; then each system's median per count and,
+    with several counts, its scaling efficiency against its own median on the fewest GPUs."""
     ok = [r for r in runs if "error" not in r]
-    mt = [r["model_tflops"] for r in ok if r["system"] == "megatrain"]
-    ref = statistics.median(mt) if mt else None
-    print(f"\n{'system':<10} {'round':>5} {'step s':>8} {'TFLOPS':>7} {'x mt':>6} {'GPU GiB':>8} {'RSS GiB':>8} "
-          f"{'B/param':>8}  planner")
+
+    def median(system: str, devices: int, key: str) -> float | None:
+        values = [r[key] for r in ok if r["system"] == system and r.get("devices", 1) == devices]
+        return statistics.median(values) if values else None
+
+    print(f"\n{'system':<10} {'GPUs':>4} {'round':>5} {'step s':>8} {'TFLOPS':>7} {'x mt':>6} {'GPU GiB':>8} "
+          f"{'RSS GiB':>8} {'B/param':>8}  planner")
     for r in runs:
+        n = r.get("devices", 1)
         if "error" in r:
-            print(f"{r['system']:<10} {r['round']:>5}  failed: {r['error'].splitlines()[-1][:80] if r['error'] else ''}")
+            print(f"{r['system']:<10} {n:>4} {r['round']:>5}  failed: "
+                  f"{r['error'].splitlines()[-1][:80] if r['error'] else ''}")
             continue
+        ref = median("megatrain", n, "model_tflops")
         ratio = f"{r['model_tflops'] / ref:.2f}" if ref else "-"
-        pl = ""
+        plan, pl = plans.get(n), ""
         if r["system"] == "megatrain" and plan:
-            pl = f"{plan['step_time_s']:.2f} s, {plan['model_tflops']:.0f} TFLOPS, GPU {plan['gpu_allocated_peak_bytes'] / 2**30:.1f} GiB"
-        print(f"{r['system']:<10} {r['round']:>5} {r['step_time_s']:>8.3f} {r['model_tflops']:>7.1f} {ratio:>6} "
-              f"{r['peak_gpu_GiB'] or 0:>8.1f} {r['host_rss_GiB']:>8.1f} {r['host_bytes_per_param']:>8.1f}  {pl}")
+            pl = (f"{plan['step_time_s']:.2f} s, {plan['model_tflops']:.0f} TFLOPS, "
+                  f"GPU {plan['gpu_allocated_peak_bytes'] / 2**30:.1f} GiB")
+        print(f"{r['system']:<10} {n:>4} {r['round']:>5} {r['step_time_s']:>8.3f} {r['model_tflops']:>7.1f} "
+              f"{ratio:>6} {r['peak_gpu_GiB'] or 0:>8.1f} {r['host_rss_GiB']:>8.1f} {r['host_bytes_per_param']:>8.1f}"
+              f"  {pl}")
+    counts = sorted({r.get("devices", 1) for r in ok})
     for system in dict.fromkeys(r["system"] for r in ok):
-        tf = [r["model_tflops"] for r in ok if r["system"] == system]
-        print(f"median {system}: {statistics.median(tf):.1f} model TFLOPS"
-              + (f" (megatrain is {ref / statistics.median(tf):.2f}x)" if ref and system != "megatrain" else ""))
+        base = next(((n, median(system, n, "tokens_per_s")) for n in counts if median(system, n, "tokens_per_s")),
+                    None)
+        for n in counts:
+            tf, ref = median(system, n, "model_tflops"), median("megatrain", n, "model_tflops")
+            if tf is None:
+                continue
+            line = f"median {system} on {n} GPU{'s' if n > 1 else ''}: {tf:.1f} model TFLOPS"
+            if ref and system != "megatrain":
+                line += f" (megatrain is {ref / tf:.2f}x)"
+            if base and n != base[0]:
+                line += f"; scaling efficiency {median(system, n, 'tokens_per_s') * base[0] / (n * base[1]):.2f}" \
+                        f" against {base[0]}"
+            print(line)
 
 
 if __name__ == "__main__":
