@@ -5,12 +5,15 @@ ranks share and exchange is ranks.py's."""
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Any
 
 import torch
 from lightning.fabric.utilities.distributed import (_distributed_is_initialized,
                                                      _get_default_process_group_backend_for_device,
-                                                     _init_dist_connection, _sync_ddp_if_available)
+                                                     _init_dist_connection, _suggested_max_num_threads,
+                                                     _sync_ddp_if_available)
 from lightning.fabric.utilities.seed import reset_seed
 from lightning.pytorch.strategies import ParallelStrategy
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
@@ -20,6 +23,20 @@ from typing_extensions import override
 
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.ranks import Ranks
+
+
+log = logging.getLogger(__name__)
+
+
+def thread_advice(threads: int, cores_per_rank: int, omp_num_threads: str | None) -> str | None:
+    """A warning when each rank's PyTorch runs on one CPU thread though the node has more cores per rank (torchrun
+    sets OMP_NUM_THREADS=1 for several processes; Lightning's own launcher gives each its share): the host's AdamW
+    and gradient adds, most of a step with the state on the host, would then use one core per rank."""
+    if threads > 1 or cores_per_rank <= 1:
+        return None
+    return (f"each rank runs PyTorch on 1 CPU thread (OMP_NUM_THREADS={omp_num_threads}; torchrun sets it to 1): "
+            f"the host's optimizer and gradient adds then use one core per rank; set OMP_NUM_THREADS="
+            f"{cores_per_rank} (this node's cores per rank)")
 
 
 class DataParallelBase(ParallelStrategy):
@@ -70,6 +87,10 @@ class DataParallelBase(ParallelStrategy):
             backend = _get_default_process_group_backend_for_device(self.root_device)
             _init_dist_connection(self.cluster_environment, backend,
                                   device_id=self.root_device if self.root_device.type == "cuda" else None)
+            advice = thread_advice(torch.get_num_threads(), _suggested_max_num_threads(self.num_processes),
+                                   os.environ.get("OMP_NUM_THREADS"))
+            if advice and self.global_rank == 0:
+                log.warning(advice)
 
     @override
     def barrier(self, *args: Any, **kwargs: Any) -> None:

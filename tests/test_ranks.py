@@ -184,6 +184,15 @@ def test_fewer_layers_than_ranks_is_refused():
         Ranks.from_sizes([10, 10, 30], world=4, rank=0)
 
 
+def test_one_cpu_thread_per_rank_on_a_node_with_more_cores_is_warned_of():
+    from megatrain_lightning.data_parallel import thread_advice
+    assert thread_advice(1, 16, "1") == (
+        "each rank runs PyTorch on 1 CPU thread (OMP_NUM_THREADS=1; torchrun sets it to 1): the host's optimizer and "
+        "gradient adds then use one core per rank; set OMP_NUM_THREADS=16 (this node's cores per rank)")
+    assert thread_advice(16, 16, "16") is None  # Lightning's launcher: each rank its share of the cores
+    assert thread_advice(1, 1, None) is None  # one core per rank is all there is
+
+
 def test_a_rank_that_fails_ends_the_run_named_and_the_last_checkpoint_is_intact(data, one, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     run = _two_ranks(dict(data=data, out_dir=str(tmp_path / "first"), max_steps=STEPS, ckpt_dir=str(ckpt_dir),
