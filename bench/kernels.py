@@ -3,6 +3,9 @@ hardware figures: host AdamW per layer (main thread vs a worker thread), and one
 eager vs compiled. One JSON line per measurement on stdout.
 
   python bench/kernels.py --model llama-3.2-3b --micro-batch 32 --seq-len 1024
+
+`--processes 2,4`: also the node's AdamW rate with that many processes updating at once, each its share of the
+layers on its share of the cores (the ranks of one node; the planner takes the node's rate as one process's).
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ def emit(**kw) -> None:
     print(json.dumps(kw), flush=True)
 
 
-def adamw_rate(numels: list[int], repeats: int, worker: bool) -> float:
-    """Gparam/s of the fused CPU AdamW run unit by unit over per-layer flat fp32 buffers, as the host optimizer does."""
+def _adamw_pass(numels: list[int]):
+    """One pass of the fused CPU AdamW, unit by unit over per-layer flat fp32 [master | m | v | grad] buffers, as the
+    host optimizer runs it."""
     units = []
     for n in numels:
         tile = torch.full((4 * n,), 1e-3)  # memory-bound: the values do not change the time
@@ -37,6 +41,43 @@ def adamw_rate(numels: list[int], repeats: int, worker: bool) -> float:
             adam([p], [g], [m], [v], [], [s], fused=True, decoupled_weight_decay=True,
                                   amsgrad=False, beta1=0.9, beta2=0.95, lr=1e-4, weight_decay=0.1, eps=1e-8,
                                   maximize=False)
+    return one_pass
+
+
+def _adamw_rank(numels: list[int], repeats: int, threads: int, barrier, out) -> None:
+    torch.set_num_threads(threads)
+    one_pass = _adamw_pass(numels)
+    one_pass()  # warm-up
+    times = []
+    for _ in range(repeats):
+        barrier.wait()  # every process's pass at once, as the ranks' updates run
+        t0 = time.perf_counter()
+        one_pass()
+        times.append(time.perf_counter() - t0)
+    out.put(times)
+
+
+def adamw_processes_rate(numels: list[int], repeats: int, n: int) -> tuple[float, int]:
+    """The node's Gparam/s with `n` processes updating at once, each its 1/n of the units on its share of the cores
+    (as Lightning's launcher sets them), as the ranks of one node do; and the threads each had."""
+    import multiprocessing as mp
+    import os
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(n), ctx.Queue()
+    threads = max(1, len(os.sched_getaffinity(0)) // n)
+    procs = [ctx.Process(target=_adamw_rank, args=(numels[r::n], repeats, threads, barrier, out)) for r in range(n)]
+    for p in procs:
+        p.start()
+    results = [out.get() for _ in procs]
+    for p in procs:
+        p.join()
+    per_repeat = [max(times[k] for times in results) for k in range(repeats)]  # the node is done when all are
+    return sum(numels) / statistics.median(per_repeat) / 1e9, threads
+
+
+def adamw_rate(numels: list[int], repeats: int, worker: bool) -> float:
+    """Gparam/s of the fused CPU AdamW run unit by unit over per-layer flat fp32 buffers, as the host optimizer does."""
+    one_pass = _adamw_pass(numels)
 
     times = []
     threads = torch.get_num_threads()
@@ -146,6 +187,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-adamw", action="store_true")
+    ap.add_argument("--processes", default="", help="also the node's AdamW rate with N processes at once (2,4)")
     ap.add_argument("--skip-block", action="store_true")
     ap.add_argument("--attention", action="store_true", help="also causal SDPA alone, and one block's peak memory")
     a = ap.parse_args()
@@ -156,6 +198,9 @@ def main() -> None:
         for worker in (False, True):
             emit(what="adamw", worker=worker, threads=torch.get_num_threads(), n_params=sum(numels),
                  Gparams=round(adamw_rate(numels, a.repeats, worker), 3))
+        for n in (int(x) for x in a.processes.split(",") if x):
+            rate, threads = adamw_processes_rate(numels, a.repeats, n)
+            emit(what="adamw", processes=n, threads=threads, n_params=sum(numels), Gparams=round(rate, 3))
     tokens = (a.micro_batch, a.seq_len)
     if torch.cuda.is_available() and a.attention:
         # causal: QK^T and AV over (T + 1) / 2 keys a token on average, 2 FLOPs a MAC (the planner's attention_flops);

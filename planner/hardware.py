@@ -52,6 +52,10 @@ class Hardware:
     nvlink_GBps: float | None = None
     # several machines (trainer.num_nodes > 1): what one node's network moves to and from the others
     network_GBps: float | None = None
+    # several ranks on a node: [ranks, Gparam/s] pairs, the node's fused AdamW rate (all its processes together) with
+    # that many updating at once ([[2, 3.13], [4, 2.92]]): they share its memory bandwidth; a count between two
+    # entries takes the lower one's, more than the largest that one's; null: one process's rate, cpu_adamw_Gparams
+    cpu_adamw_node_Gparams_by_ranks: list | None = None
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -71,6 +75,13 @@ class Hardware:
             v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
                 raise PlanError(f"hardware.{name}", f"must be in (0, 1], got {v}")
+        table = self.cpu_adamw_node_Gparams_by_ranks
+        if table is not None and not (isinstance(table, (list, tuple)) and all(
+                isinstance(pair, (list, tuple)) and len(pair) == 2 and isinstance(pair[0], int)
+                and not isinstance(pair[0], bool) and pair[0] >= 2 and isinstance(pair[1], (int, float))
+                and not isinstance(pair[1], bool) and pair[1] > 0 for pair in table)):
+            raise PlanError("hardware.cpu_adamw_node_Gparams_by_ranks",
+                            f"must be [ranks >= 2, Gparam/s > 0] pairs ([[2, 3.1]]), got {table!r}")
         if self.duplex_GBps < max(self.h2d_GBps, self.d2h_GBps):
             raise PlanError("hardware.duplex_GBps", f"{self.duplex_GBps} is below one direction's bandwidth "
                             f"(h2d {self.h2d_GBps}, d2h {self.d2h_GBps})")
@@ -95,6 +106,11 @@ class Hardware:
     @property
     def nvme_array_write_GBps(self) -> float:
         return self.nvme_write_GBps * self.nvme_drives
+
+    def node_adamw_Gparams(self, ranks_per_node: int) -> float:
+        """The host AdamW rate of a node whose `ranks_per_node` ranks update at once (all of them together)."""
+        known = [(n, rate) for n, rate in self.cpu_adamw_node_Gparams_by_ranks or () if n <= ranks_per_node]
+        return max(known)[1] if ranks_per_node > 1 and known else self.cpu_adamw_Gparams
 
     def matmul_TFLOPS(self, compute_bytes: int) -> float:
         return self.bf16_TFLOPS if compute_bytes == 2 else self.fp32_TFLOPS

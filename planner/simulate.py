@@ -69,6 +69,8 @@ class _Sim:
         self.updated: dict = {}  # when each unit's (the previous step's) host update is done: "embed", i, "head"
         self.landed: list[tuple[int, int, float]] = []  # (layer, params, time) of the last micro-batch's gradients
         self.cache_loaded: set[int] = set()  # step-cached layers whose weights this step has loaded
+        # the node's host updates run on one CPU lane at the node's rate (its ranks share its memory bandwidth)
+        self.adamw_Gparams = hw.node_adamw_Gparams(wl.ranks_per_node)
         # the file-backed tier (nvme.py): when each tile of its window is free again (reads take them in order),
         # when each layer's state and copy (the previous step's update) and gradient are on the disk
         # (each rank's tier has its own window; a node's ranks share its drives)
@@ -309,7 +311,7 @@ class _Sim:
         read = self.span(S.NVME_READ, S.OPTIMIZER, i, self.disk_s(S.NVME_READ, nbytes),
                          after=max(tiles.pop(0), self.grad_written.get(i, 0.0), after), nbytes=nbytes,
                          issued=False)
-        opt = self.span(S.CPU, S.OPTIMIZER, i, lp / (self.hw.cpu_adamw_Gparams * 1e9), after=read.end, issued=False)
+        opt = self.span(S.CPU, S.OPTIMIZER, i, lp / (self.adamw_Gparams * 1e9), after=read.end, issued=False)
         nbytes = (S.DISK_STATE_BYTES - 4 + cb) * lp
         write = self.span(S.NVME_WRITE, S.OPTIMIZER, i, self.disk_s(S.NVME_WRITE, nbytes), after=opt.end,
                           nbytes=nbytes, issued=False)
@@ -359,7 +361,7 @@ class _Sim:
         """One unit's host update: fused AdamW (clip inside the kernel), plus the cast when a copy streams."""
         hw = self.hw
         cast = n_params / (hw.cpu_cast_Gparams * 1e9) if self.wl.resolved_stream == "copy" else 0.0
-        return n_params / (hw.cpu_adamw_Gparams * 1e9) + cast
+        return n_params / (self.adamw_Gparams * 1e9) + cast
 
     def previous_updates(self) -> None:
         """Deferred updates (clipping): the previous step's, in forward order, run from the step's start behind
@@ -406,7 +408,7 @@ class _Sim:
         """Global-norm clip and AdamW on the host after the last backward, then the cast of the masters into the
         streamed copies; file-backed layers read their state ahead and write it behind."""
         wl, hw, c = self.wl, self.hw, self.wl.model
-        opt_s = lambda n: n / (hw.cpu_adamw_Gparams * 1e9)  # noqa: E731
+        opt_s = lambda n: n / (self.adamw_Gparams * 1e9)  # noqa: E731
         ram_params = wl.ram_params
         self.host = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(ram_params)).end
         for i in wl.node_nvme_layers:  # file-backed: read ahead, updated, written behind

@@ -662,3 +662,21 @@ def test_two_ranks_with_accumulation_broadcast_and_reduce_each_step_cached_unit_
     assert moved == wl.n_layers * (wl.cb + 4) * c.layer_params + 4 * c.embedding_params \
         + c.embedding_params // 2 * wl.cb
     assert acc.tokens_per_s >= 1.9 * one.tokens_per_s
+
+
+def test_a_nodes_ranks_share_its_host_adamw_rate_as_measured():
+    """The ranks of one node update at once and share its memory bandwidth: its host updates run at the node's
+    measured rate for that many processes (h200: 3.13 Gparam/s with 2, 2.92 with 4; one: 3.5)."""
+    one, two = _ranks_plan(1, "storage.device_state_GiB=0"), _ranks_plan(2, "storage.device_state_GiB=0")
+    hw = two.hw
+    assert [hw.node_adamw_Gparams(n) for n in (1, 2, 3, 4, 8)] == [3.5, 3.13, 3.13, 2.92, 2.92]
+    layer_params = two.wl.model.layer_params
+    for a, rate in ((one, 3.5), (two, 3.13)):  # every layer of the node (both ranks') on its host
+        spans = [s for s in a.timeline.spans if s.lane == "cpu" and s.kind == "optimizer" and s.layer >= 0]
+        for i in range(a.wl.n_layers):  # its AdamW (the longest of its spans; the norm for clipping beside it)
+            assert max(s.end - s.start for s in spans if s.layer == i) == \
+                pytest.approx(layer_params / (rate * 1e9), rel=1e-9)
+    assert _ranks_plan(2, "hardware.cpu_adamw_node_Gparams_by_ranks=[[2,3.0]]").hw.node_adamw_Gparams(2) == 3.0
+    with pytest.raises(PlanError, match=r"hardware.cpu_adamw_node_Gparams_by_ranks: must be \[ranks >= 2, Gparam/s "
+                                        r"> 0\] pairs \(\[\[2, 3.1\]\]\), got \[\[1, 3.0\]\]"):
+        _ranks_plan(2, "hardware.cpu_adamw_node_Gparams_by_ranks=[[1,3.0]]")
