@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +117,36 @@ def test_two_ranks_equal_one_at_the_same_global_batch(mode, data, one, tmp_path)
     # the host state is held once: the two ranks' stores add up to one rank's, split about evenly
     nbytes = [m["store_bytes"] for m in metas]
     assert sum(nbytes) == want["store_bytes"] and max(nbytes) < 0.6 * want["store_bytes"]
+
+
+def _two_nodes(args: dict) -> None:
+    """Two "nodes" of one rank each on this machine, started as Lightning's multi-node run is: the same command on
+    every node with its NODE_RANK, one MASTER_ADDR / MASTER_PORT."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "tests.resume_run", json.dumps({**args, "devices": 1, "num_nodes": 2,
+                                                                 "micro_batch": 1})]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "NODE_RANK": str(node), "WORLD_SIZE": "2"})
+             for node in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("mode", ["ram", "nvme"])
+def test_two_nodes_of_one_rank_equal_one_rank(mode, data, one, tmp_path):
+    _two_nodes(dict(data=data, out_dir=str(tmp_path), max_steps=STEPS, **MODES[mode]))
+    losses, state, metas = _result(tmp_path, 2)
+    want_losses, want_state, _ = one[mode]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+    _assert_close(state, want_state)
+    if mode == "nvme":  # one rank a node: each has its node's whole budget, which holds its half of the layers
+        # (two ranks on one node, half of it each, file layers 0, 2 and 1)
+        assert all(m["store_bytes"] - m["window_bytes"] <= NVME_BUDGET_GiB * 2**30 for m in metas)
+        assert [m["on_disk"] for m in metas] == [[], []]
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
