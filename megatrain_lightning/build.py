@@ -132,7 +132,8 @@ def strategy(cfg: DictConfig, trace_dir: str | None = None, init_from: str | Non
                              ram_budget_GiB=cfg.get("ram_budget_GiB"), nvme_dir=cfg.get("nvme_dir", "nvme_state"),
                              compile=cfg.get("compile"), offload_checkpoints=cfg.get("offload_checkpoints"),
                              device_state_GiB=cfg.get("device_state_GiB"), chunk_tokens=cfg.get("chunk_tokens"),
-                             step_cache_GiB=cfg.get("step_cache_GiB"), trace_dir=trace_dir)
+                             step_cache_GiB=cfg.get("step_cache_GiB"),
+                             replicate_nodes=cfg.get("replicate_nodes", False), trace_dir=trace_dir)
 
 
 class _Bar(TQDMProgressBar):

@@ -132,8 +132,9 @@ def unit_file(index: int) -> str:
 
 def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config: dict | None = None) -> Path:
     """Writes a complete checkpoint directory at `path` (atomically replacing one that is there). With several ranks
-    every rank calls it: each writes the unit files it owns into rank 0's temporary directory, rank 0 writes the rest
-    and renames it into place; an error on one rank is raised on all (nothing is renamed)."""
+    every rank calls it: each writes the unit files it owns into rank 0's temporary directory (replicated nodes: the
+    first node's ranks), rank 0 writes the rest and renames it into place; an error on one rank is raised on all
+    (nothing is renamed)."""
     path = Path(path)
     ranks = store.ranks
     lead = ranks.rank == 0
@@ -161,7 +162,7 @@ def _begin(path: Path, store: HostStore, lead: bool) -> Path | None:
     """Checks the disk space this rank's units need; rank 0 (`lead`) makes the temporary directory."""
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
-    need = 12 * sum(u.layout.numel for u in store.units if not u.remote) + (1 << 20)
+    need = 12 * sum(u.layout.numel for u in store.units if not u.remote) * store.ranks.primary + (1 << 20)
     free = shutil.disk_usage(parent).free
     if need > free:
         raise OSError(errno.ENOSPC, f"not enough disk space for checkpoint {path}: it needs {need / 1e9:.2f} GB, "
@@ -177,10 +178,10 @@ def _begin(path: Path, store: HostStore, lead: bool) -> Path | None:
 
 
 def _write_units(tmp: Path, path: Path, store: HostStore, meta: dict[str, Any]) -> dict[int, tuple[str, int, dict]]:
-    """This rank's unit files: {unit: (file, bytes, tensor hashes)}."""
+    """This rank's unit files: {unit: (file, bytes, tensor hashes)}; none from a replica's other than the first."""
     out = {}
     for i, (prefix, unit) in enumerate(zip(store.names, store.units)):
-        if unit.remote:
+        if unit.remote or not store.ranks.primary:
             continue
         state = store.read_state(i)  # [master | m | v]
         master = unit.layout.split_state(state)[0]

@@ -35,12 +35,12 @@ class Built:
 def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream: str,
           ram_budget_GiB: float | None, nvme_dir: str | Path | Sequence[str | Path],
           init_from: Path | None, world: int = 1, rank: int = 0, device: torch.device | None = None,
-          ranks_per_node: int = 1) -> Built:
+          ranks_per_node: int = 1, replicate_nodes: bool = False) -> Built:
     """Moves `module`'s parameters into a new host store (the strategy's settings: `storage`, `stream`,
     `ram_budget_GiB`, `nvme_dir`, `init_from`); the trunk's blocks keep meta tensors afterwards. With several ranks
     (`world`), this `rank` keeps the units it owns (ranks.py) and, under storage=nvme, its share of the node's RAM
-    budget (`ranks_per_node`); every rank initializes every layer (the same random numbers) and imports only its
-    own."""
+    budget (`ranks_per_node`; `replicate_nodes`: every node holds all units, dealt among its ranks); every rank
+    initializes every layer (the same random numbers) and imports only its own."""
     aliases: dict[str, str] = {}
     param_names: dict[int, str] = {}
     adapters.stream_layers(module)  # a transformers causal LM: its decoder layers become a LayerList (a Trunk)
@@ -62,7 +62,8 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
                           frozen={name for name, owners in refs if not owners[0][2].requires_grad}))
     names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
     streamed = placement.resolve_stream(storage, stream, dtype)
-    ranks = Ranks.from_sizes([4 * lay.tile_numel for lay in layouts], world, rank, device)
+    ranks = Ranks.from_sizes([4 * lay.tile_numel for lay in layouts], world, rank, device, ranks_per_node,
+                             replicate_nodes)
     nvme_units = placement.nvme_units(layouts, dtype, ram_budget_GiB, ranks.owners, rank, ranks_per_node) \
         if storage == "nvme" else []
     store = HostStore(layouts, names, dtype, pin=pin, stream=streamed, nvme_units=nvme_units, nvme_dir=nvme_dir,

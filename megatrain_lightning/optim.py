@@ -266,7 +266,7 @@ class HostAdam:
         if self._kept:  # one synchronization: backward has to have ended anyway
             squares.append(torch.stack([square_norm(b.grad) for b in self._kept]).sum().cpu())
         local = torch.stack(squares).sum() if squares else torch.zeros(())
-        total, scale = clip_scale([self.store.ranks.sum(local)], max_norm)  # the norm over every rank's units
+        total, scale = clip_scale([self.store.ranks.sum_units(local)], max_norm)  # over every rank's units
         self._clip = ("norm", scale)
         return total
 

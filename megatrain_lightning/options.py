@@ -11,7 +11,7 @@ STREAMS = ("auto", *STORE_STREAMS)
 
 
 def check(*, checkpoint_interval, prefetch_depth, storage, stream, ram_budget_GiB, compile, offload_checkpoints,
-          device_state_GiB, chunk_tokens, step_cache_GiB) -> None:
+          device_state_GiB, chunk_tokens, step_cache_GiB, replicate_nodes=False) -> None:
     if not isinstance(checkpoint_interval, int) or checkpoint_interval < 1:
         raise UserError(f"checkpoint_interval must be an integer >= 1, got {checkpoint_interval!r}")
     if not isinstance(prefetch_depth, int) or prefetch_depth < 1:
@@ -29,6 +29,8 @@ def check(*, checkpoint_interval, prefetch_depth, storage, stream, ram_budget_Gi
                         f"got {chunk_tokens!r}")
     if ram_budget_GiB is not None and not ram_budget_GiB > 0:
         raise UserError(f"ram_budget_GiB must be > 0 (or None: all available RAM), got {ram_budget_GiB!r}")
+    if not isinstance(replicate_nodes, bool):
+        raise UserError(f"replicate_nodes must be true or false, got {replicate_nodes!r}")
     if compile is not None and not isinstance(compile, bool):
         raise UserError(f"compile must be true, false or null (on for CUDA), got {compile!r}")
     if offload_checkpoints is not None and not isinstance(offload_checkpoints, bool) \

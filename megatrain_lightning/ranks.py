@@ -18,6 +18,12 @@ coordination is needed beyond the collectives themselves. Units rather than slic
 optimizer, the file tier and the checkpoint format stay per unit (a checkpoint saved with N ranks resumes with M:
 each rank reads the unit files it owns).
 
+Across nodes the units are dealt over every rank, so a layer's broadcast and reduction cross the network. With
+`replicate_nodes` (a slow network) each node holds the whole state instead, dealt among its own ranks: broadcasts and
+reductions stay within the node (its group), and each unit's gradient is then summed across the nodes among the
+ranks that own it there (their peer group, one all-reduce a layer); every node updates its replica alike, and the
+first node's ranks write the checkpoint.
+
 One rank (`Ranks.single`) is the plain single-process path: every unit owned, every collective skipped.
 """
 
@@ -37,21 +43,40 @@ assign = S.assign_units  # shared with the planner (schedule.py is torch-free)
 
 
 class Ranks:
-    def __init__(self, world: int, rank: int, owners: list[int], device: torch.device | None = None) -> None:
+    def __init__(self, world: int, rank: int, owners: list[int], device: torch.device | None = None,
+                 share: int | None = None, group=None, peers=None) -> None:
+        """`owners`: each unit's owner (a global rank; replicated nodes: on this rank's node). `share`: the ranks
+        that hold one copy of the state between them (the world, or a node's), `group` their process group (None:
+        the world's) and `peers` this rank's counterparts on the other replicas (None: no replicas)."""
         self.world, self.rank, self.owners = world, rank, owners
         self.device = device  # where collectives' tensors live (NCCL needs CUDA tensors; gloo takes CPU ones)
+        self.per_replica = world if share is None else share
+        self.group, self.peers = group, peers
+        self.replicas = world // self.per_replica
+        self.primary = rank < self.per_replica  # the first replica's ranks write checkpoint files
 
     @classmethod
     def single(cls, n_units: int) -> Ranks:
         return cls(1, 0, [0] * n_units)
 
     @classmethod
-    def from_sizes(cls, sizes: Sequence[int], world: int, rank: int, device: torch.device | None = None) -> Ranks:
+    def from_sizes(cls, sizes: Sequence[int], world: int, rank: int, device: torch.device | None = None,
+                   ranks_per_node: int = 1, replicate_nodes: bool = False) -> Ranks:
         n_trunk = len(sizes) - 1
-        if world > 1 and n_trunk < world:
-            raise UserError(f"the model streams {n_trunk} layers, fewer than the {world} ranks that would share "
-                            f"them (devices x num_nodes): use at most {n_trunk} ranks")
-        return cls(world, rank, assign(sizes, world), device)
+        replicated = replicate_nodes and world > ranks_per_node
+        share = ranks_per_node if replicated else world
+        if share > 1 and n_trunk < share:
+            raise UserError(f"the model streams {n_trunk} layers, fewer than the {share} ranks that would share "
+                            f"them ({'devices' if replicated else 'devices x num_nodes'}): use at most {n_trunk} "
+                            "ranks")
+        if not replicated:
+            return cls(world, rank, assign(sizes, world), device)
+        node, local = divmod(rank, share)
+        # every rank creates every group, in the same order (torch.distributed's rule)
+        nodes = [dist.new_group(list(range(n * share, (n + 1) * share))) for n in range(world // share)]
+        peers = [dist.new_group(list(range(k, world, share))) for k in range(share)]
+        owners = [node * share + r for r in assign(sizes, share)]
+        return cls(world, rank, owners, device, share=share, group=nodes[node], peers=peers[local])
 
     @property
     def multi(self) -> bool:
@@ -65,23 +90,34 @@ class Ranks:
 
     # ---- collectives (no-ops on one rank) ----
     def broadcast_(self, t: Tensor, unit: int) -> None:
-        """`t` becomes the owner's `t` on every rank (in place; on CUDA ordered on the current stream)."""
-        if self.multi:
-            dist.broadcast(t, src=self.owners[unit])
+        """`t` becomes the owner's `t` on every rank (of its node, when replicated; in place; on CUDA ordered on the
+        current stream)."""
+        if self.per_replica > 1:
+            dist.broadcast(t, src=self.owners[unit], group=self.group)
 
     def reduce_mean_(self, t: Tensor, unit: int) -> None:
-        """The owner's `t` becomes the mean of every rank's `t` (the others' are left undefined)."""
-        if self.multi:
-            dist.reduce(t, dst=self.owners[unit], op=dist.ReduceOp.SUM)
-            if self.owns(unit):
-                t.div_(self.world)
+        """The owner's `t` (every replica's owner) becomes the mean of every rank's `t` (the others' are left
+        undefined)."""
+        if not self.multi:
+            return
+        if self.per_replica > 1:
+            dist.reduce(t, dst=self.owners[unit], op=dist.ReduceOp.SUM, group=self.group)
+        if self.owns(unit):
+            if self.replicas > 1:  # the other nodes' sums, among the unit's owners there
+                dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.peers)
+            t.div_(self.world)
 
     def sum(self, value: Tensor) -> Tensor:
         """A host scalar summed over the ranks (through the collective device)."""
-        if not self.multi:
-            return value
+        return self._all_sum(value, None) if self.multi else value
+
+    def sum_units(self, value: Tensor) -> Tensor:
+        """A host scalar of each rank's own units summed over one copy of the state (the ranks that share it)."""
+        return self._all_sum(value, self.group) if self.per_replica > 1 else value
+
+    def _all_sum(self, value: Tensor, group) -> Tensor:
         t = value.detach().to(self.device, torch.float32).reshape(1).clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
         return t.cpu().reshape(())
 
     def any(self, flag: bool) -> bool:

@@ -65,6 +65,7 @@ class MegatrainStrategy(DataParallelBase):
         device_state_GiB: float | None = None,
         chunk_tokens: int | None = None,
         step_cache_GiB: float | None = None,
+        replicate_nodes: bool = False,
         device: _DEVICE | None = None,
         trace_dir: str | Path | None = None,
         trace_step: int = 2,
@@ -74,7 +75,7 @@ class MegatrainStrategy(DataParallelBase):
         options.check(checkpoint_interval=checkpoint_interval, prefetch_depth=prefetch_depth, storage=storage,
                       stream=stream, ram_budget_GiB=ram_budget_GiB, compile=compile,
                       offload_checkpoints=offload_checkpoints, device_state_GiB=device_state_GiB,
-                      chunk_tokens=chunk_tokens, step_cache_GiB=step_cache_GiB)
+                      chunk_tokens=chunk_tokens, step_cache_GiB=step_cache_GiB, replicate_nodes=replicate_nodes)
         if device is not None:
             device = torch.device(device)
             if device.type == "cuda" and device.index is None:
@@ -102,6 +103,9 @@ class MegatrainStrategy(DataParallelBase):
         # is on the host keep for a step (device_state.StepCache); None: 40% of what is free once the kept state is
         # built, none on the CPU
         self.step_cache_GiB = step_cache_GiB
+        # several nodes: each holds the whole state, dealt among its ranks, and only gradients cross the network
+        # (ranks.py); else the units are dealt over every rank of every node
+        self.replicate_nodes = replicate_nodes
         self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
         self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
         self.tracer = StepTracer(trace_dir, trace_step)  # one step's timeline, when trace_dir is given
@@ -176,7 +180,8 @@ class MegatrainStrategy(DataParallelBase):
         built = model_store.build(module, dtype, pin=device.type == "cuda", storage=self.storage, stream=self.stream,
                                   ram_budget_GiB=self.ram_budget_GiB, nvme_dir=self.nvme_dir,
                                   init_from=self.init_from, world=self.world_size, rank=self.global_rank,
-                                  device=device, ranks_per_node=self.num_processes)
+                                  device=device, ranks_per_node=self.num_processes,
+                                  replicate_nodes=self.replicate_nodes)
         store, trunk, refs = built.store, built.trunk, built.refs
         self._trunk_prefix = built.prefix + "."
         self._aliases.update(built.aliases)
@@ -184,7 +189,7 @@ class MegatrainStrategy(DataParallelBase):
         self.agree(store.ranks, dict(
             checkpoint_interval=self.checkpoint_interval, prefetch_depth=self.prefetch_depth, storage=self.storage,
             stream=self.stream, ram_budget_GiB=self.ram_budget_GiB, compile=self.compile,
-            offload_checkpoints=self.offload_checkpoints, precision=str(dtype),
+            offload_checkpoints=self.offload_checkpoints, precision=str(dtype), replicate_nodes=self.replicate_nodes,
             model=hashlib.sha1(repr([u.layout.signature for u in store.units]).encode()).hexdigest()[:16]))
         self.resident = ResidentCopy(store, refs, dtype, device)
         self._param_names.update(self.resident.names)

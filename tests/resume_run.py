@@ -41,13 +41,15 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
         ram_budget_GiB: float | None = None, nvme_dir: str | None = None, drives: int = 1,
         device_state_GiB: float | None = None, signal_at_batch: int | None = None, devices: int = 1,
         micro_batch: int = MICRO_BATCH, fail_at_batch: int | None = None, last_rank_kwargs: dict | None = None,
-        clip: float = 1.0, accelerator: str = "cpu", step_cache_GiB: float | None = None, num_nodes: int = 1) -> None:
+        clip: float = 1.0, accelerator: str = "cpu", step_cache_GiB: float | None = None, num_nodes: int = 1,
+        replicate_nodes: bool = False) -> None:
     """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it).
     `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives). `devices`: CPU
     ranks (gloo), each with `micro_batch` sequences; `fail_at_batch`: the last rank raises during that micro-batch; `last_rank_kwargs`: strategy
     arguments of the last rank only; `clip` 0: no clipping (updates then start as gradients land); `accelerator` "gpu":
     one GPU a rank (NCCL); `step_cache_GiB`: the strategy's (None: auto, which on the CPU caches nothing);
-    `num_nodes` > 1: this process is node NODE_RANK's (the test starts one per node, MASTER_PORT shared)."""
+    `num_nodes` > 1: this process is node NODE_RANK's (the test starts one per node, MASTER_PORT shared), and
+    `replicate_nodes` the strategy's."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny")
@@ -65,7 +67,8 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     last = int(os.environ.get("LOCAL_RANK", 0)) == devices - 1 > 0  # Lightning sets it for the ranks it starts
     strategy = MegatrainStrategy(**{**dict(storage=storage, ram_budget_GiB=ram_budget_GiB,
                                            nvme_dir=nvme_dir or [str(out / f"nvme{k}") for k in range(drives)],
-                                           device_state_GiB=device_state_GiB, step_cache_GiB=step_cache_GiB),
+                                           device_state_GiB=device_state_GiB, step_cache_GiB=step_cache_GiB,
+                                           replicate_nodes=replicate_nodes),
                                     **((last_rank_kwargs or {}) if last else {})})
     trainer = L.Trainer(strategy=strategy, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         precision=precision, max_steps=max_steps,

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 from megatrain_lightning import MegatrainStrategy
 from megatrain_lightning import checkpoint as ckpt, hf, placement
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.ranks import Ranks, assign
 from tests import resume_run
 from tests.helpers import kept_budget_GiB
@@ -119,13 +120,14 @@ def test_two_ranks_equal_one_at_the_same_global_batch(mode, data, one, tmp_path)
     assert sum(nbytes) == want["store_bytes"] and max(nbytes) < 0.6 * want["store_bytes"]
 
 
-def _two_nodes(args: dict) -> None:
-    """Two "nodes" of one rank each on this machine, started as Lightning's multi-node run is: the same command on
-    every node with its NODE_RANK, one MASTER_ADDR / MASTER_PORT."""
+def _two_nodes(args: dict, devices: int = 1) -> None:
+    """Two "nodes" of `devices` ranks each on this machine, started as Lightning's multi-node run is: the same
+    command on every node with its NODE_RANK, one MASTER_ADDR / MASTER_PORT (Lightning starts a node's other
+    ranks), one sequence a rank."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "tests.resume_run", json.dumps({**args, "devices": 1, "num_nodes": 2,
+    cmd = [sys.executable, "-m", "tests.resume_run", json.dumps({**args, "devices": devices, "num_nodes": 2,
                                                                  "micro_batch": 1})]
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(ROOT), "MASTER_ADDR": "127.0.0.1",
@@ -147,6 +149,44 @@ def test_two_nodes_of_one_rank_equal_one_rank(mode, data, one, tmp_path):
         # (two ranks on one node, half of it each, file layers 0, 2 and 1)
         assert all(m["store_bytes"] - m["window_bytes"] <= NVME_BUDGET_GiB * 2**30 for m in metas)
         assert [m["on_disk"] for m in metas] == [[], []]
+
+
+def test_replicated_nodes_of_one_rank_each_hold_the_whole_state_train_like_one_rank_and_save_once(data, one,
+                                                                                                     tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    _two_nodes(dict(data=data, out_dir=str(tmp_path), max_steps=STEPS, replicate_nodes=True, ckpt_dir=str(ckpt_dir),
+                    save_every=3))
+    want_losses, want_state, (want,) = one["ram"]
+    metas = [json.loads((tmp_path / f"losses.rank{r}.json").read_text()) for r in range(2)]
+    losses = [sum(x) / 2 for x in zip(*(m["losses"] for m in metas))]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+    for r in range(2):  # each node's rank holds every unit, updated alike
+        assert metas[r]["store_bytes"] == want["store_bytes"]
+        _assert_close(load_file(tmp_path / f"state.rank{r}.safetensors"), want_state)
+    # one checkpoint (the first node's files), which one rank resumes
+    _one_rank(data, tmp_path / "resumed", STEPS, resume=str(ckpt_dir / "epoch=0-step=3.ckpt"))
+    losses, state, _ = _result(tmp_path / "resumed", 1)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses[3 * resume_run.ACCUMULATE:]),
+                               rtol=1e-5, atol=0)
+    _assert_close(state, want_state)
+
+
+def test_replicated_nodes_of_two_ranks_equal_one_rank_at_the_same_global_batch(data, tmp_path):
+    """2 nodes x 2 ranks, each node's ranks sharing its replica (broadcasts and reductions in the node's group,
+    gradients summed across the nodes in each unit's peer group, the clipping norm over one replica)."""
+    _one_rank(data, tmp_path / "one", STEPS, micro_batch=4)
+    _two_nodes(dict(data=data, out_dir=str(tmp_path / "four"), max_steps=STEPS, replicate_nodes=True), devices=2)
+    want_losses, want_state, (want,) = _result(tmp_path / "one", 1)
+    metas = [json.loads((tmp_path / "four" / f"losses.rank{r}.json").read_text()) for r in range(4)]
+    losses = [sum(x) / 4 for x in zip(*(m["losses"] for m in metas))]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want_losses), rtol=1e-5, atol=0)
+    for node in range(2):  # each node's two ranks hold its replica between them, about half each
+        state = {}
+        for r in (2 * node, 2 * node + 1):
+            part = load_file(tmp_path / "four" / f"state.rank{r}.safetensors")
+            assert not state.keys() & part.keys() and metas[r]["store_bytes"] < 0.6 * want["store_bytes"]
+            state.update(part)
+        _assert_close(state, want_state)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
@@ -213,6 +253,16 @@ def test_fewer_layers_than_ranks_is_refused():
     with pytest.raises(ValueError, match="the model streams 2 layers, fewer than the 4 ranks that would share them "
                                          r"\(devices x num_nodes\): use at most 2 ranks"):
         Ranks.from_sizes([10, 10, 30], world=4, rank=0)
+    # replicated nodes: a node's ranks share the layers (checked before any process group is made)
+    with pytest.raises(ValueError, match="the model streams 2 layers, fewer than the 4 ranks that would share them "
+                                         r"\(devices\): use at most 2 ranks"):
+        Ranks.from_sizes([10, 10, 30], world=8, rank=0, ranks_per_node=4, replicate_nodes=True)
+
+
+def test_replicate_nodes_must_be_a_bool():
+    with pytest.raises(UserError) as e:
+        MegatrainStrategy(replicate_nodes="yes")
+    assert str(e.value) == "replicate_nodes must be true or false, got 'yes'"
 
 
 def test_one_cpu_thread_per_rank_on_a_node_with_more_cores_is_warned_of():
