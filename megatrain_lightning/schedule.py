@@ -17,7 +17,8 @@ CPU = "cpu"  # host CPU: gradient accumulation, AdamW, casts of master weights t
 NVME_READ = "nvme_read"  # file-backed tier: state read ahead of the optimizer
 NVME_WRITE = "nvme_write"  # file-backed tier: state written behind the optimizer
 COLLECTIVE = "collective"  # several ranks: broadcasts of weights and reductions of gradients between the GPUs
-LANES = (COMPUTE, H2D, D2H, CPU, NVME_READ, NVME_WRITE, COLLECTIVE)
+NETWORK = "network"  # several nodes with replicate_nodes: each unit's gradient summed across the nodes
+LANES = (COMPUTE, H2D, D2H, CPU, NVME_READ, NVME_WRITE, COLLECTIVE, NETWORK)
 
 # Pinned host buffers that shipped gradients land in before the host adds them into fp32: a ring shared by
 # the trunk's layers. Shipping layer i waits until the host has consumed layer i - STAGING_RING.

@@ -116,7 +116,8 @@ def workload(cfg: dict[str, Any]) -> Workload:
                     offload_checkpoints=st.get("offload_checkpoints"), compile=st.get("compile"),
                     device_state_GiB=st.get("device_state_GiB", 0.0), chunk_tokens=st.get("chunk_tokens"),
                     step_cache_GiB=st.get("step_cache_GiB", 0.0),
-                    ranks=tr.get("devices", 1) * tr.get("num_nodes", 1), nodes=tr.get("num_nodes", 1))
+                    ranks=tr.get("devices", 1) * tr.get("num_nodes", 1), nodes=tr.get("num_nodes", 1),
+                    replicate_nodes=bool(st.get("replicate_nodes", False)))
 
 
 def check(cfg: dict[str, Any], advise: bool = True) -> Answer:

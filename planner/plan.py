@@ -310,21 +310,34 @@ def advice(a: Answer) -> list[str]:
     if lane == S.CPU:
         opt = a.timeline.busy_s(S.CPU, S.OPTIMIZER)
         out.append(f"CPU: the host optimizer takes {opt:.2f} s of the {a.step_time_s:.2f} s step "
-                   f"({hw.cpu_adamw_Gparams:g} Gparam/s); more tokens per step amortize it")
+                   f"({hw.node_adamw_Gparams(wl.ranks_per_node):g} Gparam/s); more tokens per step amortize it")
     if lane in (S.NVME_READ, S.NVME_WRITE):
         out.append(f"SSD: {lane_words(lane)} is busy {share:.0%} of the step; a faster SSD or more RAM "
                    "(fewer layers on it) shortens the step")
-    if lane == S.COLLECTIVE:
-        out.append(f"ranks: {lane_words(lane)} are busy {share:.0%} of the step; a larger micro-batch per rank "
-                   "carries the same bytes per layer over more tokens")
+    if lane in (S.COLLECTIVE, S.NETWORK):
+        out.append(f"ranks: {lane_words(lane)} {'are' if lane == S.COLLECTIVE else 'is'} busy {share:.0%} of the "
+                   "step; a larger micro-batch per rank carries the same bytes per layer over more tokens")
+        if lane == S.COLLECTIVE and wl.nodes > 1 and not wl.replicate_nodes:
+            rep = check_replicated(hw, a.asked or wl)
+            if rep is not None:
+                out.append(f"storage.replicate_nodes=true: every node holds the whole state ({rep[0] / GiB:,.0f} GiB "
+                           f"of RAM a node) and only gradients cross the network: {rep[1]:.2f} s a step")
     return out
+
+
+def check_replicated(hw: Hardware, asked: Workload) -> tuple[float, float] | None:
+    """(RAM a node, step seconds) with storage.replicate_nodes=true, if it fits."""
+    alt = plan(hw, replace(asked, replicate_nodes=True), advise=False)
+    ram = next(t for t in alt.tiers if t.name == "RAM")
+    return (ram.need_bytes, alt.step_time_s) if alt.fits else None
 
 
 def lane_words(lane: str) -> str:
     return {S.COMPUTE: "GPU compute", S.H2D: "the host-to-device link", S.D2H: "the device-to-host link",
             S.CPU: "the host CPU (optimizer, casts, gradient accumulation)", S.NVME_READ: "SSD reads",
             S.NVME_WRITE: "SSD writes",
-            S.COLLECTIVE: "the GPU-to-GPU broadcasts and reductions (NVLink, or the network between nodes)"}[lane]
+            S.COLLECTIVE: "the GPU-to-GPU broadcasts and reductions (NVLink, or the network between nodes)",
+            S.NETWORK: "the network between nodes (each layer's gradient summed across the replicas)"}[lane]
 
 
 def _gpu_fits(hw: Hardware, wl: Workload) -> bool:

@@ -119,9 +119,20 @@ class _Sim:
         """A broadcast or reduction of `nbytes` among the ranks: NVLink (else PCIe), the network across nodes."""
         hw = self.hw
         rate = hw.nvlink_GBps or hw.h2d_GBps
-        if self.wl.nodes > 1:
+        if self.wl.nodes > 1 and not self.wl.replicated:  # replicated nodes: within the node
             rate = min(rate, hw.network_GBps)
         return nbytes / (rate * 1e9)
+
+    def across_nodes(self, unit: int, nbytes: int, after: float) -> float:
+        """Replicated nodes: the unit's gradient (fp32) summed across the nodes by its owners, a ring all-reduce over
+        the node's network (which every unit's takes in turn); rank 0 waits for its own units'."""
+        wl = self.wl
+        if not wl.replicated:
+            return after
+        ring = 2 * (wl.nodes - 1) / wl.nodes * nbytes
+        end = self.span(S.NETWORK, S.REDUCE, unit, ring / (self.hw.network_GBps * 1e9), after=after,
+                        nbytes=int(ring)).end
+        return end if wl.owner(unit) == 0 else after  # (the resident unit's index -1 is the owners' last)
 
     def collective(self, kind: str, layer: int, nbytes: int, after: float) -> float:
         """Rank 0's part in one collective (every rank takes part in each); returns its end (0: one rank)."""
@@ -221,7 +232,8 @@ class _Sim:
                 if j in wl.cached and not last:  # summed on the device (every rank's own); reduced at the last
                     continue
                 if wl.ranks > 1:  # summed into its owner's GPU in fp32; the compute stream waits for it
-                    g_ready = self.collective(S.REDUCE, j, 4 * c.layer_params, bwd.end)
+                    g_ready = self.across_nodes(j, 4 * c.layer_params,
+                                                self.collective(S.REDUCE, j, 4 * c.layer_params, bwd.end))
                     if j not in wl.cached:  # a flat fp32 copy (a cached sum is reduced in place)
                         self.alloc(bwd.start, g_ready, 4 * c.layer_params)
                 if j in wl.kept:  # its gradient stays on the device, in fp32
@@ -251,7 +263,8 @@ class _Sim:
         # gradient sits in fp32
         resident_kept = wl.n_layers in wl.cached
         shipped = embed_bwd.end if resident_kept and not last else \
-            self.collective(S.REDUCE, RESIDENT_LAYER, 4 * c.embedding_params, embed_bwd.end)
+            self.across_nodes(RESIDENT_LAYER, 4 * c.embedding_params,
+                              self.collective(S.REDUCE, RESIDENT_LAYER, 4 * c.embedding_params, embed_bwd.end))
         if wl.n_layers not in wl.kept and (last or not resident_kept) and wl.on_this_node(wl.n_layers):
             landing = first or resident_kept
             nbytes = c.embedding_params * (4 if landing else wl.cb)

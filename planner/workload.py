@@ -64,6 +64,9 @@ class Workload:
     # timeline is rank 0's, the host work of its node's ranks on its node's CPU, the micro-batch per rank
     ranks: int = 1
     nodes: int = 1
+    # several nodes: every node holds the whole state, dealt among its ranks; only each unit's gradient crosses the
+    # network (storage.replicate_nodes)
+    replicate_nodes: bool = False
 
     def __post_init__(self) -> None:
         checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
@@ -131,10 +134,15 @@ class Workload:
 
     # ---- ranks ----
     @property
+    def replicated(self) -> bool:
+        return self.replicate_nodes and self.nodes > 1
+
+    @property
     def owners(self) -> tuple[int, ...]:
-        """Each unit's owning rank (the resident unit last), as the engine deals them."""
+        """Each unit's owning rank (the resident unit last), as the engine deals them (replicated: on node 0)."""
         c = self.model
-        return tuple(S.assign_units([c.layer_params] * self.n_layers + [c.embedding_params], self.ranks))
+        return tuple(S.assign_units([c.layer_params] * self.n_layers + [c.embedding_params],
+                                    self.ranks_per_node if self.replicated else self.ranks))
 
     @property
     def ranks_per_node(self) -> int:

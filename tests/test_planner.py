@@ -680,3 +680,29 @@ def test_a_nodes_ranks_share_its_host_adamw_rate_as_measured():
     with pytest.raises(PlanError, match=r"hardware.cpu_adamw_node_Gparams_by_ranks: must be \[ranks >= 2, Gparam/s "
                                         r"> 0\] pairs \(\[\[2, 3.1\]\]\), got \[\[1, 3.0\]\]"):
         _ranks_plan(2, "hardware.cpu_adamw_node_Gparams_by_ranks=[[1,3.0]]")
+
+
+def test_replicated_nodes_hold_the_whole_state_and_send_only_gradients_over_the_network():
+    """storage.replicate_nodes: each node holds every unit (dealt among its ranks), broadcasts and reductions stay on
+    NVLink, and each unit's fp32 gradient is summed across the nodes once (a ring all-reduce: 2 (R-1)/R of its bytes
+    over each node's network). On a slow network (12.5 GB/s, 100 Gb/s Ethernet) that beats dealing the units over
+    both nodes, and the advice says so."""
+    over = ("trainer.devices=8", "trainer.num_nodes=2", "hardware.network_GBps=12.5", "hardware.host_ram_GiB=560",
+            "storage.device_state_GiB=0")
+    dealt, rep = (_ranks_plan(8, *over[1:], f"storage.replicate_nodes={r}") for r in ("false", "true"))
+    c, wl = rep.wl.model, rep.wl
+    assert all(wl.on_this_node(i) for i in range(wl.n_layers + 1)) and max(wl.owners) == 7  # node 0's ranks
+    assert not all(dealt.wl.on_this_node(i) for i in range(wl.n_layers + 1))
+    ram = [next(t.need_bytes for t in a.tiers if t.name == "RAM") for a in (dealt, rep)]
+    other = [i for i in range(wl.n_layers + 1) if not dealt.wl.on_this_node(i)]  # the other node's units, too
+    assert ram[1] - ram[0] == S.DEVICE_STATE_BYTES * sum(c.layer_params if i < wl.n_layers else c.embedding_params
+                                                         for i in other)
+    net = sum(s.nbytes for s in rep.timeline.spans if s.lane == "network")
+    assert net == pytest.approx(4 * (wl.n_layers * c.layer_params + c.embedding_params), rel=1e-6)
+    assert not any(s.lane == "network" for s in dealt.timeline.spans)
+    # NVLink only (rank 0's part): the same broadcasts and reductions as one node's
+    one_node = _ranks_plan(8, "hardware.host_ram_GiB=560", "storage.device_state_GiB=0")
+    coll = [sum(s.nbytes for s in a.timeline.spans if s.lane == "collective") for a in (rep, one_node)]
+    assert coll[0] == coll[1] and rep.busy_s["collective"] == pytest.approx(one_node.busy_s["collective"])
+    assert rep.step_time_s < 0.8 * dealt.step_time_s
+    assert any(x.startswith("storage.replicate_nodes=true: every node holds the whole state") for x in dealt.advice)
