@@ -44,13 +44,13 @@ assign = S.assign_units  # shared with the planner (schedule.py is torch-free)
 
 class Ranks:
     def __init__(self, world: int, rank: int, owners: list[int], device: torch.device | None = None,
-                 share: int | None = None, group=None, peers=None) -> None:
-        """`owners`: each unit's owner (a global rank; replicated nodes: on this rank's node). `share`: the ranks
-        that hold one copy of the state between them (the world, or a node's), `group` their process group (None:
-        the world's) and `peers` this rank's counterparts on the other replicas (None: no replicas)."""
+                 per_replica: int | None = None, group=None, peers=None) -> None:
+        """`owners`: each unit's owner (a global rank; replicated nodes: on this rank's node). `per_replica`: the
+        ranks that hold one copy of the state between them (the world, or a node's), `group` their process group
+        (None: the world's) and `peers` this rank's counterparts on the other replicas (None: no replicas)."""
         self.world, self.rank, self.owners = world, rank, owners
         self.device = device  # where collectives' tensors live (NCCL needs CUDA tensors; gloo takes CPU ones)
-        self.per_replica = world if share is None else share
+        self.per_replica = world if per_replica is None else per_replica
         self.group, self.peers = group, peers
         self.replicas = world // self.per_replica
         self.primary = rank < self.per_replica  # the first replica's ranks write checkpoint files
@@ -76,7 +76,7 @@ class Ranks:
         nodes = [dist.new_group(list(range(n * share, (n + 1) * share))) for n in range(world // share)]
         peers = [dist.new_group(list(range(k, world, share))) for k in range(share)]
         owners = [node * share + r for r in assign(sizes, share)]
-        return cls(world, rank, owners, device, share=share, group=nodes[node], peers=peers[local])
+        return cls(world, rank, owners, device, per_replica=share, group=nodes[node], peers=peers[local])
 
     @property
     def multi(self) -> bool:
