@@ -127,6 +127,7 @@ def step_cache(store: HostStore, device: torch.device, budget_GiB: float | None,
     if not units:
         return None
     cache = StepCache(store, units, device, n_trunk)
-    log.info(f"accumulate_grad_batches={accumulate}: {len(units)} of {len(store.units)} units keep their weights and "
-             f"gradient sums on the device for a step ({cache.nbytes / 2**30:.3g} GiB)")
+    if store.ranks.rank == 0:  # the same on every rank
+        log.info(f"accumulate_grad_batches={accumulate}: {len(units)} of {len(store.units)} units keep their weights "
+                 f"and gradient sums on the device for a step ({cache.nbytes / 2**30:.3g} GiB)")
     return cache
