@@ -8,7 +8,8 @@ from dataclasses import dataclass, field, replace
 from planner.shared import schedule as S
 from planner.errors import PlanError
 from planner.hardware import Hardware
-from planner.simulate import Timeline, simulate
+from planner.simulate import simulate
+from planner.timeline import Timeline
 from planner.workload import GiB, Workload
 
 COMPUTE_BOUND = 0.9  # "compute-bound": the GPU computes for at least this share of the step
