@@ -44,17 +44,24 @@ def _adamw_pass(numels: list[int]):
     return one_pass
 
 
-def _adamw_rank(numels: list[int], repeats: int, threads: int, barrier, out) -> None:
+def _timed_passes(numels: list[int], repeats: int, threads: int, barrier=None) -> list[float]:
+    """Seconds of each of `repeats` AdamW passes after a warm-up, on `threads` threads; with a `barrier`, every
+    process starts each pass at once, as the ranks' updates run."""
     torch.set_num_threads(threads)
     one_pass = _adamw_pass(numels)
     one_pass()  # warm-up
     times = []
     for _ in range(repeats):
-        barrier.wait()  # every process's pass at once, as the ranks' updates run
+        if barrier is not None:
+            barrier.wait()
         t0 = time.perf_counter()
         one_pass()
         times.append(time.perf_counter() - t0)
-    out.put(times)
+    return times
+
+
+def _adamw_rank(numels: list[int], repeats: int, threads: int, barrier, out) -> None:
+    out.put(_timed_passes(numels, repeats, threads, barrier))
 
 
 def adamw_processes_rate(numels: list[int], repeats: int, n: int) -> tuple[float, int]:
@@ -76,20 +83,10 @@ def adamw_processes_rate(numels: list[int], repeats: int, n: int) -> tuple[float
 
 
 def adamw_rate(numels: list[int], repeats: int, worker: bool) -> float:
-    """Gparam/s of the fused CPU AdamW run unit by unit over per-layer flat fp32 buffers, as the host optimizer does."""
-    one_pass = _adamw_pass(numels)
-
-    times = []
-    threads = torch.get_num_threads()
-
-    def run() -> None:
-        torch.set_num_threads(threads)
-        one_pass()  # warm-up
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            one_pass()
-            times.append(time.perf_counter() - t0)
-
+    """Gparam/s of the fused CPU AdamW run unit by unit over per-layer flat fp32 buffers, as the host optimizer does
+    (on the main thread, or on a worker thread as the engine runs it)."""
+    threads, times = torch.get_num_threads(), []
+    run = lambda: times.extend(_timed_passes(numels, repeats, threads))  # noqa: E731
     if worker:
         t = threading.Thread(target=run)
         t.start()
