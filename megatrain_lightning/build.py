@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
+from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning.config import Config
 from megatrain_lightning.data import ByteTextDataModule, ChatDataModule, JsonlDataModule, TokensDataModule
 from megatrain_lightning.errors import UserError
@@ -154,7 +155,7 @@ def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
     out_dir = Path(out_dir)
     # each save writes the whole training state once; the newest `keep_checkpoints` stay (an older intact one is
     # what a resume falls back to when the newest is damaged); last.ckpt links to the newest
-    checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last="link", monitor="step", mode="max",
+    checkpoints = ModelCheckpoint(dirpath=out_dir / ckpt.RUN_CHECKPOINTS, save_last="link", monitor="step", mode="max",
                                   save_top_k=cfg.get("keep_checkpoints", 2),
                                   every_n_train_steps=cfg.trainer.val_check_interval)
     init_from = cfg.model.get("path") if cfg.model.name == "hf" else None

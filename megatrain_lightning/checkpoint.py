@@ -12,7 +12,8 @@ checkpoint under a complete checkpoint's name.
 
 Everything is written into a hidden temporary directory beside the target, each file fsynced, then the
 directory is renamed into place (atomic on POSIX); an existing checkpoint of the same name is replaced only
-after the new one is complete. Unit files are written straight from the store's buffers (no copies).
+after the new one is complete, and only a megatrain checkpoint (or an empty directory) is ever replaced: a save to
+any other existing path is refused with nothing changed. Unit files are written straight from the store's buffers (no copies).
 
 Integrity: a save refuses master weights that are not finite (a diverged run never replaces a good checkpoint),
 and every tensor read back (resume, export) is checked against its hash, so flipped bits inside tensor data are
@@ -46,6 +47,7 @@ VERSION = 2  # 2: per-tensor hashes in the manifest (version 1 checkpoints load 
 MANIFEST = "manifest.json"
 META = "lightning.pt"
 MODEL_CONFIG = "model_config.json"
+RUN_CHECKPOINTS = "checkpoints"  # where train.py puts a run's checkpoints
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 log = logging.getLogger(__name__)
@@ -158,8 +160,27 @@ def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config:
     return path
 
 
+def replaceable(path: Path) -> None:
+    """Raises CheckpointError unless a save may put a checkpoint at `path`: nothing is there, a link (replaced, never
+    its target), an empty directory, or a megatrain checkpoint (only what the project wrote is ever replaced)."""
+    if not os.path.lexists(path) or path.is_symlink():
+        return
+    if path.is_dir():
+        if not any(path.iterdir()):
+            return
+        try:
+            if is_complete(path) and _manifest(path):
+                return
+        except CheckpointError:
+            pass
+    raise CheckpointError(f"checkpoint {path} not saved: {path} exists and is not a megatrain checkpoint (nothing "
+                          "there was changed); save to a new path")
+
+
 def _begin(path: Path, store: HostStore, lead: bool) -> Path | None:
-    """Checks the disk space this rank's units need; rank 0 (`lead`) makes the temporary directory."""
+    """Checks the target and the disk space this rank's units need; rank 0 (`lead`) makes the temporary
+    directory."""
+    replaceable(path)
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True)
     need = 12 * sum(u.layout.numel for u in store.units if not u.remote) * store.ranks.primary + (1 << 20)
@@ -214,13 +235,16 @@ def _finish(tmp: Path, path: Path, store: HostStore, meta: dict[str, Any], model
     _fsync_file(tmp / MANIFEST)
     ownership.unmark(tmp)  # complete: no longer a partial checkpoint that a later run may remove
     _fsync_dir(tmp)
+    replaceable(path)  # again, right before: nothing of the user's appeared there meanwhile
     old = None
-    if path.exists():
+    if os.path.lexists(path):
         old = parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
         os.rename(path, old)
     os.rename(tmp, path)
     _fsync_dir(parent)
-    if old is not None:
+    if old is not None and old.is_symlink():
+        old.unlink()
+    elif old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -264,6 +288,8 @@ def candidates(path: str | Path) -> list[Path]:
                  and is_complete(p)]
         if found:
             return sorted(found, key=lambda p: (_step(p), p.stat().st_mtime), reverse=True)
+        if (path / RUN_CHECKPOINTS).is_dir():  # a train.py run directory: its checkpoints
+            return candidates(path / RUN_CHECKPOINTS)
         raise CheckpointError(f"{path} holds no complete checkpoint (a checkpoint directory has {MANIFEST}; "
                               "incomplete ones are left by interrupted saves)")
     raise CheckpointError(f"{path} is not a megatrain checkpoint directory (no {MANIFEST})")

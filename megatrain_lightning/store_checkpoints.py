@@ -17,7 +17,7 @@ from megatrain_lightning.errors import UserError
 
 
 class StoreCheckpoints(DataParallelBase):
-    """Lightning's checkpoint hooks over the store. The subclass (strategy.MegatrainStrategy) has `store`, `engine`,
+    """Lightning's checkpoint hooks over the store. The subclass (strategy.MegatrainStrategy) has `store`, `engine`, `init_from`,
     `_param_names`, `_aliases`, `_masters_in_state_dict`, `_ckpt_dir`, `flush()` and `_publish_weights()`."""
 
     def _state_dict_from_store(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, _meta) -> None:
@@ -57,6 +57,8 @@ class StoreCheckpoints(DataParallelBase):
             raise TypeError("the megatrain strategy writes checkpoint directories itself; storage_options is not "
                             "supported")
         self.flush()
+        if self.init_from is not None:  # where `hf export` finds the tokenizer files
+            checkpoint["megatrain"] = {"init_from": str(self.init_from.resolve())}
         config = self.lightning_module.hparams.get("model_config")
         ckpt.save(filepath, self.store, checkpoint, model_config=dict(config) if config else None)
 

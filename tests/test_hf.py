@@ -82,8 +82,8 @@ def test_export_loads_in_transformers_and_round_trips(storage, tmp_path, capsys)
     if storage == "nvme":
         assert sum(u.on_disk for u in strategy.store.units) == 3
     trainer.save_checkpoint(tmp_path / "imported.ckpt")
-    hf.main(["export", str(tmp_path / "imported.ckpt"), str(tmp_path / "out"), "--dtype", "float32",
-             "--max-shard-GB", "0.0001"])
+    assert hf.main(["export", str(tmp_path / "imported.ckpt"), str(tmp_path / "out"), "--dtype", "float32",
+                    "--max-shard-GB", "0.0001"]) == 0
     assert f"from the checkpoint {tmp_path / 'imported.ckpt'}" in capsys.readouterr().out  # names what it exported
     exported = {}
     for f in hf.shards(tmp_path / "out"):
@@ -216,8 +216,9 @@ def test_with_several_ranks_each_reads_only_the_tensors_of_its_own_units(tmp_pat
     from megatrain_lightning import model_store
     hf_model = _hf_model("llama", tmp_path / "hf")
     want = {k: v.float() for k, v in hf_model.state_dict().items() if "rotary" not in k}
+    from megatrain_lightning.hf import load as hf_load
     read: list[str] = []
-    real_open = hf.safe_open
+    real_open = hf_load.safe_open
 
     class Recording:
         def __init__(self, *a, **k):
@@ -234,7 +235,7 @@ def test_with_several_ranks_each_reads_only_the_tensors_of_its_own_units(tmp_pat
             read.append(name)
             return self.f.get_tensor(name)
 
-    monkeypatch.setattr(hf, "safe_open", Recording)
+    monkeypatch.setattr(hf_load, "safe_open", Recording)
     config = Config.from_dict({"name": "hf", "path": str(tmp_path / "hf")})
     got: dict[str, torch.Tensor] = {}
     for rank in range(2):

@@ -100,10 +100,21 @@ def test_checkpoint_imports_trains_and_exports_as_the_transformers_model(family,
     trained = {trainer.strategy._aliases.get(f"model.{k}", f"model.{k}"): p.detach()
                for k, p in want_module.model.named_parameters()}
     assert set(trained) == set(masters)
+    # tokens first seen in the last step: Adam's first update of their embedding rows is m/(sqrt(v)+eps) of one
+    # gradient, which sums in another order under the engine (a scatter-add over the batch's tokens); where an
+    # element's sum cancels to ~eps its update amplifies that rounding (DeepSeek-V3, transformers 5.24: one such
+    # row 8e-4 off, 1.5% of one update, the losses equal to all digits)
+    late = sorted(set(torch.cat(batches[-ACCUMULATE:]).flatten().tolist())
+                  - set(torch.cat(batches[:-ACCUMULATE]).flatten().tolist()))
+    lr = lm_kwargs(STEPS)["lr"]  # the peak rate
     for name, value in trained.items():
-        # 1e-5; the embedding's gradient (a scatter-add over the batch's tokens) sums in another order under the
-        # engine: 1.07e-5 seen for DeepSeek-V3
-        assert rel_err(masters[name], value) < (2e-5 if name.endswith("embed_tokens.weight") else 1e-5), name
+        if name.endswith("embed_tokens.weight"):  # rows of the tokens seen earlier: 2e-5 (1.07e-5 seen)
+            rows = torch.ones(len(value), dtype=torch.bool)
+            rows[late] = False
+            assert rel_err(masters[name][rows], value[rows]) < 2e-5, name
+            assert (masters[name] - value).abs().max() < 0.05 * lr, name
+        else:
+            assert rel_err(masters[name], value) < 1e-5, name
 
     # export: the model's own class and checkpoint layout (transformers' names), the trained weights
     trainer.save_checkpoint(tmp_path / "ckpt")
@@ -207,8 +218,10 @@ def test_train_py_trains_and_exports_a_mixtral(source, tmp_path, restore_logging
     assert type(loaded).__name__ == "MixtralForCausalLM"
     assert loaded.config.num_hidden_layers == {"checkpoint": TINY["num_hidden_layers"], "preset": 2}[source]
     masters = ckpt.read_masters(ckpt.resolve(tmp_path / "run" / "checkpoints"))
+    # export's default dtype: the imported model's own (this checkpoint was saved in float32), else bfloat16
+    dtype = {"checkpoint": torch.float32, "preset": torch.bfloat16}[source]
     for name, p in loaded.named_parameters():
-        assert torch.equal(p, masters[f"model.{name}"].to(torch.bfloat16)), name  # export's default dtype
+        assert torch.equal(p, masters[f"model.{name}"].to(dtype)), name
     evaluated = HFCausalLM.load_from_checkpoint(tmp_path / "run" / "checkpoints")  # for evaluation, on the CPU
     assert type(evaluated.model).__name__ == "MixtralForCausalLM"
     assert all(torch.equal(evaluated.get_parameter(k), v) for k, v in masters.items())

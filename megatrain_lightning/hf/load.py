@@ -1,23 +1,12 @@
-"""Hugging Face checkpoints in and out: config.json + sharded safetensors + index (Llama, Mistral, Qwen2, Qwen3 as
-megatrain's Llama; the families of config.TRANSFORMERS_HF_TYPES as the transformers model itself).
-
-Import reads one tensor at a time, shard by shard, straight into the host store (file-backed layers write it
-into their files), so the extra RAM is one tensor, never the model; for a transformers model whose layout
-transformers converts (fused experts, hf_layout.py) one decoder layer's tensors at a time, and their fused
-copies. Export reads a megatrain checkpoint directory unit by unit and writes shards of at most `max_shard_GB`,
-so `transformers` loads the result:
-
-    python -m megatrain_lightning.hf export runs/.../checkpoints/last.ckpt exported/ [--dtype bfloat16]
-"""
+"""Hugging Face checkpoints in: config.json + sharded safetensors + index, read one tensor at a time, shard by shard,
+straight into the host store (file-backed layers write it into their files), so the extra RAM is one tensor, never
+the model; for a transformers model whose layout transformers converts (fused experts, hf_layout.py) one decoder
+layer's tensors at a time, and their fused copies."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
-import shutil
-import uuid
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -27,13 +16,11 @@ from torch import Tensor, nn
 
 from megatrain_lightning import checkpoint as ckpt
 from megatrain_lightning import hf_layout
-from megatrain_lightning.config import Config
 from megatrain_lightning.store import HostStore
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints carry; recomputed here
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 FLOAT_DTYPES = ("F32", "BF16", "F16", "F64")  # safetensors dtype names the masters can be read from
 
 
@@ -55,7 +42,7 @@ def shards(directory: str | Path) -> list[Path]:
     return [d / f for f in files]
 
 
-def _hf_prefix(names: Iterable[str]) -> str:
+def hf_prefix(names: Iterable[str]) -> str:
     """The LightningModule's prefix in front of Hugging Face names ("model." for CausalLM.model = Llama)."""
     for name in names:
         if name.endswith("model.embed_tokens.weight"):
@@ -71,7 +58,7 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
     (hf_layout.py: one decoder layer's tensors at a time); None: names and layouts as in the checkpoint.
     `buffers`: the module's buffers by full name; a checkpoint's value for one is copied into it (a router's
     trained bias), the others keep what the model's initialization gave them."""
-    prefix, aliases, buffers = _hf_prefix(store.index), aliases or {}, buffers or {}
+    prefix, aliases, buffers = hf_prefix(store.index), aliases or {}, buffers or {}
     files = shards(directory)
     where: dict[str, Path] = {}  # checkpoint name -> its shard
     problems = []
@@ -145,100 +132,3 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
                     dirty.add(i)
     for i in sorted(dirty):  # the streamed copies follow the new masters
         store.units[i].refresh_stream()
-
-
-def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str = "bfloat16",
-           max_shard_GB: float = 5.0) -> Path:
-    """Writes a megatrain checkpoint as a Hugging Face checkpoint directory (atomically, like checkpoints)."""
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    src = ckpt.resolve(checkpoint_dir)
-    if not (src / ckpt.MODEL_CONFIG).is_file():
-        raise ckpt.CheckpointError(f"{src} has no {ckpt.MODEL_CONFIG}: only checkpoints of megatrain's CausalLM "
-                                   "can be exported")
-    config = Config(**json.loads((src / ckpt.MODEL_CONFIG).read_text()))
-    # a transformers model trained as itself (hf_lm.HFCausalLM): its own config.json, its checkpoint layout
-    meta = ckpt.load_meta(src)
-    hf_config = meta.get("hyper_parameters", {}).get("hf_config")
-    hf_model = _meta_model(hf_config) if hf_config else None
-    entries = json.loads((src / ckpt.MANIFEST).read_text())["units"]
-    units = [src / u["file"] for u in entries]
-    masters = [[k for k in ckpt.read_header(f) if k != "__metadata__" and "/" not in k] for f in units]
-    prefix = _hf_prefix(k for keys in masters for k in keys)  # "exp_avg/..." keys are optimizer state
-    # its persistent buffers (a router's bias) are part of its checkpoint, by decoder layer
-    buffers = hf_layout.by_layer(k[len(prefix):] for k in meta.get("state_dict", {}) if k.startswith(prefix)) \
-        if hf_model is not None else {}
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        limit = max_shard_GB * 1e9
-        shard: list[tuple[str, Tensor]] = []
-        written: list[tuple[str, list[str]]] = []
-        shard_bytes = total = 0
-
-        def flush() -> None:
-            name = f"part-{len(written):05d}.safetensors"
-            ckpt.write_safetensors(tmp / name, shard, metadata={"format": "pt"})
-            written.append((name, [n for n, _ in shard]))
-            shard.clear()
-
-        for file, keys, entry in zip(units, masters, entries):  # one unit file at a time
-            with safe_open(str(file), framework="pt") as f:
-                tensors = {key[len(prefix):]: ckpt.get_verified(f, key, entry, file) for key in keys}
-            if hf_model is not None:  # a unit is a decoder layer or the rest: transformers' rules stay within one
-                layer = next(iter(hf_layout.by_layer(tensors)))
-                tensors.update({n: meta["state_dict"][prefix + n] for n in buffers.get(layer, ())})
-                tensors = hf_layout.to_checkpoint(hf_model, tensors)
-            for name, t in tensors.items():
-                t = t.to(DTYPES[dtype]).contiguous()
-                if shard and shard_bytes + t.nbytes > limit:
-                    flush()
-                    shard_bytes = 0
-                shard.append((name, t))
-                shard_bytes += t.nbytes
-                total += t.nbytes
-        if shard:
-            flush()
-        weight_map = {}
-        for k, (name, keys) in enumerate(written):
-            final = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
-            os.rename(tmp / name, tmp / final)
-            weight_map.update({key: final for key in keys})
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        hf_json = {**hf_config, "torch_dtype": dtype, "dtype": dtype} if hf_config else config.to_hf(dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_json, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
-def _meta_model(hf_config: dict[str, Any]) -> nn.Module:
-    """The transformers model of a config.json, on the meta device (its layout rules need the model, not weights)."""
-    from megatrain_lightning.hf_lm import build_model
-
-    with torch.device("meta"):
-        return build_model(hf_config)
-
-
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m megatrain_lightning.hf", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="a megatrain checkpoint directory -> a Hugging Face checkpoint directory")
-    ex.add_argument("checkpoint", help="a checkpoint directory, or a directory of them (the last complete one)")
-    ex.add_argument("out_dir")
-    ex.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
-    ex.add_argument("--max-shard-GB", type=float, default=5.0)
-    args = ap.parse_args(argv)
-    source = ckpt.resolve(args.checkpoint)
-    out = export(source, args.out_dir, args.dtype, args.max_shard_GB)
-    print(f"wrote {out} ({args.dtype}) from the checkpoint {source}")
-
-
-if __name__ == "__main__":
-    main()

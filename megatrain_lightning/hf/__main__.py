@@ -1,0 +1,5 @@
+import sys
+
+from megatrain_lightning.hf.cli import main
+
+sys.exit(main())
