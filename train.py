@@ -11,14 +11,36 @@ import logging
 import sys
 import time
 
-from planner.check import check, compose_run
+from planner.check import check, compose_run, groups, presets
 from planner.errors import PlanError
 from planner.report import text
 
 log = logging.getLogger("train")
 
 
+def usage() -> str:
+    lines = ["usage: python train.py [GROUP=PRESET ...] [FIELD=VALUE ...]", "",
+             "Arguments are Hydra overrides of conf/ (python -m planner.check takes the same). Groups and presets:"]
+    lines += [f"  {group}={'|'.join(presets(group))}" for group in groups()]
+    lines += ["Fields: any of conf/config.yaml and the chosen presets, e.g. trainer.max_steps=10 data.seq_len=512;",
+              "a model field a preset leaves out: +model.FIELD=VALUE. resume=DIR continues a run.",
+              "Docs: README.md and docs/ (architecture, storage, checkpoints, performance, planner).",
+              "Exit status: 0 done, 1 cannot fit, 2 bad input, 3 diverged, 4 storage fault, 128+N stopped by signal N."]
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
+    if any(a in ("-h", "--help", "help") for a in argv):
+        print(usage())
+        return 0
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # before training started (SaveOnSignal handles it during training)
+        print("interrupted before training started; nothing was saved", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     try:
         cfg, run_dir = compose_run(argv)
         answer = check(cfg) if cfg["preflight"] else None  # before anything is allocated (preflight=false skips)
@@ -38,7 +60,7 @@ def main(argv: list[str]) -> int:
     cfg = OmegaConf.create(cfg)
     try:
         build.check(cfg)  # every field and file, before a run directory exists
-        run_dir.mkdir(parents=True, exist_ok=True)
+        build.new_run_dir(run_dir)
         build.logging_to(run_dir)
         if answer is not None:
             log.info(f"planner: fits; predicted {answer.step_time_s:.3g} s/step on {answer.hw.name}, bottleneck "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 from pathlib import Path
 
@@ -65,6 +66,10 @@ def check(cfg: DictConfig) -> None:
             raise UserError(f"{field}: required (data={data.kind}, model={cfg.model.name})")
         if needed and not Path(value).exists():
             raise UserError(f"{field}: {value} does not exist")
+    if cfg.model.name == "hf" and data.kind == "bytes":  # the checkpoint's embedding rows are its tokenizer's ids
+        raise UserError("data: model=hf needs text tokenized with the model's tokenizer: data=jsonl or data=chat "
+                        "with data.tokenizer=<model dir>/tokenizer.json, or data=tokens (ids of that tokenizer); "
+                        "data=bytes would feed raw bytes as its token ids")
     if tr.get("accelerator") in ("gpu", "cuda"):
         import torch
 
@@ -86,6 +91,21 @@ def check(cfg: DictConfig) -> None:
                     pass
             except OSError as e:
                 raise UserError(f"storage.nvme_dir: {nvme} is not a writable directory ({e.strerror})") from None
+
+
+RUN_FILES = ("train.log", "logs", ckpt.RUN_CHECKPOINTS)  # what a run writes into its directory
+
+
+def new_run_dir(run_dir: Path) -> None:
+    """Makes the run's directory; one that already holds a run's files is refused (two runs' checkpoints and logs
+    would mix, and the second's saves would rotate away the first's checkpoints). Checked by the first process only:
+    the other ranks of a launch share its directory."""
+    first = all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
+    found = [name for name in RUN_FILES if first and (run_dir / name).exists()]
+    if found:
+        raise UserError(f"hydra.run.dir: {run_dir} already holds a run ({', '.join(found)}); give each run its own "
+                        "directory (resume=DIR continues a run into a new one)")
+    run_dir.mkdir(parents=True, exist_ok=True)
 
 
 def model_config(cfg: DictConfig) -> Config:
@@ -159,7 +179,7 @@ def trainer(cfg: DictConfig, out_dir: str | Path) -> L.Trainer:
                                   save_top_k=cfg.get("keep_checkpoints", 2),
                                   every_n_train_steps=cfg.trainer.val_check_interval)
     init_from = cfg.model.get("path") if cfg.model.name == "hf" else None
-    callbacks = [checkpoints, SaveOnSignal()] if cfg.get("save_on_signal", True) else [checkpoints]
+    callbacks = [checkpoints, FirstStep()] + ([SaveOnSignal()] if cfg.get("save_on_signal", True) else [])
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(_Bar(refresh_rate=cfg.trainer.get("log_every_n_steps", 1)))
     return L.Trainer(strategy=strategy(cfg.storage, init_from=init_from), callbacks=callbacks,
@@ -188,11 +208,27 @@ def logging_to(run_dir: Path) -> None:
         lg.propagate = True
 
 
+class FirstStep(L.Callback):
+    """The step this run started from (a resumed run's checkpoint's), for the summary's counts."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step = trainer.global_step
+
+
 def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> str:
-    """The end-of-run lines: where things are, the last losses, the speed against the planner's."""
+    """The end-of-run lines: where things are, the last losses, this run's speed against the planner's."""
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    steps = trainer.global_step
-    lines = [f"done: {steps} steps in {seconds:.1f} s; run directory {run_dir}"]
+    first = next((c.step for c in trainer.callbacks if isinstance(c, FirstStep)), 0)
+    if first is None:  # training never started: a resumed run already at max_steps
+        return (f"nothing to train: the checkpoint is at step {trainer.global_step}, trainer.max_steps is "
+                f"{trainer.max_steps}; to go on, raise it (e.g. trainer.max_steps={2 * trainer.global_step}) and "
+                f"resume again; run directory {run_dir}")
+    steps = trainer.global_step - first
+    resumed = f" (steps {first + 1}-{trainer.global_step}, resumed at {first})" if first else ""
+    lines = [f"done: {steps} steps{resumed} in {seconds:.1f} s; run directory {run_dir}"]
     callback = trainer.checkpoint_callback
     last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
     if last:

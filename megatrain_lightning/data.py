@@ -129,7 +129,10 @@ class ByteTextDataModule(L.LightningDataModule):
         self.train_samples, self.val_samples, self.val_fraction = train_samples, val_samples, val_fraction
 
     def setup(self, stage: str | None = None) -> None:
-        data = torch.frombuffer(bytearray(_require_file(self.path, "data file").read_bytes()), dtype=torch.uint8)
+        raw = bytearray(_require_file(self.path, "data file").read_bytes())
+        if not raw:
+            raise UserError(f"data.path: {self.path} is empty")
+        data = torch.frombuffer(raw, dtype=torch.uint8)
         split = int(len(data) * (1 - self.val_fraction))
         self.train = ByteWindows(data[:split], self.seq_len, self.train_samples, self.seed)
         self.val = ByteWindows(data[split:], self.seq_len, self.val_samples, self.seed + 1)
@@ -146,9 +149,9 @@ class PackedWindows(Dataset):
     """Window i of a token stream: tokens [i*T, i*T + T] as a [T+1] tensor, or, when a loss mask exists, a dict
     of `input_ids` [T] and `labels` [T] (IGNORE where the mask is 0)."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None) -> None:
+    def __init__(self, tokens: np.ndarray, seq_len: int, mask: np.ndarray | None = None, what: str = "") -> None:
         if len(tokens) < seq_len + 1:
-            raise UserError(f"{len(tokens)} tokens are too few for one window of seq_len {seq_len} + 1")
+            raise UserError(f"{len(tokens)} tokens{what} are too few for one window of seq_len {seq_len} + 1")
         self.tokens, self.mask, self.seq_len = tokens, mask, seq_len
 
     def __len__(self) -> int:
@@ -179,6 +182,18 @@ class _PackedDataModule(L.LightningDataModule):
     def _tokens(self) -> tuple[np.ndarray, np.ndarray | None]:
         raise NotImplementedError
 
+    def _tokenizer(self):
+        """The `tokenizer_path` tokenizer; one that can produce ids past the model's embedding is refused here,
+        before any text is read (one smaller than the embedding, as padded vocabularies are, is fine)."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(_require_file(self.tokenizer_path, "tokenizer file")))
+        n = tok.get_vocab_size(with_added_tokens=True)
+        if self.vocab_size is not None and n > self.vocab_size:
+            raise UserError(f"data.tokenizer: {self.tokenizer_path} has {n} tokens, more than the model's vocabulary "
+                            f"of {self.vocab_size}: is it the model's own tokenizer?")
+        return tok
+
     def setup(self, stage: str | None = None) -> None:
         tokens, mask = self._tokens()
         if self.vocab_size is not None and len(tokens):
@@ -189,10 +204,13 @@ class _PackedDataModule(L.LightningDataModule):
                 raise UserError(f"token id {top if top >= self.vocab_size else low} in the data is outside the "
                                 f"model's vocabulary ({self.vocab_size})")
         split = int(len(tokens) * (1 - self.val_fraction))
-        self.train = PackedWindows(tokens[:split], self.seq_len, None if mask is None else mask[:split])
+        share = f"of {len(tokens)}: data.val_fraction={self.val_fraction}"
+        self.train = PackedWindows(tokens[:split], self.seq_len, None if mask is None else mask[:split],
+                                   f" (the training split {share})" if self.val_fraction else "")
         self.val = None
         if self.val_fraction > 0:
-            self.val = PackedWindows(tokens[split:], self.seq_len, None if mask is None else mask[split:])
+            self.val = PackedWindows(tokens[split:], self.seq_len, None if mask is None else mask[split:],
+                                     f" (the validation split {share}; raise it, or 0: no validation)")
 
     def train_dataloader(self) -> DataLoader:
         if len(self.train) < self.micro_batch:
@@ -258,9 +276,7 @@ class JsonlDataModule(_PackedDataModule):
         self.eos_token = eos_token
 
     def _tokens(self) -> tuple[np.ndarray, np.ndarray | None]:
-        from tokenizers import Tokenizer
-
-        tok = Tokenizer.from_file(str(_require_file(self.tokenizer_path, "tokenizer file")))
+        tok = self._tokenizer()
         path = _require_file(self.path, "data file")
         eos = []
         if self.eos_token is not None:
@@ -300,11 +316,9 @@ class ChatDataModule(_PackedDataModule):
         self.template_path = Path(chat_template) if chat_template else self.tokenizer_path.parent / "tokenizer_config.json"
 
     def _tokens(self) -> tuple[np.ndarray, np.ndarray]:
-        from tokenizers import Tokenizer
-
         from megatrain_lightning.chat import ChatTemplate, encode, to_messages
 
-        tok = Tokenizer.from_file(str(_require_file(self.tokenizer_path, "tokenizer file")))
+        tok = self._tokenizer()
         template = ChatTemplate.from_config(self.template_path)
         path = _require_file(self.path, "data file")
         tokens, mask = array("I"), array("B")

@@ -12,6 +12,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from megatrain_lightning.errors import UserError
+
 log = logging.getLogger(__name__)
 
 OWNER = ".owner"  # "<host> <pid>" of the process that created the directory
@@ -67,8 +69,8 @@ class DirectoryLock:
         except BlockingIOError:
             holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)
-            raise RuntimeError(f"another run (host and pid: {holder}) is writing {role} to {directory}; give this "
-                               "run its own directory") from None
+            raise UserError(f"another run (host and pid: {holder}) is writing {role} to {directory}; give this "
+                            "run its own directory") from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"{socket.gethostname()} {os.getpid()}".encode(), 0)
 

@@ -10,7 +10,9 @@ Takes the same Hydra overrides as train.py (it composes the same `conf/` tree). 
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,8 +46,47 @@ def compose(overrides: list[str], with_hydra: bool = False) -> Any:
         out = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True)
         return {**out, "hydra": {"run": {"dir": run_dir}}}
     except (HydraException, OmegaConfBaseException) as e:
-        field = next((o.split("=")[0] for o in overrides if o.split("=")[0].lstrip("+~") in str(e)), "overrides")
-        raise PlanError(field, str(e).splitlines()[0]) from None
+        raise _explained(overrides, str(e)) from None
+
+
+def presets(group: str) -> list[str]:
+    """The presets of a conf/ group (`model`, `hardware`, ...)."""
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def groups() -> list[str]:
+    return sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else ""
+
+
+def _explained(overrides: list[str], message: str) -> PlanError:
+    """Hydra's error as one line naming the field, with the close matches of a misspelt preset or key."""
+    first = message.splitlines()[0]
+    missing = re.search(r"Could not find '([\w-]+)/([^']+)'", first)
+    if missing and missing.group(1) in groups():
+        group, name = missing.groups()
+        return PlanError(group, f"no preset {name!r}{_did_you_mean(name, presets(group))} (the presets: "
+                                f"{', '.join(presets(group))})")
+    unknown = re.search(r"Could not override '([\w.]+)'", first)
+    if unknown:
+        key = unknown.group(1)
+        parent, _, leaf = key.rpartition(".")
+        try:  # the fields there, as the chosen presets make them (a model takes any Config field)
+            node = compose([o for o in overrides if o.partition("=")[0] in groups()])
+            for part in parent.split(".") if parent else ():
+                node = node[part]
+            known = sorted(node) if isinstance(node, dict) else []
+        except (PlanError, KeyError, TypeError):
+            known = []
+        if parent == "model":
+            known = Config.field_names()
+        return PlanError(key, f"no such field{_did_you_mean(leaf, known)} (a new field is added with +{key}=...)")
+    field = next((o.split("=")[0] for o in overrides if o.split("=")[0].lstrip("+~") in message), "overrides")
+    return PlanError(field, first)
 
 
 # characters that Hydra's override grammar does not take unquoted in a value, but that paths and tokens contain

@@ -146,3 +146,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     """‖a − b‖ / ‖b‖ in float64."""
     a, b = a.double().cpu(), b.double().cpu()
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def assert_adam_state_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float,
+                            lr: float) -> None:
+    """Every tensor within `tol` (relative norm), after setting aside a few elements (at most 1 in 1000, at least
+    one) that differ by less than a fifth of one learning-rate step: Adam's update m/(sqrt(v) + eps) amplifies the
+    rounding of a gradient element that sums to ~eps (a token seen once: its embedding row's first gradient), and
+    two exact computations that sum in another order (another batch split, another CPU's kernels) round
+    differently. Seen: one element of 16384 off by 1.2e-3 with lr 1e-2, the others to 1e-8."""
+    assert got.keys() == want.keys()
+    for k in want:
+        a, b = got[k].double(), want[k].double()
+        diff = (a - b).abs()
+        stray = diff > 1e-3 * lr  # a visible part of one step: rounding alone moves a weight ~1e-8
+        assert stray.sum() <= max(1, b.numel() // 1000) and (diff[stray] <= 0.2 * lr).all(), (k, diff.max().item())
+        a, b = a[~stray], b[~stray]
+        err = ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+        assert err < tol, (k, err)

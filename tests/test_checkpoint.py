@@ -177,10 +177,11 @@ def test_leftovers_of_dead_runs_are_removed_only_when_ours_and_dead(tmp_path):
 
 
 def test_a_second_run_on_the_same_checkpoint_directory_is_refused(data, tmp_path):
+    from megatrain_lightning.errors import UserError
     from megatrain_lightning.ownership import DirectoryLock
 
     held = DirectoryLock(tmp_path / "ckpt", "checkpoints")  # another run's, as far as the next one can tell
-    with pytest.raises(RuntimeError, match=rf"another run \(host and pid: \S+ {os.getpid()}\) is writing checkpoints "
+    with pytest.raises(UserError, match=rf"another run \(host and pid: \S+ {os.getpid()}\) is writing checkpoints "
                                            rf"to {tmp_path / 'ckpt'}"):
         resume_run.run(data, str(tmp_path / "run"), 2, ckpt_dir=str(tmp_path / "ckpt"), save_every=2)
     held.release()

@@ -21,7 +21,7 @@ from megatrain_lightning import checkpoint as ckpt, hf, placement
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.ranks import Ranks, assign
 from tests import resume_run
-from tests.helpers import kept_budget_GiB
+from tests.helpers import assert_adam_state_close, kept_budget_GiB, lm_kwargs
 from megatrain_lightning.config import Config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,10 +69,7 @@ def _result(out: Path, ranks: int) -> tuple[list[float], dict[str, torch.Tensor]
 
 
 def _assert_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert got.keys() == want.keys()
-    for k in want:
-        err = ((got[k] - want[k]).norm() / want[k].norm().clamp_min(1e-30)).item()
-        assert err < TOL, (k, err)
+    assert_adam_state_close(got, want, TOL, lm_kwargs(1)["lr"])
 
 
 @pytest.fixture(scope="module")
