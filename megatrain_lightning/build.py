@@ -93,18 +93,15 @@ def check(cfg: DictConfig) -> None:
                 raise UserError(f"storage.nvme_dir: {nvme} is not a writable directory ({e.strerror})") from None
 
 
-RUN_FILES = ("train.log", "logs", ckpt.RUN_CHECKPOINTS)  # what a run writes into its directory
-
-
 def new_run_dir(run_dir: Path) -> None:
-    """Makes the run's directory; one that already holds a run's files is refused (two runs' checkpoints and logs
-    would mix, and the second's saves would rotate away the first's checkpoints). Checked by the first process only:
-    the other ranks of a launch share its directory."""
+    """Makes the run's directory; one that already holds a run's checkpoints is refused (two runs' checkpoints would
+    mix, and the second's saves would rotate away the first's). Checked by the first process only: the other ranks
+    of a launch share its directory."""
     first = all(int(os.environ.get(v, "0") or 0) == 0 for v in ("RANK", "LOCAL_RANK", "NODE_RANK"))
-    found = [name for name in RUN_FILES if first and (run_dir / name).exists()]
-    if found:
-        raise UserError(f"hydra.run.dir: {run_dir} already holds a run ({', '.join(found)}); give each run its own "
-                        "directory (resume=DIR continues a run into a new one)")
+    checkpoints = run_dir / ckpt.RUN_CHECKPOINTS
+    if first and checkpoints.is_dir() and any(checkpoints.iterdir()):
+        raise UserError(f"hydra.run.dir: {run_dir} already holds a run's checkpoints; give each run its own "
+                        f"directory (resume={run_dir} continues that run into a new one)")
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -228,7 +225,7 @@ def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> s
                 f"resume again; run directory {run_dir}")
     steps = trainer.global_step - first
     resumed = f" (steps {first + 1}-{trainer.global_step}, resumed at {first})" if first else ""
-    lines = [f"done: {steps} steps{resumed} in {seconds:.1f} s; run directory {run_dir}"]
+    lines = [f"done: {steps} steps{resumed} in {seconds:.3g} s; run directory {run_dir}"]
     callback = trainer.checkpoint_callback
     last = getattr(callback, "last_model_path", "") or getattr(callback, "best_model_path", "")
     if last:

@@ -32,6 +32,13 @@ def files(tmp_path):
     (tmp_path / "not_a_dir").write_text("a file where a directory should be")
     (tmp_path / "chat.jsonl").write_text('{"text": "the sky"}\n')
     (tmp_path / "template.json").write_text('{"chat_template": "{{ messages[0].content }}"}')
+    np.save(tmp_path / "few.npy", np.arange(734, dtype=np.uint16) % 256)
+    big = Tokenizer(models.WordLevel({f"w{i}": i for i in range(300)}, unk_token="w0"))
+    (tmp_path / "big").mkdir()
+    big.save(str(tmp_path / "big" / "tokenizer.json"))
+    (tmp_path / "hf").mkdir()  # a Hugging Face model's config (no weights needed to be refused)
+    from megatrain_lightning.config import Config
+    (tmp_path / "hf" / "config.json").write_text(__import__("json").dumps(Config.from_name("tiny").to_hf()))
     return tmp_path
 
 
@@ -69,6 +76,15 @@ def _cases(d: Path) -> list[tuple[list[str], str]]:
                                                            r"exist"),
         (["data=chat", f"data.path={d}/chat.jsonl", tok, f"data.chat_template={d}/template.json"],
          r"chat\.jsonl:1: a chat record needs 'messages'"),
+        (["trainer.max_step=10"], r"^error: trainer\.max_step: no such field; did you mean max_steps\?"),
+        (["model=llama3-8b"], r"^error: model: no preset 'llama3-8b'; did you mean llama-3-8b .*\(the presets: .*tiny"),
+        (["model.n_layr=2"], r"^error: model\.n_layr: no such field; did you mean n_layer"),
+        (["model=hf", f"model.path={d}/hf"], r"^error: data: model=hf needs text tokenized with the model's tokenizer"),
+        ([f"data.path={d}/empty.bin"], r"^error: data\.path: .*empty\.bin is empty"),
+        (["data=tokens", f"data.path={d}/few.npy", "data.seq_len=16"],
+         r"^error: 8 tokens \(the validation split of 734: data\.val_fraction=0\.01; raise it, or 0: no validation\)"),
+        (["data=jsonl", f"data.path={d}/broken.jsonl", f"data.tokenizer={d}/big/tokenizer.json"],
+         r"^error: data\.tokenizer: .*big/tokenizer\.json has 300 tokens, more than the model's vocabulary of 256"),
     ]
 
 
@@ -147,3 +163,34 @@ def test_train_py_on_two_ranks_reports_once(tmp_path):
     out = proc.stdout + proc.stderr
     assert out.count("done: 4 steps in") == 1
     assert (tmp_path / "run" / "checkpoints" / "epoch=0-step=4.ckpt" / "manifest.json").is_file()
+
+
+def test_help_prints_the_groups_and_presets():
+    proc = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert proc.stdout.startswith("usage: python train.py") and "model=deepseek-v3|" in proc.stdout
+    assert "storage=nvme|ram" in proc.stdout and "docs/" in proc.stdout
+
+
+def test_a_run_directory_holding_a_run_is_refused_and_the_summary_counts_this_runs_steps(tmp_path, capsys,
+                                                                                           restore_logging):
+    common = ["data.seq_len=16", "trainer.val_check_interval=2", "trainer.limit_val_batches=1"]
+    assert train.main([*common, "trainer.max_steps=2", f"hydra.run.dir={tmp_path}/a"]) == 0
+    assert "done: 2 steps in " in capsys.readouterr().err
+    before = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert train.main([*common, "trainer.max_steps=4", f"hydra.run.dir={tmp_path}/a"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: hydra.run.dir: {tmp_path}/a already holds a run's checkpoints; give each run its own" in err
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == before
+
+    # resumed: the 2 steps this run made, not the 4 the checkpoint's count reaches
+    assert train.main([*common, "trainer.max_steps=4", f"resume={tmp_path}/a", f"hydra.run.dir={tmp_path}/b"]) == 0
+    err = capsys.readouterr().err
+    assert "done: 2 steps (steps 3-4, resumed at 2) in " in err
+    measured = float(re.search(r"\n([\d.e-]+) s/step end to end", err).group(1))
+    seconds = float(re.search(r"in ([\d.e+-]+) s; run directory", err).group(1))
+    assert measured == pytest.approx(seconds / 2, rel=0.05, abs=1e-3)
+    # resumed at max_steps: nothing to train, said
+    assert train.main([*common, "trainer.max_steps=4", f"resume={tmp_path}/b", f"hydra.run.dir={tmp_path}/c"]) == 0
+    assert ("nothing to train: the checkpoint is at step 4, trainer.max_steps is 4; to go on, raise it (e.g. "
+            "trainer.max_steps=8)") in capsys.readouterr().err
