@@ -40,6 +40,7 @@ from torch import Tensor
 
 from megatrain_lightning import ownership
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.state_files import DriveError
 from megatrain_lightning.store import HostStore
 
 FORMAT = "megatrain-checkpoint"
@@ -59,6 +60,17 @@ _DTYPES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", t
 
 class CheckpointError(UserError):
     """A checkpoint that cannot be used: missing, incomplete, corrupted, or of another model."""
+
+
+class OtherModelError(CheckpointError):
+    """An intact checkpoint of another model (or other frozen parameters): an older checkpoint of the same run would
+    not help, so a resume stops at once."""
+
+
+def _describe(config: dict | None) -> str:
+    if not config:
+        return "a model without a model_config"
+    return f"{config.get('name', '?')} ({config.get('n_layer')} layers, hidden {config.get('hidden_size')})"
 
 
 # ---- safetensors, written without copies ----
@@ -150,8 +162,8 @@ def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config:
         if lead:
             shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"the disk filled up while saving checkpoint {path}; the partial write was "
-                          "removed and earlier checkpoints are intact") from e
+            raise DriveError(errno.ENOSPC, f"the disk filled up while saving checkpoint {path}; the partial write "
+                             "was removed and earlier checkpoints are intact") from e
         raise
     except BaseException:
         if lead:
@@ -186,9 +198,9 @@ def _begin(path: Path, store: HostStore, lead: bool) -> Path | None:
     need = 12 * sum(u.layout.numel for u in store.units if not u.remote) * store.ranks.primary + (1 << 20)
     free = shutil.disk_usage(parent).free
     if need > free:
-        raise OSError(errno.ENOSPC, f"not enough disk space for checkpoint {path}: it needs {need / 1e9:.2f} GB, "
-                      f"{parent} has {free / 1e9:.2f} GB free (nothing was written; earlier checkpoints are "
-                      "intact)")
+        raise DriveError(errno.ENOSPC, f"not enough disk space for checkpoint {path}: it needs {need / 1e9:.3g} GB, "
+                         f"{parent} has {free / 1e9:.3g} GB free (nothing was written; earlier checkpoints are "
+                         "intact)")
     if not lead:
         return None
     ownership.remove_dead(parent, ".*.tmp-*", "a partial checkpoint")  # a save killed midway
@@ -318,15 +330,18 @@ def _manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def load_newest_intact(path: str | Path, store: HostStore) -> tuple[Path, dict[str, Any]]:
+def load_newest_intact(path: str | Path, store: HostStore, model_config: dict | None = None) -> tuple[Path, dict]:
     """Loads `store` from checkpoint `path`, or from the newest intact checkpoint of a directory of them (a damaged
-    newer one is named in a warning); returns the checkpoint used and Lightning's part of it."""
+    newer one is named in a warning); returns the checkpoint used and Lightning's part of it. `model_config`: this
+    run's (named when the checkpoint is of another model)."""
     found = candidates(path)
     for k, candidate in enumerate(found):
         try:
             meta = load_meta(candidate)
-            load_store(candidate, store)  # every unit: a partial load is overwritten by the next try
+            load_store(candidate, store, model_config)  # every unit: a partial load is overwritten by the next try
             error = None
+        except OtherModelError:
+            raise  # every checkpoint of that run is of that model
         except CheckpointError as e:
             error = e
         # several ranks each verify the units they own: all take the same checkpoint, the newest intact for all
@@ -372,9 +387,10 @@ def load_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"unreadable checkpoint file {path / META}: {e}") from e
 
 
-def load_store(path: Path, store: HostStore) -> None:
+def load_store(path: Path, store: HostStore, model_config: dict | None = None) -> None:
     """Loads every unit's master weights and Adam moments. Checks every file and every tensor's name and shape
-    first, so a checkpoint of another model changes nothing and the error lists all differences."""
+    first, so a checkpoint of another model changes nothing and the error names both models and the first
+    differences."""
     manifest = _manifest(path)
     units = manifest["units"]
     headers = []
@@ -391,8 +407,11 @@ def load_store(path: Path, store: HostStore) -> None:
     problems += [f"{k}: missing from the checkpoint" for k in expected if k not in saved]
     problems += [f"{k}: not in the model" for k in saved if k not in expected]
     if problems or len(units) != len(store.units):
-        raise CheckpointError(f"checkpoint {path} is of another model shape ({len(units)} units vs "
-                              f"{len(store.units)}); mismatched tensors:\n  " + "\n  ".join(problems[:50]))
+        saved_config = json.loads((path / MODEL_CONFIG).read_text()) if (path / MODEL_CONFIG).is_file() else None
+        more = f" and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise OtherModelError(f"checkpoint {path} is of another model shape: it holds {_describe(saved_config)} in "
+                              f"{len(units)} units, this run trains {_describe(model_config)} in {len(store.units)}; "
+                              f"first differences: {'; '.join(problems[:3])}{more}")
     # Adam moments exist for the trainable parameters only: a checkpoint saved with other parameters frozen
     # would resume other optimizer state than it saved
     trained = {k.split("/", 1)[1] for h in headers for k in h if k.startswith(MOMENTS[0] + "/")}
@@ -400,7 +419,7 @@ def load_store(path: Path, store: HostStore) -> None:
     problems = [f"{k}: trainable now, frozen when saved" for k in sorted(trainable - trained)]
     problems += [f"{k}: frozen now, trained when saved" for k in sorted(trained - trainable)]
     if problems:
-        raise CheckpointError(f"checkpoint {path} was saved with other parameters frozen (requires_grad=False); "
+        raise OtherModelError(f"checkpoint {path} was saved with other parameters frozen (requires_grad=False); "
                               "resume with the same ones frozen:\n  " + "\n  ".join(problems[:50]))
     for i, (entry, unit) in enumerate(zip(units, store.units)):
         if unit.remote:  # another rank loads it

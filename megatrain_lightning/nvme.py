@@ -37,7 +37,7 @@ from torch import Tensor
 
 from megatrain_lightning import ownership, schedule as S
 from megatrain_lightning.host_memory import pinned_empty
-from megatrain_lightning.state_files import read_file as _read_file, write_file as _write_file
+from megatrain_lightning.state_files import DriveError, read_file as _read_file, write_file as _write_file
 
 
 ALIGN = 4096  # the copy region starts on a page (and O_DIRECT-sized) boundary
@@ -164,12 +164,12 @@ class NvmeTier:
             try:
                 root.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise OSError(e.errno, f"cannot create storage.nvme_dir {root}: {e.strerror}") from e
+                raise DriveError(e.errno, f"cannot create storage.nvme_dir {root}: {e.strerror}") from e
             need = sum(self._file_bytes(i) for i in order if where[i] == k)
             free = shutil.disk_usage(root).free
             if need > free:
-                raise OSError(errno.ENOSPC, f"storage.nvme_dir {root} has {free / 1e9:.1f} GB free; the file-backed "
-                              f"layers striped onto it need {need / 1e9:.1f} GB")
+                raise DriveError(errno.ENOSPC, f"storage.nvme_dir {root} has {free / 1e9:.3g} GB free; the "
+                                 f"file-backed layers striped onto it need {need / 1e9:.3g} GB")
         self.dirs = working_dirs(self, roots, "megatrain-", "the NVMe state")
         self.dir = self.dirs[0]
         self._where = where
@@ -209,8 +209,8 @@ class NvmeTier:
         try:
             os.posix_fallocate(fd, 0, self._file_bytes(i))  # reserves the blocks: ENOSPC now, not later
         except OSError as e:
-            raise OSError(e.errno, f"cannot reserve {self._file_bytes(i) / 1e9:.2f} GB for {path}: {e.strerror}") \
-                from e
+            raise DriveError(e.errno, f"cannot reserve {self._file_bytes(i) / 1e9:.3g} GB for {path}: "
+                             f"{e.strerror}") from e
         finally:
             os.close(fd)
 

@@ -40,6 +40,10 @@ def _open(path: Path, flags: int) -> int:
     except FileNotFoundError:
         raise DriveError(errno.ENOENT, f"the state file {path} of storage=nvme vanished during the run "
                          "(deleted, or its drive unmounted)") from None
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # O_DIRECT refused: the caller falls back to buffered I/O
+            raise
+        raise DriveError(e.errno, f"cannot open the state file {path} of storage=nvme: {e.strerror}") from None
 
 
 def _direct_fd(path: Path, flags: int, t: Tensor, offset: int) -> int | None:
@@ -72,7 +76,11 @@ def read_file(path: Path, out: Tensor, offset: int = 0) -> bool:
     try:
         got = 0
         while got < want:
-            n = os.preadv(fd, [view[got:]], offset + got)
+            try:
+                n = os.preadv(fd, [view[got:]], offset + got)
+            except OSError as e:
+                raise DriveError(e.errno, f"reading the state file {path} of storage=nvme failed: {e.strerror}") \
+                    from e
             if n == 0:
                 raise DriveError(errno.EIO, f"the state file {path} is truncated: it ends {want - got} bytes short "
                                  "of what the run wrote there")
@@ -99,7 +107,9 @@ def write_file(path: Path, data: Tensor, offset: int = 0) -> bool:
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise DriveError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {path}") from e
-        raise
+        if isinstance(e, DriveError):
+            raise
+        raise DriveError(e.errno, f"writing the state file {path} of storage=nvme failed: {e.strerror}") from e
     finally:
         os.close(fd)
     return direct

@@ -67,7 +67,8 @@ class StoreCheckpoints(DataParallelBase):
         """Loads the store from `checkpoint_path`, or from the newest intact checkpoint of a directory of them (a
         damaged newer one is named in a warning); returns Lightning's part."""
         self.flush()
-        path, meta = ckpt.load_newest_intact(checkpoint_path, self.store)
+        config = self.lightning_module.hparams.get("model_config")
+        path, meta = ckpt.load_newest_intact(checkpoint_path, self.store, dict(config) if config else None)
         self._ckpt_dir = path
         return meta
 

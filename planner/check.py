@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import re
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -133,14 +135,30 @@ def hardware(cfg: dict[str, Any]) -> Hardware:
         dirs = cfg["storage"].get("nvme_dir") or "."
         dirs = [str(d) for d in dirs] if isinstance(dirs, list) else [str(dirs)]
         base["nvme_drives"] = len(dirs)  # one directory per drive
-        base["nvme_capacity_TB"] = round(sum(disk_free_TB(d) for d in dirs), 6)
-        for d in dirs:
-            if cfg["storage"]["kind"] == "nvme" and disk_free_TB(d) <= 0:  # what a full or tiny disk shows
-                raise PlanError("storage.nvme_dir", f"{d} has no free space (its filesystem has "
-                                                    f"{disk_free_TB(d) * 1e3:.3g} GB free)")
+        if cfg["storage"]["kind"] == "nvme":
+            for d in dirs:
+                _check_nvme_dir(d)
+        base["nvme_capacity_TB"] = sum(disk_free_TB(d) for d in dirs)
         base.update({k: v for k, v in hw.items() if v is not None and k != "name"})
         hw = base
     return Hardware.from_dict(hw)
+
+
+def _check_nvme_dir(d: str) -> None:
+    """A directory the file tier can use: on a real filesystem, writable, with some room (where it does not exist
+    yet: the nearest existing folder above it)."""
+    where = d
+    while where and not os.path.exists(where):
+        where = os.path.dirname(where)
+    where = where or "."
+    usage, flags = shutil.disk_usage(where), os.statvfs(where).f_flag
+    if usage.total == 0:
+        raise PlanError("storage.nvme_dir", f"{d} is not on a disk (the filesystem of {where} has size 0)")
+    if flags & os.ST_RDONLY or not os.access(where, os.W_OK):
+        raise PlanError("storage.nvme_dir", f"{d} is not writable ({where} is read-only)")
+    if usage.free < 1 << 20:
+        raise PlanError("storage.nvme_dir", f"{d} has {usage.free / 1e3:.3g} kB free on its filesystem "
+                                            f"({usage.total / 1e6:.3g} MB): no room for the file-backed state")
 
 
 def workload(cfg: dict[str, Any]) -> Workload:

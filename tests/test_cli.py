@@ -194,3 +194,85 @@ def test_a_run_directory_holding_a_run_is_refused_and_the_summary_counts_this_ru
     assert train.main([*common, "trainer.max_steps=4", f"resume={tmp_path}/b", f"hydra.run.dir={tmp_path}/c"]) == 0
     assert ("nothing to train: the checkpoint is at step 4, trainer.max_steps is 4; to go on, raise it (e.g. "
             "trainer.max_steps=8)") in capsys.readouterr().err
+    # resumed with another model: both named, at once (an older checkpoint of that run would not help)
+    code = train.main([*common, "trainer.max_steps=6", "+model.n_layer=2", f"resume={tmp_path}/b",
+                       f"hydra.run.dir={tmp_path}/d"])
+    err = capsys.readouterr().err
+    assert code == 2 and "next older checkpoint" not in err
+    assert re.match(r"error: checkpoint .*step=4\.ckpt is of another model shape: it holds tiny \(4 layers, hidden "
+                    r"64\) in 5 units, this run trains tiny \(2 layers, hidden 64\) in 3; first differences: ",
+                    _one_error(err))
+
+
+def _one_error(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-3000:]
+    return errors[0]
+
+
+def test_storage_faults_exit_4_and_bad_directories_2_each_one_line(tmp_path, capsys, restore_logging, monkeypatch):
+    import errno
+    import os
+    import shutil
+    from collections import namedtuple
+
+    import planner.check
+    from megatrain_lightning import checkpoint as ckpt
+    from megatrain_lightning import nvme, state_files
+
+    usage = namedtuple("usage", "total used free")
+    nvme_args = ["storage=nvme", "storage.ram_budget_GiB=0.001", f"storage.nvme_dir={tmp_path}/nvme",
+                 "trainer.max_steps=2", "data.seq_len=16"]
+    # a 300 kB filesystem, as the pre-flight sees it: named, exit 2
+    monkeypatch.setattr(planner.check.shutil, "disk_usage", lambda p: usage(300_000, 0, 300_000))
+    assert train.main([*nvme_args, f"hydra.run.dir={tmp_path}/r1"]) == 2
+    line = _one_error(capsys.readouterr().err)
+    assert line.startswith(f"error: storage.nvme_dir: {tmp_path}/nvme has 300 kB free on its filesystem"), line
+    monkeypatch.undo()
+    assert train.main(["storage=nvme", "storage.nvme_dir=/proc/x", f"hydra.run.dir={tmp_path}/r2"]) == 2
+    assert _one_error(capsys.readouterr().err) == ("error: storage.nvme_dir: /proc/x is not on a disk (the "
+                                                   "filesystem of /proc has size 0)")
+
+    # a 3 MB one without the pre-flight: the file tier's own check, exit 4
+    real = shutil.disk_usage
+    monkeypatch.setattr(nvme.shutil, "disk_usage", lambda p: usage(3_000_000, 0, 3_000) if str(p).startswith(
+        str(tmp_path)) else real(p))
+    assert train.main([*nvme_args, "preflight=false", f"hydra.run.dir={tmp_path}/r3"]) == 4
+    assert re.match(r"error: storage\.nvme_dir .*/nvme has 3e-06 GB free; the file-backed layers striped onto it "
+                    r"need [\d.]+ GB\. The run stopped", _one_error(capsys.readouterr().err))
+    monkeypatch.undo()
+
+    # its directory turned read-only mid-run: the file named, exit 4
+    real_open = os.open
+
+    def read_only(path, flags, *a):
+        if str(path).startswith(str(tmp_path / "nvme")) and flags & (os.O_WRONLY | os.O_RDWR):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real_open(path, flags, *a)
+
+    import lightning as L
+
+    class RemountAfterStep1(L.Callback):
+        def on_train_batch_end(self, *args) -> None:
+            monkeypatch.setattr(state_files.os, "open", read_only)
+    from megatrain_lightning import build
+    real_trainer = build.trainer
+    monkeypatch.setattr(build, "trainer", lambda cfg, out: _with(real_trainer(cfg, out), RemountAfterStep1()))
+    assert train.main([*nvme_args, f"hydra.run.dir={tmp_path}/r4"]) == 4
+    line = _one_error(capsys.readouterr().err)
+    assert re.match(r"error: cannot open the state file .*/unit_0000\d\.bin of storage=nvme: Read-only file system",
+                    line), line
+    monkeypatch.undo()
+
+    # the disk fills during a checkpoint save: exit 4, earlier checkpoints intact
+    def full(f, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ckpt, "_write", full)
+    assert train.main(["trainer.max_steps=2", "trainer.val_check_interval=2", "data.seq_len=16",
+                       f"hydra.run.dir={tmp_path}/r5"]) == 4
+    assert "error: the disk filled up while saving checkpoint " in _one_error(capsys.readouterr().err)
+
+
+def _with(trainer, callback):
+    trainer.callbacks.append(callback)
+    return trainer
