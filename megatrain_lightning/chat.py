@@ -62,6 +62,27 @@ def to_messages(record: dict[str, Any], where: str) -> list[dict[str, str]]:
     return out
 
 
+def _generation_extension():
+    """`{% generation %}...{% endgeneration %}`, which templates use to mark the assistant's text for
+    transformers' `return_assistant_tokens_mask`: rendered as its body, as transformers renders it (the turns are
+    found here by prefixes instead)."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class Generation(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    return Generation
+
+
 class ChatTemplate:
     def __init__(self, source: str, special: dict[str, str], name: str = "chat template") -> None:
         import jinja2
@@ -73,7 +94,8 @@ class ChatTemplate:
         def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):  # transformers' (no escaping)
             return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols", _generation_extension()])
         env.filters["tojson"] = tojson
         env.globals.update(raise_exception=raise_exception, strftime_now=lambda f: datetime.now().strftime(f))
         self.name, self.special = name, dict(special)

@@ -27,8 +27,16 @@ MISTRAL = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] =
            "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
            "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}{% else %}"
            "{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}")
+# Qwen2's with the assistant's text in {% generation %} (the tag transformers' return_assistant_tokens_mask reads;
+# SmolLM3's and others' templates carry it)
+QWEN2_GENERATION = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+                    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+                    "{% if message['role'] == 'assistant' %}{{ '<|im_start|>assistant\n' }}{% generation %}"
+                    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}{% else %}"
+                    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+                    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 FAMILIES = {"llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>"), "qwen2": (QWEN2, None, "<|im_end|>"),
-            "mistral": (MISTRAL, "<s>", "</s>")}
+            "mistral": (MISTRAL, "<s>", "</s>"), "qwen2-generation": (QWEN2_GENERATION, None, "<|im_end|>")}
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|im_start|>",
             "<|im_end|>", "<s>", "</s>"]
 
