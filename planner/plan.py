@@ -3,6 +3,8 @@ bottleneck and what to change."""
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, field, replace
 
 from planner.shared import schedule as S
@@ -158,8 +160,10 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
         wl = replace(wl, stream="copy")
         # the engine's rule (placement.nvme_units): a layer in RAM holds its fp32 tile and streamed copy, a
         # file-backed one nothing (its file has it all); the tier's window comes on top of the budget
+        # (block inputs: where _offload_when_room may send them, to the drives, their staging tiles are reserved)
         everything_on_disk = replace(wl, nvme_layers=tuple(range(wl.n_layers)),
-                                     offload_checkpoints=bool(wl.offload_checkpoints))
+                                     offload_checkpoints="disk" if wl.offload_checkpoints in (None, "disk")
+                                     else bool(wl.offload_checkpoints))
         others = sum(v for k, v in everything_on_disk.host_bytes().items() if k not in ("state", "stream_copy"))
         budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
@@ -216,6 +220,23 @@ def plan(hw: Hardware, wl: Workload, advise: bool = True) -> Answer:
 
 
 # ---- what to change ----
+def _smaller_budget(hw: Hardware, wl: Workload, ram: Tier) -> str:
+    """storage=nvme short of RAM: the largest storage.ram_budget_GiB with which it fits (more layers on the SSD),
+    or what RAM needs with every layer there."""
+    per_param = S.RAM_STATE_BYTES + (wl.cb if wl.cb != 4 else 0)
+    for n in range(wl.n_nvme_layers + 1, wl.n_layers + 1):
+        budget = per_param * (wl.model.embedding_params + (wl.n_layers - n) * wl.model.layer_params) / GiB
+        budget = math.ceil(budget * 10) / 10  # holds exactly the layers left in RAM
+        fits = plan(hw, replace(wl, ram_budget_GiB=budget), advise=False)
+        if fits.fits:
+            return (f"RAM: short by {(ram.need_bytes - ram.capacity_bytes) / GiB:.1f} GiB with {wl.n_nvme_layers} "
+                    f"layers on the SSD; storage.ram_budget_GiB={budget:g} puts "
+                    f"{fits.wl.n_nvme_layers} there and fits ({fits.step_time_s:.3g} s/step)")
+    return (f"RAM: even with every layer on the SSD, the embedding/head, the window and the block inputs need "
+            f"{ram_need(hw, replace(wl, nvme_layers=tuple(range(wl.n_layers)))) / GiB:,.0f} GiB of "
+            f"{ram.capacity_bytes / GiB:,.0f} usable")
+
+
 def advice(a: Answer) -> list[str]:
     hw, wl = a.hw, a.wl
     out: list[str] = []
@@ -239,8 +260,7 @@ def advice(a: Answer) -> list[str]:
                    f"({wl.nvme_bytes / 1e12:.2f} TB); >= {(full / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB of RAM "
                    "would keep everything in RAM")
         if not ram.fits:
-            out.append(f"RAM: even with every layer on the SSD, the embedding/head, the window and the block inputs need "
-                       f"{ram.need_bytes / GiB:,.0f} GiB of {ram.capacity_bytes / GiB:,.0f} usable")
+            out.append(_smaller_budget(hw, wl, ram))
     if "NVMe" in by_name and not by_name["NVMe"].fits:
         out.append(f"NVMe: needs {by_name['NVMe'].need_bytes / 1e12:.2f} TB of free SSD, has "
                    f"{hw.nvme_capacity_TB:g} TB")

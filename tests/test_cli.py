@@ -276,3 +276,15 @@ def test_storage_faults_exit_4_and_bad_directories_2_each_one_line(tmp_path, cap
 def _with(trainer, callback):
     trainer.callbacks.append(callback)
     return trainer
+
+
+def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, restore_logging):
+    from megatrain_lightning import build
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt  # what Ctrl+C raises while the run is still being built
+    monkeypatch.setattr(build, "datamodule", lambda *a: interrupted(a))
+    assert train.main([f"hydra.run.dir={tmp_path}/run"]) == 130
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "interrupted before training started; nothing was saved"
+    assert "Traceback" not in err
