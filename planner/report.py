@@ -12,10 +12,17 @@ LANE_TITLES = {S.COMPUTE: "GPU compute", S.H2D: "H2D", S.D2H: "D2H", S.CPU: "CPU
                S.NVME_READ: "NVMe read", S.NVME_WRITE: "NVMe write", S.COLLECTIVE: "GPU-to-GPU"}
 
 
-def _size(nbytes: float) -> str:
-    if nbytes >= 1e12:
+def _size(nbytes: float, decimal: bool = False) -> str:
+    """Memory in binary units (GiB, TiB); `decimal`: a drive's bytes in TB, as drives are sold."""
+    if decimal and nbytes >= 1e12:
         return f"{nbytes / 1e12:.2f} TB"
+    if not decimal and nbytes >= 2**40:
+        return f"{nbytes / 2**40:.2f} TiB"
     return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB / 10 else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _tier_size(tier, nbytes: float) -> str:
+    return _size(nbytes, decimal=tier.name == "NVMe")
 
 
 def _duration(s: float) -> str:
@@ -28,8 +35,8 @@ def _duration(s: float) -> str:
 def verdict(a: Answer) -> str:
     if a.fits:
         return "FITS"
-    short = [f"{t.name} short by {_size(t.short_bytes)} (needs {_size(t.need_bytes)}, has {_size(t.capacity_bytes)})"
-             for t in a.tiers if not t.fits]
+    short = [f"{t.name} short by {_tier_size(t, t.short_bytes)} (needs {_tier_size(t, t.need_bytes)}, has "
+             f"{_tier_size(t, t.capacity_bytes)})" for t in a.tiers if not t.fits]
     return "DOES NOT FIT: " + "; ".join(short)
 
 
@@ -51,7 +58,8 @@ def text(a: Answer, tokens: float) -> str:
     ]
     for t in a.tiers:
         use = t.need_bytes / t.capacity_bytes if t.capacity_bytes else float("inf")
-        lines.append(f"  {t.name:<12} {_size(t.need_bytes):>11} {_size(t.capacity_bytes):>11} {use:>5.0%}  {t.note}")
+        lines.append(f"  {t.name:<12} {_tier_size(t, t.need_bytes):>11} {_tier_size(t, t.capacity_bytes):>11} "
+                     f"{use:>5.0%}  {t.note}")
     lane, share = a.bottleneck
     cpu = {k: a.timeline.busy_s(S.CPU, k) for k in (S.OPTIMIZER, S.CAST, S.ACCUMULATE)}
     busy = " | ".join(f"{LANE_TITLES[k]} {v:.2f} s" for k, v in a.busy_s.items() if v > 0)
@@ -102,8 +110,9 @@ def _by_kind(a: Answer) -> dict[str, float]:
     return out
 
 
-def plot(a: Answer, path: str) -> None:
-    """One lane per resource over the step, and each tier's memory over the step."""
+def plot(a: Answer, path: str) -> list[str]:
+    """One lane per resource over the step, and each tier's memory over the step; returns the memory panel's
+    legend entries."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -120,20 +129,28 @@ def plot(a: Answer, path: str) -> None:
             if bars:
                 top.broken_barh(bars, (y - 0.4, 0.8), color=colors[kind], label=kind)
     handles = {h.get_label(): h for h in top.get_legend_handles_labels()[0]}
-    top.legend(handles.values(), handles.keys(), loc="upper right", fontsize=7, ncol=len(handles))
+    # beside the lanes, not over them
+    top.legend(handles.values(), handles.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     top.set_yticks(range(len(lanes)), [LANE_TITLES[lane] for lane in lanes])
     top.invert_yaxis()
     top.set_title(f"{a.wl.model.name} on {a.hw.name}: {a.step_time_s:.2f} s/step, {a.model_tflops:.0f} model TFLOPS "
                   f"- {verdict(a)}", fontsize=9)
     times, levels = zip(*a.timeline.gpu_curve())
-    bottom.step(times, [v / GiB for v in levels], where="post", label="GPU allocated")
-    for i, t in enumerate(x for x in a.tiers if x.name != "GPU"):
-        bottom.hlines(t.need_bytes / GiB, 0, a.step_time_s, linestyles="dashed", label=f"{t.name} (flat)",
-                      color=f"C{i + 1}")
+    bottom.step(times, [v / GiB for v in levels], where="post", label="GPU allocated", color="C0")
+    gpu = next((t for t in a.tiers if t.name == "GPU"), None)
+    if gpu is not None:  # what it is allowed to reach
+        bottom.hlines(gpu.capacity_bytes / GiB, 0, a.step_time_s, colors="C0", linewidth=0.8,
+                      label=f"GPU capacity {gpu.capacity_bytes / GiB:.0f} GiB")
+    # flat tiers (an empty NVMe tier left out); pinned host memory is part of RAM: dotted, drawn over it
+    flat = [t for t in a.tiers if t.name != "GPU" and t.need_bytes > 0]
+    for i, t in enumerate(sorted(flat, key=lambda t: t.name == "pinned host")):
+        bottom.hlines(t.need_bytes / GiB, 0, a.step_time_s, linestyles="dotted" if t.name == "pinned host"
+                      else "dashed", label=f"{t.name} {_tier_size(t, t.need_bytes)}", color=f"C{i + 1}", zorder=3)
     bottom.set_ylabel("GiB")
     bottom.set_xlabel("seconds into the step")
     bottom.set_yscale("log")
-    bottom.legend(fontsize=7)
+    legend = bottom.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return [t.get_text() for t in legend.get_texts()]

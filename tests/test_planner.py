@@ -187,6 +187,18 @@ def test_json_and_plot(tmp_path, capsys):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_shows_the_gpu_capacity_and_only_tiers_in_use(tmp_path):
+    if not _has_matplotlib():
+        pytest.skip("--plot needs matplotlib")
+    from planner.report import plot
+    # storage=nvme with every layer in RAM: an empty NVMe tier
+    a = check(compose(["model=llama-3.2-1b", "hardware=h200", "storage=nvme", "hardware.host_ram_GiB=1024"]))
+    assert a.wl.n_nvme_layers == 0
+    labels = plot(a, str(tmp_path / "step.png"))
+    assert labels[:2] == ["GPU allocated", "GPU capacity 140 GiB"]
+    assert [x.split(" ")[0] for x in labels[2:]] == ["RAM", "pinned"]  # pinned (part of RAM) drawn last, on top
+
+
 def _has_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401

@@ -13,18 +13,27 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
 
-def _commands(prefix: str) -> list[str]:
-    """Lines of the README's bash blocks that start with `prefix` (continuation lines joined; comments cut)."""
+def _commented(prefix: str) -> list[tuple[str, str]]:
+    """(command, its comment) for the lines of the README's bash blocks that start with `prefix` (continuation lines
+    joined)."""
     blocks = re.findall(r"```bash\n(.*?)```", README, re.S)
     lines = " ".join(b.replace("\\\n", " ") for b in blocks).replace("\n", " \n ").split(" \n ")
-    return [re.sub(r"\s+#.*$", "", line).strip() for line in lines if line.strip().startswith(prefix)]
+    out = []
+    for line in (x.strip() for x in lines if x.strip().startswith(prefix)):
+        command, _, comment = line.partition(" #")
+        out.append((command.strip(), comment.strip()))
+    return out
+
+
+def _commands(prefix: str) -> list[str]:
+    return [command for command, _ in _commented(prefix)]
 
 
 PLANNER = _commands("python -m planner.check")
 
 
 def test_the_readme_has_the_commands_this_file_runs():
-    assert len(PLANNER) >= 3 and any(c.split("&&")[-1].strip() == "python train.py" for c in _commands("pip install"))
+    assert len(PLANNER) >= 3 and all(says for _, says in _commented("python -m planner.check")) and any(c.split("&&")[-1].strip() == "python train.py" for c in _commands("pip install"))
 
 
 @pytest.mark.parametrize("command", PLANNER)
@@ -32,7 +41,20 @@ def test_planner_commands_run_as_written(command, tmp_path):
     args = shlex.split(command)[1:]
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode in (0, 1), proc.stderr[-2000:]  # 1: the answer is "does not fit"
-    assert "Traceback" not in proc.stderr and ("FITS" in proc.stdout or '"fits"' in proc.stdout)
+    assert "Traceback" not in proc.stderr and re.search(r'FITS|DOES NOT FIT|"fits"', proc.stdout)
+
+
+@pytest.mark.parametrize("command,says", [c for c in _commented("python -m planner.check") if c[1]])
+def test_planner_commands_print_what_the_readme_says(command, says):
+    """"# FITS, 54 s a step" after a command: its verdict, and its step time within 10%."""
+    args = shlex.split(command)[1:]
+    proc = subprocess.run([sys.executable, *args, "--json"] if "--json" not in args else [sys.executable, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    answer = __import__("json").loads(proc.stdout)
+    assert answer["fits"] == says.startswith("FITS"), (says, proc.stdout[:2000])
+    step = re.search(r"([\d.]+) s a step", says)
+    if step:
+        assert answer["step_time_s"] == pytest.approx(float(step.group(1)), rel=0.1)
 
 
 def test_quick_start_train_py_runs_as_written(tmp_path):
