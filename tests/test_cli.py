@@ -288,3 +288,13 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "interrupted before training started; nothing was saved"
     assert "Traceback" not in err
+
+
+def test_a_second_run_into_a_running_runs_directory_is_one_line(tmp_path, capsys, restore_logging):
+    """The first run holds its checkpoint directory's lock while it trains: the second is refused before it starts."""
+    from megatrain_lightning.ownership import DirectoryLock
+
+    held = DirectoryLock(tmp_path / "run" / "checkpoints", "checkpoints")
+    assert train.main(["trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"]) == 2
+    assert _one_error(capsys.readouterr().err).startswith(f"error: hydra.run.dir: {tmp_path}/run already holds a run")
+    held.release()

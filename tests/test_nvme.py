@@ -200,7 +200,7 @@ def test_a_drive_too_small_is_refused_before_training(tmp_path, monkeypatch):
     from collections import namedtuple
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(nvme.shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
-    with pytest.raises(OSError, match=r"storage\.nvme_dir .*d0 has 0\.0 GB free; the file-backed layers striped "
+    with pytest.raises(OSError, match=r"storage\.nvme_dir .*d0 has 1e-06 GB free; the file-backed layers striped "
                                       r"onto it need"):
         nvme.NvmeTier([tmp_path / "d0"], {0: (100, 300, 400)}, torch.float32)
 
