@@ -302,3 +302,22 @@ def test_overwriting_a_checkpoint_replaces_it_whole(saved, tmp_path):
         ckpt.save(target, store, {"global_step": int(value)})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
     assert torch.equal(load_file(target / ckpt.unit_file(0))["layers.0.w"], torch.full((3, 2), 2.0))
+
+
+# ---- checkpoints of earlier versions ----
+STORED = ROOT / "tests" / "data" / "checkpoint-v2"
+STORED_MODEL = dict(n_layer=2, hidden_size=16, n_head=2, n_kv_head=1, intermediate_size=32)
+
+
+def test_a_checkpoint_written_by_an_earlier_version_resumes_exactly(data, tmp_path):
+    """tests/data/checkpoint-v2/step2 was written at commit 11e1685 (checkpoint format version 2), before the
+    package was restructured: resume_run with STORED_MODEL, saved at step 2 of a 4-step run whose losses and final
+    state are stored beside it. Today's code resumes it to the same last two steps and the same state."""
+    from tests.helpers import assert_adam_state_close, lm_kwargs
+
+    resume_run.run(data, str(tmp_path / "out"), 4, resume=str(STORED / "step2"), model=STORED_MODEL)
+    losses, state, step = _result(tmp_path / "out")
+    want = json.loads((STORED / "straight_losses.json").read_text())["losses"]
+    assert step == 4 and len(losses) == 2 * resume_run.ACCUMULATE
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(want[2 * resume_run.ACCUMULATE:]), rtol=1e-5, atol=0)
+    assert_adam_state_close(state, load_file(STORED / "straight_state.safetensors"), 1e-5, lm_kwargs(1)["lr"])
