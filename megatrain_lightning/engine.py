@@ -12,7 +12,7 @@ gradient buffers while the device goes on.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Sequence
@@ -23,11 +23,11 @@ from torch.func import functional_call
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning import surgery
-from megatrain_lightning.host_checkpoints import HostCheckpoints
 from megatrain_lightning.grad_shipping import GradShipper
+from megatrain_lightning.host_checkpoints import HostCheckpoints
+from megatrain_lightning.lanes import Lanes
 from megatrain_lightning.store import HostStore
 from megatrain_lightning.sweep import Sweep, add_fp32
-from megatrain_lightning.trace import Trace
 
 class _Slot:
     """A device buffer that holds one layer's weights (and their compute-dtype cast when the fp32 master streams)."""
@@ -40,7 +40,7 @@ class _Slot:
         self.free = torch.cuda.Event() if cuda else None  # compute finished reading buf
 
 
-class _Prefetcher:
+class Prefetcher:
     """Loads layers in a pass's order into free slots, as many ahead as there are free slots; file-backed layers'
     copies are read from their files further ahead, into the tier's pinned copy tiles."""
 
@@ -102,13 +102,15 @@ class StreamingEngine:
         in files under `block_input_dirs` if given (storage=nvme); "disk": in those files (on the CPU too).
         `chunk_tokens`, `per_sample_extras`: the batch sweep's (sweep.Sweep)."""
         self.store, self.device = store, device
-        self.cuda = device.type == "cuda"
+        self.lanes = Lanes(device)  # streams, the host thread, the trace: what the helpers get
+        self.cuda = self.lanes.cuda
         self._call = torch.compile(_functional, dynamic=False) if compile else _functional
         spill = tuple(block_input_dirs) if block_input_dirs and (
             offload_checkpoints == "disk" or (offload_checkpoints is None and self.cuda)) else ()
-        self.host_checkpoints = (HostCheckpoints(self, auto=offload_checkpoints is None, spill_dirs=spill)
-                                 if offload_checkpoints is not False and (self.cuda or spill) else None)
         self.plan = S.Plan(len(blocks), checkpoint_interval)
+        self.host_checkpoints = (HostCheckpoints(self.lanes, self.plan, auto=offload_checkpoints is None,
+                                                 spill_dirs=spill)
+                                 if offload_checkpoints is not False and (self.cuda or spill) else None)
         self.n_slots = S.slots_needed(checkpoint_interval, prefetch_depth)
         # one stateless template per distinct layer signature and configuration (a per-layer sliding window or
         # layer index changes what a block computes); the blocks themselves hold meta tensors
@@ -123,35 +125,53 @@ class StreamingEngine:
                        for _ in range(self.n_slots)]
         self._free = list(self._slots)
         self.peak_resident_layers = 0
-        if self.cuda:
-            self.h2d = torch.cuda.Stream(device)
-            self.d2h = torch.cuda.Stream(device)
-        # One host thread does all host work of a step in order: gradients landing or being added, norms, and the
-        # optimizer's per-unit updates (optim.HostAdam). It runs PyTorch's intra-op threads like the main thread.
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="megatrain-host", initializer=torch.set_num_threads,
-                                          initargs=(torch.get_num_threads(),))
+        self.h2d, self.d2h = self.lanes.h2d, self.lanes.d2h
         self._copy_reads: dict[int, Future] = {}  # file-backed units: copies read ahead of their load
-        self.grads = GradShipper(self, max_numel)  # each layer's gradients on their way to the host
-        self.updater = None  # optim.HostAdam when the optimizer runs overlapped (`attach_updater`)
-        self.device_states = None  # device_state.DeviceStates: units whose state the device keeps
-        self.step_cache = None  # device_state.StepCache: units whose weights and gradient sum stay for a step
+        # each layer's gradients on their way to the host; it also holds where units live on the device: the
+        # optimizer overlapped (optim.HostAdam, `attach_updater`), the units whose state the device keeps
+        # (device_state.DeviceStates) and those whose weights and gradient sums stay for a step (StepCache)
+        self.grads = GradShipper(self.lanes, store, max_numel)
         self.after_forward = None  # called when the trunk's forward has been issued (the strategy's hook)
-        self.trace: Trace | None = None
-        self._anchor = torch.zeros((), device=device, requires_grad=True)
+        # what the trunk's autograd node hangs on, so that backward reaches the engine
+        self.anchor = torch.zeros((), device=device, requires_grad=True)
 
     def load_buffers(self) -> None:
         """The device's copy of each block's buffers (on the CPU, the blocks' own tensors)."""
         self.buffers = [{n: t.to(self.device) for n, t in b.named_buffers()} for b in self.blocks]
 
+    @property
+    def trace(self):
+        return self.lanes.trace
+
+    @trace.setter
+    def trace(self, trace) -> None:
+        self.lanes.trace = trace
+
+    @property
+    def updater(self):
+        return self.grads.updater
+
+    @property
+    def device_states(self):
+        return self.grads.device_states
+
+    @property
+    def step_cache(self):
+        return self.grads.step_cache
+
+    @step_cache.setter
+    def step_cache(self, cache) -> None:
+        self.grads.step_cache = cache
+
     def attach_updater(self, updater, trace_of=None) -> None:
         """`trace_of`: where the updater records its host spans (default: the engine's current trace)."""
-        self.updater = updater
-        updater.attach(self._worker, trace_of or (lambda: self.trace))
+        self.grads.updater = updater
+        updater.attach(self.lanes.worker, trace_of or (lambda: self.lanes.trace))
 
     def attach_device_states(self, states) -> None:
         """Units in `states` take their weights from the device master and keep their gradients on the device."""
-        self.device_states = states
-        states.trace_of = lambda: self.trace
+        self.grads.device_states = states
+        states.trace_of = lambda: self.lanes.trace
 
     @property
     def slot_bytes(self) -> int:
@@ -162,7 +182,7 @@ class StreamingEngine:
         if any(e.requires_grad for e in extras):
             raise ValueError("Trunk extras (e.g. rotary tables) must not require grad: they get no gradient")
         if torch.is_grad_enabled():
-            return _StreamedTrunk.apply(self, x, self._anchor, *extras)
+            return _StreamedTrunk.apply(self, x, self.anchor, *extras)
         return self._forward(x, extras, keep=False)[0]
 
     # ---- passes ----
@@ -171,7 +191,7 @@ class StreamingEngine:
         memory), and the chunks with the RNG state entering each layer's chunk (its recompute draws the same random
         numbers)."""
         checkpoints: list[Tensor] = []
-        pf = _Prefetcher(self, self.plan.forward_loads())
+        pf = Prefetcher(self, self.plan.forward_loads())
         host = self.host_checkpoints if keep else None
         if host is not None and not host.begin(x):
             host = None
@@ -188,15 +208,15 @@ class StreamingEngine:
                 else:
                     checkpoints.append(x)  # [B, T, D] input of block i // k
             slot = pf.acquire(i)
-            params = self._views(i, slot)
+            params = self.views(i, slot)
             if keep:
                 rng.append([])
-            with self._span(i, S.COMPUTE, S.FORWARD):
+            with self.lanes.span(i, S.COMPUTE, S.FORWARD):
                 out = None if whole else torch.empty_like(x)  # [B, T, D], filled chunk by chunk
                 for lo, hi in chunks:
                     if keep:
-                        rng[i].append(self._rng_state())
-                    y = self._run(i, params, x if whole else x[lo:hi], self.sweep.extras(extras, lo, hi, whole))
+                        rng[i].append(self.rng_state())
+                    y = self.run(i, params, x if whole else x[lo:hi], self.sweep.extras(extras, lo, hi, whole))
                     if whole:
                         out = y
                     else:
@@ -211,7 +231,7 @@ class StreamingEngine:
         """Blocks last to first. A block's weights load once; each chunk of the batch is recomputed through the block
         with autograd and backpropagated; its weight gradients add up over the chunks in fp32 on the device and
         leave once, after the last chunk."""
-        pf = _Prefetcher(self, self.plan.backward_loads())
+        pf = Prefetcher(self, self.plan.backward_loads())
         pos = 0
         amp = torch.autocast(self.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
         host = self.host_checkpoints if self.host_checkpoints is not None and self.host_checkpoints.active else None
@@ -239,18 +259,18 @@ class StreamingEngine:
                         if c == 0:  # the block's weights arrive in the first chunk and stay for the others
                             slots[i] = pf.acquire(pos)
                             pos += 1
-                            params[i] = self._views(i, slots[i])
+                            params[i] = self.views(i, slots[i])
                             for e in self.store.units[i].layout.trainable_entries:  # frozen ones get no gradient
                                 params[i][e.name] = params[i][e.name].detach().requires_grad_()
                             trainable[i] = [params[i][e.name] for e in self.store.units[i].layout.trainable_entries]
-                        self._set_rng_state(rng[i][c])  # dropout masks as in forward (as torch.utils.checkpoint)
+                        self.set_rng_state(rng[i][c])  # dropout masks as in forward (as torch.utils.checkpoint)
                         h_in = h.detach().requires_grad_()
-                        with torch.enable_grad(), amp, self._span(i, S.COMPUTE, S.RECOMPUTE):
-                            h = self._run(i, params[i], h_in, part)
+                        with torch.enable_grad(), amp, self.lanes.span(i, S.COMPUTE, S.RECOMPUTE):
+                            h = self.run(i, params[i], h_in, part)
                         saved.append((i, h_in, h))
                 g = grad if whole else grad[lo:hi]
                 for i, h_in, out in reversed(saved):
-                    with self._span(i, S.COMPUTE, S.BACKWARD):
+                    with self.lanes.span(i, S.COMPUTE, S.BACKWARD):
                         grads = torch.autograd.grad(out, [h_in, *trainable[i]], g, allow_unused=True)
                     g = grads[0]
                     if whole:
@@ -275,19 +295,19 @@ class StreamingEngine:
         return [self.device.index if self.device.index is not None else torch.cuda.current_device()] if self.cuda \
             else []
 
-    def _rng_state(self) -> tuple[Tensor, Tensor | None]:
+    def rng_state(self) -> tuple[Tensor, Tensor | None]:
         return torch.get_rng_state(), torch.cuda.get_rng_state(self.device) if self.cuda else None
 
-    def _set_rng_state(self, state: tuple[Tensor, Tensor | None]) -> None:
+    def set_rng_state(self, state: tuple[Tensor, Tensor | None]) -> None:
         torch.set_rng_state(state[0])
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.device)
 
-    def _views(self, i: int, slot: _Slot) -> dict[str, Tensor]:
+    def views(self, i: int, slot: _Slot) -> dict[str, Tensor]:
         layout = self.store.units[i].layout
         return layout.views(slot.compute[:layout.numel])  # slots are sized for the largest layer
 
-    def _run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...],
+    def run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...],
              kwargs: dict | None = None) -> Tensor:
         call = _functional if self.sweep.eager else self._call
         return call(self.templates[i], {**params, **self.buffers[i]}, x, *extras, **(kwargs or {}))
@@ -328,7 +348,7 @@ class StreamingEngine:
             elif unit.on_disk:  # its compute-dtype copy, read from its file into a pinned tile
                 tier = self.store.nvme
                 tile = tier.take(self._copy_reads.pop(i))
-                with self._span(i, S.H2D, S.LOAD, n * tile.element_size(), self.h2d if self.cuda else None):
+                with self.lanes.span(i, S.H2D, S.LOAD, n * tile.element_size(), self.h2d if self.cuda else None):
                     slot.compute[:n].copy_(tile[:n], non_blocking=self.cuda)
                 done = None
                 if self.cuda:
@@ -339,7 +359,7 @@ class StreamingEngine:
                     cache.weights[i].copy_(slot.compute[:n])
                     cache.valid.add(i)
             else:
-                with self._span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d if self.cuda else None):
+                with self.lanes.span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d if self.cuda else None):
                     slot.buf[:n].copy_(unit.stream, non_blocking=self.cuda)
                     if slot.compute is not slot.buf:  # the fp32 master streamed: cast it here, off the compute stream
                         slot.compute[:n].copy_(slot.buf[:n])
@@ -366,16 +386,6 @@ class StreamingEngine:
                 pass
         self._copy_reads.clear()
 
-    # ---- tracing helpers (no-ops unless a trace is active) ----
-    def _span(self, layer: int, lane: str, kind: str, nbytes: int = 0, stream=None):
-        if self.trace is None:
-            return nullcontext()
-        return self.trace.device_span(layer, lane, kind, nbytes, stream)
-
-    def _host_span(self, layer: int, kind: str, nbytes: int = 0):
-        if self.trace is None:
-            return nullcontext()
-        return self.trace.host_span(layer, S.CPU, kind, nbytes)
 
 
 class _StreamedTrunk(torch.autograd.Function):

@@ -11,24 +11,24 @@ alone ships it (ranks.py).
 from __future__ import annotations
 
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.store import Unit, pinned_empty
-
-if TYPE_CHECKING:
-    from megatrain_lightning.engine import StreamingEngine
+from megatrain_lightning.lanes import Lanes
+from megatrain_lightning.store import HostStore, Unit, pinned_empty
 
 ADD_PIECE = 1 << 20  # elements of staged gradients cast to fp32 at a time by the host's add (4 MiB: cache-sized)
 
 
 class GradShipper:
-    def __init__(self, engine: StreamingEngine, max_numel: int) -> None:
+    def __init__(self, lanes: Lanes, store: HostStore, max_numel: int) -> None:
         """`max_numel`: the largest trunk layer's parameters (a ring slot's size)."""
-        self.engine, self.store, self.cuda = engine, engine.store, engine.cuda
+        self.lanes, self.store, self.cuda = lanes, store, lanes.cuda
+        self.updater = None  # optim.HostAdam when the optimizer runs overlapped with the device
+        self.device_states = None  # device_state.DeviceStates: units whose state the device keeps
+        self.step_cache = None  # device_state.StepCache: units whose weights and gradient sum stay for a step
         staging = pinned_empty(S.staging_numel(max_numel, self.store.units[-1].layout.numel),
                                self.store.compute_dtype, self.cuda)
         self._ring = list(staging[:S.STAGING_RING * max_numel].split(max_numel))
@@ -47,8 +47,8 @@ class GradShipper:
         tensor); later ones go through a compute-dtype staging buffer that the host thread adds into fp32. With
         several ranks, only the unit's owner ships: the mean over the ranks (ranks.py); a step-cached unit's sum
         is reduced once, at the step's last micro-batch."""
-        eng, ranks = self.engine, self.store.ranks
-        sums = eng.step_cache if eng.step_cache is not None and unit_index in eng.step_cache else None
+        ranks = self.store.ranks
+        sums = self.step_cache if self.step_cache is not None and unit_index in self.step_cache else None
         if sums is not None:  # summed on the device over the step's micro-batches; the last one ships the sum
             sums.land(unit_index, grads, fresh=self.fresh)
             if not self.final:
@@ -62,25 +62,25 @@ class GradShipper:
             grads = self._reduce(unit_index, grads)
             if grads is None:
                 return
-        if eng.device_states is not None and unit_index in eng.device_states:  # never step-cached
-            eng.device_states.land(unit_index, grads, fresh=self.fresh)  # on the compute stream
+        if self.device_states is not None and unit_index in self.device_states:  # never step-cached
+            self.device_states.land(unit_index, grads, fresh=self.fresh)  # on the compute stream
             return
-        if eng.updater is not None:
-            eng.updater.wait(unit_index)  # never overwrite gradients an update still reads
+        if self.updater is not None:
+            self.updater.wait(unit_index)  # never overwrite gradients an update still reads
         self._prune()
         if self.fresh or sums is not None:
             future = self._land(unit_index, grads, sums)
         else:
             future = self._stage(unit_index, grads)
         self._pending.append(future)
-        if self.final and eng.updater is not None:
-            self._pending.append(eng.updater.after_landing(unit_index))
+        if self.final and self.updater is not None:
+            self._pending.append(self.updater.after_landing(unit_index))
 
     def _reduce(self, unit_index: int, grads) -> list[Tensor] | None:
         """One unit's gradients of this rank summed into its owner's, in fp32 (flat, one collective), as the mean over
         the ranks; None on the other ranks."""
         layout = self.store.units[unit_index].layout
-        flat = torch.empty(layout.trainable, dtype=torch.float32, device=self.engine.device)
+        flat = torch.empty(layout.trainable, dtype=torch.float32, device=self.lanes.device)
         views = layout.views(flat)
         for entry, g in zip(layout.trainable_entries, grads):
             views[entry.name].copy_(g) if g is not None else views[entry.name].zero_()
@@ -98,22 +98,22 @@ class GradShipper:
         missing = [e.name for e, g in zip(unit.layout.trainable_entries, grads) if g is None]
         done = None
         if self.cuda:
-            self.engine.d2h.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.engine.d2h), self.engine._span(unit_index, S.D2H, S.GRAD, flat.nbytes, self.engine.d2h):
+            self.lanes.d2h.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.lanes.d2h), self.lanes.span(unit_index, S.D2H, S.GRAD, flat.nbytes, self.lanes.d2h):
                 for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is not None:
                         views[entry.name].copy_(g.float(), non_blocking=True)  # the cast runs on this stream
-                        g.record_stream(self.engine.d2h)  # keep the allocator from reusing g before the copy ran
+                        g.record_stream(self.lanes.d2h)  # keep the allocator from reusing g before the copy ran
             done = torch.cuda.Event()
-            done.record(self.engine.d2h)
+            done.record(self.lanes.d2h)
         else:
-            with self.engine._span(unit_index, S.D2H, S.GRAD, flat.nbytes):
+            with self.lanes.span(unit_index, S.D2H, S.GRAD, flat.nbytes):
                 for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is not None:
                         views[entry.name].copy_(g)
         if sums is not None:
             sums.shipped(unit_index, done)
-        return self.engine._worker.submit(self._landed, unit_index, tile, views, missing, done, self._norms_due())
+        return self.lanes.worker.submit(self._landed, unit_index, tile, views, missing, done, self._norms_due())
 
     def _landed(self, unit_index: int, tile: Tensor, views: dict[str, Tensor], missing: list[str],
                 done: torch.cuda.Event | None, norms: bool) -> None:
@@ -127,13 +127,13 @@ class GradShipper:
     def _norms_due(self) -> bool:
         """Whether the gradients now shipping are the step's last and clipping by norm needs their norms (a
         file-backed unit's are taken before they go to its file)."""
-        return self.final and self.engine.updater is not None and self.engine.updater.need_norms
+        return self.final and self.updater is not None and self.updater.need_norms
 
     def _to_file(self, unit_index: int, grad: Tensor, norms: bool) -> None:
         """A file-backed unit's complete gradient (a whole tile of the window, the gradient at its start): norms taken
         if due, then written."""
         if norms:
-            self.engine.updater.note_norms(unit_index, grad)
+            self.updater.note_norms(unit_index, grad)
         self.store.nvme.write_grad(unit_index, grad)
 
     def _stage(self, unit_index: int, grads) -> Future:
@@ -150,21 +150,21 @@ class GradShipper:
         nbytes = buf.nbytes
         done = None
         if self.cuda:
-            self.engine.d2h.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.engine.d2h), self.engine._span(unit_index, S.D2H, S.GRAD, nbytes, self.engine.d2h):
+            self.lanes.d2h.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.lanes.d2h), self.lanes.span(unit_index, S.D2H, S.GRAD, nbytes, self.lanes.d2h):
                 for entry, g in zip(unit.layout.trainable_entries, grads):
                     if g is None:
                         staging[entry.name].zero_()
                     else:
                         staging[entry.name].copy_(g, non_blocking=True)
-                        g.record_stream(self.engine.d2h)
+                        g.record_stream(self.lanes.d2h)
             done = torch.cuda.Event()
-            done.record(self.engine.d2h)
+            done.record(self.lanes.d2h)
         else:
-            with self.engine._span(unit_index, S.D2H, S.GRAD, nbytes):
+            with self.lanes.span(unit_index, S.D2H, S.GRAD, nbytes):
                 for entry, g in zip(unit.layout.trainable_entries, grads):
                     staging[entry.name].copy_(g) if g is not None else staging[entry.name].zero_()
-        future = self.engine._worker.submit(self._accumulate, unit_index, unit, buf, done, self._norms_due())
+        future = self.lanes.worker.submit(self._accumulate, unit_index, unit, buf, done, self._norms_due())
         if ring_pos is not None:
             self._ring_busy[ring_pos] = future
         return future
@@ -173,12 +173,12 @@ class GradShipper:
                     norms: bool) -> None:
         if done is not None:
             done.synchronize()
-        with self.engine._host_span(unit_index, S.ACCUMULATE, 4 * unit.layout.trainable):
+        with self.lanes.host_span(unit_index, S.ACCUMULATE, 4 * unit.layout.trainable):
             if unit.on_disk:  # read from its file, added, written back
                 def add(grad: Tensor) -> None:
                     self._add_into(grad, buf)
                     if norms:
-                        self.engine.updater.note_norms(unit_index, grad)
+                        self.updater.note_norms(unit_index, grad)
                 self.store.nvme.add_grad(unit_index, add)
             else:
                 self._add_into(unit.grad, buf)

@@ -4,17 +4,14 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning.block_input_files import BlockInputFiles
+from megatrain_lightning.lanes import Lanes
 from megatrain_lightning.store import available_ram_bytes, pinned_empty
-
-if TYPE_CHECKING:
-    from megatrain_lightning.engine import StreamingEngine
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +25,8 @@ class HostCheckpoints:
 
     RAM_MARGIN = 4 * 2**30
 
-    def __init__(self, engine: StreamingEngine, auto: bool, spill_dirs: tuple = ()) -> None:
-        self.engine, self.auto, self.spill_dirs = engine, auto, spill_dirs
+    def __init__(self, lanes: Lanes, plan: S.Plan, auto: bool, spill_dirs: tuple = ()) -> None:
+        self.lanes, self.plan, self.auto, self.spill_dirs = lanes, plan, auto, spill_dirs
         self.files: BlockInputFiles | None = None  # made at the first spill
         self._host: Tensor | None = None  # [n_checkpoints * numel] pinned, reused while the size fits
         self.saved: list[tuple[Tensor, torch.Size, torch.dtype, torch.cuda.Event]] = []
@@ -39,7 +36,7 @@ class HostCheckpoints:
 
     def begin(self, x: Tensor) -> bool:
         """Before a training forward: whether its block inputs leave the device."""
-        n = self.engine.plan.n_checkpoints * x.numel()
+        n = self.plan.n_checkpoints * x.numel()
         self.active, self.on_disk = True, False
         if self.spill_dirs and not self.auto:
             return self._to_files(x)
@@ -65,41 +62,41 @@ class HostCheckpoints:
             log.info(why)
             self._warned = True
         if self.files is None:
-            self.files = BlockInputFiles(self.spill_dirs, self.engine.device)
-        self.files.begin(x, self.engine.plan.n_checkpoints)
+            self.files = BlockInputFiles(self.spill_dirs, self.lanes.device)
+        self.files.begin(x, self.plan.n_checkpoints)
         self.on_disk = True
         return True
 
     def put(self, x: Tensor) -> None:
         if self.on_disk:
             return self.files.put(x)
-        eng = self.engine
+        lanes = self.lanes
         host = self._host[len(self.saved) * x.numel():(len(self.saved) + 1) * x.numel()]
-        eng.d2h.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(eng.d2h), eng._span(len(self.saved) * eng.plan.k, S.D2H, S.CHECKPOINT, x.nbytes,
-                                                    eng.d2h):
+        lanes.d2h.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(lanes.d2h), lanes.span(len(self.saved) * self.plan.k, S.D2H, S.CHECKPOINT, x.nbytes,
+                                                       lanes.d2h):
             host.copy_(x.reshape(-1), non_blocking=True)
-            x.record_stream(eng.d2h)
+            x.record_stream(lanes.d2h)
         done = torch.cuda.Event()
-        done.record(eng.d2h)
+        done.record(lanes.d2h)
         self.saved.append((host, x.shape, x.dtype, done))
 
     def fetch(self, b: int):
         """Starts bringing checkpoint b back; `take` waits for it."""
         if self.on_disk:
             return self.files.fetch(b)
-        eng = self.engine
+        lanes = self.lanes
         host, shape, dtype, sent = self.saved[b]
-        x = torch.empty(shape, dtype=dtype, device=eng.device)
-        eng.h2d.wait_stream(torch.cuda.current_stream())  # x's memory may have been used by compute until now
-        eng.h2d.wait_event(sent)
-        with torch.cuda.stream(eng.h2d), eng._span(b * eng.plan.k, S.H2D, S.CHECKPOINT, x.nbytes, eng.h2d):
+        x = torch.empty(shape, dtype=dtype, device=lanes.device)
+        lanes.h2d.wait_stream(torch.cuda.current_stream())  # x's memory may have been used by compute until now
+        lanes.h2d.wait_event(sent)
+        with torch.cuda.stream(lanes.h2d), lanes.span(b * self.plan.k, S.H2D, S.CHECKPOINT, x.nbytes, lanes.h2d):
             x.view(-1).copy_(host, non_blocking=True)
         # no x.record_stream(h2d): the compute stream waits for `ready` before it touches x, so whatever it does
         # with x's memory once x is freed comes after the copy; recording the stream would hold the block back
         # from reuse until the H2D stream's queued weight loads have run too
         ready = torch.cuda.Event()
-        ready.record(eng.h2d)
+        ready.record(lanes.h2d)
         return x, ready
 
     def take(self, fetched) -> Tensor:

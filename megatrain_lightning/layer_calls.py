@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.engine import StreamingEngine, _Prefetcher
+from megatrain_lightning.engine import Prefetcher, StreamingEngine
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.sweep import add_fp32
 
@@ -32,8 +32,8 @@ class LayerCalls:
             raise UserError("checkpoint_interval: a model that calls its layers itself (a transformers model) streams "
                             f"them one at a time: it must be 1, got {engine.plan.k}")
         self.engine, self.n = engine, engine.plan.n_layers
-        self._forward: _Prefetcher | None = None
-        self._backward: _Prefetcher | None = None
+        self._forward: Prefetcher | None = None
+        self._backward: Prefetcher | None = None
         self._next = 0  # the layer the running pass expects next
         self._tuple = False  # the layers return a tuple (transformers 4.x) rather than the hidden state
         # the layers' inputs kept for backward outside device memory (the engine's offload_checkpoints; None: on
@@ -48,7 +48,7 @@ class LayerCalls:
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [k for k, v in enumerate(leaves) if isinstance(v, Tensor)]
         if torch.is_grad_enabled():
-            out = _StreamedLayer.apply(self, i, x, self.engine._anchor, (leaves, spec, tensors),
+            out = _StreamedLayer.apply(self, i, x, self.engine.anchor, (leaves, spec, tensors),
                                        *[leaves[k] for k in tensors])
         else:
             with torch.no_grad():
@@ -56,7 +56,7 @@ class LayerCalls:
         return (out,) if self._tuple else out
 
     # ---- the passes, layer by layer ----
-    def _acquire(self, pf: _Prefetcher, pos: int, i: int, what: str):
+    def _acquire(self, pf: Prefetcher, pos: int, i: int, what: str):
         if pos != self._next:
             raise RuntimeError(f"the model called its layers out of order ({what} layer {i}, expected "
                                f"{self._next}): only models that run each layer once, in order, can be streamed")
@@ -65,23 +65,23 @@ class LayerCalls:
     def forward(self, i: int, x: Tensor, leaves: list, spec, keep: bool):
         eng = self.engine
         if i == 0:
-            self._forward, self._next = _Prefetcher(eng, eng.plan.forward_loads()), 0
+            self._forward, self._next = Prefetcher(eng, eng.plan.forward_loads()), 0
             if keep:
                 host = eng.host_checkpoints
                 self._host = host if host is not None and host.begin(x) else None
         slot = self._acquire(self._forward, i, i, "forward of")
         if keep and self._host is not None:
             self._host.put(x)  # the input goes out as the layer runs; backward fetches it back
-        params = eng._views(i, slot)
+        params = eng.views(i, slot)
         chunks = eng.sweep.chunks(x)
         whole = len(chunks) == 1
         rng, outs = [], []
-        with eng._span(i, S.COMPUTE, S.FORWARD):
+        with eng.lanes.span(i, S.COMPUTE, S.FORWARD):
             for lo, hi in chunks:
                 if keep:
-                    rng.append(eng._rng_state())
+                    rng.append(eng.rng_state())
                 args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole)
-                outs.append(eng._run(i, params, x if whole else x[lo:hi], args, kwargs))
+                outs.append(eng.run(i, params, x if whole else x[lo:hi], args, kwargs))
         self._forward.release(slot)
         self._next = i + 1
         self._tuple = isinstance(outs[0], tuple)
@@ -95,7 +95,7 @@ class LayerCalls:
         """`x`: the layer's input, or None when it went out of device memory (fetched back here)."""
         eng = self.engine
         if i == self.n - 1:
-            self._backward, self._next = _Prefetcher(eng, eng.plan.backward_loads()), 0
+            self._backward, self._next = Prefetcher(eng, eng.plan.backward_loads()), 0
             if x is None:
                 self._fetched = self._host.fetch(i)
         slot = self._acquire(self._backward, self.n - 1 - i, i, "backward of")
@@ -103,7 +103,7 @@ class LayerCalls:
             x = self._host.take(self._fetched)
             self._fetched = self._host.fetch(i - 1) if i > 0 else None  # the next one comes in meanwhile
         self._next += 1
-        params = eng._views(i, slot)
+        params = eng.views(i, slot)
         entries = eng.store.units[i].layout.trainable_entries
         for e in entries:  # frozen parameters get no gradient
             params[e.name] = params[e.name].detach().requires_grad_()
@@ -116,12 +116,12 @@ class LayerCalls:
         for c, (lo, hi) in enumerate(chunks):
             args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole)
             with torch.random.fork_rng(eng._rng_devices, device_type=eng.device.type):
-                eng._set_rng_state(rng[c])  # dropout masks as in forward
+                eng.set_rng_state(rng[c])  # dropout masks as in forward
                 x_in = (x if whole else x[lo:hi]).detach().requires_grad_()
-                with torch.enable_grad(), amp, eng._span(i, S.COMPUTE, S.RECOMPUTE):
-                    out = _first(eng._run(i, params, x_in, args, kwargs))
+                with torch.enable_grad(), amp, eng.lanes.span(i, S.COMPUTE, S.RECOMPUTE):
+                    out = _first(eng.run(i, params, x_in, args, kwargs))
             g = grad if whole else grad[lo:hi]
-            with eng._span(i, S.COMPUTE, S.BACKWARD):
+            with eng.lanes.span(i, S.COMPUTE, S.BACKWARD):
                 grads = torch.autograd.grad(out, [x_in, *trainable], g, allow_unused=True)
             sums = list(grads[1:]) if whole else add_fp32(sums, grads[1:])
             if whole:

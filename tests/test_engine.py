@@ -74,11 +74,11 @@ def test_cuda_weight_loads_overlap_compute(tmp_path):
 def test_block_inputs_stay_on_the_device_when_ram_has_no_room(monkeypatch, caplog):
     """offload_checkpoints=None (the CUDA default): block inputs go to pinned host memory only while the RAM the OS
     still has leaves a margin beside them; otherwise the pass keeps them on the device and says so once."""
-    from types import SimpleNamespace
-
     from megatrain_lightning import host_checkpoints as E
 
-    host = E.HostCheckpoints(SimpleNamespace(plan=S.Plan(8, 1)), auto=True)
+    from megatrain_lightning.lanes import Lanes
+
+    host = E.HostCheckpoints(Lanes(torch.device("cpu")), S.Plan(8, 1), auto=True)
     x = torch.zeros(4, 1024, 64)  # 8 block inputs of 1 MiB
     monkeypatch.setattr(E, "available_ram_bytes", lambda: host.RAM_MARGIN + 4 * 2**20)
     with caplog.at_level("WARNING"):
