@@ -55,7 +55,7 @@ def _main(argv: list[str]) -> int:
 
     from megatrain_lightning import build
     from megatrain_lightning.errors import UserError
-    from megatrain_lightning.state_files import DriveError
+    from megatrain_lightning.storage.state_files import DriveError
 
     cfg = OmegaConf.create(cfg)
     try:

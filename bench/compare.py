@@ -58,8 +58,8 @@ def seeded_init(name: str, t, device) -> None:
 
 def build_lm(a, config, system: str):
     import torch
-    from megatrain_lightning.lm import CausalLM
-    from megatrain_lightning.model import Llama
+    from megatrain_lightning.models.lm import CausalLM
+    from megatrain_lightning.models.llama import Llama
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -127,7 +127,7 @@ def run_one(a) -> dict:
     from bench.step import RandomTokens, StepTimer, rss_bytes
     from megatrain_lightning import MegatrainStrategy
     from megatrain_lightning.config import Config
-    from megatrain_lightning.model import Block
+    from megatrain_lightning.models.llama import Block
 
     system = a.worker
     overrides = {"tie_embeddings": False} if a.untied else {}

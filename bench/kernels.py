@@ -20,7 +20,7 @@ import torch
 from torch.optim.adam import adam
 
 from megatrain_lightning.config import Config
-from megatrain_lightning.model import Block, rope_tables
+from megatrain_lightning.models.llama import Block, rope_tables
 
 
 def emit(**kw) -> None:

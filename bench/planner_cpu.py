@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from megatrain_lightning import MegatrainStrategy
 from megatrain_lightning.config import Config
-from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.models.lm import CausalLM
 from planner.calibrate import calibrate
 from planner.plan import plan
 from planner.workload import Workload

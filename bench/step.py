@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megatrain_lightning import MegatrainStrategy
 from megatrain_lightning.config import Config
-from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.models.lm import CausalLM
 
 
 class RandomTokens(Dataset):
@@ -252,7 +252,7 @@ def main() -> None:
     t0 = time.perf_counter()
     hp = dict(lr=1e-4, warmup_steps=1, max_steps=a.steps + 1)
     if config.transformers_type or a.as_transformers:  # the transformers model of the preset's layer shape
-        from megatrain_lightning.hf_lm import HFCausalLM, config_json
+        from megatrain_lightning.hf.model import HFCausalLM, config_json
 
         lm = HFCausalLM(config, config_json(config) if config.transformers_type else config.to_hf("float32"), **hp)
     else:

@@ -13,12 +13,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.config import Config
 from megatrain_lightning.data import ByteTextDataModule, ChatDataModule, JsonlDataModule, TokensDataModule
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.lm import CausalLM
-from megatrain_lightning.preemption import SaveOnSignal
+from megatrain_lightning.models.lm import CausalLM
+from megatrain_lightning.checkpointing.preemption import SaveOnSignal
 from megatrain_lightning.strategy import PRECISIONS, MegatrainStrategy
 
 
@@ -245,7 +245,7 @@ def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> s
 def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
     hp = OmegaConf.to_container(cfg.optim, resolve=True)  # plain values: hyperparameters go into checkpoints
     if config.transformers_type:  # a family Llama does not have: the transformers model itself
-        from megatrain_lightning.hf_lm import HFCausalLM, config_json
+        from megatrain_lightning.hf.model import HFCausalLM, config_json
 
         # model=hf: the checkpoint's config.json (and its weights, imported by the strategy); a preset: its shape,
         # from a random start

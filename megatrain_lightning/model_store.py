@@ -13,11 +13,13 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from megatrain_lightning import adapters, hf, placement, surgery
+from megatrain_lightning import hf, placement
+from megatrain_lightning.hf import adapters
+from megatrain_lightning.models import surgery
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.model import Trunk
-from megatrain_lightning.ranks import Ranks
-from megatrain_lightning.store import HostStore, Layout
+from megatrain_lightning.models.llama import Trunk
+from megatrain_lightning.parallel.ranks import Ranks
+from megatrain_lightning.storage.store import HostStore, Layout
 
 log = logging.getLogger(__name__)
 

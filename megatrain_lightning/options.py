@@ -4,7 +4,7 @@ minutes into a run."""
 from __future__ import annotations
 
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.store import STREAMS as STORE_STREAMS
+from megatrain_lightning.storage.store import STREAMS as STORE_STREAMS
 
 STORAGES = ("ram", "nvme")
 STREAMS = ("auto", *STORE_STREAMS)

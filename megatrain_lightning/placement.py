@@ -9,10 +9,10 @@ import logging
 import torch
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.device_state import DeviceStates, StepCache
+from megatrain_lightning.engine.device_state import DeviceStates, StepCache
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.nvme import pieces as nvme_pieces
-from megatrain_lightning.store import HostStore, Layout, available_ram_bytes
+from megatrain_lightning.storage.nvme import pieces as nvme_pieces
+from megatrain_lightning.storage.store import HostStore, Layout, available_ram_bytes
 
 log = logging.getLogger(__name__)
 

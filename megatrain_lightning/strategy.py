@@ -25,22 +25,22 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 from typing_extensions import override
 
-from megatrain_lightning import adapters
+from megatrain_lightning.hf import adapters
 from megatrain_lightning import model_store
 from megatrain_lightning import options
 from megatrain_lightning import placement
 from megatrain_lightning import schedule as S
-from megatrain_lightning import surgery
-from megatrain_lightning.engine import StreamingEngine
+from megatrain_lightning.models import surgery
+from megatrain_lightning.engine.streaming import StreamingEngine
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.layer_calls import LayerCalls
-from megatrain_lightning.model import Trunk
-from megatrain_lightning.optim import HostAdam, bind_grads, bind_optimizer
-from megatrain_lightning.ownership import DirectoryLock
-from megatrain_lightning.resident import EMBEDDING, REST, ResidentCopy
-from megatrain_lightning.store import HostStore
-from megatrain_lightning.store_checkpoints import StoreCheckpoints
-from megatrain_lightning.trace import StepTracer
+from megatrain_lightning.engine.layer_calls import LayerCalls
+from megatrain_lightning.models.llama import Trunk
+from megatrain_lightning.engine.host_adam import HostAdam, bind_grads, bind_optimizer
+from megatrain_lightning.storage.ownership import DirectoryLock
+from megatrain_lightning.engine.resident import EMBEDDING, REST, ResidentCopy
+from megatrain_lightning.storage.store import HostStore
+from megatrain_lightning.checkpointing.lightning_hooks import StoreCheckpoints
+from megatrain_lightning.engine.trace import StepTracer
 
 log = logging.getLogger(__name__)
 

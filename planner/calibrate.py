@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from megatrain_lightning.config import Config
-from megatrain_lightning.model import Block, rope_tables
+from megatrain_lightning.models.llama import Block, rope_tables
 from planner.hardware import Hardware, host_ram_GiB
 
 

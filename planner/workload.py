@@ -1,6 +1,6 @@
 """What one training step asks of the machine: FLOPs, bytes moved and bytes held, per layer and per tier.
 
-Every figure follows this project's engine and model (`megatrain_lightning/engine.py`, `model.py`, `lm.py`);
+Every figure follows this project's engine and model (`megatrain_lightning/engine/streaming.py`, `model.py`, `lm.py`);
 the activation and logits coefficients were measured from what autograd saves (tests re-measure them).
 """
 

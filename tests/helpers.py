@@ -11,8 +11,8 @@ from torch.utils.data import DataLoader
 from megatrain_lightning import MegatrainStrategy
 from megatrain_lightning import schedule as S
 from megatrain_lightning.config import Config
-from megatrain_lightning.lm import CausalLM
-from megatrain_lightning.model import Llama
+from megatrain_lightning.models.lm import CausalLM
+from megatrain_lightning.models.llama import Llama
 
 
 class RecordingLM(CausalLM):
@@ -46,9 +46,10 @@ def kept_budget_GiB(config: Config, n_layers: int) -> float:
 def nvme_budget_GiB(model: torch.nn.Module, on_disk: int, dtype: torch.dtype = torch.float32) -> float:
     """storage=nvme's ram_budget_GiB that leaves exactly `on_disk` of `model`'s trunk layers to files (placement's
     rule, checked)."""
-    from megatrain_lightning import placement, surgery
-    from megatrain_lightning.model import Trunk
-    from megatrain_lightning.store import Layout
+    from megatrain_lightning import placement
+    from megatrain_lightning.models import surgery
+    from megatrain_lightning.models.llama import Trunk
+    from megatrain_lightning.storage.store import Layout
     trunk = next(m for m in model.modules() if isinstance(m, Trunk))
 
     def layout(named) -> Layout:

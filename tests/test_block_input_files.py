@@ -77,7 +77,7 @@ def test_bad_offload_checkpoints_is_named(kwargs, match):
 def test_cuda_block_inputs_in_files_equal_pinned_host_memory(offload, tmp_path, monkeypatch):
     """On the GPU the pieces cross D2H / H2D through pinned tiles. None (the default) under storage=nvme: RAM "has
     no room" (the margin is set past any machine's RAM), so the block inputs go to the drives, not the device."""
-    from megatrain_lightning.host_checkpoints import HostCheckpoints
+    from megatrain_lightning.engine.block_inputs import HostCheckpoints
     model = make_model("tiny")
     batches = make_batches(model.config, 6)
     common = dict(device="cuda", checkpoint_interval=2, chunk_tokens=16, compile=False)

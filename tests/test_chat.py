@@ -7,7 +7,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from megatrain_lightning.chat import ChatTemplate, encode, to_messages
+from megatrain_lightning.data.chat import ChatTemplate, encode, to_messages
 from megatrain_lightning.data import IGNORE, ChatDataModule
 from megatrain_lightning.errors import UserError
 

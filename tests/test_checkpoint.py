@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning import schedule as S
 from megatrain_lightning.config import Config
 from tests import resume_run
@@ -123,7 +123,7 @@ def test_sigkill_during_a_save_keeps_the_previous_checkpoint(data, straight, tmp
     script = f"""
 import time
 from pathlib import Path
-from megatrain_lightning import checkpoint
+from megatrain_lightning.checkpointing import directories as checkpoint
 from tests import resume_run
 real, calls = checkpoint.write_safetensors, []
 def slow(path, *a, **k):  # the second save stops after two unit files, as if the machine died there
@@ -162,8 +162,8 @@ resume_run.run({data!r}, {str(tmp_path / 'killed')!r}, 4, ckpt_dir={str(ckpt_dir
 def test_leftovers_of_dead_runs_are_removed_only_when_ours_and_dead(tmp_path):
     """A SIGKILLed storage=nvme run leaves its private state directory: the next run on the same nvme_dir removes it,
     but not a live run's, nor a directory it did not create."""
-    from megatrain_lightning import ownership
-    from megatrain_lightning.nvme import NvmeTier
+    from megatrain_lightning.storage import ownership
+    from megatrain_lightning.storage.nvme import NvmeTier
 
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -178,7 +178,7 @@ def test_leftovers_of_dead_runs_are_removed_only_when_ours_and_dead(tmp_path):
 
 def test_a_second_run_on_the_same_checkpoint_directory_is_refused(data, tmp_path):
     from megatrain_lightning.errors import UserError
-    from megatrain_lightning.ownership import DirectoryLock
+    from megatrain_lightning.storage.ownership import DirectoryLock
 
     held = DirectoryLock(tmp_path / "ckpt", "checkpoints")  # another run's, as far as the next one can tell
     with pytest.raises(UserError, match=rf"another run \(host and pid: \S+ {os.getpid()}\) is writing checkpoints "
@@ -293,7 +293,7 @@ def test_disk_full_during_a_save_keeps_the_previous_checkpoint(saved, data, tmp_
 
 def test_overwriting_a_checkpoint_replaces_it_whole(saved, tmp_path):
     """`last.ckpt`-style names are rewritten: the new directory replaces the old only once it is complete."""
-    from megatrain_lightning.store import HostStore, Layout
+    from megatrain_lightning.storage.store import HostStore, Layout
 
     store = HostStore([Layout([("w", (3, 2))]), Layout([("b", (2,))])], ["layers.0.", ""], torch.float32, pin=False)
     target = tmp_path / "last.ckpt"

@@ -137,8 +137,8 @@ def test_a_diverging_run_exits_3_with_the_step_named(tmp_path, capsys, restore_l
 def test_a_drive_failing_mid_run_exits_4_with_the_file_named(tmp_path, capsys, restore_logging, monkeypatch):
     import errno
 
-    from megatrain_lightning import nvme
-    from megatrain_lightning.state_files import DriveError
+    from megatrain_lightning.storage import nvme
+    from megatrain_lightning.storage.state_files import DriveError
 
     def full(self, index, tile):
         raise DriveError(errno.ENOSPC, f"the disk of storage.nvme_dir is full while writing {self.path(index)}")
@@ -217,8 +217,9 @@ def test_storage_faults_exit_4_and_bad_directories_2_each_one_line(tmp_path, cap
     from collections import namedtuple
 
     import planner.check
-    from megatrain_lightning import checkpoint as ckpt
-    from megatrain_lightning import nvme, state_files
+    from megatrain_lightning.checkpointing import directories as ckpt
+    from megatrain_lightning.storage import nvme
+    from megatrain_lightning.storage import state_files
 
     usage = namedtuple("usage", "total used free")
     nvme_args = ["storage=nvme", "storage.ram_budget_GiB=0.001", f"storage.nvme_dir={tmp_path}/nvme",
@@ -292,7 +293,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path, capsys, monke
 
 def test_a_second_run_into_a_running_runs_directory_is_one_line(tmp_path, capsys, restore_logging):
     """The first run holds its checkpoint directory's lock while it trains: the second is refused before it starts."""
-    from megatrain_lightning.ownership import DirectoryLock
+    from megatrain_lightning.storage.ownership import DirectoryLock
 
     held = DirectoryLock(tmp_path / "run" / "checkpoints", "checkpoints")
     assert train.main(["trainer.max_steps=2", f"hydra.run.dir={tmp_path}/run"]) == 2

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from megatrain_lightning import build
 from megatrain_lightning.config import PRESETS, Config
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.model import Llama
+from megatrain_lightning.models.llama import Llama
 from planner.check import check
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from megatrain_lightning.config import Config
 from megatrain_lightning.data import IGNORE, JsonlDataModule, TokensDataModule
-from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.models.lm import CausalLM
 
 
 @pytest.fixture

@@ -74,9 +74,8 @@ def test_cuda_weight_loads_overlap_compute(tmp_path):
 def test_block_inputs_stay_on_the_device_when_ram_has_no_room(monkeypatch, caplog):
     """offload_checkpoints=None (the CUDA default): block inputs go to pinned host memory only while the RAM the OS
     still has leaves a margin beside them; otherwise the pass keeps them on the device and says so once."""
-    from megatrain_lightning import host_checkpoints as E
-
-    from megatrain_lightning.lanes import Lanes
+    from megatrain_lightning.engine import block_inputs as E
+    from megatrain_lightning.engine.lanes import Lanes
 
     host = E.HostCheckpoints(Lanes(torch.device("cpu")), S.Plan(8, 1), auto=True)
     x = torch.zeros(4, 1024, 64)  # 8 block inputs of 1 MiB
@@ -95,7 +94,7 @@ def test_locking_a_whole_tile_unlocks_its_gradient_first(monkeypatch):
     gradient and v may share a page, which CUDA registers only once: the gradient's lock goes first."""
     import weakref
 
-    from megatrain_lightning import store as st
+    from megatrain_lightning.storage import store as st
 
     calls = []
 

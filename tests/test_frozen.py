@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatrain_lightning import MegatrainStrategy
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.config import Config
 from tests.helpers import (RecordingLM, kept_budget_GiB, lm_kwargs, loader, make_batches, make_model, megatrain_run,
                            nvme_budget_GiB, reference_run, rel_err)

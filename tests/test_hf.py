@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from megatrain_lightning import MegatrainStrategy, hf
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.config import Config
-from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.models.lm import CausalLM
 from tests.helpers import lm_kwargs, loader, make_batches
 
 transformers = pytest.importorskip("transformers")

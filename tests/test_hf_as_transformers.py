@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from megatrain_lightning import MegatrainStrategy, hf
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.hf_lm import HFCausalLM, config_json
+from megatrain_lightning.hf.model import HFCausalLM, config_json
 from tests.helpers import assert_adam_state_close, lm_kwargs, loader
 from tests.test_cli import restore_logging  # noqa: F401  (a fixture: train.main sets up its own logging)
 

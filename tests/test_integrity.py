@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 
 from megatrain_lightning import MegatrainStrategy
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.checkpointing import directories as ckpt
 from tests import resume_run
 from tests.helpers import RecordingLM, lm_kwargs, loader, make_batches, make_model, reference_run, rel_err
 from tests.test_checkpoint import NVME
@@ -135,7 +135,7 @@ def test_the_gradient_norm_is_logged(tmp_path):
 def test_state_dict_and_load_from_checkpoint_give_the_trained_weights(preset, strategy_kwargs, tmp_path):
     """After fit, `lm.state_dict()` holds the store's fp32 masters (not meta tensors), also of file-backed layers,
     and `CausalLM.load_from_checkpoint(directory)` builds a CPU model with them (tied weights included)."""
-    from megatrain_lightning.lm import CausalLM
+    from megatrain_lightning.models.lm import CausalLM
 
     if strategy_kwargs == "nvme":
         strategy_kwargs = dict(nvme_dir=tmp_path / "nvme", **NVME)

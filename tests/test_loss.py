@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.models.lm import CausalLM
 from tests.helpers import make_batches, make_model, rel_err
 
 
@@ -124,7 +124,7 @@ def test_the_chunked_loss_holds_what_the_planner_counts():
     V, D, N, c, cb = 16384, 64, 1024, 512, 2
     bound = (4 + cb) * V * c + (4 + cb) * V * D + cb * N * D  # planner/workload.py Workload.head_bytes
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="1048576")
-    path = Path(__file__).resolve().parents[1] / "megatrain_lightning" / "loss.py"
+    path = Path(__file__).resolve().parents[1] / "megatrain_lightning" / "models" / "loss.py"
     out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, str(path)], capture_output=True, text=True, env=env,
                          check=True)
     last = out.stdout.strip().splitlines()[-1]
@@ -138,7 +138,7 @@ def test_the_chunked_loss_holds_what_the_planner_counts():
 def test_the_final_norm_in_pieces_equals_it_whole_and_keeps_less_for_backward():
     """model.rms_norm_in_pieces: the same output and input gradient (the norm is per token; the weight's gradient sums
     in another order), while autograd keeps the pieces' inputs only, not the fp32 intermediates of every token."""
-    from megatrain_lightning.model import rms_norm, rms_norm_in_pieces
+    from megatrain_lightning.models.llama import rms_norm, rms_norm_in_pieces
 
     def run(fn, dtype):
         torch.manual_seed(0)

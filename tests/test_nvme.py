@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from megatrain_lightning import nvme
+from megatrain_lightning.storage import nvme
 from megatrain_lightning import schedule as S
 from tests.helpers import make_batches, make_model, megatrain_run, nvme_budget_GiB
 
@@ -63,7 +63,7 @@ def test_aligned_requests_go_through_o_direct(refuse, tmp_path, monkeypatch):
     """Aligned buffers, offsets and lengths read and write their files with O_DIRECT (no page-cache copy), others
     buffered; a filesystem that refuses O_DIRECT (`refuse`: EINVAL, as tmpfs) gets buffered I/O. Either way the
     run equals storage=ram bit for bit."""
-    from megatrain_lightning import state_files
+    from megatrain_lightning.storage import state_files
     monkeypatch.setattr(state_files, "_no_direct", set())
     if refuse:
         real = os.open

@@ -12,7 +12,7 @@ import torch
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning.config import Config
-from megatrain_lightning.model import Block, rope_tables
+from megatrain_lightning.models.llama import Block, rope_tables
 from planner.errors import PlanError
 from planner.check import check, compose, main
 from planner.hardware import Hardware

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatrain_lightning.engine import _functional
+from megatrain_lightning.engine.streaming import _functional
 from tests.helpers import kept_budget_GiB, make_batches, make_model, megatrain_run, reference_run, rel_err
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]

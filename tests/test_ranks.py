@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file
 
 from megatrain_lightning import MegatrainStrategy
-from megatrain_lightning import checkpoint as ckpt, hf, placement
+from megatrain_lightning import hf, placement
+from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.ranks import Ranks, assign
+from megatrain_lightning.parallel.ranks import Ranks, assign
 from tests import resume_run
 from tests.helpers import assert_adam_state_close, kept_budget_GiB, lm_kwargs
 from megatrain_lightning.config import Config
@@ -233,7 +234,7 @@ def test_one_rank_saves_and_two_resume(data, one, tmp_path):
 
 
 def test_a_node_budget_whose_share_cannot_hold_the_embedding_state_is_named():
-    from megatrain_lightning.store import Layout
+    from megatrain_lightning.storage.store import Layout
     # 4 layers of 256 MiB of fp32 state, an embedding of 4 GiB (shapes only: nothing is allocated)
     layouts = [Layout([("w", (4096, 4096))]) for _ in range(4)] + [Layout([("emb", (65536, 4096))])]
     owners = assign([4 * lay.tile_numel for lay in layouts], 2)
@@ -263,7 +264,7 @@ def test_replicate_nodes_must_be_a_bool():
 
 
 def test_one_cpu_thread_per_rank_on_a_node_with_more_cores_is_warned_of():
-    from megatrain_lightning.data_parallel import thread_advice
+    from megatrain_lightning.parallel.data_parallel import thread_advice
     assert thread_advice(1, 16, "1") == (
         "each rank runs PyTorch on 1 CPU thread (OMP_NUM_THREADS=1; torchrun sets it to 1): the host's optimizer and "
         "gradient adds then use one core per rank; set OMP_NUM_THREADS=16 (this node's cores per rank)")

@@ -14,7 +14,7 @@ from torch import nn
 import megatrain_lightning
 from megatrain_lightning import MegatrainStrategy
 from megatrain_lightning.config import Config
-from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.models.lm import CausalLM
 from tests.helpers import RecordingLM, lm_kwargs, loader, make_batches, make_model
 
 

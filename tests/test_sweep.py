@@ -338,7 +338,7 @@ def test_long_context_pieces_of_a_sequence_match_plain_pytorch():
 def test_long_context_pieces_hold_one_pieces_mlp_activations():
     """What autograd holds at once with the MLP half in pieces of 32 of 128 tokens: every layer's attention half,
     the pieces' inputs and one piece's MLP activations, instead of every layer's whole MLP activations."""
-    from megatrain_lightning.model import Llama
+    from megatrain_lightning.models.llama import Llama
 
     torch.manual_seed(0)
     model = Llama(make_model("tiny", intermediate_size=1024).config)  # the MLP's activations the larger part

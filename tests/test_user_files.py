@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning import hf
 from tests.helpers import loader, make_batches
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatrain_lightning import checkpoint as ckpt
+from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.hf.export import DTYPES, default_dtype, export, imported_from
 

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from megatrain_lightning import checkpoint as ckpt
-from megatrain_lightning import hf_layout
+from megatrain_lightning.checkpointing import directories as ckpt
+from megatrain_lightning.hf import layout as hf_layout
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.hf.load import INDEX, hf_prefix
@@ -190,7 +190,7 @@ def _tokenizer_files(source: Path, tokenizer: str | Path | None) -> list[Path]:
 
 def _meta_model(hf_config: dict[str, Any]) -> nn.Module:
     """The transformers model of a config.json, on the meta device (its layout rules need the model, not weights)."""
-    from megatrain_lightning.hf_lm import build_model
+    from megatrain_lightning.hf.model import build_model
 
     with torch.device("meta"):
         return build_model(hf_config)

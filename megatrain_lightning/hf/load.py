@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
-from megatrain_lightning import checkpoint as ckpt
-from megatrain_lightning import hf_layout
-from megatrain_lightning.store import HostStore
+from megatrain_lightning.checkpointing import directories as ckpt
+from megatrain_lightning.hf import layout as hf_layout
+from megatrain_lightning.storage.store import HostStore
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.store import HostStore
+from megatrain_lightning.storage.store import HostStore
 
 WRITE_CHUNK = 64 * 2**20  # fp32 elements (256 MiB, ~5 ms at 55 GB/s) per write-through copy
 

@@ -9,7 +9,7 @@ from contextlib import nullcontext
 import torch
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.trace import Trace
+from megatrain_lightning.engine.trace import Trace
 
 
 class Lanes:

@@ -38,10 +38,10 @@ import xxhash
 from safetensors import safe_open
 from torch import Tensor
 
-from megatrain_lightning import ownership
+from megatrain_lightning.storage import ownership
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.state_files import DriveError
-from megatrain_lightning.store import HostStore
+from megatrain_lightning.storage.state_files import DriveError
+from megatrain_lightning.storage.store import HostStore
 
 FORMAT = "megatrain-checkpoint"
 VERSION = 2  # 2: per-tensor hashes in the manifest (version 1 checkpoints load unverified)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from megatrain_lightning.host_memory import ALIGN_BYTES as ALIGN
+from megatrain_lightning.storage.host_memory import ALIGN_BYTES as ALIGN
 
 _no_direct: set[str] = set()  # directories whose filesystem refused O_DIRECT
 _lock = threading.Lock()

@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.lanes import Lanes
-from megatrain_lightning.store import HostStore, Unit, pinned_empty
+from megatrain_lightning.engine.lanes import Lanes
+from megatrain_lightning.storage.store import HostStore, Unit, pinned_empty
 
 ADD_PIECE = 1 << 20  # elements of staged gradients cast to fp32 at a time by the host's add (4 MiB: cache-sized)
 

@@ -19,9 +19,9 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.engine import Prefetcher, StreamingEngine
+from megatrain_lightning.engine.streaming import Prefetcher, StreamingEngine
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.sweep import add_fp32
+from megatrain_lightning.engine.sweep import add_fp32
 
 CACHE_ARGS = ("cache", "past_key_value", "past_key_values")  # transformers 5 and 4.x names
 

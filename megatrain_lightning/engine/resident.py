@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from megatrain_lightning import surgery
-from megatrain_lightning.store import HostStore
+from megatrain_lightning.models import surgery
+from megatrain_lightning.storage.store import HostStore
 
 EMBEDDING, REST = 0, 1  # the parts refreshed separately (the updater's part ranges)
 

@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.host_memory import pinned_empty, register as _register
-from megatrain_lightning.nvme import NvmeTier, pieces as nvme_pieces
-from megatrain_lightning.ranks import Ranks
+from megatrain_lightning.storage.host_memory import pinned_empty, register as _register
+from megatrain_lightning.storage.nvme import NvmeTier, pieces as nvme_pieces
+from megatrain_lightning.parallel.ranks import Ranks
 
 
 STREAMS = ("copy", "master")

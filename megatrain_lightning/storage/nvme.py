@@ -35,9 +35,10 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from megatrain_lightning import ownership, schedule as S
-from megatrain_lightning.host_memory import pinned_empty
-from megatrain_lightning.state_files import DriveError, read_file as _read_file, write_file as _write_file
+from megatrain_lightning import schedule as S
+from megatrain_lightning.storage import ownership
+from megatrain_lightning.storage.host_memory import pinned_empty
+from megatrain_lightning.storage.state_files import DriveError, read_file as _read_file, write_file as _write_file
 
 
 ALIGN = 4096  # the copy region starts on a page (and O_DIRECT-sized) boundary

@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.nvme import TilePool, working_dirs
-from megatrain_lightning.state_files import DriveError, read_file, write_file
+from megatrain_lightning.storage.nvme import TilePool, working_dirs
+from megatrain_lightning.storage.state_files import DriveError, read_file, write_file
 
 
 class BlockInputFiles:

@@ -15,10 +15,15 @@ cannot be located.
 from __future__ import annotations
 
 import json
+from array import array
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from megatrain_lightning.data.loading import require_file
+from megatrain_lightning.data.packed import PackedDataModule, records, token_array
 from megatrain_lightning.errors import UserError
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -164,3 +169,30 @@ def encode(tokenizer, template: ChatTemplate, messages: list[dict[str, str]], wh
     enc = tokenizer.encode(text, add_special_tokens=False)
     mask = [int(any(lo <= start < hi for lo, hi in spans)) for start, _ in enc.offsets]
     return enc.ids, mask
+
+
+class ChatDataModule(PackedDataModule):
+    """JSON lines of conversations (`messages`, ShareGPT `conversations` or Alpaca `instruction`/`output`, chat.py),
+    rendered with the model's chat template and trained on the assistant's turns only. Conversations are packed back
+    to back like the other token data: attention is causal over the window, so a conversation's tokens may attend to
+    the end of the one before it; labels exist only inside assistant turns."""
+
+    def __init__(self, path: str | Path, tokenizer: str | Path, chat_template: str | Path | None = None,
+                 seq_len: int = 2048, micro_batch: int = 1, val_fraction: float = 0.01, seed: int = 0,
+                 vocab_size: int | None = None, num_workers: int = 0) -> None:
+        super().__init__(seq_len, micro_batch, val_fraction, seed, vocab_size, num_workers)
+        self.path, self.tokenizer_path = Path(path), Path(tokenizer)
+        # default: the tokenizer_config.json beside the tokenizer.json (a Hugging Face model directory)
+        self.template_path = Path(chat_template) if chat_template else self.tokenizer_path.parent / "tokenizer_config.json"
+
+    def _tokens(self) -> tuple[np.ndarray, np.ndarray]:
+        tok = self._tokenizer()
+        template = ChatTemplate.from_config(self.template_path)
+        path = require_file(self.path, "data file")
+        tokens, mask = array("I"), array("B")
+        for lineno, record in records(path):
+            where = f"{path}:{lineno}"
+            ids, trained = encode(tok, template, to_messages(record, where), where)
+            tokens.extend(ids)
+            mask.extend(trained)
+        return token_array(tokens, tok), np.frombuffer(mask, dtype=np.uint8)

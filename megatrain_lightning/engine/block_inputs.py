@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.block_input_files import BlockInputFiles
-from megatrain_lightning.lanes import Lanes
-from megatrain_lightning.store import available_ram_bytes, pinned_empty
+from megatrain_lightning.storage.block_input_files import BlockInputFiles
+from megatrain_lightning.engine.lanes import Lanes
+from megatrain_lightning.storage.store import available_ram_bytes, pinned_empty
 
 log = logging.getLogger(__name__)
 

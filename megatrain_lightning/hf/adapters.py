@@ -11,7 +11,7 @@ from typing import Callable
 
 from torch import nn
 
-from megatrain_lightning.model import Trunk
+from megatrain_lightning.models.llama import Trunk
 
 # model_type -> the attribute of the base model holding the decoder layers
 ARCHITECTURES = {"llama": "layers", "mistral": "layers", "qwen2": "layers", "qwen3": "layers", "mixtral": "layers",

@@ -13,8 +13,8 @@ from torchmetrics.aggregation import MeanMetric
 
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.loss import linear_cross_entropy
-from megatrain_lightning.model import Llama
+from megatrain_lightning.models.loss import linear_cross_entropy
+from megatrain_lightning.models.llama import Llama
 
 
 class CausalLM(L.LightningModule):
@@ -43,7 +43,7 @@ class CausalLM(L.LightningModule):
         if not Path(checkpoint_path).is_dir():
             return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
                                                 hparams_file=hparams_file, strict=strict, **kwargs)
-        from megatrain_lightning import checkpoint as ckpt
+        from megatrain_lightning.checkpointing import directories as ckpt
 
         path = ckpt.resolve(checkpoint_path)
         meta = ckpt.load_meta(path)

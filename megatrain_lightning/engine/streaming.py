@@ -22,12 +22,12 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning import surgery
-from megatrain_lightning.grad_shipping import GradShipper
-from megatrain_lightning.host_checkpoints import HostCheckpoints
-from megatrain_lightning.lanes import Lanes
-from megatrain_lightning.store import HostStore
-from megatrain_lightning.sweep import Sweep, add_fp32
+from megatrain_lightning.models import surgery
+from megatrain_lightning.engine.grad_shipping import GradShipper
+from megatrain_lightning.engine.block_inputs import HostCheckpoints
+from megatrain_lightning.engine.lanes import Lanes
+from megatrain_lightning.storage.store import HostStore
+from megatrain_lightning.engine.sweep import Sweep, add_fp32
 
 class _Slot:
     """A device buffer that holds one layer's weights (and their compute-dtype cast when the fp32 master streams)."""

@@ -12,7 +12,7 @@ from typing_extensions import override
 
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.lm import CausalLM
+from megatrain_lightning.models.lm import CausalLM
 
 
 def transformers_module():

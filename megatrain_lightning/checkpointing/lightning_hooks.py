@@ -11,8 +11,8 @@ import torch
 from torch import nn
 from typing_extensions import override
 
-from megatrain_lightning import checkpoint as ckpt
-from megatrain_lightning.data_parallel import DataParallelBase
+from megatrain_lightning.checkpointing import directories as ckpt
+from megatrain_lightning.parallel.data_parallel import DataParallelBase
 from megatrain_lightning.errors import UserError
 
 

@@ -22,8 +22,8 @@ from torch.optim.adam import adam
 
 from megatrain_lightning import schedule as S
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.nvme import pieces as nvme_pieces
-from megatrain_lightning.store import HostStore
+from megatrain_lightning.storage.nvme import pieces as nvme_pieces
+from megatrain_lightning.storage.store import HostStore
 
 SUPPORTED = (torch.optim.AdamW, torch.optim.Adam)
 

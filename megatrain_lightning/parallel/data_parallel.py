@@ -22,7 +22,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.ranks import Ranks
+from megatrain_lightning.parallel.ranks import Ranks
 
 
 log = logging.getLogger(__name__)
