@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from megatrain_lightning import MegatrainStrategy
 from megatrain_lightning.config import Config
+from megatrain_lightning.options import DEFAULT_NVME_DIR
 from megatrain_lightning.models.lm import CausalLM
 
 
@@ -206,7 +207,7 @@ def main() -> None:
     ap.add_argument("--stream", default="auto", choices=["auto", "copy", "master"])
     ap.add_argument("--storage", default="ram", choices=["ram", "nvme"])
     ap.add_argument("--ram-budget-GiB", type=float, default=None, help="storage=nvme: RAM for per-layer fp32 state")
-    ap.add_argument("--nvme-dir", default="nvme_state")
+    ap.add_argument("--nvme-dir", default=DEFAULT_NVME_DIR)
     ap.add_argument("--device-state-GiB", type=float, default=None, help="GPU memory for kept state (default: auto)")
     ap.add_argument("--chunk-tokens", type=int, default=None, help="the batch sweep's chunk (default: auto)")
     ap.add_argument("--step-cache-GiB", type=float, default=None,

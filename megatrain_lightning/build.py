@@ -17,6 +17,7 @@ from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.config import Config
 from megatrain_lightning.data import ByteTextDataModule, ChatDataModule, JsonlDataModule, TokensDataModule
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.options import EngineOptions, OptionError
 from megatrain_lightning.models.lm import CausalLM
 from megatrain_lightning.checkpointing.preemption import SaveOnSignal
 from megatrain_lightning.strategy import PRECISIONS, MegatrainStrategy
@@ -76,11 +77,9 @@ def check(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             raise UserError(f"trainer.accelerator: {tr.accelerator} asked for, but no CUDA GPU is visible "
                             "(leave trainer=gpu out to train on the CPU)")
-    if cfg.storage.kind == "nvme":
-        dirs = cfg.storage.nvme_dir
-        dirs = [dirs] if isinstance(dirs, str) else list(dirs)  # one directory per drive: the layers stripe over them
-        if not dirs:
-            raise UserError("storage.nvme_dir: names no directory (give one, or a list with one per drive)")
+    options = engine_options(cfg.storage)
+    if options.storage == "nvme":
+        dirs = options.nvme_dir  # one directory per drive: the layers stripe over them
         if len({str(Path(d).resolve()) for d in dirs}) < len(dirs):
             raise UserError(f"storage.nvme_dir: {list(dirs)} names a directory twice")
         for d in dirs:
@@ -145,13 +144,15 @@ def datamodule(cfg: DictConfig, config: Config, seed: int) -> L.LightningDataMod
 
 
 def strategy(cfg: DictConfig, trace_dir: str | None = None, init_from: str | None = None) -> MegatrainStrategy:
-    return MegatrainStrategy(init_from=init_from, checkpoint_interval=cfg.checkpoint_interval, prefetch_depth=cfg.prefetch_depth,
-                             storage=cfg.kind, stream=cfg.get("stream", "auto"),
-                             ram_budget_GiB=cfg.get("ram_budget_GiB"), nvme_dir=cfg.get("nvme_dir", "nvme_state"),
-                             compile=cfg.get("compile"), offload_checkpoints=cfg.get("offload_checkpoints"),
-                             device_state_GiB=cfg.get("device_state_GiB"), chunk_tokens=cfg.get("chunk_tokens"),
-                             step_cache_GiB=cfg.get("step_cache_GiB"),
-                             replicate_nodes=cfg.get("replicate_nodes", False), trace_dir=trace_dir)
+    """The strategy of conf/storage (`cfg`): its fields are the engine's options (options.EngineOptions)."""
+    return MegatrainStrategy(engine_options(cfg), init_from=init_from, trace_dir=trace_dir)
+
+
+def engine_options(cfg: DictConfig) -> EngineOptions:
+    try:
+        return EngineOptions.from_conf(OmegaConf.to_container(cfg, resolve=True))
+    except OptionError as e:
+        raise UserError(f"{e.conf_field}: {e.detail}") from None
 
 
 class _Bar(TQDMProgressBar):

@@ -17,6 +17,7 @@ from megatrain_lightning import hf, placement
 from megatrain_lightning.hf import adapters
 from megatrain_lightning.models import surgery
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.options import resolve_stream
 from megatrain_lightning.models.llama import Trunk
 from megatrain_lightning.parallel.ranks import Ranks
 from megatrain_lightning.storage.store import HostStore, Layout
@@ -63,7 +64,7 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
     layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs],
                           frozen={name for name, owners in refs if not owners[0][2].requires_grad}))
     names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
-    streamed = placement.resolve_stream(storage, stream, dtype)
+    streamed = resolve_stream(storage, stream, fp32=dtype == torch.float32)
     ranks = Ranks.from_sizes([4 * lay.tile_numel for lay in layouts], world, rank, device, ranks_per_node,
                              replicate_nodes)
     nvme_units = placement.nvme_units(layouts, dtype, ram_budget_GiB, ranks.owners, rank, ranks_per_node) \

@@ -17,17 +17,6 @@ from megatrain_lightning.storage.store import HostStore, Layout, available_ram_b
 log = logging.getLogger(__name__)
 
 
-def resolve_stream(storage: str, stream: str, dtype: torch.dtype) -> str:
-    """stream="auto": with every layer in RAM the fp32 master streams and the device casts it (the host's per-layer
-    update is then only AdamW, which is what bounds an overlapped step; PCIe has room for the doubled bytes, and RAM
-    saves the copy). storage=nvme streams the compute-dtype copy (the masters of file-backed layers are on disk)."""
-    if storage == "nvme":
-        if stream == "master" and dtype != torch.float32:
-            raise UserError("storage='nvme' streams the compute-dtype copy kept in RAM; use stream='copy' or 'auto'")
-        return "copy"
-    return "master" if stream == "auto" else stream
-
-
 def nvme_terms(layouts: list[Layout], dtype: torch.dtype) -> tuple[list[int], int, int]:
     """The placement rule's inputs (schedule.nvme_layers): each trunk layer's RAM bytes in RAM (fp32 tile, and the
     streamed copy when there is one: in fp32 the master itself streams), the resident unit's, and the file-backed
@@ -90,7 +79,7 @@ def _free_GiB(device: torch.device, share: float) -> float:
 def device_states(store: HostStore, device: torch.device, budget_GiB: float | None, hooks: bool) -> DeviceStates | None:
     """The units whose [master | m | v | grad] the device keeps within `budget_GiB` (None: 40% of what is free),
     by schedule.device_units; none when a hook can read gradients (`hooks`)."""
-    budget = _free_GiB(device, 0.4) if budget_GiB is None else budget_GiB
+    budget = _free_GiB(device, S.AUTO_DEVICE_SHARE) if budget_GiB is None else budget_GiB
     if budget > 0 and hooks:
         log.info("device_state_GiB: a hook reads gradients (on_before_optimizer_step, configure_gradient_clipping "
                  "or optimizer_step): every update runs on the host")
@@ -111,13 +100,13 @@ def device_states(store: HostStore, device: torch.device, budget_GiB: float | No
 def step_cache(store: HostStore, device: torch.device, budget_GiB: float | None, accumulate: int,
                kept: set[int]) -> StepCache | None:
     """With accumulation, the units (not `kept` whole) whose weights and fp32 gradient sums stay on the device for a
-    step within `budget_GiB` (None: schedule.DEVICE_GRADS_SHARE of what is free): their later loads cost no H2D, their
+    step within `budget_GiB` (None: schedule.AUTO_DEVICE_SHARE of what is free): their later loads cost no H2D, their
     later micro-batches no D2H and no host add. With several ranks every rank caches the same units, its own and
     the others' (a cached load is then no broadcast on any rank, and a sum is reduced once a step): within the
     smallest rank's budget, none that a rank keeps whole."""
     if accumulate < 2:
         return None
-    budget = _free_GiB(device, S.DEVICE_GRADS_SHARE) if budget_GiB is None else budget_GiB
+    budget = _free_GiB(device, S.AUTO_DEVICE_SHARE) if budget_GiB is None else budget_GiB
     if store.ranks.multi:
         shared = store.ranks.gather((budget, sorted(kept)))
         budget, kept = min(b for b, _ in shared), set().union(*(set(k) for _, k in shared))

@@ -105,10 +105,11 @@ def nvme_floor(fixed_ram: float) -> float:
 DEVICE_STATE_BYTES = 16
 WRITE_THROUGH_BYTES = 12
 # Device bytes per trained parameter of a gradient sum kept on the device for a step (device_state.StepCache; its
-# weights add the compute dtype's bytes), and the share of the device memory free once the engine and the kept state
-# are built that the step cache may take (auto)
+# weights add the compute dtype's bytes)
 DEVICE_GRAD_BYTES = 4
-DEVICE_GRADS_SHARE = 0.4
+# device_state_GiB and step_cache_GiB left to None (auto) take this share of the device memory then free: the kept
+# state of what the engine leaves, the step cache of what the kept state leaves (placement.py; the planner alike)
+AUTO_DEVICE_SHARE = 0.4
 
 
 def device_units(unit_bytes: list[float], budget_bytes: float, skip: tuple[int, ...] | set[int] = ()) -> list[int]:

@@ -14,7 +14,7 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Generator, Sequence
+from typing import Any, Callable, Generator
 
 import lightning.pytorch as pl
 import torch
@@ -27,7 +27,7 @@ from typing_extensions import override
 
 from megatrain_lightning.hf import adapters
 from megatrain_lightning import model_store
-from megatrain_lightning import options
+from megatrain_lightning.options import EngineOptions
 from megatrain_lightning import placement
 from megatrain_lightning import schedule as S
 from megatrain_lightning.models import surgery
@@ -52,29 +52,20 @@ class MegatrainStrategy(StoreCheckpoints):
 
     def __init__(
         self,
-        checkpoint_interval: int = 1,
-        prefetch_depth: int = 2,
-        storage: str = "ram",
-        stream: str = "auto",
-        ram_budget_GiB: float | None = None,
-        nvme_dir: str | Path | Sequence[str | Path] = "nvme_state",
+        options: EngineOptions | None = None,
+        *,
         init_from: str | Path | None = None,
-        compile: bool | None = None,
-        offload_checkpoints: bool | str | None = None,
-        device_state_GiB: float | None = None,
-        chunk_tokens: int | None = None,
-        step_cache_GiB: float | None = None,
-        replicate_nodes: bool = False,
         device: _DEVICE | None = None,
         trace_dir: str | Path | None = None,
         trace_step: int = 2,
         **kwargs: Any,
     ) -> None:
-        # checked here so a bad value fails when the Trainer is built, not minutes into a run
-        options.check(checkpoint_interval=checkpoint_interval, prefetch_depth=prefetch_depth, storage=storage,
-                      stream=stream, ram_budget_GiB=ram_budget_GiB, compile=compile,
-                      offload_checkpoints=offload_checkpoints, device_state_GiB=device_state_GiB,
-                      chunk_tokens=chunk_tokens, step_cache_GiB=step_cache_GiB, replicate_nodes=replicate_nodes)
+        """`options`, or its fields as keywords (`MegatrainStrategy(storage="nvme", device_state_GiB=0)`): the
+        engine's options (options.EngineOptions: each field's default and meaning), checked here so that a bad value
+        fails when the Trainer is built, not minutes into a run. `init_from`: a Hugging Face checkpoint directory the
+        weights come from. Other keywords are Lightning's."""
+        given = {k: kwargs.pop(k) for k in list(kwargs) if k in EngineOptions.names()}
+        self.options = (options or EngineOptions()).with_values(**given)
         if device is not None:
             device = torch.device(device)
             if device.type == "cuda" and device.index is None:
@@ -83,28 +74,7 @@ class MegatrainStrategy(StoreCheckpoints):
         self._root_device = device if device is not None else torch.device("cpu")
         self._device_given = device is not None
         self.num_nodes = 1  # Lightning's connector fills in its choice, and that of parallel_devices
-        self.checkpoint_interval, self.prefetch_depth, self.storage = checkpoint_interval, prefetch_depth, storage
-        self.stream = stream
-        self.ram_budget_GiB = ram_budget_GiB
-        # one directory, or one per drive (the file-backed layers stripe over them)
-        self.nvme_dir = Path(nvme_dir) if isinstance(nvme_dir, (str, Path)) else [Path(d) for d in nvme_dir]
         self.init_from = Path(init_from) if init_from is not None else None  # a Hugging Face checkpoint directory
-        # None: on for a CUDA device (blocks compiled with torch.compile; block inputs kept in host memory so that
-        # device memory does not grow with depth, while the RAM left has room for them), off on the CPU
-        self.compile, self.offload_checkpoints = compile, offload_checkpoints
-        # device memory for the optimizer state of the first units (device_state.py); None: 40% of what is free on
-        # a CUDA device once the engine is built, none on the CPU
-        self.device_state_GiB = device_state_GiB
-        # the batch sweep: tokens per chunk of whole sequences that a layer runs at a time (engine.py); None: as many
-        # as half of the free device memory holds (schedule.chunk_sequences), the whole batch on the CPU
-        self.chunk_tokens = chunk_tokens
-        # with accumulate_grad_batches > 1: device memory for the weights and fp32 gradient sums that units whose state
-        # is on the host keep for a step (device_state.StepCache); None: 40% of what is free once the kept state is
-        # built, none on the CPU
-        self.step_cache_GiB = step_cache_GiB
-        # several nodes: each holds the whole state, dealt among its ranks, and only gradients cross the network
-        # (ranks.py); else the units are dealt over every rank of every node
-        self.replicate_nodes = replicate_nodes
         self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
         self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
         self.tracer = StepTracer(trace_dir, trace_step)  # one step's timeline, when trace_dir is given
@@ -176,20 +146,19 @@ class MegatrainStrategy(StoreCheckpoints):
     def _build(self) -> None:
         module = self.lightning_module
         device, dtype = self.root_device, self.compute_dtype
-        built = model_store.build(module, dtype, pin=device.type == "cuda", storage=self.storage, stream=self.stream,
-                                  ram_budget_GiB=self.ram_budget_GiB, nvme_dir=self.nvme_dir,
+        opts = self.options
+        built = model_store.build(module, dtype, pin=device.type == "cuda", storage=opts.storage, stream=opts.stream,
+                                  ram_budget_GiB=opts.ram_budget_GiB, nvme_dir=[Path(d) for d in opts.nvme_dir],
                                   init_from=self.init_from, world=self.world_size, rank=self.global_rank,
                                   device=device, ranks_per_node=self.num_processes,
-                                  replicate_nodes=self.replicate_nodes)
+                                  replicate_nodes=opts.replicate_nodes)
         store, trunk, refs = built.store, built.trunk, built.refs
         self._trunk_prefix = built.prefix + "."
         self._aliases.update(built.aliases)
         self._param_names.update(built.param_names)
-        self.agree(store.ranks, dict(
-            checkpoint_interval=self.checkpoint_interval, prefetch_depth=self.prefetch_depth, storage=self.storage,
-            stream=self.stream, ram_budget_GiB=self.ram_budget_GiB, compile=self.compile,
-            offload_checkpoints=self.offload_checkpoints, precision=str(dtype), replicate_nodes=self.replicate_nodes,
-            model=hashlib.sha1(repr([u.layout.signature for u in store.units]).encode()).hexdigest()[:16]))
+        # every rank must run the same collectives in the same order: the options that shape them, and the model
+        self.agree(store.ranks, dict(opts.agreed(), precision=str(dtype), model=hashlib.sha1(
+            repr([u.layout.signature for u in store.units]).encode()).hexdigest()[:16]))
         self.resident = ResidentCopy(store, refs, dtype, device)
         self._param_names.update(self.resident.names)
         self.store = store
@@ -197,15 +166,13 @@ class MegatrainStrategy(StoreCheckpoints):
         for m in module.modules():  # module.state_dict() then holds the trained weights (`_state_dict_from_store`)
             m.register_state_dict_post_hook(hook)
         cuda, layer_list = device.type == "cuda", isinstance(trunk, adapters.LayerList)
-        self.engine = StreamingEngine(store, list(trunk), device, self.checkpoint_interval, self.prefetch_depth,
+        self.engine = StreamingEngine(store, list(trunk), device, opts.checkpoint_interval, opts.prefetch_depth,
                                       # a transformers model's layers: eager unless asked (each layer is its own
                                       # template, past torch.compile's recompile limit)
-                                      compile=(cuda and not layer_list) if self.compile is None else self.compile,
-                                      offload_checkpoints=self.offload_checkpoints,
-                                      chunk_tokens=self.chunk_tokens,
+                                      compile=(cuda and not layer_list) if opts.compile is None else opts.compile,
+                                      offload_checkpoints=opts.offload_checkpoints, chunk_tokens=opts.chunk_tokens,
                                       per_sample_extras=trunk.per_sample_extras,
-                                      block_input_dirs=(([self.nvme_dir] if isinstance(self.nvme_dir, Path)
-                                                         else self.nvme_dir) if self.storage == "nvme" else ()))
+                                      block_input_dirs=opts.nvme_dir if opts.storage == "nvme" else ())
         trunk.engine = self.engine
         if layer_list:  # the model's own forward calls each layer
             trunk.calls = LayerCalls(self.engine)
@@ -224,7 +191,7 @@ class MegatrainStrategy(StoreCheckpoints):
         updater; none while a hook can read or change gradients (those of kept units are only on the device)."""
         states = self.engine.device_states
         if states is None:
-            states = placement.device_states(self.store, self.root_device, self.device_state_GiB,
+            states = placement.device_states(self.store, self.root_device, self.options.device_state_GiB,
                                              hooks=self._gradient_hooks())
             if states is None:
                 return
@@ -234,7 +201,7 @@ class MegatrainStrategy(StoreCheckpoints):
     def _keep_step_cache(self, accumulate: int) -> None:
         if self.engine.step_cache is None:
             kept = self.engine.device_states.units if self.engine.device_states is not None else set()
-            self.engine.step_cache = placement.step_cache(self.store, self.root_device, self.step_cache_GiB,
+            self.engine.step_cache = placement.step_cache(self.store, self.root_device, self.options.step_cache_GiB,
                                                           accumulate, kept)
 
     # ---- the training step ----
@@ -379,8 +346,8 @@ class MegatrainStrategy(StoreCheckpoints):
 
     def _trace_meta(self) -> dict:
         return dict(device=str(self.root_device), compute_dtype=str(self.compute_dtype),
-                    n_layers=self.engine.plan.n_layers, checkpoint_interval=self.checkpoint_interval,
-                    prefetch_depth=self.prefetch_depth, n_params=self.store.n_params, stream=self.store.stream,
+                    n_layers=self.engine.plan.n_layers, checkpoint_interval=self.options.checkpoint_interval,
+                    prefetch_depth=self.options.prefetch_depth, n_params=self.store.n_params, stream=self.store.stream,
                     device_units=sorted(self.engine.device_states.units) if self.engine.device_states else [])
 
     @override

@@ -23,7 +23,7 @@ from planner.errors import PlanError
 from planner.hardware import Hardware, detect_gpu, disk_free_TB, host_ram_GiB, preset_for_gpu
 from planner.plan import Answer, plan
 from planner.report import as_dict, plot, text
-from planner.shared import Config
+from planner.shared import Config, EngineOptions, OptionError
 from planner.workload import Workload
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -132,8 +132,7 @@ def hardware(cfg: dict[str, Any]) -> Hardware:
         if gpu:
             base["gpu"], base["hbm_GiB"] = gpu[0], round(gpu[1], 1)
         base["host_ram_GiB"] = round(host_ram_GiB(), 1)
-        dirs = cfg["storage"].get("nvme_dir") or "."
-        dirs = [str(d) for d in dirs] if isinstance(dirs, list) else [str(dirs)]
+        dirs = engine_options(cfg).nvme_dir
         base["nvme_drives"] = len(dirs)  # one directory per drive
         if cfg["storage"]["kind"] == "nvme":
             for d in dirs:
@@ -161,22 +160,24 @@ def _check_nvme_dir(d: str) -> None:
                                             f"({usage.total / 1e6:.3g} MB): no room for the file-backed state")
 
 
+def engine_options(cfg: dict[str, Any]) -> EngineOptions:
+    """conf/storage as the engine's options: the strategy's defaults and checks (options.py)."""
+    try:
+        return EngineOptions.from_conf(cfg["storage"])
+    except OptionError as e:
+        raise PlanError(e.conf_field, e.detail) from None
+
+
 def workload(cfg: dict[str, Any]) -> Workload:
     try:
         model = Config.from_dict(cfg["model"])
     except ValueError as e:
         raise PlanError("model", str(e)) from None
-    st, tr, data = cfg["storage"], cfg["trainer"], cfg["data"]
-    return Workload(model, seq_len=data["seq_len"], micro_batch=data["micro_batch"],
-                    accumulate=tr.get("accumulate_grad_batches", 1), precision=tr.get("precision", "bf16-mixed"),
-                    checkpoint_interval=st["checkpoint_interval"], prefetch_depth=st["prefetch_depth"],
-                    storage=st["kind"], stream=st.get("stream", "auto"), ram_budget_GiB=st.get("ram_budget_GiB"),
-                    clip=bool(tr.get("gradient_clip_val")),
-                    offload_checkpoints=st.get("offload_checkpoints"), compile=st.get("compile"),
-                    device_state_GiB=st.get("device_state_GiB", 0.0), chunk_tokens=st.get("chunk_tokens"),
-                    step_cache_GiB=st.get("step_cache_GiB", 0.0),
-                    ranks=tr.get("devices", 1) * tr.get("num_nodes", 1), nodes=tr.get("num_nodes", 1),
-                    replicate_nodes=bool(st.get("replicate_nodes", False)))
+    tr, data = cfg["trainer"], cfg["data"]
+    return Workload.of(model, engine_options(cfg), seq_len=data["seq_len"], micro_batch=data["micro_batch"],
+                       accumulate=tr.get("accumulate_grad_batches", 1), precision=tr.get("precision", "bf16-mixed"),
+                       clip=bool(tr.get("gradient_clip_val")), ranks=tr.get("devices", 1) * tr.get("num_nodes", 1),
+                       nodes=tr.get("num_nodes", 1))
 
 
 def check(cfg: dict[str, Any], advise: bool = True) -> Answer:

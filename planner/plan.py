@@ -7,7 +7,8 @@ import math
 
 from dataclasses import dataclass, field, replace
 
-from planner.shared import schedule as S
+from planner.shared import OptionError, schedule as S
+from planner.shared import options as _options
 from planner.errors import PlanError
 from planner.hardware import Hardware
 from planner.simulate import simulate
@@ -103,7 +104,7 @@ def _keep_grads(hw: Hardware, wl: Workload) -> Workload:
         return replace(wl, cached=())
     budget = wl.step_cache_GiB
     if budget is None:
-        budget = S.DEVICE_GRADS_SHARE * _gpu_free_bytes(hw, replace(wl, cached=())) / GiB
+        budget = S.AUTO_DEVICE_SHARE * _gpu_free_bytes(hw, replace(wl, cached=())) / GiB
     need = [wl.cache_unit_bytes(i) for i in range(wl.n_layers + 1)]
     return replace(wl, cached=tuple(S.device_units(need, budget * GiB, skip=set(wl.kept))))
 
@@ -128,7 +129,7 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
     budget = wl.device_state_GiB
     if budget is None:
         free = hw.hbm_GiB * GiB - hw.gpu_reserved_GiB * GiB - wl.resident_bytes - wl.n_slots * wl.slot_bytes
-        budget = 0.4 * max(free, 0) / GiB
+        budget = S.AUTO_DEVICE_SHARE * max(free, 0) / GiB
     numels = [wl.model.layer_params] * wl.n_layers + [wl.model.embedding_params]
     kept = set()
     for r in range(wl.ranks):  # each rank's GPU keeps units it owns (placement.device_states)
@@ -153,11 +154,11 @@ def _offload_when_room(hw: Hardware, wl: Workload) -> Workload:
 
 
 def _place_state(hw: Hardware, wl: Workload) -> Workload:
+    try:
+        wl = replace(wl, stream=_options.resolve_stream(wl.storage, wl.stream, fp32=wl.cb == 4))  # the engine's rule
+    except OptionError as e:
+        raise PlanError(e.conf_field, e.detail) from None
     if wl.storage == "nvme":
-        if wl.stream == "master" and wl.cb != 4:
-            raise PlanError("storage.stream", "storage=nvme streams the compute-dtype copy kept in RAM; "
-                                              "use storage.stream=copy or auto")
-        wl = replace(wl, stream="copy")
         # the engine's rule (placement.nvme_units): a layer in RAM holds its fp32 tile and streamed copy, a
         # file-backed one nothing (its file has it all); the tier's window comes on top of the budget
         # (block inputs: where _offload_when_room may send them, to the drives, their staging tiles are reserved)
@@ -180,8 +181,6 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
         # each rank's first own layers to files (one rank: the first layers)
         return _keep_on_device(hw, replace(wl, nvme_layers=tuple(S.nvme_layers_of_ranks(layer_ram, fixed, share,
                                                                                          wl.owners))))
-    if wl.stream == "auto":  # the engine's rule (placement.resolve_stream): the master streams
-        wl = replace(wl, stream="master")
     return _keep_on_device(hw, wl)
 
 

@@ -1,5 +1,5 @@
-"""The engine's torch-free vocabulary: the model presets (`config.py`) and the per-layer schedule
-(`schedule.py`), loaded without running `megatrain_lightning/__init__.py`.
+"""The engine's torch-free vocabulary: the model presets (`config.py`), the per-layer schedule (`schedule.py`) and the
+engine's options (`options.py`, with `errors.py` they raise), loaded without running `megatrain_lightning/__init__.py`.
 
 Importing the package registers the Lightning strategy, which imports torch and lightning (seconds); a check
 must answer in well under two seconds, so the planner loads these two pure modules from their files, under
@@ -27,6 +27,9 @@ def _load(name: str) -> ModuleType:
     return sys.modules[full]
 
 
+errors = _load("errors")  # before options.py, which imports it
 config = _load("config")
 schedule = _load("schedule")
+options = _load("options")
 Config = config.Config
+EngineOptions, OptionError = options.EngineOptions, options.OptionError

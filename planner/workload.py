@@ -8,13 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.shared import Config
+from planner.shared import Config, EngineOptions, OptionError
 from planner.shared import schedule as S
 from planner.errors import PlanError
 
 PRECISIONS = {"bf16-mixed": 2, "32-true": 4}  # Lightning precision -> bytes of the compute dtype
-STORAGES = ("ram", "nvme")
-STREAMS = ("copy", "master", "auto")
+_ENGINE = EngineOptions()  # the engine's defaults
 STATE_BYTES = S.RAM_STATE_BYTES  # fp32 master + Adam m + Adam v + gradient buffer, per parameter
 GiB = 2**30
 
@@ -26,26 +25,27 @@ class Workload:
     micro_batch: int
     accumulate: int = 1
     precision: str = "bf16-mixed"
-    checkpoint_interval: int = 1
-    prefetch_depth: int = 2
-    storage: str = "ram"
-    stream: str = "copy"  # copy: a pinned compute-dtype copy streams; master: the fp32 master streams, cast on device
-    ram_budget_GiB: float | None = None  # storage=nvme: RAM for per-layer state (None: all the RAM left)
+    # the engine's options (megatrain_lightning/options.py: their meaning, defaults and checks; `Workload.of`)
+    checkpoint_interval: int = _ENGINE.checkpoint_interval
+    prefetch_depth: int = _ENGINE.prefetch_depth
+    storage: str = _ENGINE.storage
+    stream: str = _ENGINE.stream  # resolved by the planner (placement): "copy" or "master"
+    ram_budget_GiB: float | None = _ENGINE.ram_budget_GiB
     nvme_layers: tuple[int, ...] = ()  # the file-backed layers, set by the planner when it places layers on the SSD
     clip: bool = True  # gradient clipping: host updates wait for the whole backward (else they start as it goes)
     # block inputs: True in host memory, "disk" in files on the drives (block_input_files.py), False on the GPU;
     # None: host memory while RAM has room, else (storage=nvme) the drives (resolved by the planner)
-    offload_checkpoints: bool | str | None = True
+    offload_checkpoints: bool | str | None = _ENGINE.offload_checkpoints
     loss_chunk_tokens: int | None = 4096  # the head + loss run over this many tokens at a time (lm.py)
     # GPU memory for the state of the first units, updated on the GPU (device_state.py); None: the engine's auto,
     # 40% of the GPU memory free once the engine is built. `kept` (unit indices, the resident unit as n_layers) is
     # what the planner resolves it to.
-    device_state_GiB: float | None = 0.0
+    device_state_GiB: float | None = _ENGINE.device_state_GiB
     kept: tuple[int, ...] = ()
     # The batch sweep (engine.py): a layer runs the micro-batch in chunks of whole sequences; None: the engine's auto
     # rule (schedule.chunk_sequences, from free GPU memory). `chunk_cap` (sequences) is what the planner resolves it
     # to, before the micro-batch bounds it (0: unresolved, the whole micro-batch).
-    chunk_tokens: int | None = None
+    chunk_tokens: int | None = _ENGINE.chunk_tokens
     chunk_cap: int = 0
     # long context (one sequence per chunk and still too big): tokens of a layer's token-wise half (norm, MLP) run
     # at a time under activation checkpointing (model.Block.token_chunk); resolved by the planner, None: whole
@@ -53,12 +53,12 @@ class Workload:
     # accumulation: GPU memory for the weights and fp32 gradient sums that units whose state is on the host keep for a
     # step (device_state.StepCache); None: the engine's auto (40% of what is free once the kept state is built).
     # `cached`: the units resolved.
-    step_cache_GiB: float | None = 0.0
+    step_cache_GiB: float | None = _ENGINE.step_cache_GiB
     cached: tuple[int, ...] = ()
     # blocks through torch.compile (storage.compile); None: the engine's default, resolved by the planner: on for
     # this project's model on a GPU, off on the CPU and for transformers objects (every mixture of experts here:
     # megatrain_lightning.Llama has dense MLPs). Unresolved counts as eager.
-    compile: bool | None = None
+    compile: bool | None = _ENGINE.compile
     # data parallel (trainer.devices x trainer.num_nodes ranks, `nodes` machines): each unit's state is owned by one
     # rank (schedule.assign_units), its owner loads it and broadcasts it, its gradients are reduced to the owner; the
     # timeline is rank 0's, the host work of its node's ranks on its node's CPU, the micro-batch per rank
@@ -66,13 +66,17 @@ class Workload:
     nodes: int = 1
     # several nodes: every node holds the whole state, dealt among its ranks; only each unit's gradient crosses the
     # network (storage.replicate_nodes)
-    replicate_nodes: bool = False
+    replicate_nodes: bool = _ENGINE.replicate_nodes
+
+    @classmethod
+    def of(cls, model: Config, options: EngineOptions, **rest) -> Workload:
+        """The step of `model` under the engine's `options` (already checked), with `rest` (batch, trainer)."""
+        engine = {k: v for k, v in options.as_dict().items() if k != "nvme_dir"}  # drives: the hardware's
+        return cls(model, **engine, **rest)
 
     def __post_init__(self) -> None:
         checks = [("data.seq_len", self.seq_len, 1), ("data.micro_batch", self.micro_batch, 1),
-                  ("trainer.accumulate_grad_batches", self.accumulate, 1),
-                  ("storage.checkpoint_interval", self.checkpoint_interval, 1),
-                  ("storage.prefetch_depth", self.prefetch_depth, 1), ("trainer.devices", self.ranks, 1),
+                  ("trainer.accumulate_grad_batches", self.accumulate, 1), ("trainer.devices", self.ranks, 1),
                   ("trainer.num_nodes", self.nodes, 1)]
         for name, v, lo in checks:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
@@ -85,26 +89,11 @@ class Workload:
                                             f"{self.model.sliding_window} (attention here is full causal)")
         if self.precision not in PRECISIONS:
             raise PlanError("trainer.precision", f"must be one of {list(PRECISIONS)}, got {self.precision!r}")
-        if self.storage not in STORAGES:
-            raise PlanError("storage.kind", f"must be one of {STORAGES}, got {self.storage!r}")
-        if self.stream not in STREAMS:
-            raise PlanError("storage.stream", f"must be one of {STREAMS}, got {self.stream!r}")
-        if self.offload_checkpoints not in (None, True, False, "disk"):
-            raise PlanError("storage.offload_checkpoints", f"must be true, false, 'disk' or null, got "
-                                                           f"{self.offload_checkpoints!r}")
-        if self.offload_checkpoints == "disk" and self.storage != "nvme":
-            raise PlanError("storage.offload_checkpoints", "'disk' writes the block inputs under storage.nvme_dir: "
-                                                           "it needs storage=nvme")
-        if self.device_state_GiB is not None and self.device_state_GiB < 0:
-            raise PlanError("storage.device_state_GiB", f"must be >= 0 (or null: auto), got {self.device_state_GiB}")
-        if self.step_cache_GiB is not None and self.step_cache_GiB < 0:
-            raise PlanError("storage.step_cache_GiB", f"must be >= 0 (or null: auto), got {self.step_cache_GiB}")
-        if self.chunk_tokens is not None and (not isinstance(self.chunk_tokens, int) or isinstance(
-                self.chunk_tokens, bool) or self.chunk_tokens < 1):
-            raise PlanError("storage.chunk_tokens", f"must be an integer >= 1 (or null: auto), got "
-                                                    f"{self.chunk_tokens!r}")
-        if self.ram_budget_GiB is not None and self.ram_budget_GiB <= 0:
-            raise PlanError("storage.ram_budget_GiB", f"must be > 0, got {self.ram_budget_GiB}")
+        # the engine's options: checked once, where they are made (options.EngineOptions)
+        try:
+            EngineOptions(**{k: getattr(self, k) for k in EngineOptions.names() if k != "nvme_dir"})
+        except OptionError as e:
+            raise PlanError(e.conf_field, e.detail) from None
         if self.ranks > 1 and self.n_layers < self.ranks:
             raise PlanError("trainer.devices", f"{self.ranks} ranks share {self.model.name}'s {self.n_layers} layers: "
                                                f"use at most {self.n_layers}")

@@ -62,7 +62,7 @@ def test_a_vanished_block_input_file_stops_the_run_naming_it(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(offload_checkpoints="disk"), r"offload_checkpoints='disk' writes the block inputs under nvme_dir: it "
+    (dict(offload_checkpoints="disk"), r"offload_checkpoints 'disk' writes the block inputs under nvme_dir: it "
                                        r"needs storage='nvme'"),
     (dict(storage="nvme", offload_checkpoints="ssd"), r"offload_checkpoints must be true, false, 'disk' or null "
                                                       r"\(on for CUDA\), got 'ssd'"),

@@ -134,7 +134,7 @@ def test_every_yaml_composes_and_builds(group, option, tmp_path):
     answer = check(cfg, advise=False)  # the planner reads every group too (hardware presets included)
     assert answer.wl.model.n_params == config.n_params and answer.step_time_s > 0
     strategy = build.strategy(cfg.storage)
-    assert strategy.storage == cfg.storage.kind
+    assert strategy.options.storage == cfg.storage.kind
     lm = build.lightning_module(cfg, config)
     if config.transformers_type:  # the mixture presets train as the transformers model, from its config.json
         assert type(lm).__name__ == "HFCausalLM" and lm.hparams["hf_config"]["model_type"] == config.transformers_type

@@ -85,7 +85,7 @@ def test_cuda_compiled_blocks_track_fp32_reference():
     _, _, ref_weights = reference_run(model, batches, 5, 2, 1.0, lr=1e-3)
     losses, _, weights, strategy = megatrain_run(model, batches, 5, 2, 1.0, precision="bf16-mixed", lr=1e-3,
                                                  device="cuda")
-    assert strategy.compile is None and strategy.engine._call is not _functional  # the default: compiled on CUDA
+    assert strategy.options.compile is None and strategy.engine._call is not _functional  # the default: compiled on CUDA
     for name in ref_weights:
         assert rel_err(weights[name], ref_weights[name]) < 1e-2, name
 

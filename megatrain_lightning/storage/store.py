@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.options import DEFAULT_NVME_DIR
 from megatrain_lightning.storage.host_memory import pinned_empty, register as _register
 from megatrain_lightning.storage.nvme import NvmeTier, pieces as nvme_pieces
 from megatrain_lightning.parallel.ranks import Ranks
@@ -183,7 +184,7 @@ class HostStore:
         if on_disk:
             piece = max([hi - lo for i in on_disk
                          for lo, hi in nvme_pieces([e.numel for e in layouts[i].trainable_entries])], default=0)
-            self.nvme = NvmeTier(nvme_dir or "nvme_state",
+            self.nvme = NvmeTier(nvme_dir or DEFAULT_NVME_DIR,
                                  {i: (layouts[i].numel, layouts[i].state_numel, layouts[i].tile_numel) for i in on_disk},
                                  compute_dtype, pin, max_piece=piece)
         # full parameter name -> (unit index, entry)
