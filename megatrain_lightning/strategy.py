@@ -14,7 +14,7 @@ import logging
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Generator
+from typing import Any, Callable, Generator, Mapping
 
 import lightning.pytorch as pl
 import torch
@@ -40,6 +40,7 @@ from megatrain_lightning.storage.ownership import DirectoryLock
 from megatrain_lightning.engine.resident import EMBEDDING, REST, ResidentCopy
 from megatrain_lightning.storage.store import HostStore
 from megatrain_lightning.checkpointing.lightning_hooks import StoreCheckpoints
+from megatrain_lightning.parallel.data_parallel import DataParallelBase
 from megatrain_lightning.engine.trace import StepTracer
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("bf16-mixed", "32-true")
 
 
-class MegatrainStrategy(StoreCheckpoints):
+class MegatrainStrategy(DataParallelBase):
     strategy_name = "megatrain"
 
     def __init__(
@@ -75,7 +76,6 @@ class MegatrainStrategy(StoreCheckpoints):
         self._device_given = device is not None
         self.num_nodes = 1  # Lightning's connector fills in its choice, and that of parallel_devices
         self.init_from = Path(init_from) if init_from is not None else None  # a Hugging Face checkpoint directory
-        self._ckpt_dir: Path | None = None  # the checkpoint directory being restored
         self.nvme_log: list[dict[str, float]] = []  # storage=nvme: achieved disk rates, one entry per step
         self.tracer = StepTracer(trace_dir, trace_step)  # one step's timeline, when trace_dir is given
         self.store: HostStore | None = None
@@ -86,7 +86,7 @@ class MegatrainStrategy(StoreCheckpoints):
         self._grad_pairs: list[tuple[Tensor, Tensor]] = []
         self._trunk_prefix = ""
         self.updater: HostAdam | None = None  # the overlapped host optimizer (set up for fitting)
-        self._masters_in_state_dict = True  # off while Lightning's checkpoint takes the module's small state
+        self.checkpoints: StoreCheckpoints | None = None  # Lightning's checkpoint hooks over the store
         self._locks: list[DirectoryLock] = []  # checkpoint directories this fit writes to
 
     @property
@@ -162,8 +162,9 @@ class MegatrainStrategy(StoreCheckpoints):
         self.resident = ResidentCopy(store, refs, dtype, device)
         self._param_names.update(self.resident.names)
         self.store = store
-        hook = functools.partial(MegatrainStrategy._state_dict_from_store, self)  # a plain callable: torch marks it
-        for m in module.modules():  # module.state_dict() then holds the trained weights (`_state_dict_from_store`)
+        self.checkpoints = StoreCheckpoints(store, self._param_names, self._aliases, self.flush, self.init_from)
+        hook = functools.partial(StoreCheckpoints.state_dict_hook, self.checkpoints)  # a plain callable: torch marks it
+        for m in module.modules():  # module.state_dict() then holds the trained weights (the store's masters)
             m.register_state_dict_post_hook(hook)
         cuda, layer_list = device.type == "cuda", isinstance(trunk, adapters.LayerList)
         self.engine = StreamingEngine(store, list(trunk), device, opts.checkpoint_interval, opts.prefetch_depth,
@@ -363,6 +364,51 @@ class MegatrainStrategy(StoreCheckpoints):
         assert self.accelerator is not None
         self.accelerator.teardown()
         self.checkpoint_io.teardown()
+
+    # ---- checkpoints: Lightning's hooks, through the store (checkpointing/lightning_hooks.py) ----
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        return self.checkpoints.module_state(self.lightning_module)
+
+    @override
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        return self.checkpoints.optimizer_state(optimizer)
+
+    @override
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath: str | Path,
+                        storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError("the megatrain strategy writes checkpoint directories itself; storage_options is not "
+                            "supported")
+        self.checkpoints.save(checkpoint, filepath, self._model_config())
+
+    @override
+    def load_checkpoint(self, checkpoint_path: str | Path, weights_only: bool | None = None) -> dict[str, Any]:
+        return self.checkpoints.load(checkpoint_path, self._model_config())
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        self.checkpoints.check_restorable()
+        self.lightning_module.load_state_dict(checkpoint["state_dict"], strict=False)
+        self.engine.load_buffers()  # the blocks' buffers, as the checkpoint had them
+        if self.engine.step_cache is not None:
+            self.engine.step_cache.invalidate()
+        self._publish_weights()
+        if self.engine.device_states is not None:
+            self.engine.device_states.load()
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        self.checkpoints.restore_optimizers(self.optimizers, checkpoint["optimizer_states"])
+
+    @property
+    @override
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True  # the store exists only after setup
+
+    def _model_config(self) -> dict | None:
+        config = self.lightning_module.hparams.get("model_config")
+        return dict(config) if config else None
 
     @classmethod
     @override
