@@ -54,13 +54,10 @@ def nvme_units(layouts: list[Layout], dtype: torch.dtype, ram_budget_GiB: float 
         cb = torch.finfo(dtype).bits // 8
         staging = S.staging_numel(max(lay.numel for lay in layouts[:-1]), layouts[-1].numel) * cb
         budget = (available_ram_bytes() - 2 * 2**30) / ranks_per_node - staging - window
-    share = f" ({ram_budget_GiB:g} GiB over the node's {ranks_per_node} ranks)" if ranks_per_node > 1 and \
-        ram_budget_GiB is not None else ""
-    floor = S.nvme_floor(fixed if owners[-1] == rank else 0)
-    if floor > budget:
-        raise UserError(f"storage=nvme: the RAM budget{' of a rank' if share else ''} ({budget / 2**30:.3g} GiB{share}) "
-                        f"cannot hold even the state that stays in RAM with every layer on disk "
-                        f"({floor / 2**30:.3g} GiB: the embedding/head state)")
+    problem = S.nvme_floor_problem(S.nvme_floor(fixed if owners[-1] == rank else 0), budget, ram_budget_GiB,
+                                   ranks_per_node)
+    if problem:
+        raise UserError(f"storage.ram_budget_GiB: {problem}")
     mine = [i for i in S.nvme_layers_of_ranks(layer_ram, fixed, budget, owners) if owners[i] == rank]
     if mine:
         own = [i for i in range(len(layer_ram)) if owners[i] == rank]

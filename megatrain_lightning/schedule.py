@@ -100,6 +100,19 @@ def nvme_floor(fixed_ram: float) -> float:
     return fixed_ram
 
 
+def nvme_floor_problem(floor: float, share: float, given_GiB: float | None, ranks_per_node: int) -> str | None:
+    """What is wrong when a rank's RAM `share` (bytes) is below the `floor` (nvme_floor), for the field
+    storage.ram_budget_GiB (`given_GiB`; None: the automatic budget, all the RAM the rest of the run leaves); None
+    when it holds it. The engine (placement.nvme_units) and the planner say the same."""
+    if floor <= share:
+        return None
+    each = f" (a rank's share: {share / 2**30:.3g} GiB)" if ranks_per_node > 1 else ""
+    budget = f"{given_GiB:g} GiB{each}" if given_GiB is not None else \
+        f"the RAM the run leaves ({share / 2**30:.3g} GiB{' a rank' if ranks_per_node > 1 else ''})"
+    return (f"{budget} cannot hold even the state that stays in RAM with every layer on disk "
+            f"({floor / 2**30:.3g} GiB: the embedding/head state)")
+
+
 # Device bytes per parameter of a unit whose state is kept on the device (device_state.py): fp32 master, Adam m and
 # v, gradient. Its write-through to the host after each update moves master, m and v.
 DEVICE_STATE_BYTES = 16

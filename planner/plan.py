@@ -171,13 +171,10 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
         per_param = S.RAM_STATE_BYTES + (wl.cb if wl.cb != 4 else 0)
         layer_ram = [per_param * wl.model.layer_params] * wl.n_layers
         fixed = per_param * wl.model.embedding_params
-        floor = S.nvme_floor(fixed)
         share = budget / wl.ranks_per_node  # several ranks: the node's budget in equal shares
-        if wl.ram_budget_GiB is not None and floor > share:
-            each = f" (a rank's share: {share / GiB:.3g} GiB)" if wl.ranks_per_node > 1 else ""
-            raise PlanError("storage.ram_budget_GiB", f"{wl.ram_budget_GiB:g} GiB{each} cannot hold even the state "
-                            f"that stays in RAM with every layer on disk ({floor / GiB:.3g} GiB: the embedding/head "
-                            "state)")
+        problem = S.nvme_floor_problem(S.nvme_floor(fixed), share, wl.ram_budget_GiB, wl.ranks_per_node)
+        if problem and wl.ram_budget_GiB is not None:  # an automatic budget that short: RAM is, which the tiers say
+            raise PlanError("storage.ram_budget_GiB", problem)
         # each rank's first own layers to files (one rank: the first layers)
         return _keep_on_device(hw, replace(wl, nvme_layers=tuple(S.nvme_layers_of_ranks(layer_ram, fixed, share,
                                                                                          wl.owners))))

@@ -86,7 +86,8 @@ def test_nvme_bf16_equals_ram(data, tmp_path):
 
 
 def test_nvme_budget_too_small_is_an_error(data, tmp_path):
-    with pytest.raises(ValueError, match="RAM budget .* cannot hold even the state that stays in RAM"):
+    with pytest.raises(ValueError, match=r"storage.ram_budget_GiB: 1e-06 GiB cannot hold even the state that stays "
+                                         r"in RAM"):
         resume_run.run(data, str(tmp_path), 1, storage="nvme", ram_budget_GiB=1e-6)
 
 

@@ -239,9 +239,9 @@ def test_a_node_budget_whose_share_cannot_hold_the_embedding_state_is_named():
     layouts = [Layout([("w", (4096, 4096))]) for _ in range(4)] + [Layout([("emb", (65536, 4096))])]
     owners = assign([4 * lay.tile_numel for lay in layouts], 2)
     resident_rank = owners[-1]
-    with pytest.raises(ValueError, match=r"storage=nvme: the RAM budget of a rank \(3 GiB \(6 GiB over the node's 2 "
-                                         r"ranks\)\) cannot hold even the state that stays in RAM with every layer on "
-                                         r"disk \(4 GiB: the embedding/head state\)"):
+    with pytest.raises(ValueError, match=r"storage.ram_budget_GiB: 6 GiB \(a rank's share: 3 GiB\) cannot hold even "
+                                         r"the state that stays in RAM with every layer on disk \(4 GiB: the "
+                                         r"embedding/head state\)"):
         placement.nvme_units(layouts, torch.float32, 6.0, owners, resident_rank, ranks_per_node=2)
     # the other rank holds the layers: its share keeps them in RAM
     assert placement.nvme_units(layouts, torch.float32, 6.0, owners, 1 - resident_rank, ranks_per_node=2) == []
