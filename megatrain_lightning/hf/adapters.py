@@ -7,10 +7,13 @@ families in ARCHITECTURES, tested against Lightning's default strategy in tests/
 
 from __future__ import annotations
 
+import sys
+
 from typing import Callable
 
 from torch import nn
 
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.models.llama import Trunk
 
 # model_type -> the attribute of the base model holding the decoder layers
@@ -86,7 +89,37 @@ def initializer(module: nn.Module) -> Callable[[nn.Module], None] | None:
     model = next((m for m in module.modules() if is_transformers_model(m)), None)
     if model is None or not callable(getattr(model, "_init_weights", None)):
         return None
-    return lambda part: part.apply(model._init_weights)
+    configs = next((m.peft_config for m in module.modules() if isinstance(getattr(m, "peft_config", None), dict)), {})
+
+    def init(part: nn.Module) -> None:
+        part.apply(model._init_weights)
+        for m in part.modules():  # peft's adapter layers: their own initialization, after their base layer's
+            _adapter_init(m, configs)
+    return init
+
+
+# peft's LoRA initializations that need nothing but the adapter's own shapes (reset_lora_parameters)
+_LORA_INITS = (True, False, "gaussian")
+
+
+def _adapter_init(m: nn.Module, configs: dict) -> None:
+    """A peft adapter layer (LoRA's lora_A/lora_B) initialized as peft initializes it: A kaiming-uniform (or
+    gaussian), B zero, so the adapted model starts as its base model; the model's `_init_weights` alone would draw
+    B like any Linear and start somewhere else. Adapters whose initialization needs more (DoRA's magnitudes from
+    the base weights, PiSSA, LoftQ, IA3, ...) are refused by name rather than started wrong."""
+    peft = sys.modules.get("peft")
+    if peft is None or not isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer):
+        return
+    names = list(getattr(m, "lora_A", {}) or [])
+    for name in names or [None]:
+        init_weights = getattr(configs.get(name), "init_lora_weights", True)
+        dora = bool(getattr(m, "use_dora", {}).get(name)) if name is not None else False
+        if name is None or dora or init_weights not in _LORA_INITS or not hasattr(m, "reset_lora_parameters"):
+            what = "DoRA" if dora else f"init_lora_weights={init_weights!r}" if name is not None else type(m).__name__
+            raise UserError(f"a peft model built in configure_model (on the meta device) with {what}: its adapters' "
+                            "initialization needs the base weights or is not LoRA's; build the peft model in the "
+                            "LightningModule's __init__ instead (the strategy then takes its weights as they are)")
+        m.reset_lora_parameters(name, init_weights)
 
 
 def eager_attention_heads(module: nn.Module) -> int:

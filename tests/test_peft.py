@@ -1,0 +1,102 @@
+"""A Hugging Face `peft` model (LoRA) in a LightningModule under the megatrain strategy: built in `__init__` it
+trains like Lightning's default strategy; built in `configure_model` (on the meta device, initialized layer by
+layer) its adapters start as peft starts them (B = 0: the adapted model is its base model), not drawn like the base
+model's Linear weights; adapters whose initialization needs more are refused by name (issue #28)."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+
+from megatrain_lightning import MegatrainStrategy
+from megatrain_lightning.errors import UserError
+from tests.helpers import loader, rel_err
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+CONFIG = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+
+
+def _lora_model(seed: int = 0, **lora):
+    torch.manual_seed(seed)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).float()
+    return peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], **lora))
+
+
+class LoRAModule(L.LightningModule):
+    def __init__(self, model=None, **lora) -> None:
+        super().__init__()
+        self.lora, self.losses = lora, []
+        if model is not None:
+            self.model = model
+
+    def configure_model(self) -> None:
+        if not hasattr(self, "model"):
+            self.model = _lora_model(**self.lora)
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(input_ids=batch, labels=batch).loss
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+
+def _fit(module, strategy, batches):
+    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=len(batches), precision="32-true",
+                        gradient_clip_val=1.0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(module, train_dataloaders=loader(batches))
+    return trainer
+
+
+def test_lora_built_in_init_trains_like_the_default_strategy():
+    model = _lora_model()
+    with torch.no_grad():  # adapters that change the output from the first step (peft starts B at zero)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(5)]
+    want = LoRAModule(copy.deepcopy(model))
+    _fit(want, "auto", batches)
+    got = LoRAModule(copy.deepcopy(model))
+    trainer = _fit(got, MegatrainStrategy(), batches)
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), rtol=1e-5, atol=0)
+    masters = trainer.strategy.store.named("master")
+    trained = {n: p for n, p in want.model.named_parameters() if p.requires_grad}
+    assert len(trained) == 8
+    for name, p in trained.items():
+        assert rel_err(masters["model." + name], p.detach()) < 1e-5, name
+
+
+def test_lora_built_in_configure_model_starts_as_its_base_model():
+    """Before the fix the model's `_init_weights` drew lora_B like any Linear: the first loss was neither the base
+    model's nor anything peft would give."""
+    from megatrain_lightning import model_store
+
+    fresh = LoRAModule()
+    with torch.device("meta"):
+        fresh.configure_model()
+    built = model_store.build(fresh, torch.float32, pin=False, storage="ram", stream="auto", ram_budget_GiB=None,
+                              nvme_dir="unused", init_from=None)
+    masters = built.store.named("master")
+    b = [v for k, v in masters.items() if "lora_B" in k]
+    a = [v for k, v in masters.items() if "lora_A" in k]
+    assert len(a) == len(b) == 4
+    assert all(torch.count_nonzero(v) == 0 for v in b)
+    bound = 1 / CONFIG["hidden_size"] ** 0.5  # kaiming-uniform with a = sqrt(5), as nn.Linear and peft draw A
+    assert all(0 < v.abs().max() <= bound and v.std() > bound / 3 for v in a)
+
+
+def test_dora_built_in_configure_model_is_refused_by_name():
+    trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", devices=1, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UserError, match=r"a peft model built in configure_model \(on the meta device\) with DoRA"):
+        trainer.fit(LoRAModule(use_dora=True), train_dataloaders=loader([torch.zeros(1, 17, dtype=torch.long)]))
