@@ -100,3 +100,27 @@ def test_dora_built_in_configure_model_is_refused_by_name():
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     with pytest.raises(UserError, match=r"a peft model built in configure_model \(on the meta device\) with DoRA"):
         trainer.fit(LoRAModule(use_dora=True), train_dataloaders=loader([torch.zeros(1, 17, dtype=torch.long)]))
+
+
+def test_save_pretrained_after_fit_writes_the_trained_adapter(tmp_path):
+    """`model.save_pretrained(DIR)` after fit writes the adapter as trained (peft reads the module's state dict, which
+    holds the store's fp32 masters), and `PeftModel.from_pretrained` on the base model loads it to the same logits."""
+    model = _lora_model()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(3)]
+    module = LoRAModule(copy.deepcopy(model))
+    trainer = _fit(module, MegatrainStrategy(), batches)
+    module.model.save_pretrained(tmp_path / "adapter")
+    masters = trainer.strategy.store.named("master")
+    base = _lora_model().get_base_model()  # the same base weights (seed 0), adapters dropped
+    loaded = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    for name, p in loaded.named_parameters():
+        if "lora_" in name:
+            assert torch.equal(p.detach(), masters["model." + name]), name
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.copy_(masters["model." + name])
+        tokens = batches[0][:, :-1]
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, reference.eval()(input_ids=tokens).logits,
+                                   rtol=1e-5, atol=1e-6)
