@@ -217,20 +217,36 @@ def plan(hw: Hardware, wl: Workload, advise: bool = True) -> Answer:
 
 # ---- what to change ----
 def _smaller_budget(hw: Hardware, wl: Workload, ram: Tier) -> str:
-    """storage=nvme short of RAM: the largest storage.ram_budget_GiB with which it fits (more layers on the SSD),
-    or what RAM needs with every layer there."""
+    """storage=nvme short of RAM: the largest storage.ram_budget_GiB with which RAM holds the run (more layers on the
+    SSD; found by bisection: RAM's need falls as layers leave it), or what RAM needs with every layer there."""
     per_param = S.RAM_STATE_BYTES + (wl.cb if wl.cb != 4 else 0)
-    for n in range(wl.n_nvme_layers + 1, wl.n_layers + 1):
-        budget = per_param * (wl.model.embedding_params + (wl.n_layers - n) * wl.model.layer_params) / GiB
-        budget = math.ceil(budget * 10) / 10  # holds exactly the layers left in RAM
-        fits = plan(hw, replace(wl, ram_budget_GiB=budget), advise=False)
-        if fits.fits:
-            return (f"RAM: short by {(ram.need_bytes - ram.capacity_bytes) / GiB:.1f} GiB with {wl.n_nvme_layers} "
-                    f"layers on the SSD; storage.ram_budget_GiB={budget:g} puts "
-                    f"{fits.wl.n_nvme_layers} there and fits ({fits.step_time_s:.3g} s/step)")
-    return (f"RAM: even with every layer on the SSD, the embedding/head, the window and the block inputs need "
-            f"{ram_need(hw, replace(wl, nvme_layers=tuple(range(wl.n_layers)))) / GiB:,.0f} GiB of "
-            f"{ram.capacity_bytes / GiB:,.0f} usable")
+
+    def budget(n: int) -> float:  # holds exactly the layers left in RAM with n on the SSD
+        return math.ceil(per_param * (wl.model.embedding_params + (wl.n_layers - n) * wl.model.layer_params)
+                         / GiB * 10) / 10
+
+    def with_budget(n: int) -> Answer:
+        return plan(hw, replace(wl, ram_budget_GiB=budget(n)), advise=False)
+
+    def ram_holds(answer: Answer) -> bool:
+        return next(t for t in answer.tiers if t.name == "RAM").fits
+
+    lo, hi = wl.n_nvme_layers + 1, wl.n_layers
+    if lo > hi or not ram_holds(with_budget(hi)):
+        return (f"RAM: even with every layer on the SSD, the embedding/head, the window and the block inputs need "
+                f"{ram_need(hw, replace(wl, nvme_layers=tuple(range(wl.n_layers)))) / GiB:,.0f} GiB of "
+                f"{ram.capacity_bytes / GiB:,.0f} usable")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ram_holds(with_budget(mid)) else (mid + 1, hi)
+    answer = with_budget(lo)
+    then = f"fits ({answer.step_time_s:.3g} s/step)" if answer.fits else f"RAM holds it ({_short_tiers(answer)})"
+    return (f"RAM: short by {(ram.need_bytes - ram.capacity_bytes) / GiB:.1f} GiB with {wl.n_nvme_layers} layers on "
+            f"the SSD; storage.ram_budget_GiB={budget(lo):g} puts {answer.wl.n_nvme_layers} there and {then}")
+
+
+def _short_tiers(answer: Answer) -> str:
+    return "; ".join(f"{t.name} short" for t in answer.tiers if not t.fits) or "fits"
 
 
 def advice(a: Answer) -> list[str]:
