@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -106,7 +107,14 @@ def test_export_copies_the_tokenizer_says_the_dtype_and_replaces_only_its_own_ex
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
 
-    # ... but not once the user put a file of theirs there
+    # ... but not once the user put a folder under an exported file's name, or a file of theirs there
+    (out / "tokenizer.json").unlink()
+    (out / "tokenizer.json").mkdir()
+    (out / "tokenizer.json" / "draft.txt").write_text("mine")
+    proc = _export(str(trained / "run"), str(out), "--overwrite")
+    assert proc.returncode == 2 and "holds files an export did not write (tokenizer.json)" in proc.stderr
+    assert (out / "tokenizer.json" / "draft.txt").read_text() == "mine"
+    shutil.rmtree(out / "tokenizer.json")
     (out / "notes.txt").write_text("mine")
     before = _snapshot(out)
     proc = _export(str(trained / "run"), str(out), "--overwrite")
@@ -146,3 +154,8 @@ def test_a_save_never_replaces_a_folder_or_file_of_the_users(trained, tmp_path):
     for _ in range(2):  # an empty directory, then our own checkpoint there
         trainer.save_checkpoint(tmp_path / "empty")
         assert ckpt.is_complete(tmp_path / "empty")
+    # our checkpoint with a file of the user's put into it: refused, the file kept
+    (tmp_path / "empty" / "notes.txt").write_text("mine")
+    with pytest.raises(ckpt.CheckpointError, match="holds files a save did not write"):
+        trainer.save_checkpoint(tmp_path / "empty")
+    assert (tmp_path / "empty" / "notes.txt").read_text() == "mine"

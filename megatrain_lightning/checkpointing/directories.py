@@ -174,19 +174,20 @@ def save(path: str | Path, store: HostStore, meta: dict[str, Any], model_config:
 
 def replaceable(path: Path) -> None:
     """Raises CheckpointError unless a save may put a checkpoint at `path`: nothing is there, a link (replaced, never
-    its target), an empty directory, or a megatrain checkpoint (only what the project wrote is ever replaced)."""
+    its target), an empty directory, or a megatrain checkpoint holding only the files a save writes (only what the
+    project wrote is ever replaced)."""
     if not os.path.lexists(path) or path.is_symlink():
         return
     if path.is_dir():
-        if not any(path.iterdir()):
-            return
+        names = {p.name for p in path.iterdir()}
         try:
-            if is_complete(path) and _manifest(path):
-                return
-        except CheckpointError:
-            pass
-    raise CheckpointError(f"checkpoint {path} not saved: {path} exists and is not a megatrain checkpoint (nothing "
-                          "there was changed); save to a new path")
+            ours = {MANIFEST, META, MODEL_CONFIG} | {u["file"] for u in _manifest(path)["units"]} if names else set()
+        except (CheckpointError, KeyError, TypeError):
+            ours = set()
+        if names <= ours and all((path / n).is_file() and not (path / n).is_symlink() for n in names):
+            return
+    raise CheckpointError(f"checkpoint {path} not saved: {path} exists and is not a megatrain checkpoint, or holds "
+                          "files a save did not write (nothing there was changed); save to a new path")
 
 
 def _begin(path: Path, store: HostStore, lead: bool) -> Path | None:

@@ -78,7 +78,8 @@ def check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
         ours = set(json.loads((target / MARKER).read_text())["files"]) | {MARKER}
     except (OSError, ValueError, KeyError, TypeError):
         ours = set()
-    foreign = sorted(names - ours)
+    # an export writes plain files only: a folder or link under one of their names is the user's
+    foreign = sorted((names - ours) | {n for n in names & ours if (target / n).is_symlink() or not (target / n).is_file()})
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise UserError(f"{out}: holds files an export did not write ({shown}); --overwrite replaces only an "
