@@ -1,6 +1,6 @@
 """The engine's options in one place: each field's one default, its unit in its name, its one check.
 
-Torch-free (the planner loads it from its file, planner/shared.py): the strategy (`MegatrainStrategy(**fields)` or
+Torch-free (the planner imports it without torch): the strategy (`MegatrainStrategy(**fields)` or
 `MegatrainStrategy(EngineOptions(...))`), train.py's build and the planner's workload (both from conf/storage through
 `from_conf`), the ranks' agreement check and bench/ all take it from here. A bad value fails when the options are
 made, with one line naming the field.

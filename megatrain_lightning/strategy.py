@@ -410,8 +410,3 @@ class MegatrainStrategy(DataParallelBase):
         config = self.lightning_module.hparams.get("model_config")
         return dict(config) if config else None
 
-    @classmethod
-    @override
-    def register_strategies(cls, strategy_registry) -> None:
-        strategy_registry.register(cls.strategy_name, cls, description="Layer-streaming single-GPU training "
-                                   "with host-resident fp32 state", override=True)

@@ -7,8 +7,9 @@ import math
 
 from dataclasses import dataclass, field, replace
 
-from planner.shared import OptionError, schedule as S
-from planner.shared import options as _options
+from megatrain_lightning import schedule as S
+from megatrain_lightning.options import OptionError
+from megatrain_lightning import options as _options
 from planner.errors import PlanError
 from planner.hardware import Hardware
 from planner.simulate import simulate

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from planner.plan import Answer, lane_words
-from planner.shared import schedule as S
+from megatrain_lightning import schedule as S
 from planner.workload import GiB
 
 LANE_TITLES = {S.COMPUTE: "GPU compute", S.H2D: "H2D", S.D2H: "D2H", S.CPU: "CPU (optimizer)",

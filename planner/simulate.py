@@ -8,7 +8,7 @@ and stalls are what this produces, not inputs; memory per tier comes from the sa
 
 from __future__ import annotations
 
-from planner.shared import schedule as S
+from megatrain_lightning import schedule as S
 from planner.hardware import Hardware
 from planner.timeline import Span, Timeline
 from planner.workload import Workload

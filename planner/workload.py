@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from planner.shared import Config, EngineOptions, OptionError
-from planner.shared import schedule as S
+from megatrain_lightning.config import Config
+from megatrain_lightning.options import EngineOptions, OptionError
+from megatrain_lightning import schedule as S
 from planner.errors import PlanError
 
 PRECISIONS = {"bf16-mixed": 2, "32-true": 4}  # Lightning precision -> bytes of the compute dtype

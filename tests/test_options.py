@@ -15,7 +15,7 @@ from planner.check import CONF, compose, engine_options, workload
 from planner.errors import PlanError
 from planner.plan import place
 from planner.hardware import Hardware
-from planner.shared import Config
+from megatrain_lightning.config import Config
 from planner.workload import Workload
 
 OVERRIDES = [[], ["storage=nvme"], ["storage.checkpoint_interval=2", "storage.stream=copy", "storage.compile=false"],

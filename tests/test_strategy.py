@@ -33,6 +33,23 @@ def test_strategy_resolves_by_name():
     assert trainer.strategy.root_device == torch.device("cpu")
 
 
+
+@pytest.mark.parametrize("first", ["megatrain_lightning", "lightning"])
+def test_the_name_resolves_whichever_package_is_imported_first(first):
+    """Importing the package loads neither torch nor lightning (the planner imports its torch-free modules); the
+    name is registered when Lightning's strategies load, before or after."""
+    import subprocess
+    import sys
+
+    code = (f"import sys; import {first}; "
+            "assert {'torch', 'lightning'}.isdisjoint(sys.modules) or " + repr(first) + " == 'lightning', 'torch loaded'; "
+            "import lightning as L, megatrain_lightning as M; "
+            "s = L.Trainer(strategy='megatrain', accelerator='cpu', logger=False).strategy; "
+            "assert isinstance(s, M.MegatrainStrategy), type(s); "
+            "import lightning.pytorch.strategies as m; assert type(m.__loader__).__name__ == 'SourceFileLoader'")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+
 def test_logger_progress_bar_checkpoint_and_resume(tmp_path):
     model = make_model("tiny")
     batches = make_batches(model.config, 8)
