@@ -87,6 +87,11 @@ class Prefetcher:
         self._fill()
 
 
+def _alias(view: Tensor) -> Tensor:
+    return torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage(), view.storage_offset(),
+                                                                    view.shape, view.stride())
+
+
 def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor, **kwargs) -> Tensor:
     return functional_call(template, params, (x, *extras), kwargs, strict=True)
 
@@ -304,8 +309,11 @@ class StreamingEngine:
             torch.cuda.set_rng_state(state[1], self.device)
 
     def views(self, i: int, slot: _Slot) -> dict[str, Tensor]:
+        """A layer's parameters in `slot`, each an alias with its own autograd version counter: views of one
+        buffer share one, so a layer that writes one of its tensors in place (peft's ParamWrapper re-registers the
+        weight it wraps, `set_`, on every forward) would invalidate every saved parameter of the layer."""
         layout = self.store.units[i].layout
-        return layout.views(slot.compute[:layout.numel])  # slots are sized for the largest layer
+        return {name: _alias(view) for name, view in layout.views(slot.compute[:layout.numel]).items()}
 
     def run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...],
              kwargs: dict | None = None) -> Tensor:
