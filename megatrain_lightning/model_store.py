@@ -59,12 +59,18 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
     if len(trunk) == 0:
         raise UserError(f"the Trunk {prefix!r} has no blocks")
     refs = list(surgery.param_refs(module, skip=trunk).values())  # resident: [(name, [(module, attr, parameter)])]
-    layouts = [Layout([(n, p.shape) for n, p in block.named_parameters()],
-                      frozen={n for n, p in block.named_parameters() if not p.requires_grad}) for block in trunk]
-    layouts.append(Layout([(name, owners[0][2].shape) for name, owners in refs],
-                          frozen={name for name, owners in refs if not owners[0][2].requires_grad}))
-    names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
     streamed = resolve_stream(storage, stream, fp32=dtype == torch.float32)
+
+    def layout(named: list[tuple[str, nn.Parameter]]) -> Layout:
+        # a frozen parameter already in the compute dtype (a bf16 base under LoRA) is kept in that dtype alone: an
+        # fp32 master of it would double its bytes and never change
+        frozen = {n for n, p in named if not p.requires_grad}
+        in_copy = {n for n, p in named if n in frozen and p.dtype == dtype != torch.float32}
+        return Layout([(n, p.shape) for n, p in named], frozen=frozen, in_copy=in_copy)
+
+    layouts = [layout(list(block.named_parameters())) for block in trunk]
+    layouts.append(layout([(name, owners[0][2]) for name, owners in refs]))
+    names = [f"{prefix}.{i}." for i in range(len(trunk))] + [""]
     ranks = Ranks.from_sizes([4 * lay.tile_numel for lay in layouts], world, rank, device, ranks_per_node,
                              replicate_nodes)
     nvme_units = placement.nvme_units(layouts, dtype, ram_budget_GiB, ranks.owners, rank, ranks_per_node) \

@@ -83,7 +83,9 @@ def device_states(store: HostStore, device: torch.device, budget_GiB: float | No
         budget = 0.0
     # file-backed units' state is in files (nothing to write through); other ranks keep their own units
     skip = {i for i, u in enumerate(store.units) if u.on_disk or u.remote}
-    units = S.device_units([4 * u.layout.tile_numel for u in store.units], budget * 2**30, skip=skip)
+    cb = store.compute_dtype.itemsize  # and the device copy of frozen parameters kept in the compute dtype alone
+    units = S.device_units([4 * u.layout.tile_numel + cb * (u.layout.numel - u.layout.master_numel)
+                            for u in store.units], budget * 2**30, skip=skip)
     if not units:
         return None
     states = DeviceStates(store, units, device)

@@ -54,7 +54,9 @@ def nvme_budget_GiB(model: torch.nn.Module, on_disk: int, dtype: torch.dtype = t
 
     def layout(named) -> Layout:
         named = list(named)
-        return Layout([(n, p.shape) for n, p in named], frozen={n for n, p in named if not p.requires_grad})
+        frozen = {n for n, p in named if not p.requires_grad}
+        in_copy = {n for n in frozen if dict(named)[n].dtype == dtype != torch.float32}  # as model_store keeps them
+        return Layout([(n, p.shape) for n, p in named], frozen=frozen, in_copy=in_copy)
     rest = [(name, owners[0][2]) for name, owners in surgery.param_refs(model, skip=trunk).values()]
     layouts = [layout(b.named_parameters()) for b in trunk] + [layout(rest)]
     need = placement.nvme_ram_bytes(layouts, dtype, on_disk)

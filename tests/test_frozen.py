@@ -82,6 +82,69 @@ def test_resume_with_other_parameters_frozen_is_an_error(tmp_path):
         fit(make_model("tiny"), ckpt_path=tmp_path / "ckpt")
 
 
+def _bf16_base(model, narrow: bool):
+    """The frozen parameters rounded to bf16: held as bf16 tensors (`narrow`) or as fp32 tensors of the same values."""
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16) if narrow else p.data.to(torch.bfloat16).float()
+    return model
+
+
+@pytest.mark.parametrize("where", ["ram", "ram-copy", "kept", "nvme"])
+def test_a_frozen_bf16_base_is_held_in_bf16_alone(where, tmp_path):
+    """Frozen parameters loaded in bf16 and trained in bf16-mixed have no fp32 master: 2 bytes a parameter in the
+    store, and training is bit for bit that of the same values held in fp32 (the store then keeps their master, and
+    with stream="copy" a bf16 copy too), in RAM (the master streams, or the copy), kept on the "device" and in
+    files; a checkpoint of the bf16 base resumes to the same state."""
+    base = _frozen_model()
+    kwargs = {"ram": {}, "ram-copy": dict(stream="copy"), "kept": dict(device_state_GiB=kept_budget_GiB(base.config, 2)),
+              "nvme": dict(storage="nvme", nvme_dir=tmp_path)}[where]
+    batches = make_batches(base.config, STEPS * 2)
+    runs = {}
+    for narrow in (True, False):
+        model = _bf16_base(base, narrow)
+        if where == "nvme":
+            kwargs["ram_budget_GiB"] = nvme_budget_GiB(model, 1, torch.bfloat16)
+        runs[narrow] = megatrain_run(model, batches, STEPS, 2, 1.0, precision="bf16-mixed", record_grads=False,
+                                     **kwargs)
+    (losses, _, weights, strategy), (want_losses, _, want_weights, want_strategy) = runs[True], runs[False]
+    assert losses == want_losses
+    initial = {"model." + n: p for n, p in _bf16_base(base, True).named_parameters()}
+    for name, want in want_weights.items():
+        if initial[name].requires_grad:
+            assert torch.equal(weights[name], want), name
+        else:
+            assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name], initial[name]), name
+    store, n_frozen = strategy.store, sum(p.numel() for p in base.parameters() if not p.requires_grad)
+    n = sum(p.numel() for p in base.parameters())
+    assert sum(store.units[i].layout.numel - store.units[i].layout.master_numel for i in range(len(store.units))) \
+        == n_frozen
+    if where == "nvme":
+        assert any(u.on_disk for u in store.units)
+    else:
+        tiles = sum(u.tile.nbytes for u in store.units)
+        assert tiles == 16 * (n - n_frozen)  # master, m, v, gradient of the trainable parameters only
+        if store.stream == "copy":
+            assert store.nbytes == tiles + 2 * n  # and the bf16 copy of every parameter: 2 bytes a frozen one in all
+        else:
+            assert store.nbytes == tiles + 2 * n_frozen  # the masters stream; the frozen parameters' bf16 alone
+        # the fp32 master it no longer keeps, less the bf16 bytes that are now their only copy under stream="master"
+        assert want_strategy.store.nbytes - store.nbytes == (4 if store.stream == "copy" else 2) * n_frozen
+
+    strategy.lightning_module.trainer.save_checkpoint(tmp_path / "ckpt")
+    lm = RecordingLM(base.config, model=_bf16_base(base, True), **lm_kwargs(STEPS))
+    trainer = L.Trainer(strategy=MegatrainStrategy(**kwargs), accelerator="cpu", precision="bf16-mixed",
+                        max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.fit(lm, train_dataloaders=loader(batches), ckpt_path=tmp_path / "ckpt")  # at max_steps: loads only
+    for which in ("master", "exp_avg", "exp_avg_sq"):
+        got, want = trainer.strategy.store.named(which), store.named(which)
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) and got[k].dtype == want[k].dtype for k in want), which
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 @pytest.mark.parametrize("strategy_kwargs", [dict(device_state_GiB=0.0),  # every update on the host, D2H gradients
                                              dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2)),

@@ -226,6 +226,7 @@ def _write_units(tmp: Path, path: Path, store: HostStore, meta: dict[str, Any]) 
         tensors = []
         for part, key in zip(unit.layout.split_state(state), ("", *(m + "/" for m in MOMENTS))):
             tensors += [(key + prefix + name, view) for name, view in unit.layout.views(part).items()]
+        tensors += [(prefix + name, t) for name, t in store.copy_only(i).items()]  # frozen, in their own dtype
         nbytes = write_safetensors(tmp / unit_file(i), tensors)
         out[i] = (unit_file(i), nbytes, {name: digest(t) for name, t in tensors})
     return out
@@ -434,8 +435,11 @@ def load_store(path: Path, store: HostStore, model_config: dict | None = None) -
                 for part, key in zip(unit.layout.split_state(state), ("", *(m + "/" for m in MOMENTS))):
                     for name, view in unit.layout.views(part).items():
                         view.copy_(get_verified(f, key + prefix + name, entry, file))
+                copy_only = {e.name: get_verified(f, prefix + e.name, entry, file)
+                             for e in unit.layout.copy_only_entries}
         except CheckpointError:
             raise
         except Exception as e:  # safetensors raises its own error types for damaged files
             raise CheckpointError(f"corrupted safetensors file {file}: {e}") from e
         store.write_state(i, state)
+        store.write_copy_only(i, copy_only)

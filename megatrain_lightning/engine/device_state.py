@@ -35,6 +35,10 @@ class DeviceStates:
                       for i in sorted(self.units)}  # [master | m | v | grad], like the host tile
         self._parts = {i: store.units[i].layout.split_state(t) for i, t in self.tiles.items()}
         self._grad_views = {i: store.units[i].layout.views(self._parts[i][3]) for i in self.tiles}
+        # frozen parameters kept in the compute dtype alone (no master): their device copy, made once
+        self._copy_only = {i: torch.empty(u.layout.numel - u.layout.master_numel, dtype=store.compute_dtype,
+                                          device=device) for i, u in ((i, store.units[i]) for i in sorted(self.units))
+                           if u.layout.numel > u.layout.master_numel}
         if self.cuda:
             self.d2h = torch.cuda.Stream(device)
             self.updated = torch.cuda.Event()  # the last device update finished (the compute stream)
@@ -52,7 +56,7 @@ class DeviceStates:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tiles.values())
+        return sum(t.nbytes for t in (*self.tiles.values(), *self._copy_only.values()))
 
     def parts(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Unit i's flat fp32 master, Adam m, Adam v and gradient on the device."""
@@ -61,12 +65,19 @@ class DeviceStates:
     def master(self, i: int) -> Tensor:
         return self._parts[i][0]
 
+    def copy_only(self, i: int) -> Tensor:
+        """Unit i's frozen parameters without a master, compute dtype, on the device."""
+        return self._copy_only[i]
+
     def load(self) -> None:
         """Copies [master | m | v] of every kept unit from the host store (at setup, and after the store changed)."""
         self.sync()
         for i, tile in self.tiles.items():
             n = self.store.units[i].layout.state_numel
             tile[:n].copy_(self.store.units[i].tile[:n])  # synchronous: the host tile may change next
+            if i in self._copy_only:
+                unit = self.store.units[i]
+                self._copy_only[i].copy_(unit.frozen)
 
     def land(self, i: int, grads, fresh: bool) -> None:
         """Adds (or, for a step's first micro-batch, writes) one unit's gradients (device, compute dtype, its
@@ -109,7 +120,7 @@ class DeviceStates:
         done = torch.cuda.Event(blocking=True)  # the thread sleeps in synchronize instead of spinning a core
         for i, tile in self.tiles.items():
             unit = self.store.units[i]
-            n, state = unit.layout.numel, unit.layout.state_numel
+            n, state = unit.layout.master_numel, unit.layout.state_numel
             span = trace.device_span(i, S.D2H, S.STATE, 4 * state, self.d2h) if trace else nullcontext()
             pieces = [(unit.tile[:state], tile[:state], lo) for lo in range(0, state, WRITE_CHUNK)]  # not the grad
             if unit.stream is not unit.master:  # the streamed copy too (read by a flush or a checkpoint)

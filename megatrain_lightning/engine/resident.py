@@ -25,7 +25,7 @@ class ResidentCopy:
         # never an alias of the host store, even when the device is the CPU
         self.flat = torch.empty(unit.layout.numel, dtype=dtype, device=device)  # [numel] compute dtype
         if not unit.remote:
-            self.flat.copy_(unit.stream)
+            self._copy_in(unit, non_blocking=False)
         store.ranks.broadcast_(self.flat, self.index)
         views = unit.layout.views(self.flat)
         self.names: dict[int, str] = {}  # id(parameter) -> store name
@@ -50,7 +50,7 @@ class ResidentCopy:
         parts are stale until `refresh` (several ranks: the owner broadcasts them)."""
         kept = device_states is not None and self.index in device_states
         if kept:
-            self.flat.copy_(device_states.master(self.index))
+            self.flat[:self.store.units[self.index].layout.master_numel].copy_(device_states.master(self.index))
         if not kept or self.store.ranks.multi:
             self.stale = {EMBEDDING, REST}
 
@@ -69,5 +69,10 @@ class ResidentCopy:
         """The whole copy from the store's streamed copy (after a checkpoint load, or the CPU's in-line update)."""
         unit = self.store.units[self.index]
         if not unit.remote:
-            self.flat.copy_(unit.stream, non_blocking=True)
+            self._copy_in(unit, non_blocking=True)
         self.store.ranks.broadcast_(self.flat, self.index)
+
+    def _copy_in(self, unit, non_blocking: bool) -> None:
+        m = unit.layout.master_numel
+        self.flat[:m].copy_(unit.stream, non_blocking=non_blocking)
+        self.flat[m:].copy_(unit.frozen, non_blocking=non_blocking)  # frozen parameters without a master

@@ -350,7 +350,10 @@ class StreamingEngine:
             if states is not None:  # the device keeps its state: cast the device master once its update ran (no H2D)
                 if self.cuda:
                     self.h2d.wait_event(states.updated)
-                slot.compute[:n].copy_(states.master(i))
+                m = unit.layout.master_numel
+                slot.compute[:m].copy_(states.master(i))
+                if m < n:  # frozen parameters without a master: their device copy, made once
+                    slot.compute[m:n].copy_(states.copy_only(i))
             elif cached:  # loaded earlier in this step: the weights have not changed since (no H2D)
                 slot.compute[:n].copy_(cache.weights[i])
             elif unit.on_disk:  # its compute-dtype copy, read from its file into a pinned tile
@@ -367,10 +370,14 @@ class StreamingEngine:
                     cache.weights[i].copy_(slot.compute[:n])
                     cache.valid.add(i)
             else:
-                with self.lanes.span(i, S.H2D, S.LOAD, unit.stream.nbytes, self.h2d if self.cuda else None):
-                    slot.buf[:n].copy_(unit.stream, non_blocking=self.cuda)
+                m = unit.layout.master_numel
+                nbytes = unit.stream.nbytes + unit.frozen.nbytes
+                with self.lanes.span(i, S.H2D, S.LOAD, nbytes, self.h2d if self.cuda else None):
+                    slot.buf[:m].copy_(unit.stream, non_blocking=self.cuda)
                     if slot.compute is not slot.buf:  # the fp32 master streamed: cast it here, off the compute stream
-                        slot.compute[:n].copy_(slot.buf[:n])
+                        slot.compute[:m].copy_(slot.buf[:m])
+                    if m < n:  # frozen parameters without a master: their compute-dtype copy
+                        slot.compute[m:n].copy_(unit.frozen, non_blocking=self.cuda)
                 if cache is not None:  # the rest of the step takes them from here (same stream: in order)
                     cache.weights[i].copy_(slot.compute[:n])
                     cache.valid.add(i)

@@ -99,7 +99,6 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
     if problems:
         raise ckpt.CheckpointError(f"Hugging Face checkpoint {directory} does not match the model:\n  "
                                    + "\n  ".join(problems[:50]))
-    dirty: set[int] = set()
     with contextlib.ExitStack() as stack:
         opened: dict[Path, Any] = {}
         for key, names in groups.items():
@@ -120,15 +119,4 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
                 if full in buffers:
                     buffers[full].copy_(value)
                     continue
-                i, entry = store.index[full]
-                unit = store.units[i]
-                if unit.remote:  # another rank's, in a group this rank reads for a buffer
-                    continue
-                value = value.to(torch.float32).reshape(-1)
-                if unit.on_disk:  # into the file's master and streamed copy
-                    store.nvme.store_master(i, entry.offset, value)
-                else:
-                    unit.master[entry.offset:entry.offset + entry.numel].copy_(value)
-                    dirty.add(i)
-    for i in sorted(dirty):  # the streamed copies follow the new masters
-        store.units[i].refresh_stream()
+                store.set_weight(full, value)  # nothing for another rank's unit, in a group read for a buffer

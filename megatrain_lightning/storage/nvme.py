@@ -2,9 +2,11 @@
 
 A unit's file holds (byte offsets):
 
-    [0, 4*S)              [master | adam m | adam v], fp32 (S = Layout.state_numel)
+    [0, 4*S)              [master | adam m | adam v], fp32 (S = Layout.state_numel; the master of M =
+                          Layout.master_numel elements)
     [4*S, 4*T)            the gradient, fp32, while the step still needs it (clipping, accumulation; T = tile_numel)
-    [align(4*T), +cb*N)   the compute-dtype copy the forward and the backward stream (N = Layout.numel)
+    [align(4*T), +cb*N)   the compute-dtype copy the forward and the backward stream (N = Layout.numel): its first M
+                          elements cast from the master, the rest frozen parameters kept there alone
 
 so nothing of such a layer stays in RAM between its uses: RAM holds a bounded window of reused tiles, whatever the
 depth (`nbytes`): optimizer tiles (a piece being updated, one read ahead, one written behind), pinned copy tiles for
@@ -92,6 +94,10 @@ class _Shape:
     @property
     def trainable(self) -> int:
         return self.tile - self.state
+
+    @property
+    def master(self) -> int:
+        return self.state - 2 * self.trainable
 
     @property
     def copy_offset(self) -> int:
@@ -227,7 +233,7 @@ class NvmeTier:
     def _regions(self, index: int, lo: int, hi: int) -> list[int]:
         """Byte offsets in a unit's file of the master, m, v and gradient of trainable elements [lo, hi)."""
         s = self.shapes[index]
-        return [4 * (part + lo) for part in (0, s.numel, s.numel + s.trainable, s.numel + 2 * s.trainable)]
+        return [4 * (part + lo) for part in (0, s.master, s.master + s.trainable, s.master + 2 * s.trainable)]
 
     def read(self, index: int, lo: int, hi: int) -> Future:
         """Starts reading the master, m, v and gradient of a unit's trainable elements [lo, hi) (a piece) into a
@@ -397,7 +403,21 @@ class NvmeTier:
         """Writes a unit's [master | m | v] from `state` and its streamed copy from the master."""
         self.flush()
         _write_file(self.path(index), state)
-        self._write_copy(index, state[:self.shapes[index].numel])
+        self._write_copy(index, state[:self.shapes[index].master])
+
+    def load_copy(self, index: int, start: int, numel: int) -> Tensor:
+        """`numel` elements of a unit's compute-dtype copy from element `start`."""
+        self.flush()
+        out = torch.empty(numel, dtype=self.copy_dtype)
+        _read_file(self.path(index), out, self.shapes[index].copy_offset + start * self._cb)
+        return out
+
+    def store_copy(self, index: int, start: int, values: Tensor) -> None:
+        """Writes compute-dtype `values` into a unit's copy from element `start` (frozen parameters kept there
+        alone)."""
+        self.flush()
+        _write_file(self.path(index), values.to(self.copy_dtype).contiguous(),
+                    self.shapes[index].copy_offset + start * self._cb)
 
     def load_master(self, index: int, offset: int, numel: int) -> Tensor:
         """`numel` fp32 elements of a unit's master from element `offset` (one tensor, for a state dict)."""
