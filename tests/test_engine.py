@@ -104,7 +104,7 @@ def test_locking_a_whole_tile_unlocks_its_gradient_first(monkeypatch):
 
     monkeypatch.setattr(st, "_register", fake_register)
     layout = st.Layout([("w", torch.Size([3, 5]))])
-    unit = st.Unit(layout, stream=torch.empty(15, dtype=torch.bfloat16), pin=True)
+    unit = st.Unit(layout, copy=torch.empty(15, dtype=torch.bfloat16), pin=True)
     assert calls == [("register", unit.grad.data_ptr(), unit.grad.nbytes)]
     unit.lock_tile()
     unit.lock_tile()  # once is enough

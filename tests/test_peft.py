@@ -198,3 +198,40 @@ def test_resumed_lora_run_equals_the_straight_run(tmp_path):
         assert want.keys() == got.keys() and (which == "master" or len(want) < len(straight.strategy.store.index))
         for name in want:
             assert torch.equal(got[name], want[name]), (which, name)
+
+
+def test_lora_on_a_bf16_base_trains_like_the_default_strategy_and_holds_the_base_in_bf16():
+    """The way a large model is fine-tuned: the base loaded in bf16, peft's adapters in fp32, bf16-mixed. Losses and
+    adapters as under the default strategy, and the store (measured) holds 16 bytes a trainable parameter and 2 a
+    frozen one: the base has no fp32 master."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules="all-linear"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.05)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(5)]
+
+    def fit(strategy):
+        module = LoRAModule(copy.deepcopy(model))
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=5, precision="bf16-mixed",
+                            gradient_clip_val=1.0, logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=loader(batches))
+        return module, trainer
+
+    want, _ = fit("auto")
+    got, trainer = fit(MegatrainStrategy())
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), rtol=1e-5, atol=0)
+    store = trainer.strategy.store
+    masters = store.named("master")
+    for name, p in want.model.named_parameters():
+        if p.requires_grad:
+            assert p.dtype == torch.float32 and rel_err(masters["model." + name], p.detach()) < 1e-5, name
+        else:
+            assert masters["model." + name].dtype == torch.bfloat16 and torch.equal(masters["model." + name], p), name
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert store.nbytes == 16 * n_trainable + 2 * n_frozen

@@ -50,6 +50,17 @@ def hf_prefix(names: Iterable[str]) -> str:
     raise ckpt.CheckpointError("no `model.embed_tokens.weight`: Hugging Face import and export need the Llama layout")
 
 
+ADAPTER_PARTS = ("lora_", "ia3_", "hada_", "lokr_", "oft_", "boft_", "vera_")  # peft adapters' own parameters
+
+
+def base_name(name: str) -> str | None:
+    """The name a Hugging Face checkpoint gives a parameter of a peft-adapted model (None: an adapter's own)."""
+    parts = name.split(".")
+    if any(p.startswith(ADAPTER_PARTS) for p in parts):
+        return None
+    return ".".join(p for p in parts if p != "base_layer")
+
+
 def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, str] | None = None,
                     hf_model: nn.Module | None = None, buffers: dict[str, Tensor] | None = None) -> None:
     """Copies a Hugging Face checkpoint's weights into the store's fp32 masters (Adam moments stay zero). Every
@@ -58,7 +69,11 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
     (hf_layout.py: one decoder layer's tensors at a time); None: names and layouts as in the checkpoint.
     `buffers`: the module's buffers by full name; a checkpoint's value for one is copied into it (a router's
     trained bias), the others keep what the model's initialization gave them."""
-    prefix, aliases, buffers = hf_prefix(store.index), aliases or {}, buffers or {}
+    # the checkpoint's name of each stored parameter: a peft adapter wraps a layer (`q_proj.base_layer.weight`
+    # holds the checkpoint's `q_proj.weight`); the adapter's own parameters are not in it and keep their
+    # initialization
+    index = {plain: name for name in store.index if (plain := base_name(name)) is not None}
+    prefix, aliases, buffers = hf_prefix(index), aliases or {}, buffers or {}
     files = shards(directory)
     where: dict[str, Path] = {}  # checkpoint name -> its shard
     problems = []
@@ -82,20 +97,20 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
             full = prefix + name
             if full in aliases:  # a tied weight saved twice: the store keeps one copy
                 continue
-            if full in buffers or (full in store.index and not store.units[store.index[full][0]].remote):
+            if full in buffers or (full in index and not store.units[store.index[index[full]][0]].remote):
                 needed.add(key)
             if full in buffers:
                 if tuple(t.shape) != tuple(buffers[full].shape):
                     problems.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(buffers[full].shape)}")
                 continue
-            if full not in store.index:
+            if full not in index:
                 problems.append(f"{name}: not in the model")
                 continue
-            _, entry = store.index[full]
+            _, entry = store.index[index[full]]
             if tuple(t.shape) != tuple(entry.shape):
                 problems.append(f"{name}: checkpoint {tuple(t.shape)} vs model {tuple(entry.shape)}")
             seen.add(full)
-    problems += [f"{k[len(prefix):]}: missing from the checkpoint" for k in store.index if k not in seen]
+    problems += [f"{k[len(prefix):]}: missing from the checkpoint" for k in index if k not in seen]
     if problems:
         raise ckpt.CheckpointError(f"Hugging Face checkpoint {directory} does not match the model:\n  "
                                    + "\n  ".join(problems[:50]))
@@ -119,4 +134,4 @@ def load_into_store(directory: str | Path, store: HostStore, aliases: dict[str, 
                 if full in buffers:
                     buffers[full].copy_(value)
                     continue
-                store.set_weight(full, value)  # nothing for another rank's unit, in a group read for a buffer
+                store.set_weight(index[full], value)  # nothing for another rank's unit, in a group read for a buffer
