@@ -245,6 +245,7 @@ def summary(trainer: L.Trainer, run_dir: Path, seconds: float, answer=None) -> s
 
 def lightning_module(cfg: DictConfig, config: Config) -> CausalLM:
     hp = OmegaConf.to_container(cfg.optim, resolve=True)  # plain values: hyperparameters go into checkpoints
+    hp["lora"] = OmegaConf.to_container(cfg.lora, resolve=True) if cfg.get("lora") is not None else None
     if config.transformers_type:  # a family Llama does not have: the transformers model itself
         from megatrain_lightning.hf.model import HFCausalLM, config_json
 

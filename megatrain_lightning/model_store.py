@@ -89,6 +89,7 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
             # initialization in any case, and by the checkpoint when it holds one
             unset_buffers = any(b.is_meta for b in block.buffers())
             surgery.materialize(block, initialize=init_from is None or unset_buffers, init=init)
+            adapters.init_adapters(adapters.adapter_layers(block), module)  # no base checkpoint holds them
         store.fill(i, list(block.named_parameters()))
         surgery.parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
         for n, p in block.named_parameters():
@@ -96,6 +97,9 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
 
     # the resident rest of the model: parameters outside the trunk, deduplicated (tied weights)
     meta_owners = {id(m): m for _, owners in refs for m, _, p in owners if p.is_meta}
+    inside = {id(m) for m in trunk.modules()}
+    meta_adapters = [m for m in adapters.adapter_layers(module)
+                     if id(m) not in inside and any(p.is_meta for p in m.parameters())]
     for _, owners in refs:
         p = owners[0][2]
         if p.is_meta:
@@ -108,6 +112,7 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
             raise UserError(f"cannot initialize {type(m).__name__} built on the meta device: it has no "
                             "reset_parameters()")
         m.reset_parameters()
+    adapters.init_adapters(meta_adapters, module)  # after their base layers, imported or not
     surgery.materialize_buffers(module, skip=trunk, init=init)  # e.g. rotary tables outside the layers
     store.fill(len(trunk), [(name, owners[0][0]._parameters[owners[0][1]]) for name, owners in refs])
     for name, owners in refs:

@@ -85,17 +85,27 @@ def stream_layers(module: nn.Module) -> LayerList | None:
 def initializer(module: nn.Module) -> Callable[[nn.Module], None] | None:
     """For a transformers model in `module`: initializes a freshly materialized part of it the way the model's
     own initialization does (its `_init_weights` on each submodule: linear and embedding weights, norms, experts,
-    routers, rotary tables); None when there is no transformers model."""
+    routers, rotary tables); None when there is no transformers model. peft's adapters: `init_adapters`."""
     model = next((m for m in module.modules() if is_transformers_model(m)), None)
     if model is None or not callable(getattr(model, "_init_weights", None)):
         return None
-    configs = next((m.peft_config for m in module.modules() if isinstance(getattr(m, "peft_config", None), dict)), {})
+    return lambda part: part.apply(model._init_weights)
 
-    def init(part: nn.Module) -> None:
-        part.apply(model._init_weights)
-        for m in part.modules():  # peft's adapter layers: their own initialization, after their base layer's
-            _adapter_init(m, configs)
-    return init
+
+def adapter_layers(module: nn.Module) -> list[nn.Module]:
+    """peft's adapter layers in `module` (none when peft was never imported)."""
+    peft = sys.modules.get("peft")
+    if peft is None:
+        return []
+    return [m for m in module.modules() if isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer)]
+
+
+def init_adapters(layers: list[nn.Module], module: nn.Module) -> None:
+    """Initializes peft adapter `layers` of `module` materialized from the meta device as peft does, after their
+    base layers (initialized, or to be imported: a checkpoint of the base model holds no adapter)."""
+    configs = next((m.peft_config for m in module.modules() if isinstance(getattr(m, "peft_config", None), dict)), {})
+    for m in layers:
+        _adapter_init(m, configs)
 
 
 # peft's LoRA initializations that need nothing but the adapter's own shapes (reset_lora_parameters)
@@ -107,9 +117,6 @@ def _adapter_init(m: nn.Module, configs: dict) -> None:
     gaussian), B zero, so the adapted model starts as its base model; the model's `_init_weights` alone would draw
     B like any Linear and start somewhere else. Adapters whose initialization needs more (DoRA's magnitudes from
     the base weights, PiSSA, LoftQ, IA3, ...) are refused by name rather than started wrong."""
-    peft = sys.modules.get("peft")
-    if peft is None or not isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer):
-        return
     names = list(getattr(m, "lora_A", {}) or [])
     for name in names or [None]:
         init_weights = getattr(configs.get(name), "init_lora_weights", True)

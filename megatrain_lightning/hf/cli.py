@@ -26,15 +26,17 @@ def main(argv: list[str] | None = None) -> int:
                                                       "Hugging Face checkpoint the run was imported from)")
     ex.add_argument("--overwrite", action="store_true", help="replace an earlier export in out_dir (never anything "
                                                              "else)")
+    ex.add_argument("--merge", action="store_true", help="a LoRA run: the whole model with the adapters folded into "
+                                                         "its weights (default: the adapter alone, peft's format)")
     ex.add_argument("--max-shard-GB", type=float, default=5.0)
     args = ap.parse_args(argv)
     try:
         if args.max_shard_GB <= 0:
             raise UserError(f"--max-shard-GB: must be > 0, got {args.max_shard_GB:g}")
         source = ckpt.resolve(args.checkpoint)
-        dtype, why = (args.dtype, "--dtype") if args.dtype else default_dtype(source)
+        dtype, why = (args.dtype, "--dtype") if args.dtype else default_dtype(source, args.merge)
         out = export(source, args.out_dir, dtype, args.max_shard_GB, overwrite=args.overwrite,
-                     tokenizer=args.tokenizer)
+                     tokenizer=args.tokenizer, merge=args.merge)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -24,8 +24,10 @@ from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.hf import layout as hf_layout
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
-from megatrain_lightning.hf.load import INDEX, hf_prefix
+from megatrain_lightning.hf.load import INDEX, base_name, hf_prefix
+from megatrain_lightning.models.lora import LoRA
 
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's file names
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 MARKER = ".megatrain-export.json"  # the files an export wrote: what a later --overwrite may replace
 # what transformers' AutoTokenizer and pipeline read beside the weights (generation_config.json: eos, sampling)
@@ -41,10 +43,12 @@ def imported_from(source: Path) -> Path | None:
     return Path(path) if path and Path(path).is_dir() else None
 
 
-def default_dtype(source: Path) -> tuple[str, str]:
-    """The dtype an export writes when none is asked for, and why: the imported model's own (its config.json's
-    `torch_dtype`), else bfloat16."""
+def default_dtype(source: Path, merge: bool = False) -> tuple[str, str]:
+    """The dtype an export writes when none is asked for, and why: a LoRA run's adapter its trained fp32 values;
+    a model the imported model's own (its config.json's `torch_dtype`), else bfloat16."""
     meta = ckpt.load_meta(source)
+    if LoRA.from_dict(meta.get("hyper_parameters", {}).get("lora")).enabled and not merge:
+        return "float32", "a LoRA adapter's trained values"
     configs = [meta.get("hyper_parameters", {}).get("hf_config") or {}]
     origin = imported_from(source)
     if origin is not None and (origin / "config.json").is_file():
@@ -87,16 +91,18 @@ def check_out_dir(out: Path, source: Path, overwrite: bool) -> None:
 
 
 def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | None = None, max_shard_GB: float = 5.0,
-           overwrite: bool = False, tokenizer: str | Path | None = None) -> Path:
+           overwrite: bool = False, tokenizer: str | Path | None = None, merge: bool = False) -> Path:
     """Writes a megatrain checkpoint (or the newest intact one in a directory of them) as a Hugging Face checkpoint
     directory `out_dir`. `dtype`: None is `default_dtype`'s. `tokenizer`: a directory (or a file in it) whose
-    tokenizer files are copied; None: those beside the checkpoint the run was imported from, if any."""
+    tokenizer files are copied; None: those beside the checkpoint the run was imported from, if any. A LoRA run
+    (conf/lora): its adapter in peft's format (adapter_config.json, adapter_model.safetensors: what
+    `PeftModel.from_pretrained(base, out_dir)` loads), or with `merge` the whole model with the adapters folded
+    into the base weights."""
     src = ckpt.resolve(checkpoint_dir)
     if not (src / ckpt.MODEL_CONFIG).is_file():
         raise ckpt.CheckpointError(f"{src} has no {ckpt.MODEL_CONFIG}: only checkpoints of megatrain's CausalLM "
                                    "can be exported")
-    dtype = dtype or default_dtype(src)[0]
-    if dtype not in DTYPES:
+    if dtype not in DTYPES and dtype is not None:
         raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tokenizer_files = _tokenizer_files(src, tokenizer)
     out = Path(out_dir)
@@ -104,6 +110,11 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | None = 
     config = Config(**json.loads((src / ckpt.MODEL_CONFIG).read_text()))
     # a transformers model trained as itself (hf_lm.HFCausalLM): its own config.json, its checkpoint layout
     meta = ckpt.load_meta(src)
+    lora = LoRA.from_dict(meta.get("hyper_parameters", {}).get("lora"))
+    if merge and not lora.enabled:
+        raise UserError(f"--merge: {src} is not of a LoRA run (lora.r is 0): there is nothing to merge")
+    adapter_only = lora.enabled and not merge
+    dtype = dtype or default_dtype(src, merge)[0]
     hf_config = meta.get("hyper_parameters", {}).get("hf_config")
     hf_model = _meta_model(hf_config) if hf_config else None
     entries = json.loads((src / ckpt.MANIFEST).read_text())["units"]
@@ -120,6 +131,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | None = 
         limit = max_shard_GB * 1e9
         shard: list[tuple[str, Tensor]] = []
         written: list[tuple[str, list[str]]] = []
+        adapter: list[tuple[str, Tensor]] = []  # a LoRA run's adapter (small: one file)
         shard_bytes = total = 0
 
         def flush() -> None:
@@ -130,8 +142,15 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | None = 
 
         for file, keys, entry in zip(units, masters, entries):  # one unit file at a time
             with safe_open(str(file), framework="pt") as f:
-                tensors = {key[len(prefix):]: ckpt.get_verified(f, key, entry, file) for key in keys}
-            if hf_model is not None:  # a unit is a decoder layer or the rest: transformers' rules stay within one
+                tensors = {key[len(prefix):]: ckpt.get_verified(f, key, entry, file) for key in keys
+                           if not adapter_only or base_name(key) is None}
+            if adapter_only:  # peft's names: the module's, "base_model.model." in front, no adapter name
+                adapter += [("base_model.model." + n.replace(".default.", "."), t.to(DTYPES[dtype]).contiguous())
+                            for n, t in tensors.items()]
+                continue
+            if lora.enabled:
+                tensors = merged(tensors, lora)
+            if hf_model is not None and not adapter_only:  # a unit is a decoder layer or the rest: transformers' rules stay within one
                 layer = next(iter(hf_layout.by_layer(tensors)))
                 tensors.update({n: meta["state_dict"][prefix + n] for n in buffers.get(layer, ())})
                 tensors = hf_layout.to_checkpoint(hf_model, tensors)
@@ -145,16 +164,23 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | None = 
                 total += t.nbytes
         if shard:
             flush()
-        weight_map = {}
-        files = [INDEX, "config.json"]
-        for k, (name, keys) in enumerate(written):
-            final = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
-            os.rename(tmp / name, tmp / final)
-            weight_map.update({key: final for key in keys})
-            files.append(final)
-        (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
-        hf_json = {**hf_config, "torch_dtype": dtype, "dtype": dtype} if hf_config else config.to_hf(dtype)
-        (tmp / "config.json").write_text(json.dumps(hf_json, indent=1))
+        if adapter_only:
+            ckpt.write_safetensors(tmp / ADAPTER_WEIGHTS, adapter, metadata={"format": "pt"})
+            files = [ADAPTER_WEIGHTS, ADAPTER_CONFIG]
+            targets = sorted({n.split(".lora_A.")[0].rsplit(".", 1)[-1] for n, _ in adapter if ".lora_A." in n})
+            (tmp / ADAPTER_CONFIG).write_text(json.dumps(adapter_config(lora, imported_from(src), targets), indent=1))
+        else:
+            weight_map = {}
+            files = [INDEX, "config.json"]
+            for k, (name, keys) in enumerate(written):
+                final = f"model-{k + 1:05d}-of-{len(written):05d}.safetensors"
+                os.rename(tmp / name, tmp / final)
+                weight_map.update({key: final for key in keys})
+                files.append(final)
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                indent=1))
+            hf_json = {**hf_config, "torch_dtype": dtype, "dtype": dtype} if hf_config else config.to_hf(dtype)
+            (tmp / "config.json").write_text(json.dumps(hf_json, indent=1))
         for f in tokenizer_files:
             shutil.copyfile(f, tmp / f.name)
             files.append(f.name)
@@ -195,3 +221,28 @@ def _meta_model(hf_config: dict[str, Any]) -> nn.Module:
 
     with torch.device("meta"):
         return build_model(hf_config)
+
+
+def merged(tensors: dict[str, Tensor], lora: LoRA) -> dict[str, Tensor]:
+    """One unit's tensors with each LoRA-adapted weight folded in (W + alpha/r * B @ A, in fp32) under the base
+    layer's own name; the adapters dropped."""
+    out = {}
+    for name, t in tensors.items():
+        if base_name(name) is None:
+            continue
+        if name.endswith(".base_layer.weight"):
+            module = name[:-len(".base_layer.weight")]
+            a, b = tensors[f"{module}.lora_A.default.weight"], tensors[f"{module}.lora_B.default.weight"]
+            t = t.float() + (lora.alpha / lora.r) * (b.float() @ a.float())  # [out, r] @ [r, in]
+        out[base_name(name)] = t
+    return out
+
+
+def adapter_config(lora: LoRA, base: Path | None, targets: list[str]) -> dict[str, Any]:
+    """peft's adapter_config.json for `lora` on modules named `targets` (the fields peft's LoraConfig reads; the rest
+    take its defaults)."""
+    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.r, "lora_alpha": lora.alpha,
+            "lora_dropout": lora.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+            "target_modules": targets,
+            "base_model_name_or_path": str(base) if base is not None else None}

@@ -79,7 +79,7 @@ class HFCausalLM(CausalLM):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = build_model(self.hparams["hf_config"]).float()  # fp32 masters
+            self.model = self.adapted(build_model(self.hparams["hf_config"]).float())  # fp32 masters
 
     @override
     def final_hidden(self, x: Tensor) -> Tensor:

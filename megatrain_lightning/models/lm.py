@@ -15,16 +15,19 @@ from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.models.loss import linear_cross_entropy
 from megatrain_lightning.models.llama import Llama
+from megatrain_lightning.models.lora import LoRA, add_lora
 
 
 class CausalLM(L.LightningModule):
     def __init__(self, config: Config, lr: float = 3e-4, weight_decay: float = 0.1, betas=(0.9, 0.95),
                  warmup_steps: int = 10, max_steps: int | None = None, min_lr_ratio: float = 0.1,
-                 loss_chunk_tokens: int | None = 4096, model: Llama | None = None) -> None:
+                 loss_chunk_tokens: int | None = 4096, model: Llama | None = None,
+                 lora: dict | None = None) -> None:
         """`model`: an already built Llama (tests pass one to share initial weights); otherwise the model is built
         in `configure_model`, which the megatrain strategy runs on the meta device. `loss_chunk_tokens`: the head
         and loss run over this many tokens at a time, their gradients formed in forward (loss.py), so the [tokens,
-        vocab] fp32 logits never exist whole (None: all at once, through autograd)."""
+        vocab] fp32 logits never exist whole (None: all at once, through autograd). `lora`: conf/lora's fields
+        (lora.py); with r > 0 the built model gets LoRA adapters and its base is frozen."""
         super().__init__()
         if loss_chunk_tokens is not None and (not isinstance(loss_chunk_tokens, int) or loss_chunk_tokens < 1):
             raise UserError(f"loss_chunk_tokens must be a positive integer or None, got {loss_chunk_tokens!r}")
@@ -32,6 +35,7 @@ class CausalLM(L.LightningModule):
         # plain fields, so checkpoints load with torch.load(weights_only=True)
         self.hparams["model_config"] = {f: getattr(config, f) for f in Config.field_names()}
         self.config = config
+        self.lora = LoRA.from_dict(lora)
         self.model = model
         self.val_loss = MeanMetric()
 
@@ -61,7 +65,16 @@ class CausalLM(L.LightningModule):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = Llama(self.config)
+            self.model = self.adapted(Llama(self.config))
+
+    def adapted(self, model: torch.nn.Module) -> torch.nn.Module:
+        """`model` with the LoRA adapters of `lora` (none when r is 0), its frozen base in the compute dtype."""
+        if not self.lora.enabled:
+            return model
+        precision = str(self._trainer.precision) if self._trainer is not None else "32-true"
+        base_dtype = torch.bfloat16 if precision.startswith("bf16") else \
+            torch.float16 if precision.startswith("16") else torch.float32
+        return add_lora(model, model.get_submodule("model.layers"), self.lora, base_dtype)
 
     def loss(self, batch: Tensor | dict[str, Tensor]) -> Tensor:
         """Mean next-token cross-entropy. `batch`: [B, T+1] token ids (predict tokens 1..T from 0..T-1), or a dict

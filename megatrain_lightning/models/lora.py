@@ -1,0 +1,82 @@
+"""LoRA adapters for train.py's models (`lora=default` in conf/): peft's LoRA layers injected into the model's
+decoder layers, the base frozen and held in the compute dtype (2 bytes a parameter in the store: it has no fp32
+master), the adapters trainable in fp32. The parameter names stay the model's own, peft's wrappers aside
+(`q_proj.base_layer.weight`, `q_proj.lora_A.default.weight`), so a Hugging Face checkpoint imports into the base
+(hf/load.py) and the adapter exports in peft's format (hf/export.py)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from megatrain_lightning.errors import UserError
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass(frozen=True)
+class LoRA:
+    """conf/lora: `r` 0 trains the whole model (no adapters)."""
+
+    r: int = 0  # the adapters' rank
+    alpha: float = 16.0  # their output is scaled by alpha / r
+    dropout: float = 0.0  # on the adapters' input
+    target_modules: Any = ALL_LINEAR  # "all-linear": every nn.Linear inside the decoder layers; or a list of names
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "LoRA":
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UserError(f"lora: unknown field(s) {unknown}; the fields are {sorted(cls.__dataclass_fields__)}")
+        lora = cls(**values)
+        if not isinstance(lora.r, int) or lora.r < 0:
+            raise UserError(f"lora.r must be a non-negative integer (0: no adapters), got {lora.r!r}")
+        if not 0 <= lora.dropout < 1:
+            raise UserError(f"lora.dropout must be in [0, 1), got {lora.dropout!r}")
+        if not (lora.target_modules == ALL_LINEAR or (isinstance(lora.target_modules, (list, tuple))
+                                                     and lora.target_modules)):
+            raise UserError(f"lora.target_modules must be {ALL_LINEAR!r} or a list of module names, got "
+                            f"{lora.target_modules!r}")
+        return lora
+
+    @property
+    def enabled(self) -> bool:
+        return self.r > 0
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values (hyperparameters go into checkpoints)."""
+        out = asdict(self)
+        if isinstance(out["target_modules"], (list, tuple)):
+            out["target_modules"] = list(out["target_modules"])
+        return out
+
+
+def add_lora(model: nn.Module, layers: nn.Module, lora: LoRA, base_dtype: torch.dtype) -> nn.Module:
+    """Injects `lora` into the linear layers inside `layers` (the decoder layers) of `model`, in place: every
+    parameter of the base frozen in `base_dtype`, the adapters trainable in fp32. Needs peft."""
+    try:
+        import peft
+    except ImportError:
+        raise UserError("lora: pip install 'megatrain-lightning[hf]' (peft)") from None
+    targets = lora.target_modules
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in layers.named_modules() if isinstance(m, nn.Linear)})
+    if targets == ALL_LINEAR:
+        targets = linear  # inside the layers only: the head and embeddings stay as they are
+    else:
+        unknown = sorted(set(targets) - set(linear))
+        if unknown:
+            raise UserError(f"lora.target_modules: {unknown} are not linear layers of the decoder layers; they "
+                            f"have {linear}")
+    model.to(base_dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft.inject_adapter_in_model(peft.LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                                 target_modules=list(targets)), model)
+    for p in model.parameters():
+        if p.requires_grad:  # peft makes the adapters in the base's dtype: their masters are fp32 (as peft's own
+            p.data = p.data.float()  # get_peft_model does)
+    return model
