@@ -112,6 +112,36 @@ def live_at_peak(events: list[dict], top: int) -> tuple[int, dict[str, float]]:
     return peak, {k: round(v / 2**30, 3) for k, v in ranked}
 
 
+class PlainHFCausalLM:
+    """--plain: HFCausalLM with the transformers model's own activation checkpointing (one decoder layer at a time,
+    non-reentrant), as plain single-GPU training of a large model runs."""
+
+    def __new__(cls, *args, **kwargs):
+        from megatrain_lightning.hf.model import HFCausalLM
+
+        class Plain(HFCausalLM):
+            def configure_model(self) -> None:
+                super().configure_model()
+                self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        return Plain(*args, **kwargs)
+
+
+class Plain:
+    """What the report reads of the megatrain strategy, for a --plain run (no host store, no engine)."""
+
+    def __init__(self, trainer) -> None:
+        from types import SimpleNamespace
+
+        params = list(trainer.lightning_module.parameters())
+        self.store = SimpleNamespace(nbytes=0, stream=None, units=[SimpleNamespace(
+            on_disk=False, layout=SimpleNamespace(numel=sum(p.numel() for p in params),
+                                                  trainable=sum(p.numel() for p in params if p.requires_grad)))])
+        self.engine = SimpleNamespace(device_states=None, step_cache=None, host_checkpoints=None,
+                                      sweep=SimpleNamespace(chunk_of={}))
+        self.nvme_log = []
+
+
 class FrozenLM(CausalLM):
     """CausalLM whose parameters matching a pattern are frozen once built (before the strategy takes them)."""
 
@@ -221,6 +251,12 @@ def main() -> None:
     ap.add_argument("--as-transformers", action="store_true",
                     help="a Llama-family preset as the transformers model of its config.json (the path a user's "
                          "transformers model takes), against its native run")
+    ap.add_argument("--lora", type=int, default=0, metavar="R",
+                    help="LoRA of rank R (alpha 2R) on every linear layer of the decoder layers, the base frozen in "
+                         "the compute dtype (conf/lora, models/lora.py)")
+    ap.add_argument("--plain", action="store_true",
+                    help="the same LightningModule under Lightning's default single-device strategy: everything on "
+                         "the GPU, AdamW there, activation checkpointing per decoder layer (transformers models)")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--memory-peak", action="store_true",
                     help="CUDA: name what is live at the second step's peak of allocated memory")
@@ -234,7 +270,7 @@ def main() -> None:
         overrides["max_seq_len"] = a.seq_len
     config = Config.from_name(a.model, **overrides)
     accel = "gpu" if torch.cuda.is_available() else "cpu"
-    strategy = MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth, stream=a.stream,
+    strategy = "auto" if a.plain else MegatrainStrategy(checkpoint_interval=a.checkpoint_interval, prefetch_depth=a.prefetch_depth, stream=a.stream,
                                  storage=a.storage, ram_budget_GiB=a.ram_budget_GiB, nvme_dir=a.nvme_dir,
                                  device_state_GiB=a.device_state_GiB, chunk_tokens=a.chunk_tokens,
                                  step_cache_GiB=a.step_cache_GiB, trace_dir=a.trace_dir, trace_step=2,
@@ -251,16 +287,19 @@ def main() -> None:
                       batch_size=a.micro_batch)  # no workers: a fork would copy-on-write the store
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    hp = dict(lr=1e-4, warmup_steps=1, max_steps=a.steps + 1)
+    hp = dict(lr=1e-4, warmup_steps=1, max_steps=a.steps + 1, lora=dict(r=a.lora, alpha=2 * a.lora))
     if config.transformers_type or a.as_transformers:  # the transformers model of the preset's layer shape
         from megatrain_lightning.hf.model import HFCausalLM, config_json
 
-        lm = HFCausalLM(config, config_json(config) if config.transformers_type else config.to_hf("float32"), **hp)
+        lm = (PlainHFCausalLM if a.plain else HFCausalLM)(
+            config, config_json(config) if config.transformers_type else config.to_hf("float32"), **hp)
     else:
         lm = FrozenLM(a.freeze, config, **hp) if a.freeze else CausalLM(config, **hp)
     trainer.fit(lm, train_dataloaders=data)
     wall = time.perf_counter() - t0
     tokens = a.micro_batch * a.accumulate * a.seq_len * a.devices  # every rank's
+    if a.plain:
+        strategy = Plain(trainer)
     mine = (rss_bytes(), strategy.store.nbytes)
     per_rank = [mine]
     if dist.is_initialized():  # every rank's host memory (the store is split between them)
@@ -286,6 +325,7 @@ def main() -> None:
                   if strategy.engine.device_states else 0,
                   nvme_layers=sum(u.on_disk for u in strategy.store.units), freeze=a.freeze,
                   frozen_params=sum(u.layout.numel - u.layout.trainable for u in strategy.store.units),
+                  lora=a.lora, plain=a.plain,
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log],
                   chunk_sequences=next(iter(strategy.engine.sweep.chunk_of.values()), None),
                   step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0,

@@ -92,7 +92,8 @@ def _bf16_base(model, narrow: bool):
     return model
 
 
-@pytest.mark.parametrize("where", ["ram", "ram-copy", "kept", "nvme"])
+@pytest.mark.parametrize("where", ["ram", "ram-copy", "kept", "nvme", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA"))])
 def test_a_frozen_bf16_base_is_held_in_bf16_alone(where, tmp_path):
     """Frozen parameters loaded in bf16 and trained in bf16-mixed have no fp32 master: 2 bytes a parameter in the
     store, and training is bit for bit that of the same values held in fp32 (the store then keeps their master, and
@@ -100,7 +101,7 @@ def test_a_frozen_bf16_base_is_held_in_bf16_alone(where, tmp_path):
     files; a checkpoint of the bf16 base resumes to the same state."""
     base = _frozen_model()
     kwargs = {"ram": {}, "ram-copy": dict(stream="copy"), "kept": dict(device_state_GiB=kept_budget_GiB(base.config, 2)),
-              "nvme": dict(storage="nvme", nvme_dir=tmp_path)}[where]
+              "nvme": dict(storage="nvme", nvme_dir=tmp_path), "cuda": dict(device="cuda")}[where]
     batches = make_batches(base.config, STEPS * 2)
     runs = {}
     for narrow in (True, False):
@@ -135,7 +136,8 @@ def test_a_frozen_bf16_base_is_held_in_bf16_alone(where, tmp_path):
 
     strategy.lightning_module.trainer.save_checkpoint(tmp_path / "ckpt")
     lm = RecordingLM(base.config, model=_bf16_base(base, True), **lm_kwargs(STEPS))
-    trainer = L.Trainer(strategy=MegatrainStrategy(**kwargs), accelerator="cpu", precision="bf16-mixed",
+    trainer = L.Trainer(strategy=MegatrainStrategy(**kwargs), accelerator=str(kwargs.get("device", "cpu")),
+                        precision="bf16-mixed",
                         max_steps=STEPS, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(lm, train_dataloaders=loader(batches), ckpt_path=tmp_path / "ckpt")  # at max_steps: loads only
