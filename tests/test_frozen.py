@@ -111,11 +111,14 @@ def test_a_frozen_bf16_base_is_held_in_bf16_alone(where, tmp_path):
         runs[narrow] = megatrain_run(model, batches, STEPS, 2, 1.0, precision="bf16-mixed", record_grads=False,
                                      **kwargs)
     (losses, _, weights, strategy), (want_losses, _, want_weights, want_strategy) = runs[True], runs[False]
-    assert losses == want_losses
+    # on the GPU two runs differ in the last bits (attention's backward accumulates in no fixed order)
+    exact = where != "cuda"
+    assert losses == want_losses if exact else torch.allclose(torch.tensor(losses), torch.tensor(want_losses),
+                                                               rtol=1e-3)
     initial = {"model." + n: p for n, p in _bf16_base(base, True).named_parameters()}
     for name, want in want_weights.items():
         if initial[name].requires_grad:
-            assert torch.equal(weights[name], want), name
+            assert torch.equal(weights[name], want) if exact else rel_err(weights[name], want) < 1e-2, name
         else:
             assert weights[name].dtype == torch.bfloat16 and torch.equal(weights[name], initial[name]), name
     store, n_frozen = strategy.store, sum(p.numel() for p in base.parameters() if not p.requires_grad)
