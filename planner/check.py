@@ -23,7 +23,8 @@ from planner.errors import PlanError
 from planner.hardware import Hardware, detect_gpu, disk_free_TB, host_ram_GiB, preset_for_gpu
 from planner.plan import Answer, plan
 from planner.report import as_dict, plot, text
-from megatrain_lightning.config import Config
+from megatrain_lightning.config import Config, LoRA
+from megatrain_lightning.errors import UserError
 from megatrain_lightning.options import EngineOptions, OptionError
 from planner.workload import Workload
 
@@ -174,8 +175,15 @@ def workload(cfg: dict[str, Any]) -> Workload:
         model = Config.from_dict(cfg["model"])
     except ValueError as e:
         raise PlanError("model", str(e)) from None
+    try:
+        lora = LoRA.from_dict(cfg.get("lora"))
+    except UserError as e:
+        field, _, detail = str(e).partition(": ")
+        raise PlanError(field, detail) from None
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     tr, data = cfg["trainer"], cfg["data"]
-    return Workload.of(model, engine_options(cfg), seq_len=data["seq_len"], micro_batch=data["micro_batch"],
+    return Workload.of(model, engine_options(cfg), lora_r=lora.r, lora_targets=targets,
+                       seq_len=data["seq_len"], micro_batch=data["micro_batch"],
                        accumulate=tr.get("accumulate_grad_batches", 1), precision=tr.get("precision", "bf16-mixed"),
                        clip=bool(tr.get("gradient_clip_val")), ranks=tr.get("devices", 1) * tr.get("num_nodes", 1),
                        nodes=tr.get("num_nodes", 1))

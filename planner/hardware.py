@@ -52,6 +52,9 @@ class Hardware:
     nvlink_GBps: float | None = None
     # several machines (trainer.num_nodes > 1): what one node's network moves to and from the others
     network_GBps: float | None = None
+    # device memory bandwidth, sustained: the memory-bound kernels LoRA's adapters add (their skinny matmuls, the
+    # scaling and the sum over [tokens, out]); null: those are not timed
+    hbm_GBps: float | None = None
     # several ranks on a node: [ranks, Gparam/s] pairs, the node's fused AdamW rate (all its processes together) with
     # that many updating at once ([[2, 3.13], [4, 2.92]]): they share its memory bandwidth; a count between two
     # entries takes the lower one's, more than the largest that one's; null: one process's rate, cpu_adamw_Gparams

@@ -131,12 +131,11 @@ def _keep_on_device(hw: Hardware, wl: Workload) -> Workload:
     if budget is None:
         free = hw.hbm_GiB * GiB - hw.gpu_reserved_GiB * GiB - wl.resident_bytes - wl.n_slots * wl.slot_bytes
         budget = S.AUTO_DEVICE_SHARE * max(free, 0) / GiB
-    numels = [wl.model.layer_params] * wl.n_layers + [wl.model.embedding_params]
+    sizes = [wl.unit_device_state_bytes(i) for i in range(wl.n_layers + 1)]
     kept = set()
     for r in range(wl.ranks):  # each rank's GPU keeps units it owns (placement.device_states)
         others = {i for i in range(wl.n_layers + 1) if wl.owner(i) != r}
-        kept |= set(S.device_units([S.DEVICE_STATE_BYTES * n for n in numels], budget * GiB,
-                                   skip=set(wl.nvme_layers) | others))
+        kept |= set(S.device_units(sizes, budget * GiB, skip=set(wl.nvme_layers) | others))
     return replace(wl, kept=tuple(sorted(kept)))
 
 
@@ -166,12 +165,12 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
         everything_on_disk = replace(wl, nvme_layers=tuple(range(wl.n_layers)),
                                      offload_checkpoints="disk" if wl.offload_checkpoints in (None, "disk")
                                      else bool(wl.offload_checkpoints))
-        others = sum(v for k, v in everything_on_disk.host_bytes().items() if k not in ("state", "stream_copy"))
+        others = sum(v for k, v in everything_on_disk.host_bytes().items()
+                     if k not in ("state", "stream_copy", "frozen"))
         budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
-        per_param = S.RAM_STATE_BYTES + (wl.cb if wl.cb != 4 else 0)
-        layer_ram = [per_param * wl.model.layer_params] * wl.n_layers
-        fixed = per_param * wl.model.embedding_params
+        layer_ram = [wl.unit_ram_bytes(i) for i in range(wl.n_layers)]
+        fixed = wl.unit_ram_bytes(wl.n_layers)
         share = budget / wl.ranks_per_node  # several ranks: the node's budget in equal shares
         problem = S.nvme_floor_problem(S.nvme_floor(fixed), share, wl.ram_budget_GiB, wl.ranks_per_node)
         if problem and wl.ram_budget_GiB is not None:  # an automatic budget that short: RAM is, which the tiers say
@@ -220,11 +219,8 @@ def plan(hw: Hardware, wl: Workload, advise: bool = True) -> Answer:
 def _smaller_budget(hw: Hardware, wl: Workload, ram: Tier) -> str:
     """storage=nvme short of RAM: the largest storage.ram_budget_GiB with which RAM holds the run (more layers on the
     SSD; found by bisection: RAM's need falls as layers leave it), or what RAM needs with every layer there."""
-    per_param = S.RAM_STATE_BYTES + (wl.cb if wl.cb != 4 else 0)
-
     def budget(n: int) -> float:  # holds exactly the layers left in RAM with n on the SSD
-        return math.ceil(per_param * (wl.model.embedding_params + (wl.n_layers - n) * wl.model.layer_params)
-                         / GiB * 10) / 10
+        return math.ceil((wl.unit_ram_bytes(wl.n_layers) + (wl.n_layers - n) * wl.unit_ram_bytes(0)) / GiB * 10) / 10
 
     def with_budget(n: int) -> Answer:
         return plan(hw, replace(wl, ram_budget_GiB=budget(n)), advise=False)
@@ -277,7 +273,7 @@ def advice(a: Answer) -> list[str]:
     if "NVMe" in by_name and not by_name["NVMe"].fits:
         out.append(f"NVMe: needs {by_name['NVMe'].need_bytes / 1e12:.2f} TB of free SSD, has "
                    f"{hw.nvme_capacity_TB:g} TB")
-    if wl.resolved_stream == "master" and wl.cb == 2:
+    if wl.resolved_stream == "master" and wl.cb == 2 and not wl.lora_r:  # LoRA: the base streams in bf16 anyway
         out.append("stream: the fp32 master streams (4 bytes per parameter over PCIe instead of 2, the device casts; "
                    "the host's update is then AdamW alone); storage.stream=copy keeps a bf16 copy in RAM instead")
     if "GPU" in by_name and not by_name["GPU"].fits:
@@ -294,8 +290,8 @@ def advice(a: Answer) -> list[str]:
             mb1 = _largest(lambda m: _gpu_fits(hw, place(hw, replace(k1, micro_batch=m))), wl.micro_batch) \
                 if wl.checkpoint_interval > 1 else 0
             fix = (f"no batch fits: the largest layer ({wl.model.max_layer_params / 1e9:.3g}B parameters) takes "
-                   f"{slots:.1f} GiB in its {wl.n_slots} weight slots before any activation, with its gradients on "
-                   "top; " + (f"storage.checkpoint_interval=1 (fewer slots) fits data.micro_batch={mb1}" if mb1 else
+                   f"{slots:.1f} GiB in its {wl.n_slots} weight slots before any activation"
+                   + (", with its gradients on top; " if wl.layer_trainable else "; ") + (f"storage.checkpoint_interval=1 (fewer slots) fits data.micro_batch={mb1}" if mb1 else
                               "streaming below a whole layer (expert by expert) is not supported" if wl.model.n_experts
                               else "a GPU with more memory"))
         out.append(f"GPU: {by_name['GPU'].need_bytes / GiB:.1f} GiB needed of {hw.hbm_GiB:g}; {fix}")

@@ -104,7 +104,7 @@ class _Sim:
         """One block over one micro-batch, chunk by chunk: forward (passes=1) or backward (passes=2). Attention's
         backward is five matmuls against the forward's two (FlashAttention): 2.5 times its forward FLOPs."""
         wl, hw = self.wl, self.hw
-        flops = wl.layer_matmul_flops * wl.micro_tokens * passes
+        flops = wl.layer_matmul_flops * wl.micro_tokens * (1 if passes == 1 else wl.backward_matmul_passes)
         if passes == 2 and wl.token_chunk:  # each checkpointed piece's MLP runs forward once more in backward
             flops += 2 * wl.model.active_mlp_params * wl.micro_tokens
         eager = not wl.compile and hw.eager_block_efficiency is not None
@@ -112,13 +112,16 @@ class _Sim:
         attn = hw.attention_fwd_TFLOPS if passes == 1 else hw.attention_bwd_TFLOPS
         attn_s = wl.attention_flops() * wl.micro_tokens * (1 if passes == 1 else 2.5) / (
             attn * 1e12 if attn and wl.cb == 2 else rate)
-        return flops / rate + attn_s + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
+        # LoRA's adapters: memory-bound, their backward moves about twice their forward's bytes
+        adapter_s = wl.adapter_bytes_per_token * wl.micro_tokens * passes / (hw.hbm_GBps * 1e9) if hw.hbm_GBps else 0.0
+        return flops / rate + attn_s + adapter_s + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
 
     def head_s(self) -> float:
-        """Head forward + backward with the loss: 3 passes of its matmul (chunked: all in forward, loss.py)."""
+        """Head forward + backward with the loss: 3 passes of its matmul (chunked: all in forward, loss.py); 2 when
+        the head is frozen (no weight gradient)."""
         wl, hw = self.wl, self.hw
         rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.block_efficiency
-        passes = 3
+        passes = 3 if wl.trainable(wl.n_layers) else 2
         return passes * wl.head_flops * wl.micro_tokens / rate + passes * hw.layer_overhead_ms / 1e3
 
     # ---- the step ----
@@ -158,7 +161,7 @@ class _Sim:
         head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(),
                          after=max(x_ready, self.updated.get("head", 0.0)))
         self.alloc(head.start, head.end, wl.head_bytes)
-        head_grad = c.vocab_size * c.hidden_size * wl.cb
+        head_grad = c.vocab_size * c.hidden_size * wl.cb if wl.trainable(wl.n_layers) else 0  # a frozen head: none
         self.alloc(head.end, None, head_grad)  # freed once the resident gradients shipped (below)
         g_ready = head.end
 
@@ -191,10 +194,10 @@ class _Sim:
                 if j in wl.cached and not last:  # summed on the device (every rank's own); reduced at the last
                     continue
                 if wl.ranks > 1:  # summed into its owner's GPU in fp32; the compute stream waits for it
-                    g_ready = self.across_nodes(j, 4 * c.layer_params,
-                                                self.collective(S.REDUCE, j, 4 * c.layer_params, bwd.end))
+                    g_ready = self.across_nodes(j, 4 * wl.layer_trainable,
+                                                self.collective(S.REDUCE, j, 4 * wl.layer_trainable, bwd.end))
                     if j not in wl.cached:  # a flat fp32 copy (a cached sum is reduced in place)
-                        self.alloc(bwd.start, g_ready, 4 * c.layer_params)
+                        self.alloc(bwd.start, g_ready, 4 * wl.layer_trainable)
                 if j in wl.kept:  # its gradient stays on the device, in fp32
                     continue
                 if not wl.on_this_node(j):  # another node's host takes it
@@ -206,8 +209,8 @@ class _Sim:
                 lane = self.link(S.D2H, j)
                 grad = self.span(lane, S.GRAD, j, self.transfer_s(lane, nbytes, g_ready), after=g_ready,
                                  nbytes=nbytes)
-                acc_ends.append(self.accumulate(j, c.layer_params, grad.end, landing))
-                self.landed.append((j, c.layer_params, acc_ends[-1]))
+                acc_ends.append(self.accumulate(j, wl.layer_trainable, grad.end, landing))
+                self.landed.append((j, wl.layer_trainable, acc_ends[-1]))
                 ship += 1
                 self.alloc(bwd.start, grad.end, wl.grad_bytes)  # the layer's weight gradients until shipped
             self.alloc(g_ready, None, -(wl.sweep_sum_bytes + out_bytes))
@@ -216,22 +219,22 @@ class _Sim:
             elif not wl.offload_checkpoints or self.hw.unified:  # else it waits in host memory
                 self.alloc(ckpt_alloc[b], g_ready, wl.checkpoint_bytes)
         embed_bwd = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, hw.layer_overhead_ms / 1e3, after=g_ready)
-        emb_grad = 0 if c.tie_embeddings else c.vocab_size * c.hidden_size * wl.cb
+        emb_grad = 0 if c.tie_embeddings or not wl.trainable(wl.n_layers) else c.vocab_size * c.hidden_size * wl.cb
         self.alloc(embed_bwd.start, None, emb_grad)
         # post_backward: ship the resident gradients (unless they stay on the device), then wait until every
         # gradient sits in fp32
         resident_kept = wl.n_layers in wl.cached
         shipped = embed_bwd.end if resident_kept and not last else \
-            self.across_nodes(RESIDENT_LAYER, 4 * c.embedding_params,
-                              self.collective(S.REDUCE, RESIDENT_LAYER, 4 * c.embedding_params, embed_bwd.end))
+            self.across_nodes(RESIDENT_LAYER, 4 * wl.trainable(wl.n_layers),
+                              self.collective(S.REDUCE, RESIDENT_LAYER, 4 * wl.trainable(wl.n_layers), embed_bwd.end))
         if wl.n_layers not in wl.kept and (last or not resident_kept) and wl.on_this_node(wl.n_layers):
             landing = first or resident_kept
-            nbytes = c.embedding_params * (4 if landing else wl.cb)
+            nbytes = wl.trainable(wl.n_layers) * (4 if landing else wl.cb)
             lane = self.link(S.D2H, wl.n_layers)
             shipped = self.span(lane, S.GRAD, RESIDENT_LAYER, self.transfer_s(lane, nbytes, shipped),
                                 after=shipped, nbytes=nbytes).end
-            acc_ends.append(self.accumulate(RESIDENT_LAYER, c.embedding_params, shipped, landing))
-            self.landed.append((RESIDENT_LAYER, c.embedding_params, acc_ends[-1]))
+            acc_ends.append(self.accumulate(RESIDENT_LAYER, wl.trainable(wl.n_layers), shipped, landing))
+            self.landed.append((RESIDENT_LAYER, wl.trainable(wl.n_layers), acc_ends[-1]))
         self.alloc(shipped, None, -(head_grad + emb_grad))
         if not first or self.wl.clip:  # the main thread waits for the gradients
             self.host = max(self.host, shipped, *acc_ends)
@@ -240,7 +243,7 @@ class _Sim:
         """When layer i's weights are in their slot: H2D, or (kept on the device) a cast of the device master."""
         wl = self.wl
         if i in wl.kept:  # cast from its owner's device master; several ranks: broadcast from there
-            return self.collective(S.BROADCAST, i, wl.cb * wl.model.layer_params, free_at)
+            return self.collective(S.BROADCAST, i, wl.copy_bytes, free_at)
         if i in self.cache_loaded:  # in the step cache since its first load this step
             return free_at
         if i in wl.cached:
@@ -249,10 +252,10 @@ class _Sim:
             lane = self.link(S.H2D, i)
             end = self.span(lane, S.LOAD, i, self.transfer_s(lane, wl.load_bytes, free_at), after=free_at,
                             nbytes=wl.load_bytes).end
-            return self.collective(S.BROADCAST, i, wl.cb * wl.model.layer_params, end)
+            return self.collective(S.BROADCAST, i, wl.copy_bytes, end)
         # file-backed: its owner reads its copy from the drives into a pinned tile (once the last update wrote it),
         # then H2D over its link (several ranks: and broadcasts it)
-        nbytes, tiles = wl.cb * wl.model.layer_params, self.copy_tiles[wl.owner(i)]
+        nbytes, tiles = wl.copy_bytes, self.copy_tiles[wl.owner(i)]
         read = self.span(self.drive(S.NVME_READ, i), S.LOAD, i, nbytes / (self.hw.nvme_array_read_GBps * 1e9),
                          after=max(tiles.pop(0), self.written.get(i, 0.0)), nbytes=nbytes, issued=False)
         at = max(free_at, read.end)
@@ -277,7 +280,7 @@ class _Sim:
         """A file-backed layer's host update: its [master | m | v | grad] read into an optimizer tile, AdamW (and
         the cast into the copy, on the writer), [master | m | v] and the copy written behind; returns the AdamW's
         end (what the engine's wait for the update sees; the next read of the copy waits for the write)."""
-        lp, cb = self.wl.model.layer_params, self.wl.cb
+        lp, cb = self.wl.layer_trainable, self.wl.cb
         nbytes = S.DISK_STATE_BYTES * lp
         tiles = self.opt_tiles[self.wl.owner(i)]
         read = self.span(S.NVME_READ, S.OPTIMIZER, i, self.disk_s(S.NVME_READ, nbytes),
@@ -339,8 +342,8 @@ class _Sim:
         """Deferred updates (clipping): the previous step's, in forward order, run from the step's start behind
         its forward (steady state: each step is preceded by one like it)."""
         wl = self.wl
-        c, kept = wl.model, wl.kept
-        half = c.embedding_params // 2
+        kept = wl.kept
+        half = wl.trainable(wl.n_layers) // 2
         if wl.n_layers not in kept:
             # another node's host updates it meanwhile, as this one would
             t = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half), issued=False).end \
@@ -353,7 +356,8 @@ class _Sim:
             if self.on_disk(i):
                 self.updated[i] = self.disk_update(i)
             else:
-                self.updated[i] = self.span(S.CPU, S.OPTIMIZER, i, self.update_s(c.layer_params), issued=False).end
+                self.updated[i] = self.span(S.CPU, S.OPTIMIZER, i, self.update_s(wl.layer_trainable),
+                                            issued=False).end
 
         def head() -> None:
             self.updated["head"] = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, self.update_s(half),
@@ -379,7 +383,7 @@ class _Sim:
     def optimizer(self) -> None:
         """Global-norm clip and AdamW on the host after the last backward, then the cast of the masters into the
         streamed copies; file-backed layers read their state ahead and write it behind."""
-        wl, hw, c = self.wl, self.hw, self.wl.model
+        wl, hw = self.wl, self.hw
         opt_s = lambda n: n / (self.adamw_Gparams * 1e9)  # noqa: E731
         ram_params = wl.ram_params
         self.host = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(ram_params)).end

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatrain_lightning.config import Config
-from megatrain_lightning.options import EngineOptions, OptionError
+from megatrain_lightning.options import EngineOptions, OptionError, resolve_stream
 from megatrain_lightning import schedule as S
 from planner.errors import PlanError
 
@@ -68,6 +68,10 @@ class Workload:
     # several nodes: every node holds the whole state, dealt among its ranks; only each unit's gradient crosses the
     # network (storage.replicate_nodes)
     replicate_nodes: bool = _ENGINE.replicate_nodes
+    # LoRA (conf/lora, models/lora.py): adapters of this rank on the linear layers of the decoder layers named in
+    # `lora_targets` ("all-linear": all), the base frozen in the compute dtype; 0: every parameter trains
+    lora_r: int = 0
+    lora_targets: tuple[str, ...] | str = "all-linear"
 
     @classmethod
     def of(cls, model: Config, options: EngineOptions, **rest) -> Workload:
@@ -173,13 +177,94 @@ class Workload:
     def chunk_tokens_resolved(self) -> int:
         return self.chunk_sequences * self.seq_len
 
+    # ---- what trains: a LoRA run's adapters only, its base frozen (no gradient, no optimizer, held in cb bytes) ----
+    def _linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) features of the linear layers a decoder layer holds by name, as LoRA counts them (latent
+        attention counted as ordinary attention of the same heads; a mixture's routed experts are not linear layers
+        in transformers 5: a shared expert is)."""
+        c = self.model
+        D, q, kv = c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
+        out = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D)}
+        inner = c.intermediate_size if not c.n_experts else c.n_shared_experts * c.moe_intermediate_size
+        if inner:
+            out.update(gate_proj=(D, inner), up_proj=(D, inner), down_proj=(inner, D))
+        return out
+
+    def _adapted_shapes(self) -> list[tuple[int, int]]:
+        if not self.lora_r:
+            return []
+        shapes = self._linear_shapes()
+        names = shapes if self.lora_targets == "all-linear" else [n for n in self.lora_targets if n in shapes]
+        return [shapes[n] for n in names]
+
+    @property
+    def adapter_params(self) -> int:
+        """One decoder layer's LoRA parameters: r (in + out) per adapted linear layer."""
+        return self.lora_r * sum(i + o for i, o in self._adapted_shapes())
+
+    @property
+    def adapter_bytes_per_token(self) -> int:
+        """Device memory one forward pass of a layer's adapters moves per token, beyond their base layers: peft's
+        LoRA reads the input (lora_A), writes B's output, scales it (read, write) and adds it to the base output
+        (two reads, a write): in + 6 out elements per adapted layer. Memory-bound at LoRA ranks (r << in, out)."""
+        return self.cb * sum(i + 6 * o for i, o in self._adapted_shapes())
+
+    def trainable(self, unit: int) -> int:
+        """Parameters of a unit (a trunk layer, or the resident unit: index n_layers) with gradient and Adam state."""
+        if self.lora_r:
+            return 0 if unit == self.n_layers else self.adapter_params
+        return self.model.embedding_params if unit == self.n_layers else self.model.layer_params
+
+    def frozen(self, unit: int) -> int:
+        """Parameters of a unit held in the compute dtype alone (a LoRA run's base)."""
+        if not self.lora_r:
+            return 0
+        return self.model.embedding_params if unit == self.n_layers else self.model.layer_params
+
+    @property
+    def layer_trainable(self) -> int:
+        return self.trainable(0)
+
+    @property
+    def layer_frozen(self) -> int:
+        return self.frozen(0)
+
+    @property
+    def layer_numel(self) -> int:
+        """A trunk layer's parameters in its streamed copy (its slot on the device)."""
+        return self.layer_trainable + self.layer_frozen
+
+    def unit_ram_bytes(self, unit: int) -> int:
+        """A unit's host state in RAM: [master | m | v | grad] of its trainable parameters, its frozen ones in the
+        compute dtype, and with stream="copy" (or storage=nvme) the compute-dtype copy of the trainable ones."""
+        copy = self.cb if self.cb != 4 and self.storage_stream == "copy" else 0
+        return (STATE_BYTES + copy) * self.trainable(unit) + self.cb * self.frozen(unit)
+
+    def unit_device_state_bytes(self, unit: int) -> int:
+        """GPU bytes of a unit whose state the device keeps (device_state.DeviceStates)."""
+        return S.DEVICE_STATE_BYTES * self.trainable(unit) + self.cb * self.frozen(unit)
+
+    @property
+    def storage_stream(self) -> str:
+        """The stream as the placement sees it: resolved, or (before the planner resolves it) the engine's rule."""
+        return resolve_stream(self.storage, self.stream, fp32=self.cb == 4) if self.stream == "auto" else self.stream
+
     # ---- FLOPs per token, forward (backward costs twice, block recompute once more) ----
     @property
     def layer_matmul_flops(self) -> int:
         """2 FLOPs per weight per token over the q, k, v, o, gate, up and down projections."""
         c = self.model
         weights = c.attn_params - (c.n_head + 2 * c.n_kv_head) * c.head_dim * c.qkv_bias + c.active_mlp_params  # top-k
-        return 2 * weights
+        return 2 * (weights + self.adapter_params)
+
+    @property
+    def backward_matmul_passes(self) -> float:
+        """A layer's backward matmul FLOPs over its forward's: 2 (input and weight gradients); a frozen base needs
+        only its input gradient (the adapters, a small share, still both)."""
+        if not self.lora_r:
+            return 2.0
+        share = self.adapter_params / (self.layer_matmul_flops / 2)
+        return 1.0 + share
 
     def attention_flops(self, seq_len: int | None = None) -> float:
         """QK^T and AV of causal attention per token, the mean layer: token t meets t keys, so (T + 1) / 2 on average,
@@ -256,8 +341,8 @@ class Workload:
         c, cb, V = self.model, self.cb, self.model.vocab_size
         if self.loss_chunk_tokens is None:
             return 12 * V * self.micro_tokens
-        return ((4 + cb) * V * self.logits_tokens + (4 + cb) * V * c.hidden_size
-                + cb * self.micro_tokens * c.hidden_size)
+        weight_grad = (4 + cb) * V * c.hidden_size if self.trainable(self.n_layers) else 0  # a frozen head: none
+        return (4 + cb) * V * self.logits_tokens + weight_grad + cb * self.micro_tokens * c.hidden_size
 
     @property
     def logits_tokens(self) -> int:
@@ -274,9 +359,10 @@ class Workload:
         """One device weight buffer: the streamed layer, plus its cast when the fp32 master streams."""
         # sized for the largest layer (a mixture's dense first layers are smaller; the other per-layer figures
         # take the mean layer, so totals stay exact)
-        if self.resolved_stream == "master" and self.cb != 4:
-            return self.model.max_layer_params * (4 + self.cb)
-        return self.model.max_layer_params * self.cb
+        numel = self.model.max_layer_params + self.adapter_params
+        if self.resolved_stream == "master" and self.cb != 4:  # the fp32 master of the trainable part, then its cast
+            return numel * self.cb + 4 * self.layer_trainable
+        return numel * self.cb
 
     @property
     def n_slots(self) -> int:
@@ -289,22 +375,19 @@ class Workload:
 
     @property
     def kept_params(self) -> int:
-        """Parameters whose state the device (rank 0's GPU: each keeps units it owns) keeps."""
-        c = self.model
-        return sum(c.embedding_params if i == self.n_layers else c.layer_params for i in self.kept
-                   if self.owner(i) == 0)
+        """Trainable parameters whose state the device (rank 0's GPU: each keeps units it owns) keeps and updates."""
+        return sum(self.trainable(i) for i in self.kept if self.owner(i) == 0)
 
     @property
     def kept_bytes(self) -> int:
-        return S.DEVICE_STATE_BYTES * self.kept_params
+        return sum(self.unit_device_state_bytes(i) for i in self.kept if self.owner(i) == 0)
 
     def cache_unit_bytes(self, unit: int) -> int:
         """Device bytes of one step-cached unit (device_state.StepCache.unit_bytes): its fp32 gradient sum, and a
         trunk layer's compute-dtype weights."""
-        c = self.model
         if unit == self.n_layers:
-            return S.DEVICE_GRAD_BYTES * c.embedding_params
-        return (S.DEVICE_GRAD_BYTES + self.cb) * c.layer_params
+            return S.DEVICE_GRAD_BYTES * self.trainable(unit)
+        return S.DEVICE_GRAD_BYTES * self.layer_trainable + self.cb * self.layer_numel
 
     @property
     def cached_bytes(self) -> int:
@@ -313,7 +396,7 @@ class Workload:
     @property
     def sweep_sum_bytes(self) -> int:
         """Chunked: a block's fp32 weight-gradient sums over the chunks, on the device during its backward."""
-        return 4 * self.checkpoint_interval * self.model.layer_params if self.n_chunks > 1 else 0
+        return 4 * self.checkpoint_interval * self.layer_trainable if self.n_chunks > 1 else 0
 
     # ---- transfer bytes per layer ----
     @property
@@ -324,17 +407,24 @@ class Workload:
 
     @property
     def load_bytes(self) -> int:
-        return self.model.layer_params * (4 if self.resolved_stream == "master" else self.cb)
+        """A layer's H2D: its trainable part (the fp32 master, or its copy) and its frozen part (compute dtype)."""
+        trainable = 4 if self.resolved_stream == "master" else self.cb
+        return self.layer_trainable * trainable + self.layer_frozen * self.cb
+
+    @property
+    def copy_bytes(self) -> int:
+        """A layer's compute-dtype copy (a file-backed layer's read; a broadcast between ranks)."""
+        return self.layer_numel * self.cb
 
     @property
     def grad_bytes(self) -> int:
         """A layer's gradients of a later micro-batch (compute dtype, into the staging ring)."""
-        return self.model.layer_params * self.cb
+        return self.layer_trainable * self.cb
 
     @property
     def landing_grad_bytes(self) -> int:
         """A layer's gradients of a step's first micro-batch: cast to fp32 on the device, DMA'd into the buffer."""
-        return self.model.layer_params * 4
+        return self.layer_trainable * 4
 
     # ---- host bytes ----
     def host_bytes(self) -> dict[str, int]:
@@ -342,6 +432,8 @@ class Workload:
         c, cb = self.model, self.cb
         ram_params = self.ram_params
         out = {"state": ram_params * STATE_BYTES}  # a file-backed layer keeps nothing in RAM
+        if self.ram_frozen:
+            out["frozen"] = self.ram_frozen * cb  # the frozen base, its only copy (page-locked in place)
         if self.resolved_stream == "copy":
             out["stream_copy"] = ram_params * cb  # page-locked in place: exact sizes
         per_rank = self.ranks_per_node  # each rank of the node has its own staging and block inputs
@@ -354,11 +446,20 @@ class Workload:
             out["nvme_window"] = self.nvme_window_bytes * self.node_tier_ranks
         return out
 
+    def _ram_units(self) -> list[int]:
+        """The units whose state is in this node's RAM (those its ranks own; none of the file-backed ones)."""
+        disk = set(self.node_nvme_layers)
+        return [i for i in range(self.n_layers + 1) if self.on_this_node(i) and i not in disk]
+
     @property
     def ram_params(self) -> int:
-        """Parameters whose state sits in this node's RAM (the units its ranks own; none of the file-backed ones)."""
-        layers, resident = self.node_params
-        return (layers - len(self.node_nvme_layers)) * self.model.layer_params + resident * self.model.embedding_params
+        """Trainable parameters whose state sits in this node's RAM."""
+        return sum(self.trainable(i) for i in self._ram_units())
+
+    @property
+    def ram_frozen(self) -> int:
+        """Frozen parameters (compute dtype) in this node's RAM."""
+        return sum(self.frozen(i) for i in self._ram_units())
 
     @property
     def node_tier_ranks(self) -> int:
@@ -369,17 +470,17 @@ class Workload:
     def nvme_window_bytes(self) -> int:
         """The file-backed tier's RAM window (schedule.nvme_window), whatever the depth."""
         c = self.model
-        lp = c.layer_params
+        lp = self.layer_trainable
         # the optimizer's piece (nvme.pieces): whole tensors grouped up to NVME_PIECE elements; the largest tensor of
         # this project's blocks is an MLP matrix
         piece = min(lp, max(S.NVME_PIECE, c.hidden_size * (c.moe_intermediate_size or c.intermediate_size)))
-        return int(S.nvme_window(STATE_BYTES * piece, self.cb * lp, 4 * lp))
+        return int(S.nvme_window(STATE_BYTES * piece, self.copy_bytes, 4 * lp))
 
     @property
     def nvme_pinned_bytes(self) -> int:
         """The window's page-locked part: the copy tiles (H2D) and the gradient tiles (D2H)."""
-        lp = self.model.layer_params
-        return (S.NVME_COPY_BUFFERS * self.cb * lp + S.NVME_GRAD_BUFFERS * 4 * lp) * self.node_tier_ranks
+        return (S.NVME_COPY_BUFFERS * self.copy_bytes + S.NVME_GRAD_BUFFERS * 4 * self.layer_trainable) \
+            * self.node_tier_ranks
 
     def pinned_bytes(self, hw_unified: bool = False) -> int:
         if hw_unified:
@@ -388,14 +489,14 @@ class Workload:
         n = self.ram_params  # the units in RAM
         # page-locked in place: the gradient buffers (they land by DMA), and whole tiles when the master streams
         tiles = 16 * n if self.resolved_stream == "master" else 4 * n
-        return h.get("stream_copy", 0) + h["grad_staging"] + h.get("checkpoints", 0) + h.get("block_input_tiles", 0) \
-            + tiles + self.nvme_pinned_bytes
+        return h.get("stream_copy", 0) + h.get("frozen", 0) + h["grad_staging"] + h.get("checkpoints", 0) \
+            + h.get("block_input_tiles", 0) + tiles + self.nvme_pinned_bytes
 
     @property
     def nvme_bytes(self) -> int:
         """SSD space of rank 0's node: each of its file-backed layers' [master | m | v | grad] and streamed copy
         (nvme.py), and the block inputs its ranks spill there (whole pieces each)."""
-        state = len(self.node_nvme_layers) * self.model.layer_params * (S.DISK_STATE_BYTES + self.cb)
+        state = len(self.node_nvme_layers) * (self.layer_trainable * S.DISK_STATE_BYTES + self.copy_bytes)
         return state + (self.plan.n_checkpoints * self.block_input_file_bytes * self.ranks_per_node
                         if self.offload_checkpoints == "disk" else 0)
 

@@ -17,7 +17,7 @@ from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.hf.cli import main as hf_main
 from megatrain_lightning.models.lm import CausalLM
-from megatrain_lightning.models.lora import LoRA
+from megatrain_lightning.config import LoRA
 from tests.test_cli import restore_logging  # noqa: F401  (a fixture: train.main sets up its own logging)
 
 transformers = pytest.importorskip("transformers")
@@ -98,9 +98,9 @@ def test_a_bf16_run_holds_the_base_in_bf16(hf_llama, tmp_path):
 
 
 @pytest.mark.parametrize("values,message", [
-    (dict(r=-1), r"lora\.r must be a non-negative integer"),
-    (dict(r=4, dropout=1.5), r"lora\.dropout must be in \[0, 1\)"),
-    (dict(r=4, target_modules="attention"), r"lora\.target_modules must be 'all-linear' or a list"),
+    (dict(r=-1), r"lora\.r: must be a non-negative integer"),
+    (dict(r=4, dropout=1.5), r"lora\.dropout: must be in \[0, 1\)"),
+    (dict(r=4, target_modules="attention"), r"lora\.target_modules: must be 'all-linear' or a list"),
     (dict(r=4, rank=8), r"lora: unknown field\(s\) \['rank'\]"),
 ])
 def test_bad_lora_fields_are_named(values, message):
@@ -122,3 +122,24 @@ def test_merge_of_a_run_without_lora_is_refused(hf_llama, tmp_path, capsys):
     assert hf_main(["export", str(saved), str(tmp_path / "out"), "--merge"]) == 2
     assert "is not of a LoRA run (lora.r is 0): there is nothing to merge" in capsys.readouterr().err
     assert json.loads((saved / ckpt.MODEL_CONFIG).read_text())["name"] == "hf"
+
+
+@pytest.mark.parametrize("preset,targets", [("llama-3.2-3b", "all-linear"), ("llama-3.2-3b", ["q_proj", "v_proj"]),
+                                            ("qwen3-235b-a22b", "all-linear")])
+def test_the_planner_counts_the_adapters_peft_makes(preset, targets):
+    """planner/workload.py's adapter count against peft's on the model (meta device), per decoder layer: what the
+    host state, the transfers and the optimizer of a LoRA run are sized by."""
+    from megatrain_lightning.config import Config
+    from megatrain_lightning.hf.model import build_model, config_json
+    from megatrain_lightning.models.lora import add_lora
+    from planner.workload import Workload
+
+    config = Config.from_name(preset, n_layer=2)
+    hf_config = config_json(config) if config.transformers_type else config.to_hf("float32")
+    with torch.device("meta"):
+        model = build_model(hf_config)
+    add_lora(model, model.get_submodule("model.layers"), LoRA(r=8, target_modules=targets), torch.bfloat16)
+    made = sum(p.numel() for p in model.model.layers[1].parameters() if p.requires_grad)
+    wl = Workload(config, seq_len=128, micro_batch=1, lora_r=8,
+                  lora_targets=targets if isinstance(targets, str) else tuple(targets))
+    assert wl.adapter_params == made

@@ -738,3 +738,54 @@ def test_replicated_nodes_hold_the_whole_state_and_send_only_gradients_over_the_
     assert coll[0] == coll[1] and rep.busy_s["collective"] == pytest.approx(one_node.busy_s["collective"])
     assert rep.step_time_s < 0.8 * dealt.step_time_s
     assert any(x.startswith("storage.replicate_nodes=true: every node holds the whole state") for x in dealt.advice)
+
+
+# ---- LoRA (conf/lora): the base frozen in bf16, adapters trained (issue #28) ----
+# Measured on the H200 box, 2026-12-03, one machine start (bench/step.py --as-transformers, docs/performance.md):
+# llama-3.2-3b untied as LlamaForCausalLM, 32 x 1024 tokens, clip 1.0, defaults: lora r -> (step s, peak GPU GiB)
+H200_3B_LORA_MEASURED = {0: (1.982, 62.94), 16: (1.864, 15.15)}
+
+
+@pytest.mark.parametrize("r", list(H200_3B_LORA_MEASURED))
+def test_lora_step_and_gpu_memory_match_the_h200_measurements(r):
+    """The frozen base: no weight gradients in backward, no optimizer work, 2 bytes a parameter; the adapters'
+    memory-bound kernels timed at hbm_GBps. Step within 10%, GPU peak within 10% of the measured runs."""
+    step_s, gpu_GiB = H200_3B_LORA_MEASURED[r]
+    cfg = compose(["model=llama-3.2-3b", "+model.tie_embeddings=false", "hardware=h200", "trainer=gpu",
+                   "data.seq_len=1024", "data.micro_batch=32", "storage.compile=false",  # transformers layers: eager
+                   *(["lora=default", f"lora.r={r}"] if r else [])])
+    a = check(cfg)
+    assert a.step_time_s == pytest.approx(step_s, rel=0.10), a.step_time_s
+    assert a.timeline.gpu_peak_bytes / 2**30 == pytest.approx(gpu_GiB, rel=0.10)
+
+
+def test_lora_host_state_is_16_bytes_an_adapter_parameter_and_2_a_frozen_one():
+    c = Config.from_name("llama-3.2-3b", tie_embeddings=False)
+    wl = Workload(c, seq_len=1024, micro_batch=8, lora_r=16, stream="master")
+    per_layer = 16 * (2 * (3072 + 3072) + 2 * (3072 + 1024) + 3 * (3072 + 8192))  # r (in + out): q o, k v, g u d
+    assert wl.adapter_params == per_layer
+    assert wl.host_bytes()["state"] == 16 * c.n_layer * per_layer  # the embedding and head frozen too
+    assert wl.host_bytes()["frozen"] == 2 * c.n_params
+    assert wl.load_bytes == 4 * per_layer + 2 * c.layer_params  # the adapters' fp32 master, the base in bf16
+    assert wl.landing_grad_bytes == 4 * per_layer and wl.grad_bytes == 2 * per_layer
+    assert wl.backward_matmul_passes == pytest.approx(1 + per_layer / (wl.layer_matmul_flops / 2))
+    full = Workload(c, seq_len=1024, micro_batch=8, stream="master")
+    assert full.backward_matmul_passes == 2 and full.host_bytes()["state"] == 16 * c.n_params
+
+
+def test_lora_on_405b_fits_one_h200_with_256_GiB_and_four_drives():
+    """Issue #28's question: the base (812 GB in bf16) on the drives and in RAM, the adapters' state in RAM."""
+    drives = ["hardware.nvme_drives=4", "hardware.nvme_read_GBps=6.5", "hardware.nvme_write_GBps=3.5",
+              "hardware.nvme_capacity_TB=15.36"]
+    a = check(compose(["model=llama-3.1-405b", "hardware=h200", "trainer=gpu", "hardware.host_ram_GiB=256", *drives,
+                       "storage=nvme", "lora=default", "data.seq_len=4096", "data.micro_batch=4"]))
+    assert a.fits and a.wl.n_nvme_layers > 0 and a.bottleneck[0] == "compute"
+    full = check(compose(["model=llama-3.1-405b", "hardware=h200", "trainer=gpu", "hardware.host_ram_GiB=256",
+                          *drives, "storage=nvme", "data.seq_len=4096", "data.micro_batch=4"]))
+    # every parameter trained on the same box: 16 bytes each through the drives, their writes bound the step
+    assert full.bottleneck[0] == "nvme_write" and a.step_time_s < full.step_time_s / 4
+
+
+def test_bad_lora_field_is_named_by_the_planner():
+    with pytest.raises(PlanError, match=r"lora\.r: must be a non-negative integer"):
+        check(compose(["model=tiny", "lora=default", "lora.r=-2"]))

@@ -22,10 +22,10 @@ from torch import Tensor, nn
 
 from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.hf import layout as hf_layout
-from megatrain_lightning.config import Config
+from megatrain_lightning.config import Config, LoRA
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.hf.load import INDEX, base_name, hf_prefix
-from megatrain_lightning.models.lora import LoRA
+
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # peft's file names
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
