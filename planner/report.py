@@ -46,7 +46,9 @@ def text(a: Answer, tokens: float) -> str:
         f"megatrain plan: {c.name} ({c.n_params / 1e9:.3g}B parameters"
         + (f", {c.active_params / 1e9:.3g}B active: {c.experts_per_token} of {c.n_experts} experts"
            if c.n_experts else "") + f", {c.n_layer} layers) on {hw.name} "
-        f"({hw.gpu}), storage={wl.storage}, {wl.precision}",
+        f"({hw.gpu}), storage={wl.storage}, {wl.precision}"
+        + (f", LoRA r={wl.lora_r} on a frozen base ({wl.n_layers * wl.adapter_params / 1e6:.3g}M adapter parameters)"
+           if wl.lora_r else ""),
         f"  {wl.micro_batch} x {wl.seq_len} tokens x accumulate {wl.accumulate}"
         + (f" x {wl.ranks} ranks ({wl.nodes} node{'s' * (wl.nodes > 1)}; the timeline is rank 0's)" if wl.ranks > 1
            else "") + f" = {wl.step_tokens:,} tokens/step; "
@@ -66,7 +68,7 @@ def text(a: Answer, tokens: float) -> str:
     lines += [
         "",
         f"  step time       {a.step_time_s:.3f} s   ({a.tokens_per_s:,.0f} tokens/s, {a.model_tflops:.1f} model TFLOPS "
-        "= 6 N tokens / step time)",
+        "= 6 N tokens / step time" + ("; LoRA skips the base's weight gradients, a third of 6 N)" if wl.lora_r else ")"),
         f"  {tokens:.3g} tokens    {_duration(tokens / a.tokens_per_s)}",
         f"  busy per step   {busy}",
         f"                  CPU: optimizer {cpu[S.OPTIMIZER]:.2f} s, cast {cpu[S.CAST]:.2f} s, "
