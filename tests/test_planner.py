@@ -741,18 +741,22 @@ def test_replicated_nodes_hold_the_whole_state_and_send_only_gradients_over_the_
 
 
 # ---- LoRA (conf/lora): the base frozen in bf16, adapters trained (issue #28) ----
-# Measured on the H200 box, 2026-12-03, one machine start (bench/step.py --as-transformers, docs/performance.md):
-# llama-3.2-3b untied as LlamaForCausalLM, 32 x 1024 tokens, clip 1.0, defaults: lora r -> (step s, peak GPU GiB)
-H200_3B_LORA_MEASURED = {0: (1.982, 62.94), 16: (1.864, 15.15)}
+# Measured on the H200 box, 2026-12-03 (bench/step.py, docs/performance.md): llama-3.2-3b untied, 32 x 1024 tokens,
+# clip 1.0, defaults. (as LlamaForCausalLM: eager layers, lora r) -> (step s, peak GPU GiB); the transformers rows
+# in one machine start, the compiled (megatrain's Llama) rows in another. The compiled LoRA row is what the
+# compiled adapters' coefficient was fitted to (workload.adapter_bytes_per_token), so it checks less than the rest.
+H200_3B_LORA_MEASURED = {(True, 0): (1.982, 62.94), (True, 16): (1.864, 15.15),
+                         (False, 0): (1.570, 61.37), (False, 16): (1.246, 13.59)}
 
 
-@pytest.mark.parametrize("r", list(H200_3B_LORA_MEASURED))
-def test_lora_step_and_gpu_memory_match_the_h200_measurements(r):
+@pytest.mark.parametrize("transformers_model,r", list(H200_3B_LORA_MEASURED))
+def test_lora_step_and_gpu_memory_match_the_h200_measurements(transformers_model, r):
     """The frozen base: no weight gradients in backward, no optimizer work, 2 bytes a parameter; the adapters'
     memory-bound kernels timed at hbm_GBps. Step within 10%, GPU peak within 10% of the measured runs."""
-    step_s, gpu_GiB = H200_3B_LORA_MEASURED[r]
+    step_s, gpu_GiB = H200_3B_LORA_MEASURED[transformers_model, r]
     cfg = compose(["model=llama-3.2-3b", "+model.tie_embeddings=false", "hardware=h200", "trainer=gpu",
-                   "data.seq_len=1024", "data.micro_batch=32", "storage.compile=false",  # transformers layers: eager
+                   "data.seq_len=1024", "data.micro_batch=32",
+                   *(["storage.compile=false"] if transformers_model else []),  # transformers layers run eagerly
                    *(["lora=default", f"lora.r={r}"] if r else [])])
     a = check(cfg)
     assert a.step_time_s == pytest.approx(step_s, rel=0.10), a.step_time_s
