@@ -1,5 +1,6 @@
 """A Hugging Face `peft` model in a LightningModule under the megatrain strategy: built in `__init__` (LoRA on every
-linear layer of llama, qwen3 and two mixtures, LoRA with dropout, DoRA, IA3, LoRA on a mixture's fused experts) it
+linear layer of llama, qwen3 and two mixtures, LoRA with dropout, DoRA, IA3, LoHa, VeRA, prompt tuning, LoRA on a
+mixture's fused experts) it
 trains like Lightning's default strategy; built in `configure_model` (on the meta device, initialized layer by
 layer) its adapters start as peft starts them (B = 0: the adapted model is its base model), not drawn like the base
 model's Linear weights; adapters whose initialization needs more are refused by name (issue #28)."""
@@ -87,10 +88,14 @@ ADAPTERS = {  # a LoRA on every linear layer (the router and, in transformers 5,
     "ia3": lambda: peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
     "lora-experts": lambda: peft.LoraConfig(r=4, target_modules=["q_proj"],
                                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
+    "loha": lambda: peft.LoHaConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "vera": lambda: peft.VeraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+    "prompt-tuning": lambda: peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4),
 }
 CASES = [("llama", "lora-all-linear"), ("llama", "lora-dropout"), ("llama", "dora"), ("llama", "ia3"),
          ("qwen3", "lora-all-linear"), ("qwen3", "lora-dropout"), ("qwen3_moe", "lora-all-linear"),
-         ("qwen3_moe", "lora-experts"), ("mixtral", "lora-all-linear")]
+         ("qwen3_moe", "lora-experts"), ("mixtral", "lora-all-linear"), ("llama", "loha"), ("llama", "vera"),
+         ("llama", "prompt-tuning")]
 
 
 @pytest.mark.parametrize("family,adapter", CASES)
@@ -235,3 +240,15 @@ def test_lora_on_a_bf16_base_trains_like_the_default_strategy_and_holds_the_base
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     assert store.nbytes == 16 * n_trainable + 2 * n_frozen
+
+
+def test_prefix_tuning_is_refused_by_name():
+    """Its key/value prefixes reach every layer through the KV cache, which streamed layers do not have (the error
+    before: a mask of the wrong size, deep in attention)."""
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).float()
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", devices=1, max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with pytest.raises(UserError, match=r"peft PREFIX_TUNING: gives every decoder layer a key/value prefix"):
+        trainer.fit(LoRAModule(model), train_dataloaders=loader([torch.zeros(1, 17, dtype=torch.long)]))

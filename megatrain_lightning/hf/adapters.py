@@ -58,11 +58,29 @@ class _LayerCall:
         return getattr(self._layers._modules[str(self._i)], name)
 
 
+# peft methods whose layers cannot be streamed, and why (the others wrap a layer's modules or the input embeddings)
+UNSTREAMABLE_PEFT = {"PREFIX_TUNING": "gives every decoder layer a key/value prefix (past_key_values), and streamed "
+                                      "layers run without a KV cache"}
+
+
+def _refuse_unstreamable_adapters(module: nn.Module) -> None:
+    from megatrain_lightning.errors import UserError
+
+    for m in module.modules():
+        configs = getattr(m, "peft_config", None)
+        for config in configs.values() if isinstance(configs, dict) else ():
+            kind = getattr(getattr(config, "peft_type", None), "value", None)
+            if kind in UNSTREAMABLE_PEFT:
+                raise UserError(f"peft {kind}: {UNSTREAMABLE_PEFT[kind]}; LoRA, DoRA, IA3, LoHa, VeRA and prompt "
+                                "tuning train under the megatrain strategy")
+
+
 def stream_layers(module: nn.Module) -> LayerList | None:
     """Finds a transformers causal LM in `module` and swaps its decoder layer list for a LayerList (same layers, same
     parameter names); None when there is none. An architecture not in ARCHITECTURES is refused by name."""
     from megatrain_lightning.errors import UserError
 
+    _refuse_unstreamable_adapters(module)
     model = next((m for m in module.modules() if is_transformers_model(m)), None)
     if model is None:
         return None
