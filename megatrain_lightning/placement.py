@@ -32,13 +32,6 @@ def nvme_terms(layouts: list[Layout], dtype: torch.dtype) -> tuple[list[int], in
     return layer_ram, fixed, window
 
 
-def nvme_ram_bytes(layouts: list[Layout], dtype: torch.dtype, n_on_disk: int) -> int:
-    """RAM of the fp32 state and copies (the budget's part; the window apart) with the first `n_on_disk` trunk layers
-    in files."""
-    layer_ram, fixed, _ = nvme_terms(layouts, dtype)
-    return fixed + sum(layer_ram[n_on_disk:])
-
-
 def nvme_units(layouts: list[Layout], dtype: torch.dtype, ram_budget_GiB: float | None,
                owners: list[int] | None = None, rank: int = 0, ranks_per_node: int = 1) -> list[int]:
     """storage=nvme: the first trunk layers whose state (fp32 tile and streamed copy) does not fit the RAM budget
@@ -58,7 +51,8 @@ def nvme_units(layouts: list[Layout], dtype: torch.dtype, ram_budget_GiB: float 
                                    ranks_per_node)
     if problem:
         raise UserError(f"storage.ram_budget_GiB: {problem}")
-    mine = [i for i in S.nvme_layers_of_ranks(layer_ram, fixed, budget, owners) if owners[i] == rank]
+    frozen = [lay.trainable == 0 for lay in layouts[:-1]]  # wholly frozen layers go to the drives first
+    mine = [i for i in S.nvme_layers_of_ranks(layer_ram, fixed, budget, owners, frozen) if owners[i] == rank]
     if mine:
         own = [i for i in range(len(layer_ram)) if owners[i] == rank]
         ram = (fixed if owners[-1] == rank else 0) + sum(layer_ram[i] for i in own if i not in mine)

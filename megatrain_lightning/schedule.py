@@ -82,13 +82,17 @@ def nvme_layers(layer_ram: list[float], fixed_ram: float, budget_bytes: float) -
 
 
 def nvme_layers_of_ranks(layer_ram: list[float], fixed_ram: float, budget_bytes: float,
-                         owners: Sequence[int]) -> list[int]:
+                         owners: Sequence[int], frozen: Sequence[bool] = ()) -> list[int]:
     """The file-backed trunk layers with the units dealt to ranks (`owners`: assign_units'; one rank: all 0): each
     rank, within its share `budget_bytes` of its node's budget, puts the first of its own layers in files
-    (nvme_layers over them; the resident unit's state counts for its owner). Sorted layer indices."""
+    (nvme_layers over them; the resident unit's state counts for its owner). Wholly frozen layers (`frozen`, per
+    layer) go first: on the drives they are only read, where a trained layer's state is also read and written by
+    every update. Sorted layer indices."""
     out: list[int] = []
     for r in sorted(set(owners)):
         mine = [i for i in range(len(layer_ram)) if owners[i] == r]
+        if frozen:
+            mine.sort(key=lambda i: not frozen[i])  # stable: layer order within each kind
         n = nvme_layers([layer_ram[i] for i in mine], fixed_ram if owners[-1] == r else 0, budget_bytes)
         out += mine[:n]
     return sorted(out)

@@ -59,8 +59,12 @@ def nvme_budget_GiB(model: torch.nn.Module, on_disk: int, dtype: torch.dtype = t
         return Layout([(n, p.shape) for n, p in named], frozen=frozen, in_copy=in_copy)
     rest = [(name, owners[0][2]) for name, owners in surgery.param_refs(model, skip=trunk).values()]
     layouts = [layout(b.named_parameters()) for b in trunk] + [layout(rest)]
-    need = placement.nvme_ram_bytes(layouts, dtype, on_disk)
-    budget = need + 0.5 * (placement.nvme_ram_bytes(layouts, dtype, on_disk - 1) - need) if on_disk else need
+    layer_ram, fixed, _ = placement.nvme_terms(layouts, dtype)
+    order = sorted(range(len(layer_ram)), key=lambda i: layouts[i].trainable != 0)  # wholly frozen layers go first
+
+    def need(n: int) -> float:  # RAM with the first n layers of that order in files
+        return fixed + sum(layer_ram[i] for i in order[n:])
+    budget = need(on_disk) + 0.5 * (need(on_disk - 1) - need(on_disk)) if on_disk else need(0)
     assert len(placement.nvme_units(layouts, dtype, budget / 2**30)) == on_disk
     return budget / 2**30
 

@@ -184,3 +184,16 @@ def test_nvme_placement_counts_what_frozen_layers_hold(tmp_path):
     _, _, _, strategy = megatrain_run(model, make_batches(model.config, 2), 2, 1, None, record_grads=False,
                                       storage="nvme", ram_budget_GiB=budget_GiB * 0.9, nvme_dir=tmp_path)
     assert any(u.on_disk for u in strategy.store.units)  # below it, the first layers go to their files
+
+
+def test_nvme_puts_a_wholly_frozen_layer_on_the_drives_first(tmp_path):
+    """Layer 1 is frozen whole: with room in RAM for all but one layer it is the one in a file (only read there),
+    not layer 0 (whose update would read and write its state on the drive every step); training is unchanged."""
+    model = _frozen_model()
+    batches = make_batches(model.config, 4)
+    losses, _, weights, strategy = megatrain_run(model, batches, 2, 2, 1.0, record_grads=False, storage="nvme",
+                                                 ram_budget_GiB=nvme_budget_GiB(model, 1), nvme_dir=tmp_path)
+    assert [i for i, u in enumerate(strategy.store.units) if u.on_disk] == [1]
+    ref_losses, _, ref_weights = reference_run(model, batches, 2, 2, 1.0)
+    assert all(abs(a - b) <= TOL * abs(b) for a, b in zip(losses, ref_losses, strict=True))
+    assert all(rel_err(weights[n], w) < TOL for n, w in ref_weights.items())
