@@ -83,6 +83,7 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
     # a transformers model built on the meta device (configure_model) is initialized part by part as its own
     # initialization would, one layer at a time
     init = adapters.initializer(module) if isinstance(trunk, adapters.LayerList) else None
+    dora: list[tuple[str, str]] = []  # DoRA magnitudes built here, and their base weights: set again after an import
     for i, block in enumerate(trunk):
         if any(p.is_meta for p in block.parameters()) or any(b.is_meta for b in block.buffers()):
             # imported weights replace the initialized ones; a buffer (a router's bias) is set by the model's
@@ -90,6 +91,7 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
             unset_buffers = any(b.is_meta for b in block.buffers())
             surgery.materialize(block, initialize=init_from is None or unset_buffers, init=init)
             adapters.init_adapters(adapters.adapter_layers(block), module)  # no base checkpoint holds them
+            dora += [(f"{prefix}.{i}.{mag}", f"{prefix}.{i}.{w}") for mag, w in adapters.dora_magnitudes(block)]
         store.fill(i, list(block.named_parameters()))
         surgery.parameters_to_meta(block)  # the store holds the weights now; free the module's copy (buffers stay)
         for n, p in block.named_parameters():
@@ -100,6 +102,8 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
     inside = {id(m) for m in trunk.modules()}
     meta_adapters = [m for m in adapters.adapter_layers(module)
                      if id(m) not in inside and any(p.is_meta for p in m.parameters())]
+    dora += [(f"{n}.{mag}", f"{n}.{w}") for n, m in module.named_modules() if any(m is a for a in meta_adapters)
+             for mag, w in adapters.dora_magnitudes(m) if mag.startswith("lora_magnitude_vector.")]  # its own
     for _, owners in refs:
         p = owners[0][2]
         if p.is_meta:
@@ -123,5 +127,7 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
         buffers = {n: b for n, b in module.named_buffers() if not n.startswith(prefix + ".")}
         buffers.update({f"{prefix}.{i}.{n}": b for i, block in enumerate(trunk) for n, b in block.named_buffers()})
         hf.load_into_store(init_from, store, aliases, hf_model, buffers)
+        for magnitude, weight in dora:  # from the imported base weights (the adapters start at zero)
+            store.set_weight(aliases.get(magnitude, magnitude), adapters.row_norms(store.master_of(weight)))
         log.info(f"initialized from the Hugging Face checkpoint {init_from}")
     return Built(store, trunk, prefix, refs, aliases, param_names)

@@ -1,9 +1,9 @@
 """A Hugging Face `peft` model in a LightningModule under the megatrain strategy: built in `__init__` (LoRA on every
 linear layer of llama, qwen3 and two mixtures, LoRA with dropout, DoRA, IA3, LoHa, VeRA, prompt tuning, LoRA on a
-mixture's fused experts) it
-trains like Lightning's default strategy; built in `configure_model` (on the meta device, initialized layer by
+mixture's fused experts) it trains like Lightning's default strategy; built in `configure_model` (on the meta device, initialized layer by
 layer) its adapters start as peft starts them (B = 0: the adapted model is its base model), not drawn like the base
-model's Linear weights; adapters whose initialization needs more are refused by name (issue #28)."""
+model's Linear weights, DoRA's magnitudes the base weights' row norms (imported ones too); adapters whose
+initialization needs more, and prefix tuning, are refused by name (issue #28)."""
 
 from __future__ import annotations
 
@@ -142,11 +142,46 @@ def test_lora_built_in_configure_model_starts_as_its_base_model():
     assert all(0 < v.abs().max() <= bound and v.std() > bound / 3 for v in a)
 
 
-def test_dora_built_in_configure_model_is_refused_by_name():
+@pytest.mark.parametrize("imported", [False, True])
+def test_dora_built_in_configure_model_starts_as_its_base_model(imported, tmp_path):
+    """DoRA's magnitudes are the base weights' row norms (LoRA's B zero), whether the base is initialized there or
+    imported afterwards (init_from): the first loss is the base model's. Before: refused by name."""
+    from megatrain_lightning import model_store
+
+    torch.manual_seed(7)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**CONFIG)).float()
+    base.save_pretrained(tmp_path / "hf")
+    fresh = LoRAModule(use_dora=True)
+    with torch.device("meta"):
+        fresh.configure_model()
+    built = model_store.build(fresh, torch.float32, pin=False, storage="ram", stream="auto", ram_budget_GiB=None,
+                              nvme_dir="unused", init_from=tmp_path / "hf" if imported else None)
+    masters = built.store.named("master")
+    magnitudes = {k: v for k, v in masters.items() if "lora_magnitude_vector" in k}
+    assert len(magnitudes) == 4
+    for name, m in magnitudes.items():
+        weight = masters[name.replace("lora_magnitude_vector.default.weight", "base_layer.weight")]
+        torch.testing.assert_close(m, torch.linalg.norm(weight, dim=1), rtol=1e-6, atol=0)
+        if imported:  # the checkpoint's weight, not the one initialized before the import
+            plain = name[len("model.base_model.model."):].replace("lora_magnitude_vector.default.weight", "weight")
+            assert torch.equal(weight, base.get_parameter(plain).detach())
+    assert all(torch.count_nonzero(v) == 0 for k, v in masters.items() if "lora_B" in k)
+    if imported:  # trains from there: the first loss is the imported base model's
+        got = LoRAModule(use_dora=True)
+        batch = torch.randint(0, 128, (2, 17), generator=torch.Generator().manual_seed(2))
+        _fit(got, MegatrainStrategy(init_from=tmp_path / "hf"), [batch])
+        with torch.no_grad():
+            want = base(input_ids=batch, labels=batch).loss.item()
+        assert got.losses[0] == pytest.approx(want, rel=1e-5)
+
+
+def test_an_initialization_that_needs_more_than_the_base_is_refused_in_configure_model():
     trainer = L.Trainer(strategy=MegatrainStrategy(), accelerator="cpu", devices=1, max_steps=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
-    with pytest.raises(UserError, match=r"a peft model built in configure_model \(on the meta device\) with DoRA"):
-        trainer.fit(LoRAModule(use_dora=True), train_dataloaders=loader([torch.zeros(1, 17, dtype=torch.long)]))
+    with pytest.raises(UserError, match=r"a peft model built in configure_model \(on the meta device\) with "
+                                        r"init_lora_weights='pissa'"):
+        trainer.fit(LoRAModule(init_lora_weights="pissa"),
+                    train_dataloaders=loader([torch.zeros(1, 17, dtype=torch.long)]))
 
 
 def test_save_pretrained_after_fit_writes_the_trained_adapter(tmp_path):

@@ -11,6 +11,7 @@ import sys
 
 from typing import Callable
 
+import torch
 from torch import nn
 
 from megatrain_lightning.errors import UserError
@@ -133,18 +134,41 @@ _LORA_INITS = (True, False, "gaussian")
 def _adapter_init(m: nn.Module, configs: dict) -> None:
     """A peft adapter layer (LoRA's lora_A/lora_B) initialized as peft initializes it: A kaiming-uniform (or
     gaussian), B zero, so the adapted model starts as its base model; the model's `_init_weights` alone would draw
-    B like any Linear and start somewhere else. Adapters whose initialization needs more (DoRA's magnitudes from
-    the base weights, PiSSA, LoftQ, IA3, ...) are refused by name rather than started wrong."""
+    B like any Linear and start somewhere else. DoRA's magnitudes are the base weight's row norms (B being zero);
+    `dora_magnitudes` sets them again once the base weights are imported. Adapters whose initialization needs more
+    (PiSSA, LoftQ, IA3, DoRA on a layer other than a Linear, ...) are refused by name rather than started wrong."""
     names = list(getattr(m, "lora_A", {}) or [])
     for name in names or [None]:
         init_weights = getattr(configs.get(name), "init_lora_weights", True)
         dora = bool(getattr(m, "use_dora", {}).get(name)) if name is not None else False
-        if name is None or dora or init_weights not in _LORA_INITS or not hasattr(m, "reset_lora_parameters"):
-            what = "DoRA" if dora else f"init_lora_weights={init_weights!r}" if name is not None else type(m).__name__
+        plain_linear = isinstance(m.get_base_layer(), nn.Linear) and not getattr(m, "fan_in_fan_out", False)
+        if name is None or (dora and not plain_linear) or init_weights not in _LORA_INITS \
+                or not hasattr(m, "reset_lora_parameters"):
+            what = (f"DoRA on a {type(m.get_base_layer()).__name__}" if dora else f"init_lora_weights={init_weights!r}"
+                    if name is not None else type(m).__name__)
             raise UserError(f"a peft model built in configure_model (on the meta device) with {what}: its adapters' "
-                            "initialization needs the base weights or is not LoRA's; build the peft model in the "
-                            "LightningModule's __init__ instead (the strategy then takes its weights as they are)")
+                            "initialization needs more than the base weights or is not LoRA's; build the peft model in "
+                            "the LightningModule's __init__ instead (the strategy then takes its weights as they are)")
         m.reset_lora_parameters(name, init_weights)
+        if dora:
+            with torch.no_grad():
+                m.lora_magnitude_vector[name].weight.copy_(row_norms(m.get_base_layer().weight))
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    """DoRA's magnitude of a Linear weight [out, in] with its LoRA at zero: the L2 norm of each output row, fp32."""
+    return torch.linalg.norm(weight.float(), dim=1)
+
+
+def dora_magnitudes(module: nn.Module) -> list[tuple[str, str]]:
+    """(magnitude, base weight) parameter names, relative to `module`, of its DoRA adapter layers."""
+    out = []
+    for mn, m in module.named_modules():
+        at = f"{mn}." if mn else ""
+        for name, on in (getattr(m, "use_dora", None) or {}).items():
+            if on:
+                out.append((f"{at}lora_magnitude_vector.{name}.weight", f"{at}base_layer.weight"))
+    return out
 
 
 def eager_attention_heads(module: nn.Module) -> int:
