@@ -192,8 +192,8 @@ def predicted(a, config: Config) -> dict:
                  f"storage.offload_checkpoints={'null' if a.offload_checkpoints == 'auto' else a.offload_checkpoints}"]
     if a.ram_budget_GiB is not None:
         overrides.append(f"storage.ram_budget_GiB={a.ram_budget_GiB}")
-    if a.as_transformers:  # what the strategy does with a transformers model: eager layers
-        overrides += ["storage.compile=false"]
+    if a.compile != "auto" or a.as_transformers:  # a transformers model's layers: eager unless asked
+        overrides += [f"storage.compile={'true' if a.compile == 'true' else 'false'}"]
     ans = check(compose(overrides))
     return dict(planner_step_s=round(ans.step_time_s, 4), planner_compute_share=round(ans.compute_share, 4),
                 planner_gpu_GiB=round(ans.timeline.gpu_peak_bytes / 2**30, 2), planner_fits=ans.fits,
@@ -257,6 +257,8 @@ def main() -> None:
     ap.add_argument("--plain", action="store_true",
                     help="the same LightningModule under Lightning's default single-device strategy: everything on "
                          "the GPU, AdamW there, activation checkpointing per decoder layer (transformers models)")
+    ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
+                    help="blocks through torch.compile (auto: the engine's default, off for transformers models)")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--memory-peak", action="store_true",
                     help="CUDA: name what is live at the second step's peak of allocated memory")
@@ -274,7 +276,8 @@ def main() -> None:
                                  storage=a.storage, ram_budget_GiB=a.ram_budget_GiB, nvme_dir=a.nvme_dir,
                                  device_state_GiB=a.device_state_GiB, chunk_tokens=a.chunk_tokens,
                                  step_cache_GiB=a.step_cache_GiB, trace_dir=a.trace_dir, trace_step=2,
-                                 offload_checkpoints=OFFLOAD[a.offload_checkpoints])
+                                 offload_checkpoints=OFFLOAD[a.offload_checkpoints],
+                                 compile={"auto": None, "true": True, "false": False}[a.compile])
     timer = StepTimer(sync_at={1, a.steps + 1})  # step 1 is the warm-up; the window is steps 2 .. steps + 1
     peak = PeakMemory(step=a.accumulate) if a.memory_peak and torch.cuda.is_available() else None
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=a.devices, precision=a.precision,
@@ -325,7 +328,7 @@ def main() -> None:
                   if strategy.engine.device_states else 0,
                   nvme_layers=sum(u.on_disk for u in strategy.store.units), freeze=a.freeze,
                   frozen_params=sum(u.layout.numel - u.layout.trainable for u in strategy.store.units),
-                  lora=a.lora, plain=a.plain,
+                  lora=a.lora, plain=a.plain, compile=a.compile,
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log],
                   chunk_sequences=next(iter(strategy.engine.sweep.chunk_of.values()), None),
                   step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0,

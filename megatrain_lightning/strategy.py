@@ -173,7 +173,8 @@ class MegatrainStrategy(DataParallelBase):
                                       compile=(cuda and not layer_list) if opts.compile is None else opts.compile,
                                       offload_checkpoints=opts.offload_checkpoints, chunk_tokens=opts.chunk_tokens,
                                       per_sample_extras=trunk.per_sample_extras,
-                                      block_input_dirs=opts.nvme_dir if opts.storage == "nvme" else ())
+                                      block_input_dirs=opts.nvme_dir if opts.storage == "nvme" else (),
+                                      same_computation=adapters.CACHE_ONLY_ATTRIBUTES if layer_list else ())
         trunk.engine = self.engine
         if layer_list:  # the model's own forward calls each layer
             trunk.calls = LayerCalls(self.engine)

@@ -101,7 +101,7 @@ class StreamingEngine:
                  checkpoint_interval: int, prefetch_depth: int, compile: bool = False,
                  offload_checkpoints: bool | str | None = False, chunk_tokens: int | None = None,
                  per_sample_extras: tuple[int, ...] = (),
-                 block_input_dirs: Sequence[str | Path] = ()) -> None:
+                 block_input_dirs: Sequence[str | Path] = (), same_computation: tuple[str, ...] = ()) -> None:
         """`compile`: run blocks through torch.compile (one graph per layer signature). `offload_checkpoints`: keep
         the block inputs in host memory (CUDA only; on the CPU the device is the host); None: when RAM has room, else
         in files under `block_input_dirs` if given (storage=nvme); "disk": in those files (on the CPU too).
@@ -120,7 +120,10 @@ class StreamingEngine:
         # one stateless template per distinct layer signature and configuration (a per-layer sliding window or
         # layer index changes what a block computes); the blocks themselves hold meta tensors
         templates: dict[tuple, nn.Module] = {}
-        self.templates = [templates.setdefault((store.units[i].layout.signature, surgery.configuration(b)), b)
+        # (`same_computation`: attributes that do not change it, e.g. a transformers layer's index, which only its KV
+        # cache reads: layers alike but for it share a template, and under torch.compile one graph)
+        self.templates = [templates.setdefault((store.units[i].layout.signature,
+                                                surgery.configuration(b, same_computation)), b)
                           for i, b in enumerate(blocks)]
         self.blocks = blocks
         self.sweep = Sweep(device, chunk_tokens, per_sample_extras, self.templates, layers=checkpoint_interval)

@@ -23,6 +23,12 @@ ARCHITECTURES = {"llama": "layers", "mistral": "layers", "qwen2": "layers", "qwe
                  "gpt_oss": "layers", "deepseek_v3": "layers", "glm4_moe": "layers"}
 
 
+# a decoder layer's attributes that only its KV cache reads (streamed layers run without one): layers that differ in
+# nothing else compute alike (engine templates; transformers 5 sets a sliding window or an attention type as
+# attributes of their own, which do count)
+CACHE_ONLY_ATTRIBUTES = ("layer_idx",)
+
+
 def is_transformers_model(m: nn.Module) -> bool:
     """A transformers PreTrainedModel (told without importing transformers)."""
     return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(m).__mro__)

@@ -132,9 +132,10 @@ def move_except(module: nn.Module, device: torch.device, stop: Callable[[nn.Modu
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))  # what every nn.Module has: parameters, buffers, hooks, training
 
 
-def configuration(block: nn.Module) -> tuple:
+def configuration(block: nn.Module, ignore: tuple[str, ...] = ()) -> tuple:
     """What, besides its weights, decides what a block computes: each submodule's type and own attributes (plain
-    values compared by value, any other object by identity: a shared object is the same, per-block ones differ)."""
+    values compared by value, any other object by identity: a shared object is the same, per-block ones differ),
+    but those named in `ignore` (attributes known not to change the computation)."""
     def key(v):
         if v is None or isinstance(v, (bool, int, float, str)):
             return v
@@ -144,5 +145,6 @@ def configuration(block: nn.Module) -> tuple:
             return dict, tuple(sorted((repr(k), key(x)) for k, x in v.items()))
         return "object", id(v)
 
-    return tuple((name, type(m), tuple(sorted((k, key(v)) for k, v in vars(m).items() if k not in _MODULE_INTERNALS)))
+    return tuple((name, type(m), tuple(sorted((k, key(v)) for k, v in vars(m).items()
+                                              if k not in _MODULE_INTERNALS and k not in ignore)))
                  for name, m in block.named_modules())
