@@ -143,3 +143,30 @@ def test_the_planner_counts_the_adapters_peft_makes(preset, targets):
     wl = Workload(config, seq_len=128, micro_batch=1, lora_r=8,
                   lora_targets=targets if isinstance(targets, str) else tuple(targets))
     assert wl.adapter_params == made
+
+
+def test_a_mixture_trains_exports_and_merges_as_its_transformers_model(tmp_path):
+    """model=hf on a qwen3_moe checkpoint with lora=default: the transformers model itself with adapters on its
+    linear layers (attention; its experts are fused parameters, its router no nn.Linear, in transformers 5); the
+    adapter and the merged export give the trained model's logits."""
+    from megatrain_lightning.hf.model import HFCausalLM
+
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(**{**CONFIG, "intermediate_size": 96}, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=48, decoder_sparse_step=1, head_dim=16)
+    transformers.AutoModelForCausalLM.from_config(config).float().save_pretrained(tmp_path / "hf")
+    np.save(tmp_path / "tokens.npy", np.random.default_rng(0).integers(0, 128, 4000).astype(np.int64))
+    saved = _train(tmp_path, tmp_path / "hf", tmp_path / "tokens.npy", steps=3)
+    assert {k.split(".")[-4] for k in ckpt.read_masters(saved) if "lora_A" in k} == {"q_proj", "k_proj", "v_proj",
+                                                                                      "o_proj"}
+    lm = HFCausalLM.load_from_checkpoint(saved).eval()
+    x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = lm.logits(lm.final_hidden(x).flatten(0, 1)).view(2, 16, -1)
+        assert hf_main(["export", str(saved), str(tmp_path / "adapter")]) == 0
+        original = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+        loaded = peft.PeftModel.from_pretrained(original, tmp_path / "adapter").eval()
+        torch.testing.assert_close(loaded(input_ids=x).logits, want, rtol=1e-5, atol=1e-5)
+        assert hf_main(["export", str(saved), str(tmp_path / "merged"), "--merge", "--dtype", "float32"]) == 0
+        merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+        torch.testing.assert_close(merged(input_ids=x).logits, want, rtol=1e-4, atol=1e-4)
