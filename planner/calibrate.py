@@ -150,6 +150,13 @@ def link_rates(device: torch.device, nbytes: int) -> dict[str, float]:
     return {"h2d_GBps": round(h2d, 1), "d2h_GBps": round(d2h, 1), "duplex_GBps": round(max(duplex, h2d, d2h), 1)}
 
 
+def device_memory_GBps(device: torch.device, nbytes: int) -> float:
+    """A device-to-device copy, bytes read and written per second (what LoRA's memory-bound kernels move)."""
+    x = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=device)
+    y = torch.empty_like(x)
+    return round(2 * x.nbytes / _best(lambda: y.copy_(x), sync=torch.cuda.synchronize) / 1e9, 1)
+
+
 def gpu_adamw_Gparams(device: torch.device, n_params: int) -> float:
     """The fused AdamW kernel over device-kept state (fp32 master, m, v, gradient), with a clip scale."""
     p, g, m, v = (torch.rand(n_params, device=device) for _ in range(4))
@@ -180,8 +187,9 @@ def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, w
         hw["fp32_TFLOPS"] = round(matmul_TFLOPS(device, torch.float32, 8192, sync), 1)
         say("host <-> GPU copies")
         hw.update(link_rates(device, 1 << 30))
-        say("AdamW on the GPU")
+        say("AdamW on the GPU, device memory")
         hw["gpu_adamw_Gparams"] = gpu_adamw_Gparams(device, 1 << 28)
+        hw["hbm_GBps"] = device_memory_GBps(device, 1 << 30)
         width = width or Config.from_name("llama-3-8b", n_layer=1)
         seq_len = seq_len or 1024
         tokens = (2 * seq_len, 16 * seq_len)
@@ -206,7 +214,7 @@ def calibrate(disk_path: str = ".", disk_mib: int = 1024, quick: bool = False, w
     if not cuda:
         hw["gpu_adamw_Gparams"] = hw["cpu_adamw_Gparams"]  # unused: nothing is kept on a device that is the host
         hw["hbm_GiB"] = hw["host_ram_GiB"]
-        hw["h2d_GBps"] = hw["d2h_GBps"] = hw["duplex_GBps"] = hw["host_mem_GBps"]
+        hw["h2d_GBps"] = hw["d2h_GBps"] = hw["duplex_GBps"] = hw["hbm_GBps"] = hw["host_mem_GBps"]
     say(f"disk reads and writes under {disk_path}")
     hw.update(disk_rates(disk_path, 64 if quick else disk_mib))
     return Hardware.from_dict(hw)

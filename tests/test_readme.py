@@ -79,4 +79,6 @@ def test_calibrate_runs_as_written(tmp_path):
     from planner.hardware import Hardware
 
     preset = yaml.safe_load((tmp_path / "conf" / "hardware" / "local.yaml").read_text())
-    assert Hardware.from_dict(preset).host_ram_GiB > 0 and "wrote conf/hardware/local.yaml" in proc.stderr
+    hw = Hardware.from_dict(preset)
+    assert hw.host_ram_GiB > 0 and "wrote conf/hardware/local.yaml" in proc.stderr
+    assert hw.hbm_GBps == hw.host_mem_GBps > 0  # on the CPU the device's memory is the host's
