@@ -36,6 +36,10 @@ FAMILIES = {
         v_head_dim=16, n_group=1, topk_group=1)),
 }
 STEPS, ACCUMULATE = 5, 2
+# the engine's templates (one compiled graph each under compile=True) for the 3 layers: layers that differ only in
+# layer_idx share one; deepseek_v3's dense first layer and gpt_oss's local/full layers differ truly, gemma3's by a
+# per-layer activation object (mlp.act_fn.act) that would need comparing by what it computes
+TEMPLATES = {"deepseek_v3": 2, "gpt_oss": 2, "gemma3_text": 3}
 
 
 class HFModule(L.LightningModule):
@@ -81,6 +85,7 @@ def test_transformers_model_trains_like_the_default_strategy(family):
         # whole steps (test_parity.NOISE_TOL)
         assert rel_err(masters[trainer.strategy._aliases.get(name, name)], p.detach()) < tol(name), name
     assert all(p.is_meta for p in got.model.base_model.layers.parameters())  # the layers live in the store
+    assert len({id(t) for t in trainer.strategy.engine.templates}) == TEMPLATES.get(family, 1)
     # gpt-oss's eager attention materializes its scores: the sweep's chunk rule counts them
     eager = got.model.config._attn_implementation == "eager"
     assert trainer.strategy.engine.sweep.eager_attention_heads == (TINY["num_attention_heads"] if eager else 0)
