@@ -127,6 +127,16 @@ class PlainHFCausalLM:
         return Plain(*args, **kwargs)
 
 
+def with_experts(lm, implementation: str):
+    """`lm.configure_model` that also sets the transformers model's experts implementation (--experts)."""
+    build = lm.configure_model
+
+    def configure_model() -> None:
+        build()
+        lm.model.set_experts_implementation(implementation)
+    return configure_model
+
+
 class Plain:
     """What the report reads of the megatrain strategy, for a --plain run (no host store, no engine)."""
 
@@ -259,6 +269,9 @@ def main() -> None:
                          "the GPU, AdamW there, activation checkpointing per decoder layer (transformers models)")
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                     help="blocks through torch.compile (auto: the engine's default, off for transformers models)")
+    ap.add_argument("--experts", default=None, metavar="IMPL",
+                    help="a transformers mixture's experts implementation (set_experts_implementation: eager, "
+                         "grouped_mm, batched_mm, ...); default: transformers' choice (grouped_mm where it dispatches)")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--memory-peak", action="store_true",
                     help="CUDA: name what is live at the second step's peak of allocated memory")
@@ -296,6 +309,8 @@ def main() -> None:
 
         lm = (PlainHFCausalLM if a.plain else HFCausalLM)(
             config, config_json(config) if config.transformers_type else config.to_hf("float32"), **hp)
+        if a.experts:
+            lm.configure_model = with_experts(lm, a.experts)
     else:
         lm = FrozenLM(a.freeze, config, **hp) if a.freeze else CausalLM(config, **hp)
     trainer.fit(lm, train_dataloaders=data)
@@ -329,6 +344,8 @@ def main() -> None:
                   nvme_layers=sum(u.on_disk for u in strategy.store.units), freeze=a.freeze,
                   frozen_params=sum(u.layout.numel - u.layout.trainable for u in strategy.store.units),
                   lora=a.lora, plain=a.plain, compile=a.compile,
+                  experts=getattr(getattr(getattr(lm, "model", None), "config", None),
+                                  "_experts_implementation_internal", None),
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log],
                   chunk_sequences=next(iter(strategy.engine.sweep.chunk_of.values()), None),
                   step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0,
