@@ -37,9 +37,9 @@ FAMILIES = {
 }
 STEPS, ACCUMULATE = 5, 2
 # the engine's templates (one compiled graph each under compile=True) for the 3 layers: layers that differ only in
-# layer_idx share one; deepseek_v3's dense first layer and gpt_oss's local/full layers differ truly, gemma3's by a
-# per-layer activation object (mlp.act_fn.act) that would need comparing by what it computes
-TEMPLATES = {"deepseek_v3": 2, "gpt_oss": 2, "gemma3_text": 3}
+# layer_idx (and gemma3's per-layer activation, a functools.partial of the same function) share one;
+# deepseek_v3's dense first layer and gpt_oss's local/full layers differ truly
+TEMPLATES = {"deepseek_v3": 2, "gpt_oss": 2}
 
 
 class HFModule(L.LightningModule):

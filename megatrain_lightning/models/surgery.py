@@ -4,6 +4,7 @@ device, and telling which blocks compute alike (one template each)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -143,6 +144,8 @@ def configuration(block: nn.Module, ignore: tuple[str, ...] = ()) -> tuple:
             return type(v), tuple(key(x) for x in v)
         if isinstance(v, dict):
             return dict, tuple(sorted((repr(k), key(x)) for k, x in v.items()))
+        if isinstance(v, functools.partial):  # one per block, computing alike (transformers' activations)
+            return functools.partial, key(v.func), key(v.args), key(v.keywords)
         return "object", id(v)
 
     return tuple((name, type(m), tuple(sorted((k, key(v)) for k, v in vars(m).items()
