@@ -1,6 +1,8 @@
 """A LightningModule holding a transformers causal LM trains with strategy="megatrain" exactly as under Lightning's
 default strategy: losses and weights after 5 AdamW steps with clipping and accumulation (32-true, CPU)."""
 
+import copy
+
 import lightning as L
 import pytest
 import torch
@@ -307,3 +309,27 @@ def test_validation_and_bf16_with_a_transformers_model(precision, tolerance):
     for a, b in zip(got, want, strict=True):
         assert abs(a - b) <= tolerance * abs(b), (got, want)
     assert abs(got_val - want_val) <= tolerance * abs(want_val), (got_val, want_val)
+
+
+def test_layers_share_a_template_only_where_they_compute_alike():
+    """Gemma 3 with 7 layers: five sliding-window layers, a full-attention one, a sliding one. The layers differ in
+    layer_idx and in a per-layer activation object, which do not change what they compute, and in their attention,
+    which does: two templates, and training as under the default strategy (a window of 4 in 16 tokens matters)."""
+    config = transformers.Gemma3TextConfig(**{**TINY, "num_hidden_layers": 7}, head_dim=16, sliding_window=4,
+                                           query_pre_attn_scalar=16)
+    assert config.layer_types.count("full_attention") == 1
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).float()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(3)]
+    runs = {}
+    for name, strategy in (("auto", "auto"), ("megatrain", MegatrainStrategy())):
+        module = HFModule("gemma3_text")
+        module.model = copy.deepcopy(model)
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=3, precision="32-true",
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=loader(batches))
+        runs[name] = (module.losses, trainer)
+    assert len({id(t) for t in runs["megatrain"][1].strategy.engine.templates}) == 2
+    torch.testing.assert_close(torch.tensor(runs["megatrain"][0]), torch.tensor(runs["auto"][0]), rtol=1e-5, atol=0)
