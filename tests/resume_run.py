@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -42,19 +43,21 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
         device_state_GiB: float | None = None, signal_at_batch: int | None = None, devices: int = 1,
         micro_batch: int = MICRO_BATCH, fail_at_batch: int | None = None, last_rank_kwargs: dict | None = None,
         clip: float = 1.0, accelerator: str = "cpu", step_cache_GiB: float | None = None, num_nodes: int = 1,
-        replicate_nodes: bool = False, model: dict | None = None) -> None:
+        replicate_nodes: bool = False, model: dict | None = None, freeze_bf16: str | None = None) -> None:
     """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it).
     `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives). `devices`: CPU
     ranks (gloo), each with `micro_batch` sequences; `fail_at_batch`: the last rank raises during that micro-batch; `last_rank_kwargs`: strategy
     arguments of the last rank only; `clip` 0: no clipping (updates then start as gradients land); `accelerator` "gpu":
     one GPU a rank (NCCL); `step_cache_GiB`: the strategy's (None: auto, which on the CPU caches nothing);
     `num_nodes` > 1: this process is node NODE_RANK's (the test starts one per node, MASTER_PORT shared), and
-    `replicate_nodes` the strategy's. `model`: overrides of the tiny preset's fields."""
+    `replicate_nodes` the strategy's. `model`: overrides of the tiny preset's fields. `freeze_bf16`: parameters whose
+    name matches this pattern are frozen and held in bf16 (a base under LoRA; run with precision="bf16-mixed")."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny", **(model or {}))
     torch.manual_seed(0)
-    lm = RecordingLM(config, **lm_kwargs(TOTAL_STEPS))  # built on meta, initialized by the strategy from the seed
+    lm = (RecordingLM(config, **lm_kwargs(TOTAL_STEPS)) if freeze_bf16 is None  # built on meta, initialized by the
+          else _FrozenBf16(freeze_bf16, config, **lm_kwargs(TOTAL_STEPS)))  # strategy from the seed
     dm = TokensDataModule(data, seq_len=SEQ_LEN, micro_batch=micro_batch, val_fraction=0.1, seed=11,
                           vocab_size=config.vocab_size)
     callbacks = []
@@ -91,6 +94,19 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
                                                        if strategy.engine.device_states else [],
                                                        "cached": sorted(strategy.engine.step_cache.units)
                                                        if strategy.engine.step_cache else []}))
+
+
+class _FrozenBf16(RecordingLM):
+    def __init__(self, pattern: str, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.pattern = re.compile(pattern)
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        for name, p in self.named_parameters():
+            if self.pattern.search(name):
+                p.requires_grad_(False)
+                p.data = p.data.to(torch.bfloat16)
 
 
 class _SignalAt(L.Callback):
