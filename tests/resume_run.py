@@ -56,8 +56,9 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny", **(model or {}))
     torch.manual_seed(0)
-    lm = (RecordingLM(config, **lm_kwargs(TOTAL_STEPS)) if freeze_bf16 is None  # built on meta, initialized by the
-          else _FrozenBf16(freeze_bf16, config, **lm_kwargs(TOTAL_STEPS)))  # strategy from the seed
+    lm = RecordingLM(config, **lm_kwargs(TOTAL_STEPS))  # built on meta, initialized by the strategy from the seed
+    if freeze_bf16 is not None:
+        lm.configure_model = _frozen_in_bf16(lm, freeze_bf16)
     dm = TokensDataModule(data, seq_len=SEQ_LEN, micro_batch=micro_batch, val_fraction=0.1, seed=11,
                           vocab_size=config.vocab_size)
     callbacks = []
@@ -96,17 +97,16 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
                                                        if strategy.engine.step_cache else []}))
 
 
-class _FrozenBf16(RecordingLM):
-    def __init__(self, pattern: str, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.pattern = re.compile(pattern)
+def _frozen_in_bf16(lm: RecordingLM, pattern: str):
+    """`lm.configure_model`, then the parameters matching `pattern` frozen and held in bf16 (still on meta)."""
+    build = lm.configure_model
 
-    def configure_model(self) -> None:
-        super().configure_model()
-        for name, p in self.named_parameters():
-            if self.pattern.search(name):
-                p.requires_grad_(False)
-                p.data = p.data.to(torch.bfloat16)
+    def configure_model() -> None:
+        build()
+        for p in (p for name, p in lm.named_parameters() if re.search(pattern, name)):
+            p.requires_grad_(False)
+            p.data = p.data.to(torch.bfloat16)
+    return configure_model
 
 
 class _SignalAt(L.Callback):
