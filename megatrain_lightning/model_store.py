@@ -102,7 +102,8 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
     inside = {id(m) for m in trunk.modules()}
     meta_adapters = [m for m in adapters.adapter_layers(module)
                      if id(m) not in inside and any(p.is_meta for p in m.parameters())]
-    dora += [(f"{n}.{mag}", f"{n}.{w}") for n, m in module.named_modules() if any(m is a for a in meta_adapters)
+    meta_ids = {id(m) for m in meta_adapters}
+    dora += [(f"{n}.{mag}", f"{n}.{w}") for n, m in module.named_modules() if id(m) in meta_ids
              for mag, w in adapters.dora_magnitudes(m) if mag.startswith("lora_magnitude_vector.")]  # its own
     for _, owners in refs:
         p = owners[0][2]

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from megatrain_lightning.config import Config
-from megatrain_lightning.options import EngineOptions, OptionError, resolve_stream
+from megatrain_lightning.options import EngineOptions, OptionError
 from megatrain_lightning import schedule as S
 from planner.errors import PlanError
 
@@ -240,17 +240,12 @@ class Workload:
     def unit_ram_bytes(self, unit: int) -> int:
         """A unit's host state in RAM: [master | m | v | grad] of its trainable parameters, its frozen ones in the
         compute dtype, and with stream="copy" (or storage=nvme) the compute-dtype copy of the trainable ones."""
-        copy = self.cb if self.cb != 4 and self.storage_stream == "copy" else 0
+        copy = self.cb if self.resolved_stream == "copy" else 0  # the placement asks once the stream is resolved
         return (STATE_BYTES + copy) * self.trainable(unit) + self.cb * self.frozen(unit)
 
     def unit_device_state_bytes(self, unit: int) -> int:
         """GPU bytes of a unit whose state the device keeps (device_state.DeviceStates)."""
         return S.DEVICE_STATE_BYTES * self.trainable(unit) + self.cb * self.frozen(unit)
-
-    @property
-    def storage_stream(self) -> str:
-        """The stream as the placement sees it: resolved, or (before the planner resolves it) the engine's rule."""
-        return resolve_stream(self.storage, self.stream, fp32=self.cb == 4) if self.stream == "auto" else self.stream
 
     # ---- FLOPs per token, forward (backward costs twice, block recompute once more) ----
     @property
