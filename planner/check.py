@@ -23,7 +23,8 @@ from planner.errors import PlanError
 from planner.hardware import Hardware, detect_gpu, disk_free_TB, host_ram_GiB, preset_for_gpu
 from planner.plan import Answer, plan
 from planner.report import as_dict, plot, text
-from megatrain_lightning.config import Config, LoRA
+from megatrain_lightning.config import Config
+from megatrain_lightning.lora_options import LoRA
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.options import EngineOptions, OptionError
 from planner.workload import Workload

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from megatrain_lightning.config import Config
 from megatrain_lightning.options import EngineOptions, OptionError
 from megatrain_lightning import schedule as S
+from planner import adapters
 from planner.errors import PlanError
 
 PRECISIONS = {"bf16-mixed": 2, "32-true": 4}  # Lightning precision -> bytes of the compute dtype
@@ -178,39 +179,15 @@ class Workload:
         return self.chunk_sequences * self.seq_len
 
     # ---- what trains: a LoRA run's adapters only, its base frozen (no gradient, no optimizer, held in cb bytes) ----
-    def _linear_shapes(self) -> dict[str, tuple[int, int]]:
-        """(in, out) features of the linear layers a decoder layer holds by name, as LoRA counts them (latent
-        attention counted as ordinary attention of the same heads; a mixture's routed experts are not linear layers
-        in transformers 5: a shared expert is)."""
-        c = self.model
-        D, q, kv = c.hidden_size, c.n_head * c.head_dim, c.n_kv_head * c.head_dim
-        out = {"q_proj": (D, q), "k_proj": (D, kv), "v_proj": (D, kv), "o_proj": (q, D)}
-        inner = c.intermediate_size if not c.n_experts else c.n_shared_experts * c.moe_intermediate_size
-        if inner:
-            out.update(gate_proj=(D, inner), up_proj=(D, inner), down_proj=(inner, D))
-        return out
-
-    def _adapted_shapes(self) -> list[tuple[int, int]]:
-        if not self.lora_r:
-            return []
-        shapes = self._linear_shapes()
-        names = shapes if self.lora_targets == "all-linear" else [n for n in self.lora_targets if n in shapes]
-        return [shapes[n] for n in names]
-
     @property
     def adapter_params(self) -> int:
-        """One decoder layer's LoRA parameters: r (in + out) per adapted linear layer."""
-        return self.lora_r * sum(i + o for i, o in self._adapted_shapes())
+        """One decoder layer's LoRA parameters (planner/adapters.py)."""
+        return adapters.params(self.model, self.lora_r, self.lora_targets)
 
     @property
     def adapter_bytes_per_token(self) -> int:
-        """Device memory one forward pass of a layer's adapters moves per token, beyond their base layers (memory-
-        bound at LoRA ranks, r << in, out). Eager, peft's LoRA reads the input (lora_A), writes B's output, scales
-        it (read, write) and adds it to the base output (two reads, a write): in + 6 out elements per adapted layer.
-        Compiled, the scaling and the sum fuse: in + 2 out fits the H200 measurement (llama-3.2-3b, r=16, 32 x
-        1024: 0.14 s of adapters a step compiled against 0.40 s eager; docs/performance.md, 2026-12-03)."""
-        out = 2 if self.compile else 6
-        return self.cb * sum(i + out * o for i, o in self._adapted_shapes())
+        """Device memory one forward pass of a layer's adapters moves per token (planner/adapters.py)."""
+        return adapters.bytes_per_token(self.model, self.lora_r, self.lora_targets, self.cb, bool(self.compile))
 
     def trainable(self, unit: int) -> int:
         """Parameters of a unit (a trunk layer, or the resident unit: index n_layers) with gradient and Adam state."""

@@ -1,6 +1,6 @@
 """The code's layout holds (docs/architecture.md, "The package map"): no import cycle among the project's modules,
 no module importing another's private names, arrows between packages one way, and the subpackages built on the
-torch-free vocabulary (config, schedule, options, errors) alone of the top-level modules."""
+torch-free vocabulary (config, schedule, options, lora_options, errors) alone of the top-level modules."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("megatrain_lightning", "planner")
 BASE = {"megatrain_lightning.config", "megatrain_lightning.schedule", "megatrain_lightning.options",
-        "megatrain_lightning.errors"}
+        "megatrain_lightning.lora_options", "megatrain_lightning.errors"}
 
 
 def _modules() -> dict[str, Path]:

@@ -17,7 +17,7 @@ from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.hf.cli import main as hf_main
 from megatrain_lightning.models.lm import CausalLM
-from megatrain_lightning.config import LoRA
+from megatrain_lightning.lora_options import LoRA
 from tests.test_cli import restore_logging  # noqa: F401  (a fixture: train.main sets up its own logging)
 
 transformers = pytest.importorskip("transformers")

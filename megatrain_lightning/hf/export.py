@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.hf import layout as hf_layout
-from megatrain_lightning.config import Config, LoRA
+from megatrain_lightning.config import Config
+from megatrain_lightning.lora_options import LoRA
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.hf.load import INDEX, base_name, hf_prefix
 

@@ -15,7 +15,7 @@ from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.models.loss import linear_cross_entropy
 from megatrain_lightning.models.llama import Llama
-from megatrain_lightning.config import LoRA
+from megatrain_lightning.lora_options import LoRA
 from megatrain_lightning.models.lora import add_lora
 
 

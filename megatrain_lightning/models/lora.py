@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from megatrain_lightning.config import ALL_LINEAR, LoRA
+from megatrain_lightning.lora_options import ALL_LINEAR, LoRA
 from megatrain_lightning.errors import UserError
 
 
