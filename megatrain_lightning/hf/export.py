@@ -103,7 +103,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | None = 
     if not (src / ckpt.MODEL_CONFIG).is_file():
         raise ckpt.CheckpointError(f"{src} has no {ckpt.MODEL_CONFIG}: only checkpoints of megatrain's CausalLM "
                                    "can be exported")
-    if dtype not in DTYPES and dtype is not None:
+    if dtype is not None and dtype not in DTYPES:  # None: default_dtype, below
         raise UserError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
     tokenizer_files = _tokenizer_files(src, tokenizer)
     out = Path(out_dir)
@@ -151,7 +151,7 @@ def export(checkpoint_dir: str | Path, out_dir: str | Path, dtype: str | None = 
                 continue
             if lora.enabled:
                 tensors = merged(tensors, lora)
-            if hf_model is not None and not adapter_only:  # a unit is a decoder layer or the rest: transformers' rules stay within one
+            if hf_model is not None:  # a unit is a decoder layer or the rest: transformers' rules stay within one
                 layer = next(iter(hf_layout.by_layer(tensors)))
                 tensors.update({n: meta["state_dict"][prefix + n] for n in buffers.get(layer, ())})
                 tensors = hf_layout.to_checkpoint(hf_model, tensors)
