@@ -202,7 +202,7 @@ def predicted(a, config: Config) -> dict:
                  f"storage.offload_checkpoints={'null' if a.offload_checkpoints == 'auto' else a.offload_checkpoints}"]
     if a.ram_budget_GiB is not None:
         overrides.append(f"storage.ram_budget_GiB={a.ram_budget_GiB}")
-    if a.compile != "auto" or a.as_transformers:  # a transformers model's layers: eager unless asked
+    if a.compile != "auto":
         overrides += [f"storage.compile={'true' if a.compile == 'true' else 'false'}"]
     ans = check(compose(overrides))
     return dict(planner_step_s=round(ans.step_time_s, 4), planner_compute_share=round(ans.compute_share, 4),
@@ -268,7 +268,7 @@ def main() -> None:
                     help="the same LightningModule under Lightning's default single-device strategy: everything on "
                          "the GPU, AdamW there, activation checkpointing per decoder layer (transformers models)")
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
-                    help="blocks through torch.compile (auto: the engine's default, off for transformers models)")
+                    help="blocks through torch.compile (auto: the engine's default, on for CUDA)")
     ap.add_argument("--experts", default=None, metavar="IMPL",
                     help="a transformers mixture's experts implementation (set_experts_implementation: eager, "
                          "grouped_mm, batched_mm, ...); default: transformers' choice (grouped_mm where it dispatches)")

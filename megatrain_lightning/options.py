@@ -20,7 +20,7 @@ STREAMS = ("auto", "copy", "master")
 DEFAULT_NVME_DIR = "nvme_state"
 # what every rank of a run must share: it shapes the order of the collectives (strategy's agreement check)
 AGREED = ("checkpoint_interval", "prefetch_depth", "storage", "stream", "ram_budget_GiB", "compile",
-          "offload_checkpoints", "replicate_nodes")
+          "offload_checkpoints", "replicate_nodes", "keep_activations")
 
 
 class OptionError(UserError):
@@ -51,13 +51,18 @@ class EngineOptions:
     nvme_dir: tuple[str, ...] = (DEFAULT_NVME_DIR,)
     """storage="nvme": one directory per drive (a single path is taken as one); the layers stripe over them."""
     compile: bool | None = None
-    """Blocks through torch.compile; None: on for a CUDA device and this project's model, off otherwise."""
+    """Blocks through torch.compile; None: on for a CUDA device (this project's model and transformers models alike), off
+    on the CPU."""
     offload_checkpoints: bool | str | None = None
     """Block inputs: True in pinned host memory, "disk" in files under nvme_dir, False on the device; None: host
     memory while RAM has room (else the drives under storage="nvme"), on a CUDA device."""
     device_state_GiB: float | None = None
     """GPU memory for the whole state of the first units, updated on the GPU; None: schedule.AUTO_DEVICE_SHARE of what is free."""
     chunk_tokens: int | None = None
+    keep_activations: int | None = None
+    """The last this many blocks keep their forward's activations for backward instead of recomputing it (each holds
+    its saved tensors and its weight slots until its backward); None: as many as the GPU has room for beside the first
+    step's peak (measured then; none on the CPU, with several ranks, or while the batch sweep cuts the batch)."""
     """The batch sweep: tokens (whole sequences) a layer runs at a time; None: what half of the free GPU holds."""
     step_cache_GiB: float | None = None
     """With accumulation: GPU memory for weights and fp32 gradient sums kept for a step; None: schedule.AUTO_DEVICE_SHARE."""
@@ -92,6 +97,9 @@ class EngineOptions:
         if self.chunk_tokens is not None and (not whole(self.chunk_tokens) or self.chunk_tokens < 1):
             raise OptionError("chunk_tokens", f"must be an integer >= 1 (or None: from free device memory), "
                                               f"got {self.chunk_tokens!r}")
+        if self.keep_activations is not None and (not whole(self.keep_activations) or self.keep_activations < 0):
+            raise OptionError("keep_activations", f"must be an integer >= 0 (or None: as many blocks as the GPU has "
+                                                  f"room for), got {self.keep_activations!r}")
         if self.ram_budget_GiB is not None and (not number(self.ram_budget_GiB) or not self.ram_budget_GiB > 0):
             raise OptionError("ram_budget_GiB", f"must be > 0 (or None: all available RAM), got {self.ram_budget_GiB!r}")
         if not self.nvme_dir or len(set(self.nvme_dir)) < len(self.nvme_dir):

@@ -224,12 +224,16 @@ class Plan:
 
     n_layers: int
     k: int
+    kept: int = 0
+    """The last `kept` blocks keep their forward's autograd graph for backward: no recompute, no second load."""
 
     def __post_init__(self) -> None:
         if self.n_layers < 1:
             raise ValueError(f"a trunk needs at least one block, got {self.n_layers}")
         if self.k < 1:
             raise ValueError(f"checkpoint_interval must be >= 1, got {self.k}")
+        if not 0 <= self.kept <= len(self.blocks):
+            raise ValueError(f"kept blocks must be in [0, {len(self.blocks)}], got {self.kept}")
 
     @property
     def blocks(self) -> list[tuple[int, int]]:
@@ -240,12 +244,38 @@ class Plan:
         return list(range(self.n_layers))
 
     def backward_loads(self) -> list[int]:
-        """Backward walks blocks last to first; inside a block the weights load in forward order (recompute)."""
-        return [j for s, e in reversed(self.blocks) for j in range(s, e)]
+        """Backward walks the recomputed blocks last to first; inside a block the weights load in forward order
+        (recompute). Kept blocks' weights stay in their slots from forward."""
+        return [j for s, e in reversed(self.blocks[:self.n_checkpoints]) for j in range(s, e)]
 
     @property
     def n_checkpoints(self) -> int:
-        return len(self.blocks)
+        """Blocks whose input waits for backward (the recomputed ones)."""
+        return len(self.blocks) - self.kept
+
+    @property
+    def first_kept_layer(self) -> int:
+        return self.blocks[self.n_checkpoints][0] if self.kept else self.n_layers
+
+    @property
+    def kept_layers(self) -> int:
+        return self.n_layers - self.first_kept_layer
+
+
+# Keeping activations (engine.kept_graphs): what the GPU keeps free beside the step's peak, for the allocator's
+# fragmentation and what a measurement misses
+KEEP_MARGIN_BYTES = 2 * 2**30
+KEEP_MARGIN_SHARE = 0.04
+
+
+def blocks_to_keep(n_blocks: int, capacity_bytes: float, peak_bytes: float, per_block_bytes: float) -> int:
+    """How many of the last blocks can keep their forward's graph: each adds its saved activations and its held
+    weight slots (`per_block_bytes`) to a step whose peak without keeping was `peak_bytes`, within the device's
+    `capacity_bytes` less a margin. The same rule for the engine (measured) and the planner (modelled)."""
+    room = capacity_bytes - peak_bytes - max(KEEP_MARGIN_BYTES, KEEP_MARGIN_SHARE * capacity_bytes)
+    if room <= 0 or per_block_bytes <= 0:
+        return 0
+    return min(n_blocks, int(room // per_block_bytes))
 
 
 def slots_needed(k: int, prefetch_depth: int) -> int:

@@ -168,13 +168,12 @@ class MegatrainStrategy(DataParallelBase):
             m.register_state_dict_post_hook(hook)
         cuda, layer_list = device.type == "cuda", isinstance(trunk, adapters.LayerList)
         self.engine = StreamingEngine(store, list(trunk), device, opts.checkpoint_interval, opts.prefetch_depth,
-                                      # a transformers model's layers: eager unless asked (each layer is its own
-                                      # template, past torch.compile's recompile limit)
-                                      compile=(cuda and not layer_list) if opts.compile is None else opts.compile,
+                                      compile=cuda if opts.compile is None else opts.compile,
                                       offload_checkpoints=opts.offload_checkpoints, chunk_tokens=opts.chunk_tokens,
                                       per_sample_extras=trunk.per_sample_extras,
                                       block_input_dirs=opts.nvme_dir if opts.storage == "nvme" else (),
-                                      same_computation=adapters.CACHE_ONLY_ATTRIBUTES if layer_list else ())
+                                      same_computation=adapters.CACHE_ONLY_ATTRIBUTES if layer_list else (),
+                                      keep_activations=opts.keep_activations)
         trunk.engine = self.engine
         if layer_list:  # the model's own forward calls each layer
             trunk.calls = LayerCalls(self.engine)

@@ -45,7 +45,7 @@ class Hardware:
     # the block's rate (matmul rate x block_efficiency). Matters at long context, where attention is most FLOPs.
     attention_fwd_TFLOPS: float | None = None
     attention_bwd_TFLOPS: float | None = None
-    # block_efficiency of blocks run eagerly (storage.compile=false; transformers models' layers); null: the same
+    # block_efficiency of blocks run eagerly (storage.compile=false); null: the same
     eager_block_efficiency: float | None = None
     # several ranks (trainer.devices > 1): what one GPU moves to and from the others in a broadcast or a reduction
     # (NCCL's bus bandwidth); null: no peer link, through PCIe at h2d_GBps

@@ -85,11 +85,11 @@ def place(hw: Hardware, wl: Workload) -> Workload:
 
 
 def _compile(hw: Hardware, wl: Workload) -> Workload:
-    """The engine's default (strategy: torch.compile on for a CUDA device and this project's model; transformers
-    models, which every mixture of experts here is, run eager)."""
+    """The engine's default (strategy: torch.compile on for a CUDA device, this project's model and transformers
+    models alike)."""
     if wl.compile is not None:
         return wl
-    return replace(wl, compile=not hw.unified and not wl.model.transformers_type and not wl.model.n_experts)
+    return replace(wl, compile=not hw.unified)
 
 
 def _gpu_free_bytes(hw: Hardware, wl: Workload) -> float:

@@ -57,9 +57,8 @@ class Workload:
     # `cached`: the units resolved.
     step_cache_GiB: float | None = _ENGINE.step_cache_GiB
     cached: tuple[int, ...] = ()
-    # blocks through torch.compile (storage.compile); None: the engine's default, resolved by the planner: on for
-    # this project's model on a GPU, off on the CPU and for transformers objects (every mixture of experts here:
-    # megatrain_lightning.Llama has dense MLPs). Unresolved counts as eager.
+    # blocks through torch.compile (storage.compile); None: the engine's default, resolved by the planner: on for a
+    # GPU (this project's model and transformers objects alike), off on the CPU. Unresolved counts as eager.
     compile: bool | None = _ENGINE.compile
     # data parallel (trainer.devices x trainer.num_nodes ranks, `nodes` machines): each unit's state is owned by one
     # rank (schedule.assign_units), its owner loads it and broadcasts it, its gradients are reduced to the owner; the

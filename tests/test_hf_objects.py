@@ -93,13 +93,17 @@ def test_transformers_model_trains_like_the_default_strategy(family):
     assert trainer.strategy.engine.sweep.eager_attention_heads == (TINY["num_attention_heads"] if eager else 0)
 
 
-@pytest.mark.parametrize("mode", ["kept", "nvme", "eager", "inputs_on_disk"])
+@pytest.mark.parametrize("mode", ["kept", "nvme", "eager", "inputs_on_disk", "keep_activations", "keep_all"])
 def test_transformers_model_in_every_update_mode(mode, tmp_path):
-    """State kept on the device, layers in files, updates during backward (no clipping), and the layers' inputs
-    kept for backward in files (offload_checkpoints="disk") with a transformers model."""
+    """State kept on the device, layers in files, updates during backward (no clipping), the layers' inputs kept for
+    backward in files (offload_checkpoints="disk"), and the last layer's activations kept instead of recomputed
+    (with the others' inputs in files), or every layer's, with a transformers model."""
     kwargs = dict(kept=dict(device_state_GiB=1e-3), nvme=dict(storage="nvme", ram_budget_GiB=1.2e-3,
                                                               nvme_dir=str(tmp_path)), eager={},
-                  inputs_on_disk=dict(storage="nvme", nvme_dir=str(tmp_path), offload_checkpoints="disk"))[mode]
+                  inputs_on_disk=dict(storage="nvme", nvme_dir=str(tmp_path), offload_checkpoints="disk"),
+                  keep_activations=dict(storage="nvme", nvme_dir=str(tmp_path), offload_checkpoints="disk",
+                                        keep_activations=1),
+                  keep_all=dict(keep_activations=5))[mode]
     clip = None if mode == "eager" else 1.0
 
     def fit(strategy):
@@ -118,10 +122,13 @@ def test_transformers_model_in_every_update_mode(mode, tmp_path):
         assert trainer.strategy.engine.device_states is not None
     if mode == "nvme":
         assert trainer.strategy.store.nvme is not None
-    if mode == "inputs_on_disk":  # every layer's input went out and came back, each step
-        host = trainer.strategy.engine.host_checkpoints
+    kept = dict(keep_activations=1, keep_all=3).get(mode, 0)  # of the 3 layers
+    engine = trainer.strategy.engine
+    assert engine.kept.blocks == kept and len(engine._slots) == engine.n_slots + kept
+    if mode in ("inputs_on_disk", "keep_activations"):  # every recomputed layer's input went out and came back
+        host = engine.host_checkpoints
         layer_input = 4 * 24 * TINY["hidden_size"] * 4  # [4, 24, hidden] fp32, for each of 3 layers and 10 passes
-        assert host.on_disk and host.files.bytes_written == host.files.bytes_read == 3 * 10 * layer_input
+        assert host.on_disk and host.files.bytes_written == host.files.bytes_read == (3 - kept) * 10 * layer_input
     for a, b in zip(got.losses, want.losses, strict=True):
         assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
     masters = trainer.strategy.store.named("master")

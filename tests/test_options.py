@@ -53,6 +53,8 @@ def test_one_default_for_each_option():
 
 @pytest.mark.parametrize("option,value,detail", [
     ("chunk_tokens", 0, "must be an integer >= 1 (or None: from free device memory), got 0"),
+    ("keep_activations", -1, "must be an integer >= 0 (or None: as many blocks as the GPU has room for), got -1"),
+    ("keep_activations", 1.5, "must be an integer >= 0 (or None: as many blocks as the GPU has room for), got 1.5"),
     ("device_state_GiB", -1, "must be >= 0 (or None: auto), got -1"),
     ("stream", "fp8", "must be one of ('auto', 'copy', 'master'), got 'fp8'"),
     ("offload_checkpoints", "ssd", "must be true, false, 'disk' or null (on for CUDA), got 'ssd'"),

@@ -86,3 +86,32 @@ def test_gradient_hook_keeps_every_update_on_the_host():
     _, grads, _, strategy = megatrain_run(model, batches, 2, 1, 1.0, device_state_GiB=1.0)
     assert strategy.engine.device_states is None
     assert all(g.abs().sum() > 0 for g in grads.values())
+
+
+@pytest.mark.parametrize("preset,checkpoint_interval,keep", [("tiny", 1, 1), ("tiny-qwen2", 2, 1), ("tiny", 1, 99)])
+def test_kept_activations_match_plain_pytorch(preset, checkpoint_interval, keep, monkeypatch):
+    """The last `keep` blocks keep their forward's graph for backward (99: every block) instead of loading and
+    recomputing it: the same losses, gradients and weights, and each kept layer runs once a micro-batch, not twice."""
+    from megatrain_lightning.engine.streaming import StreamingEngine
+
+    calls = []
+    run = StreamingEngine.run
+    monkeypatch.setattr(StreamingEngine, "run", lambda self, i, *a, **k: calls.append(i) or run(self, i, *a, **k))
+    model = make_model(preset)
+    batches = make_batches(model.config, STEPS * ACCUMULATE)
+    ref_losses, ref_grads, ref_weights = reference_run(model, batches, STEPS, ACCUMULATE, CLIP)
+    losses, grads, weights, strategy = megatrain_run(model, batches, STEPS, ACCUMULATE, CLIP,
+                                                     checkpoint_interval=checkpoint_interval, keep_activations=keep)
+    for got, want in zip(losses, ref_losses, strict=True):
+        assert abs(got - want) <= TOL * abs(want), (losses, ref_losses)
+    for name in ref_grads:
+        assert rel_err(grads[name], ref_grads[name]) < TOL, name
+    for name in ref_weights:
+        assert rel_err(weights[name], ref_weights[name]) < tol(name), name
+    engine = strategy.engine
+    n = engine.plan.n_layers
+    blocks = engine.plan.blocks
+    kept_layers = n - blocks[-min(keep, len(blocks))][0]  # the last blocks' layers (tiny-qwen2: [0, 2), [2, 3))
+    assert engine.kept.blocks == min(keep, len(blocks)) and not engine.kept.layers
+    assert len(calls) == STEPS * ACCUMULATE * (2 * n - kept_layers)
+    assert len(engine._slots) == engine.n_slots + kept_layers

@@ -589,7 +589,7 @@ def test_local_attention_layers_count_their_window_only():
 
 
 def test_eager_blocks_run_at_their_measured_efficiency():
-    """Blocks run eagerly (storage.compile=false, a transformers model's layers) sustain the h200 preset's eager
+    """Blocks run eagerly (storage.compile=false) sustain the h200 preset's eager
     rate (0.57 of the matmul rate, measured) instead of the compiled one (0.78): their compute takes 0.78 / 0.57
     as long; a preset without the field times both alike."""
     c = Config.from_name("llama-3.2-3b", n_layer=4)
@@ -756,7 +756,7 @@ def test_lora_step_and_gpu_memory_match_the_h200_measurements(transformers_model
     step_s, gpu_GiB = H200_3B_LORA_MEASURED[transformers_model, r]
     cfg = compose(["model=llama-3.2-3b", "+model.tie_embeddings=false", "hardware=h200", "trainer=gpu",
                    "data.seq_len=1024", "data.micro_batch=32",
-                   *(["storage.compile=false"] if transformers_model else []),  # transformers layers run eagerly
+                   *(["storage.compile=false"] if transformers_model else []),  # these transformers runs were eager
                    *(["lora=default", f"lora.r={r}"] if r else [])])
     a = check(cfg)
     assert a.step_time_s == pytest.approx(step_s, rel=0.10), a.step_time_s

@@ -40,6 +40,7 @@ class LayerCalls:
         # the device), and the one being fetched back one layer ahead of backward
         self._host = None
         self._fetched = None
+        self._plan = engine.plan  # the running training step's (its kept layers: kept_graphs.py)
 
     def __call__(self, i: int, x: Tensor, args: tuple, kwargs: dict):
         # no KV cache: a layer that appended its keys and values to one in forward would attend to them again in
@@ -64,25 +65,32 @@ class LayerCalls:
 
     def forward(self, i: int, x: Tensor, leaves: list, spec, keep: bool):
         eng = self.engine
-        if i == 0:
-            self._forward, self._next = Prefetcher(eng, eng.plan.forward_loads()), 0
-            if keep:
-                host = eng.host_checkpoints
-                self._host = host if host is not None and host.begin(x) else None
-        slot = self._acquire(self._forward, i, i, "forward of")
-        if keep and self._host is not None:
-            self._host.put(x)  # the input goes out as the layer runs; backward fetches it back
-        params = eng.views(i, slot)
         chunks = eng.sweep.chunks(x)
         whole = len(chunks) == 1
+        if i == 0:
+            self._plan = eng.step_plan(whole) if keep else eng.plan
+            self._forward, self._next = Prefetcher(eng, self._plan.forward_loads()), 0
+            if keep:
+                host = eng.host_checkpoints if self._plan.n_checkpoints else None
+                self._host = host if host is not None and host.begin(x) else None
+        kept = keep and i >= self._plan.first_kept_layer  # its graph and its slot stay for backward
+        slot = self._acquire(self._forward, i, i, "forward of")
+        if keep and self._host is not None and not kept:
+            self._host.put(x)  # the input goes out as the layer runs; backward fetches it back
+        params = eng.views(i, slot)
         rng, outs = [], []
         with eng.lanes.span(i, S.COMPUTE, S.FORWARD):
             for lo, hi in chunks:
                 if keep:
                     rng.append(eng.rng_state())
                 args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole)
-                outs.append(eng.run(i, params, x if whole else x[lo:hi], args, kwargs))
-        self._forward.release(slot)
+                if kept:  # the whole batch (kept layers only in steps the sweep does not cut)
+                    eng.kept.layers[i], out = eng.run_kept(i, params, x, args, kwargs, slot=slot)
+                    outs.append(pytree.tree_map_only(Tensor, Tensor.detach, out))
+                else:
+                    outs.append(eng.run(i, params, x if whole else x[lo:hi], args, kwargs))
+        if not kept:
+            self._forward.release(slot)
         self._next = i + 1
         self._tuple = isinstance(outs[0], tuple)
         if i == self.n - 1:
@@ -94,11 +102,22 @@ class LayerCalls:
     def backward(self, i: int, x: Tensor | None, replay, leaves: list, spec, grad: Tensor, autocast) -> Tensor:
         """`x`: the layer's input, or None when it went out of device memory (fetched back here)."""
         eng = self.engine
+        first_kept = self._plan.first_kept_layer
         if i == self.n - 1:
-            self._backward, self._next = Prefetcher(eng, eng.plan.backward_loads()), 0
-            if x is None:
-                self._fetched = self._host.fetch(i)
-        slot = self._acquire(self._backward, self.n - 1 - i, i, "backward of")
+            self._backward, self._next = Prefetcher(eng, self._plan.backward_loads()), 0
+            self._backward.start()
+        if i >= first_kept:  # kept: its forward's graph, its weights still in their slot
+            layer = eng.kept.layers.pop(i)
+            with eng.lanes.span(i, S.COMPUTE, S.BACKWARD):
+                grads = layer.backward(grad)
+            eng.grads.ship(i, list(grads[1:]))
+            self._backward.release(layer.slot)
+            if i == 0:
+                self._backward = None
+            return grads[0]
+        if x is None and i == first_kept - 1:
+            self._fetched = self._host.fetch(i)
+        slot = self._acquire(self._backward, first_kept - 1 - i, i, "backward of")
         if x is None:
             x = self._host.take(self._fetched)
             self._fetched = self._host.fetch(i - 1) if i > 0 else None  # the next one comes in meanwhile
@@ -113,6 +132,8 @@ class LayerCalls:
         amp = torch.autocast(eng.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
         grad_in = None if whole else torch.empty_like(x)
         sums = None
+        if whole:
+            eng.kept.measure_start()
         for c, (lo, hi) in enumerate(chunks):
             args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole)
             with torch.random.fork_rng(eng._rng_devices, device_type=eng.device.type):
@@ -120,6 +141,8 @@ class LayerCalls:
                 x_in = (x if whole else x[lo:hi]).detach().requires_grad_()
                 with torch.enable_grad(), amp, eng.lanes.span(i, S.COMPUTE, S.RECOMPUTE):
                     out = _first(eng.run(i, params, x_in, args, kwargs))
+            if whole:
+                eng.kept.measure_end()  # (auto) one layer's activations: what keeping it would hold
             g = grad if whole else grad[lo:hi]
             with eng.lanes.span(i, S.COMPUTE, S.BACKWARD):
                 grads = torch.autograd.grad(out, [x_in, *trainable], g, allow_unused=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future
 from contextlib import nullcontext
+from dataclasses import replace
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +26,7 @@ from megatrain_lightning import schedule as S
 from megatrain_lightning.models import surgery
 from megatrain_lightning.engine.grad_shipping import GradShipper
 from megatrain_lightning.engine.block_inputs import HostCheckpoints
+from megatrain_lightning.engine.kept_graphs import KeptGraphs, KeptLayer
 from megatrain_lightning.engine.lanes import Lanes
 from megatrain_lightning.storage.store import HostStore
 from megatrain_lightning.engine.sweep import Sweep, add_fp32
@@ -49,6 +51,10 @@ class Prefetcher:
         self.loaded: dict[int, _Slot] = {}
         self.read_to = 0  # order positions below this have had their file read issued (where they need one)
         engine.drop_copy_reads()  # a pass that ended early (an error) left reads: their tiles go back
+
+    def start(self) -> None:
+        """Issues the first loads now (backward: while the kept blocks run, which hold their own slots)."""
+        self._fill()
 
     def _read_ahead(self) -> None:
         eng, tier = self.engine, self.engine.store.nvme
@@ -101,11 +107,12 @@ class StreamingEngine:
                  checkpoint_interval: int, prefetch_depth: int, compile: bool = False,
                  offload_checkpoints: bool | str | None = False, chunk_tokens: int | None = None,
                  per_sample_extras: tuple[int, ...] = (),
-                 block_input_dirs: Sequence[str | Path] = (), same_computation: tuple[str, ...] = ()) -> None:
+                 block_input_dirs: Sequence[str | Path] = (), same_computation: tuple[str, ...] = (),
+                 keep_activations: int | None = None) -> None:
         """`compile`: run blocks through torch.compile (one graph per layer signature). `offload_checkpoints`: keep
         the block inputs in host memory (CUDA only; on the CPU the device is the host); None: when RAM has room, else
         in files under `block_input_dirs` if given (storage=nvme); "disk": in those files (on the CPU too).
-        `chunk_tokens`, `per_sample_extras`: the batch sweep's (sweep.Sweep)."""
+        `chunk_tokens`, `per_sample_extras`: the batch sweep's (sweep.Sweep). `keep_activations`: kept_graphs.py."""
         self.store, self.device = store, device
         self.lanes = Lanes(device)  # streams, the host thread, the trace: what the helpers get
         self.cuda = self.lanes.cuda
@@ -132,6 +139,8 @@ class StreamingEngine:
         self._slots = [_Slot(max_numel, store.stream_dtype, store.compute_dtype, device, self.cuda)
                        for _ in range(self.n_slots)]
         self._free = list(self._slots)
+        self._slot_nbytes = self.slot_bytes // max(1, len(self._slots))
+        self.kept = KeptGraphs(device, len(self.plan.blocks), keep_activations, store.ranks.world)
         self.peak_resident_layers = 0
         self.h2d, self.d2h = self.lanes.h2d, self.lanes.d2h
         self._copy_reads: dict[int, Future] = {}  # file-backed units: copies read ahead of their load
@@ -199,18 +208,22 @@ class StreamingEngine:
         memory), and the chunks with the RNG state entering each layer's chunk (its recompute draws the same random
         numbers)."""
         checkpoints: list[Tensor] = []
-        pf = Prefetcher(self, self.plan.forward_loads())
-        host = self.host_checkpoints if keep else None
-        if host is not None and not host.begin(x):
-            host = None
         chunks = self.sweep.chunks(x)
         whole = len(chunks) == 1
+        plan = self.step_plan(whole) if keep else self.plan
+        pf = Prefetcher(self, plan.forward_loads())
+        host = self.host_checkpoints if keep and plan.n_checkpoints else None
+        if host is not None and not host.begin(x):
+            host = None
         if not whole:
             self.sweep.check_extras(x, extras)
         rng: list[list] = []  # [layer][chunk]
-        for i in range(self.plan.n_layers):
-            if keep and i % self.plan.k == 0:
-                if host is not None:
+        for i in range(plan.n_layers):
+            kept = i >= plan.first_kept_layer  # (training only) its graph stays for backward, and its slot
+            if keep and i % plan.k == 0:
+                if kept:
+                    checkpoints.append(None)  # a kept block needs no input: its graph holds what backward needs
+                elif host is not None:
                     host.put(x)
                     checkpoints.append(None)
                 else:
@@ -224,29 +237,73 @@ class StreamingEngine:
                 for lo, hi in chunks:
                     if keep:
                         rng[i].append(self.rng_state())
-                    y = self.run(i, params, x if whole else x[lo:hi], self.sweep.extras(extras, lo, hi, whole))
+                    if kept:  # the whole batch (kept blocks only in steps the sweep does not cut)
+                        self.kept.layers[i], y = self.run_kept(i, params, x, extras, slot=slot)
+                        y = y.detach()
+                    else:
+                        y = self.run(i, params, x if whole else x[lo:hi], self.sweep.extras(extras, lo, hi, whole))
                     if whole:
                         out = y
                     else:
                         out[lo:hi].copy_(y)
                     del y
                 x = out
-            pf.release(slot)
-        return x, checkpoints, (chunks, rng)
+            if not kept:
+                pf.release(slot)
+        return x, checkpoints, (chunks, rng, plan)
+
+    def step_plan(self, whole: bool) -> S.Plan:
+        """A training step's plan: its kept blocks (decided once measured; none when the sweep cuts the batch), with
+        a weight slot for each of their layers beside the pass's own. Graphs an earlier step left are dropped."""
+        self._free.extend(self.kept.drop())
+        self.kept.decide(self._slot_nbytes * self.plan.k)
+        plan = replace(self.plan, kept=self.kept.for_step(whole))
+        while len(self._slots) < self.n_slots + plan.kept_layers:
+            ref = self._slots[0]
+            slot = _Slot(ref.buf.numel(), ref.buf.dtype, ref.compute.dtype, self.device, self.cuda)
+            self._slots.append(slot)
+            self._free.append(slot)
+        return plan
+
+    def run_kept(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple, kwargs: dict | None = None,
+                 slot=None) -> tuple[KeptLayer, Tensor | tuple]:
+        """Layer i's forward with autograd (inside the trunk's forward, where it is off), kept for backward; and its
+        output as the layer returned it."""
+        for e in self.store.units[i].layout.trainable_entries:  # frozen ones get no gradient
+            params[e.name] = params[e.name].detach().requires_grad_()
+        h_in = x.detach().requires_grad_()
+        with torch.enable_grad():
+            out = self.run(i, params, h_in, extras, kwargs)
+        trainable = [params[e.name] for e in self.store.units[i].layout.trainable_entries]
+        return KeptLayer(h_in, out[0] if isinstance(out, tuple) else out, trainable, slot), out
 
     def _backward(self, checkpoints: list[Tensor], replay: tuple, extras: tuple[Tensor, ...], grad: Tensor,
                   autocast: tuple[bool, torch.dtype]) -> Tensor:
         """Blocks last to first. A block's weights load once; each chunk of the batch is recomputed through the block
         with autograd and backpropagated; its weight gradients add up over the chunks in fp32 on the device and
         leave once, after the last chunk."""
-        pf = Prefetcher(self, self.plan.backward_loads())
+        chunks, rng, plan = replay  # the forward's chunks: the RNG states are per layer and chunk
+        pf = Prefetcher(self, plan.backward_loads())
+        pf.start()
         pos = 0
         amp = torch.autocast(self.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
-        host = self.host_checkpoints if self.host_checkpoints is not None and self.host_checkpoints.active else None
-        fetched = host.fetch(len(self.plan.blocks) - 1) if host is not None else None
-        chunks, rng = replay  # the forward's chunks: the RNG states are per layer and chunk
+        host = self.host_checkpoints if self.host_checkpoints is not None and self.host_checkpoints.active \
+            and plan.n_checkpoints else None
+        fetched = host.fetch(plan.n_checkpoints - 1) if host is not None else None
         whole = len(chunks) == 1
-        for b, (start, end) in reversed(list(enumerate(self.plan.blocks))):
+        for b, (start, end) in reversed(list(enumerate(plan.blocks))):
+            if b >= plan.n_checkpoints:  # kept: its forward's graph, its weights still in their slots
+                for i in reversed(range(start, end)):
+                    layer = self.kept.layers.pop(i)
+                    with self.lanes.span(i, S.COMPUTE, S.BACKWARD):
+                        grads = layer.backward(grad)
+                    grad = grads[0]
+                    self.grads.ship(i, grads[1:])
+                    pf.release(layer.slot)
+                    del layer, grads
+                continue
+            if whole:
+                self.kept.measure_start()
             if host is not None:
                 x = host.take(fetched)
                 fetched = host.fetch(b - 1) if b > 0 else None  # the next block's input comes in meanwhile
@@ -276,6 +333,8 @@ class StreamingEngine:
                         with torch.enable_grad(), amp, self.lanes.span(i, S.COMPUTE, S.RECOMPUTE):
                             h = self.run(i, params[i], h_in, part)
                         saved.append((i, h_in, h))
+                if whole:
+                    self.kept.measure_end()  # (auto) one block's activations: what keeping it would hold
                 g = grad if whole else grad[lo:hi]
                 for i, h_in, out in reversed(saved):
                     with self.lanes.span(i, S.COMPUTE, S.BACKWARD):
