@@ -81,7 +81,24 @@ def place(hw: Hardware, wl: Workload) -> Workload:
     if wl.nodes > 1 and hw.network_GBps is None:
         raise PlanError("hardware.network_GBps", f"trainer.num_nodes={wl.nodes} needs the network's bandwidth between "
                                                  "nodes (GB/s per node, e.g. 50 for 400 Gb/s InfiniBand)")
-    return _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(hw, _compile(hw, wl)))))
+    return _keep_activations(hw, _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(
+        hw, _compile(hw, wl))))))
+
+
+def _keep_activations(hw: Hardware, wl: Workload) -> Workload:
+    """The engine's rule (engine/kept_graphs.py): the last blocks keep their activations, as many as fit beside the
+    step's peak without them (schedule.blocks_to_keep); none while the sweep cuts the batch, on the CPU, or with
+    several ranks unless asked."""
+    n_blocks = len(wl.plan.blocks)
+    if wl.n_chunks > 1:
+        return wl
+    if wl.keep_activations is not None:
+        return replace(wl, kept_blocks=min(wl.keep_activations, n_blocks))
+    if hw.unified or wl.ranks > 1:
+        return wl
+    k = wl.checkpoint_interval
+    per_block = k * (wl.act_bytes_per_token * wl.micro_tokens * wl.block_memory_share + wl.slot_bytes)
+    return replace(wl, kept_blocks=S.blocks_to_keep(n_blocks, hw.hbm_GiB * GiB, device_peak(hw, wl), per_block))
 
 
 def _compile(hw: Hardware, wl: Workload) -> Workload:

@@ -138,9 +138,11 @@ class _Sim:
         ckpt_alloc: dict[int, float] = {}
         spill = wl.offload_checkpoints == "disk"
         written: list[float] = []  # spilled block inputs: when each is in its files
+        kept_from: dict[int, float] = {}  # kept layers: when their activations (and their slot) were taken
         for i in p.forward_loads():
             self.pump(i + S.NVME_BUFFERS)  # the host's updates run a few layers ahead of the loads that wait on them
-            if spill and i % p.k == 0:  # the input goes to the drives; forward waits for the oldest still going
+            kept = i >= p.first_kept_layer
+            if spill and i % p.k == 0 and not kept:  # the input goes to the drives; forward waits for the oldest still going
                 if len(written) >= S.BLOCK_INPUTS_IN_FLIGHT:
                     self.host = max(self.host, written[-S.BLOCK_INPUTS_IN_FLIGHT])
                 nbytes = wl.checkpoint_bytes
@@ -156,7 +158,10 @@ class _Sim:
             if i % p.k == 0:
                 ckpt_alloc[i // p.k] = fwd.start
             self.alloc(fwd.start, fwd.end, wl.transient_bytes_per_token * tok * block + out_bytes)
-            slots.append(fwd.end)
+            if kept:
+                kept_from[i] = fwd.start
+            else:
+                slots.append(fwd.end)
         self.pump(None)
         head = self.span(S.COMPUTE, S.RESIDENT, RESIDENT_LAYER, self.head_s(),
                          after=max(x_ready, self.updated.get("head", 0.0)))
@@ -168,8 +173,11 @@ class _Sim:
         ship = 0
         issued = head.end  # spilled: each block's input is read back once the block after it starts
         for b, (s0, e0) in reversed(list(enumerate(p.blocks))):
+            kept = b >= p.n_checkpoints  # its activations and weights are still there: no load, no recompute
             read_end = 0.0
-            if spill:
+            if kept:
+                pass
+            elif spill:
                 nbytes = wl.checkpoint_bytes
                 read = self.span(S.NVME_READ, S.CHECKPOINT, s0, self.disk_s(S.NVME_READ, nbytes), after=issued,
                                  nbytes=nbytes, issued=False)
@@ -177,18 +185,19 @@ class _Sim:
                 self.alloc(read.start, None, nbytes)
             elif wl.offload_checkpoints and not self.hw.unified:  # fetched from host memory one block ahead
                 self.alloc(issued, None, wl.checkpoint_bytes)
-            recomputed = []
-            for j in range(s0, e0):
+            held = [(j, kept_from[j]) for j in range(s0, e0)] if kept else []  # (layer, activations since)
+            for j in range(s0, e0) if not kept else ():
                 rec = self.span(S.COMPUTE, S.RECOMPUTE, j, self.layer_s(1),
                                 after=max(self.load(j, slots.pop()), read_end))
-                recomputed.append((j, rec))
-            issued = recomputed[0][1].start
-            # chunked: the block's fp32 weight-gradient sums and its input's gradient, until the block is done
-            self.alloc(recomputed[0][1].start, None, wl.sweep_sum_bytes + out_bytes)
-            for j, rec in reversed(recomputed):
+                held.append((j, rec.start))
+            if not kept:
+                issued = held[0][1]
+                # chunked: the block's fp32 weight-gradient sums and its input's gradient, until the block is done
+                self.alloc(held[0][1], None, wl.sweep_sum_bytes + out_bytes)
+            for j, since in reversed(held):
                 bwd = self.span(S.COMPUTE, S.BACKWARD, j, self.layer_s(2), after=g_ready)
                 g_ready = bwd.end
-                self.alloc(rec.start, bwd.end, wl.act_bytes_per_token * tok * block)
+                self.alloc(since, bwd.end, wl.act_bytes_per_token * tok * block)
                 self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok * block)
                 slots.append(bwd.end)
                 if j in wl.cached and not last:  # summed on the device (every rank's own); reduced at the last
@@ -213,6 +222,8 @@ class _Sim:
                 self.landed.append((j, wl.layer_trainable, acc_ends[-1]))
                 ship += 1
                 self.alloc(bwd.start, grad.end, wl.grad_bytes)  # the layer's weight gradients until shipped
+            if kept:
+                continue
             self.alloc(g_ready, None, -(wl.sweep_sum_bytes + out_bytes))
             if spill or (wl.offload_checkpoints and not self.hw.unified):
                 self.alloc(g_ready, None, -wl.checkpoint_bytes)

@@ -49,6 +49,10 @@ class Workload:
     # to, before the micro-batch bounds it (0: unresolved, the whole micro-batch).
     chunk_tokens: int | None = _ENGINE.chunk_tokens
     chunk_cap: int = 0
+    # the last blocks keep their forward's activations for backward (engine/kept_graphs.py); None: the engine's auto
+    # (as many as fit beside the step's peak, schedule.blocks_to_keep). `kept_blocks`: what the planner resolves.
+    keep_activations: int | None = _ENGINE.keep_activations
+    kept_blocks: int = 0
     # long context (one sequence per chunk and still too big): tokens of a layer's token-wise half (norm, MLP) run
     # at a time under activation checkpointing (model.Block.token_chunk); resolved by the planner, None: whole
     token_chunk: int | None = None
@@ -115,7 +119,7 @@ class Workload:
 
     @property
     def plan(self) -> S.Plan:
-        return S.Plan(self.n_layers, self.checkpoint_interval)
+        return S.Plan(self.n_layers, self.checkpoint_interval, kept=self.kept_blocks)
 
     @property
     def micro_tokens(self) -> int:
@@ -340,7 +344,8 @@ class Workload:
 
     @property
     def n_slots(self) -> int:
-        return S.slots_needed(self.checkpoint_interval, self.prefetch_depth)
+        """The pass's weight slots, and one for each kept layer (held from its forward to its backward)."""
+        return S.slots_needed(self.checkpoint_interval, self.prefetch_depth) + self.plan.kept_layers
 
     @property
     def resident_bytes(self) -> int:
