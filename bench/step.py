@@ -148,7 +148,7 @@ class Plain:
             on_disk=False, layout=SimpleNamespace(numel=sum(p.numel() for p in params),
                                                   trainable=sum(p.numel() for p in params if p.requires_grad)))])
         self.engine = SimpleNamespace(device_states=None, step_cache=None, host_checkpoints=None,
-                                      sweep=SimpleNamespace(chunk_of={}))
+                                      sweep=SimpleNamespace(chunk_of={}), kept=SimpleNamespace(blocks=None))
         self.nvme_log = []
 
 
@@ -202,10 +202,12 @@ def predicted(a, config: Config) -> dict:
                  f"storage.offload_checkpoints={'null' if a.offload_checkpoints == 'auto' else a.offload_checkpoints}"]
     if a.ram_budget_GiB is not None:
         overrides.append(f"storage.ram_budget_GiB={a.ram_budget_GiB}")
+    if a.keep_activations is not None:
+        overrides.append(f"storage.keep_activations={a.keep_activations}")
     if a.compile != "auto":
         overrides += [f"storage.compile={'true' if a.compile == 'true' else 'false'}"]
     ans = check(compose(overrides))
-    return dict(planner_step_s=round(ans.step_time_s, 4), planner_compute_share=round(ans.compute_share, 4),
+    return dict(planner_step_s=round(ans.step_time_s, 4), planner_kept_blocks=ans.wl.kept_blocks, planner_compute_share=round(ans.compute_share, 4),
                 planner_gpu_GiB=round(ans.timeline.gpu_peak_bytes / 2**30, 2), planner_fits=ans.fits,
                 planner_chunk_sequences=ans.wl.chunk_sequences)
 
@@ -269,6 +271,8 @@ def main() -> None:
                          "the GPU, AdamW there, activation checkpointing per decoder layer (transformers models)")
     ap.add_argument("--compile", default="auto", choices=["auto", "true", "false"],
                     help="blocks through torch.compile (auto: the engine's default, on for CUDA)")
+    ap.add_argument("--keep-activations", type=int, default=None, metavar="N",
+                    help="the last N blocks keep their activations (default: the engine's auto; 0: recompute all)")
     ap.add_argument("--experts", default=None, metavar="IMPL",
                     help="a transformers mixture's experts implementation (set_experts_implementation: eager, "
                          "grouped_mm, batched_mm, ...); default: transformers' choice (grouped_mm where it dispatches)")
@@ -290,7 +294,8 @@ def main() -> None:
                                  device_state_GiB=a.device_state_GiB, chunk_tokens=a.chunk_tokens,
                                  step_cache_GiB=a.step_cache_GiB, trace_dir=a.trace_dir, trace_step=2,
                                  offload_checkpoints=OFFLOAD[a.offload_checkpoints],
-                                 compile={"auto": None, "true": True, "false": False}[a.compile])
+                                 compile={"auto": None, "true": True, "false": False}[a.compile],
+                                 keep_activations=a.keep_activations)
     timer = StepTimer(sync_at={1, a.steps + 1})  # step 1 is the warm-up; the window is steps 2 .. steps + 1
     peak = PeakMemory(step=a.accumulate) if a.memory_peak and torch.cuda.is_available() else None
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=a.devices, precision=a.precision,
@@ -349,7 +354,8 @@ def main() -> None:
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log],
                   chunk_sequences=next(iter(strategy.engine.sweep.chunk_of.values()), None),
                   step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0,
-                  block_inputs=block_inputs(strategy.engine.host_checkpoints))
+                  block_inputs=block_inputs(strategy.engine.host_checkpoints),
+                  kept_blocks=strategy.engine.kept.blocks)
     if peak is not None:
         result["memory_peak"] = peak.report
     if a.trace_dir:

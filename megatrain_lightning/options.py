@@ -51,8 +51,8 @@ class EngineOptions:
     nvme_dir: tuple[str, ...] = (DEFAULT_NVME_DIR,)
     """storage="nvme": one directory per drive (a single path is taken as one); the layers stripe over them."""
     compile: bool | None = None
-    """Blocks through torch.compile; None: on for a CUDA device (this project's model and transformers models alike), off
-    on the CPU."""
+    """Blocks through torch.compile; None: on for a CUDA device (this project's model and transformers models alike,
+    except those whose attention materializes its scores: gpt-oss), off on the CPU."""
     offload_checkpoints: bool | str | None = None
     """Block inputs: True in pinned host memory, "disk" in files under nvme_dir, False on the device; None: host
     memory while RAM has room (else the drives under storage="nvme"), on a CUDA device."""

@@ -167,8 +167,12 @@ class MegatrainStrategy(DataParallelBase):
         for m in module.modules():  # module.state_dict() then holds the trained weights (the store's masters)
             m.register_state_dict_post_hook(hook)
         cuda, layer_list = device.type == "cuda", isinstance(trunk, adapters.LayerList)
+        eager_attention = adapters.eager_attention_heads(module) if layer_list else 0
         self.engine = StreamingEngine(store, list(trunk), device, opts.checkpoint_interval, opts.prefetch_depth,
-                                      compile=cuda if opts.compile is None else opts.compile,
+                                      # not where attention materializes its scores (gpt-oss's sinks): compiled,
+                                      # a chunk of gpt-oss-120b's layer ran out of memory where eager it ran
+                                      compile=(cuda and not eager_attention) if opts.compile is None
+                                      else opts.compile,
                                       offload_checkpoints=opts.offload_checkpoints, chunk_tokens=opts.chunk_tokens,
                                       per_sample_extras=trunk.per_sample_extras,
                                       block_input_dirs=opts.nvme_dir if opts.storage == "nvme" else (),
@@ -177,7 +181,7 @@ class MegatrainStrategy(DataParallelBase):
         trunk.engine = self.engine
         if layer_list:  # the model's own forward calls each layer
             trunk.calls = LayerCalls(self.engine)
-            self.engine.sweep.eager_attention_heads = adapters.eager_attention_heads(module)
+            self.engine.sweep.eager_attention_heads = eager_attention
         self.model_to_device()
 
     @override

@@ -103,10 +103,10 @@ def _keep_activations(hw: Hardware, wl: Workload) -> Workload:
 
 def _compile(hw: Hardware, wl: Workload) -> Workload:
     """The engine's default (strategy: torch.compile on for a CUDA device, this project's model and transformers
-    models alike)."""
+    models alike, except where attention materializes its scores)."""
     if wl.compile is not None:
         return wl
-    return replace(wl, compile=not hw.unified)
+    return replace(wl, compile=not hw.unified and not wl.model.eager_attention)
 
 
 def _gpu_free_bytes(hw: Hardware, wl: Workload) -> float:

@@ -1,6 +1,7 @@
 """The strategy trains exactly like plain PyTorch: same losses, gradients and weights (fp32, CPU)."""
 
 import pytest
+import torch
 
 from tests.helpers import kept_budget_GiB, make_batches, make_model, megatrain_run, reference_run, rel_err
 
@@ -115,3 +116,22 @@ def test_kept_activations_match_plain_pytorch(preset, checkpoint_interval, keep,
     assert engine.kept.blocks == min(keep, len(blocks)) and not engine.kept.layers
     assert len(calls) == STEPS * ACCUMULATE * (2 * n - kept_layers)
     assert len(engine._slots) == engine.n_slots + kept_layers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_keeps_the_blocks_that_fit_once_measured():
+    """Auto on CUDA: the first step recomputes every block and measures one; from the second on every block of the
+    tiny model fits and keeps its activations. Losses and weights as with every block recomputed (compiled blocks:
+    1e-4)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model = make_model("tiny")
+    batches = make_batches(model.config, STEPS * ACCUMULATE)
+    want_losses, _, want_weights, _ = megatrain_run(model, batches, STEPS, ACCUMULATE, CLIP, device="cuda",
+                                                    keep_activations=0)
+    losses, _, weights, strategy = megatrain_run(model, batches, STEPS, ACCUMULATE, CLIP, device="cuda")
+    kept = strategy.engine.kept
+    assert kept.decided and kept.block_bytes > 0 and kept.blocks == len(strategy.engine.plan.blocks)
+    for got, want in zip(losses, want_losses, strict=True):
+        assert abs(got - want) <= 1e-4 * abs(want), (losses, want_losses)
+    for name in want_weights:
+        assert rel_err(weights[name], want_weights[name]) < 1e-4, name
