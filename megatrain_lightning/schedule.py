@@ -161,6 +161,11 @@ CHUNK_MEMORY_SHARE = 0.5
 # --attention, 2026-12-02; eager 27.7x and 27.9x), 0.52 of the count. The planner scales a compiled block's
 # activations and transients by it; eager blocks keep the count (17% over what the GPU showed, on the safe side).
 COMPILED_BLOCK_MEMORY_SHARE = 0.52
+# A compiled block that keeps its forward's graph for backward (engine/kept_graphs.py) holds its saved tensors and its
+# output from its forward to its backward: 0.69 of the eager count, measured on the H200 (llama-3.2-3b untied, 32 x
+# 1024: 20 kept blocks raised the step's peak from 61.37 to 127.68 GiB, 3.32 GiB a block of which 0.56 its weight
+# slot; 2026-12-03, docs/performance.md). Eager blocks keep the count.
+KEPT_BLOCK_MEMORY_SHARE = 0.69
 
 
 # Attention that materializes its scores (transformers' eager attention: gpt-oss, whose attention sinks have no SDPA
@@ -168,6 +173,11 @@ COMPILED_BLOCK_MEMORY_SHARE = 0.52
 # tests/test_planner.py) and, while a layer runs, about three more of that size (scores, the logits with the sink
 # column, their gradients; counted, not measured on the GPU).
 EAGER_SCORES_COPIES = 4
+# ... and moves about this many bytes per score element in a forward pass, in units of the element (transformers'
+# gpt-oss eager_attention_forward, counted: the scores written, scaled, masked, concatenated with the sink column,
+# max-reduced, shifted, softmaxed, sliced and read by the second matmul, each elementwise step a read and a write);
+# its backward about as many. Memory-bound: timed at Hardware.hbm_GBps.
+EAGER_SCORES_TRAFFIC = 15
 
 
 def chunk_sequences(batch: int, seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int,

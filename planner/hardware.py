@@ -47,6 +47,9 @@ class Hardware:
     attention_bwd_TFLOPS: float | None = None
     # block_efficiency of blocks run eagerly (storage.compile=false); null: the same
     eager_block_efficiency: float | None = None
+    # the share of the matmul rate a mixture's routed experts sustain (transformers' grouped_mm experts: the routing,
+    # the sort, gather and scatter of the tokens and the grouped GEMMs together); null: the block's rate
+    experts_efficiency: float | None = None
     # several ranks (trainer.devices > 1): what one GPU moves to and from the others in a broadcast or a reduction
     # (NCCL's bus bandwidth); null: no peer link, through PCIe at h2d_GBps
     nvlink_GBps: float | None = None
@@ -74,7 +77,7 @@ class Hardware:
                 raise PlanError(f"hardware.{f.name}", f"must be >= 0, got {v}")
         if not isinstance(self.nvme_drives, int) or isinstance(self.nvme_drives, bool) or self.nvme_drives < 1:
             raise PlanError("hardware.nvme_drives", f"must be a whole number >= 1, got {self.nvme_drives!r}")
-        for name in ("block_efficiency", "eager_block_efficiency"):
+        for name in ("block_efficiency", "eager_block_efficiency", "experts_efficiency"):
             v = getattr(self, name)
             if v is not None and not 0 < v <= 1:
                 raise PlanError(f"hardware.{name}", f"must be in (0, 1], got {v}")

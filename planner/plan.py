@@ -97,7 +97,7 @@ def _keep_activations(hw: Hardware, wl: Workload) -> Workload:
     if hw.unified or wl.ranks > 1:
         return wl
     k = wl.checkpoint_interval
-    per_block = k * (wl.act_bytes_per_token * wl.micro_tokens * wl.block_memory_share + wl.slot_bytes)
+    per_block = k * (wl.kept_layer_bytes + wl.slot_bytes)
     return replace(wl, kept_blocks=S.blocks_to_keep(n_blocks, hw.hbm_GiB * GiB, device_peak(hw, wl), per_block))
 
 

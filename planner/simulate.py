@@ -104,17 +104,24 @@ class _Sim:
         """One block over one micro-batch, chunk by chunk: forward (passes=1) or backward (passes=2). Attention's
         backward is five matmuls against the forward's two (FlashAttention): 2.5 times its forward FLOPs."""
         wl, hw = self.wl, self.hw
-        flops = wl.layer_matmul_flops * wl.micro_tokens * (1 if passes == 1 else wl.backward_matmul_passes)
+        scale = wl.micro_tokens * (1 if passes == 1 else wl.backward_matmul_passes)
+        experts = wl.routed_expert_flops * scale if hw.experts_efficiency else 0  # grouped GEMMs, their own rate
+        flops = wl.layer_matmul_flops * scale - experts
         if passes == 2 and wl.token_chunk:  # each checkpointed piece's MLP runs forward once more in backward
             flops += 2 * wl.model.active_mlp_params * wl.micro_tokens
         eager = not wl.compile and hw.eager_block_efficiency is not None
         rate = hw.matmul_TFLOPS(wl.cb) * 1e12 * (hw.eager_block_efficiency if eager else hw.block_efficiency)
+        experts_s = experts / (hw.matmul_TFLOPS(wl.cb) * 1e12 * hw.experts_efficiency) if experts else 0.0
+        # attention that materializes its scores: memory-bound passes over [heads, T + 1] a token, each way
+        scores_s = S.EAGER_SCORES_TRAFFIC * wl.scores_bytes_per_token * wl.micro_tokens / (hw.hbm_GBps * 1e9) \
+            if hw.hbm_GBps else 0.0
         attn = hw.attention_fwd_TFLOPS if passes == 1 else hw.attention_bwd_TFLOPS
         attn_s = wl.attention_flops() * wl.micro_tokens * (1 if passes == 1 else 2.5) / (
             attn * 1e12 if attn and wl.cb == 2 else rate)
         # LoRA's adapters: memory-bound, their backward moves about twice their forward's bytes
         adapter_s = wl.adapter_bytes_per_token * wl.micro_tokens * passes / (hw.hbm_GBps * 1e9) if hw.hbm_GBps else 0.0
-        return flops / rate + attn_s + adapter_s + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
+        return flops / rate + experts_s + scores_s + attn_s + adapter_s \
+            + wl.n_chunks * passes * hw.layer_overhead_ms / 1e3
 
     def head_s(self) -> float:
         """Head forward + backward with the loss: 3 passes of its matmul (chunked: all in forward, loss.py); 2 when
@@ -197,7 +204,7 @@ class _Sim:
             for j, since in reversed(held):
                 bwd = self.span(S.COMPUTE, S.BACKWARD, j, self.layer_s(2), after=g_ready)
                 g_ready = bwd.end
-                self.alloc(since, bwd.end, wl.act_bytes_per_token * tok * block)
+                self.alloc(since, bwd.end, wl.kept_layer_bytes if kept else wl.act_bytes_per_token * tok * block)
                 self.alloc(bwd.start, bwd.end, wl.transient_bytes_per_token * tok * block)
                 slots.append(bwd.end)
                 if j in wl.cached and not last:  # summed on the device (every rank's own); reduced at the last

@@ -236,6 +236,13 @@ class Workload:
         return 2 * (weights + self.adapter_params)
 
     @property
+    def routed_expert_flops(self) -> int:
+        """The part of layer_matmul_flops in a mixture's routed experts (top-k of them per token; the mean over
+        layers), which run as grouped GEMMs (Hardware.experts_efficiency)."""
+        c = self.model
+        return 2 * c.n_moe_layers * c.experts_per_token * 3 * c.hidden_size * c.moe_intermediate_size // c.n_layer
+
+    @property
     def backward_matmul_passes(self) -> float:
         """A layer's backward matmul FLOPs over its forward's: 2 (input and weight gradients); a frozen base needs
         only its input gradient (the adapters, a small share, still both)."""
@@ -274,6 +281,11 @@ class Workload:
         """What a block holds, relative to the eager count (act_ and transient_bytes_per_token): less when compiled
         (schedule.COMPILED_BLOCK_MEMORY_SHARE, measured on the H200)."""
         return S.COMPILED_BLOCK_MEMORY_SHARE if self.compile else 1.0
+
+    @property
+    def kept_layer_bytes(self) -> float:
+        """What a layer that keeps its forward's graph holds until its backward (schedule.KEPT_BLOCK_MEMORY_SHARE)."""
+        return self.act_bytes_per_token * self.micro_tokens * (S.KEPT_BLOCK_MEMORY_SHARE if self.compile else 1.0)
 
     @property
     def act_bytes_per_token(self) -> int:
