@@ -47,13 +47,14 @@ class StepTimer(L.Callback):
     next one (write-through of device-kept state), which is not what training does. Time a window of steps
     between two synchronized ones: its mean is the throughput."""
 
-    def __init__(self, sync_at: set[int] | None = None) -> None:
+    def __init__(self, sync_at: set[int] | None = None, start: int = 1) -> None:
+        """`start`: the step whose end opens the window (the steps before it are the warm-up)."""
         self.times: list[float] = []
-        self.sync_at = sync_at
+        self.sync_at, self.start = sync_at, start
         self._last = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if (batch_idx + 1) % trainer.accumulate_grad_batches:
+        if (batch_idx + 1) % trainer.accumulate_grad_batches or trainer.global_step < self.start:
             return
         if torch.cuda.is_available() and (self.sync_at is None or trainer.global_step in self.sync_at):
             torch.cuda.synchronize()
@@ -296,19 +297,22 @@ def main() -> None:
                                  offload_checkpoints=OFFLOAD[a.offload_checkpoints],
                                  compile={"auto": None, "true": True, "false": False}[a.compile],
                                  keep_activations=a.keep_activations)
-    timer = StepTimer(sync_at={1, a.steps + 1})  # step 1 is the warm-up; the window is steps 2 .. steps + 1
+    # warm-up: step 1 (compiles, and measures a block for keep_activations' auto) and step 2 (the first to keep
+    # activations: their memory is allocated then); the window is steps 3 .. steps + 2
+    warm = 2
+    timer = StepTimer(sync_at={warm, a.steps + warm}, start=warm)
     peak = PeakMemory(step=a.accumulate) if a.memory_peak and torch.cuda.is_available() else None
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=a.devices, precision=a.precision,
-                        max_steps=a.steps + 1, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
+                        max_steps=a.steps + warm, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
                         callbacks=[timer] + ([peak] if peak else []))
     data = DataLoader(RandomTokens(config.vocab_size, a.seq_len,
-                                   (a.steps + 1) * a.accumulate * a.micro_batch * a.devices),
+                                   (a.steps + warm) * a.accumulate * a.micro_batch * a.devices),
                       batch_size=a.micro_batch)  # no workers: a fork would copy-on-write the store
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    hp = dict(lr=1e-4, warmup_steps=1, max_steps=a.steps + 1, lora=dict(r=a.lora, alpha=2 * a.lora))
+    hp = dict(lr=1e-4, warmup_steps=1, max_steps=a.steps + warm, lora=dict(r=a.lora, alpha=2 * a.lora))
     if config.transformers_type or a.as_transformers:  # the transformers model of the preset's layer shape
         from megatrain_lightning.hf.model import HFCausalLM, config_json
 
