@@ -79,6 +79,9 @@ def text(a: Answer, tokens: float) -> str:
                                               if wl.token_chunk else "") + (f"; step cache: {len(wl.cached)} of {wl.n_layers + 1} units' weights "
                                               f"and gradient sums on the GPU ({_size(wl.cached_bytes)})"
                                               if wl.cached else ""),
+        f"  activations     the last {wl.kept_blocks} of {len(wl.plan.blocks)} blocks keep theirs for backward (no "
+        f"load, no recompute there; {_size(wl.kept_blocks * wl.checkpoint_interval * wl.kept_layer_bytes)})"
+        if wl.kept_blocks else "  activations     every block is recomputed in backward",
     ]
     if a.advice:
         lines += ["", "advice:"] + [f"  - {x}" for x in a.advice]
@@ -95,6 +98,7 @@ def as_dict(a: Answer, tokens: float) -> dict[str, Any]:
         micro_batch=wl.micro_batch, seq_len=wl.seq_len, accumulate=wl.accumulate, tokens_per_step=wl.step_tokens,
         checkpoint_interval=wl.checkpoint_interval, prefetch_depth=wl.prefetch_depth,
         chunk_sequences=wl.chunk_sequences, n_chunks=wl.n_chunks, token_chunk=wl.token_chunk, kept_units=list(wl.kept),
+        kept_blocks=wl.kept_blocks,
         step_cached_units=list(wl.cached),
         tiers=[dict(name=t.name, need_bytes=t.need_bytes, capacity_bytes=t.capacity_bytes, fits=t.fits)
                for t in a.tiers],

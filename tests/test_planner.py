@@ -822,9 +822,10 @@ def test_kept_activations_skip_their_blocks_load_and_recompute_and_hold_their_me
     assert 0 < grown <= 2 * (wl.kept_layer_bytes + wl.slot_bytes)
 
 
-def test_the_planner_keeps_as_many_blocks_as_fit_and_none_while_the_sweep_cuts():
+def test_the_planner_keeps_as_many_blocks_as_fit_and_none_while_the_sweep_cuts(capsys):
     """Auto (the engine's rule, schedule.blocks_to_keep): llama-3.2-3b at 32 x 1024 on the H200 keeps blocks until
-    the GPU is full less the margin, and the step is shorter; the 100B layer shape in chunks keeps none."""
+    the GPU is full less the margin, and the step is shorter (the report says how many); the 100B layer shape in
+    chunks keeps none."""
     base = ["model=llama-3.2-3b", "+model.tie_embeddings=false", "hardware=h200", "trainer=gpu", "data.seq_len=1024",
             "data.micro_batch=32", "trainer.gradient_clip_val=1.0"]
     auto, off = check(compose(base)), check(compose([*base, RECOMPUTE_ALL]))
@@ -836,6 +837,10 @@ def test_the_planner_keeps_as_many_blocks_as_fit_and_none_while_the_sweep_cuts()
     if auto.wl.kept_blocks < auto.wl.n_layers:  # one block more would not fit beside the margin
         assert simulate(_hw(), one_more).gpu_peak_bytes + _hw().gpu_reserved_GiB * 2**30 > \
             hbm - max(S.KEEP_MARGIN_BYTES, S.KEEP_MARGIN_SHARE * hbm)
+    code, out, _ = _run(base, capsys)
+    assert code == 0 and f"activations     the last {auto.wl.kept_blocks} of 28 blocks keep theirs" in out, out
+    code, out, _ = _run([*base, RECOMPUTE_ALL, "--json"], capsys)
+    assert json.loads(out)["kept_blocks"] == 0
     swept = check(compose(["model=llama100b", "+model.n_layer=2", "hardware=h200", "trainer=gpu",
                            "data.seq_len=4096", "data.micro_batch=96", "storage.device_state_GiB=0"]))
     assert swept.wl.n_chunks > 1 and swept.wl.kept_blocks == 0
