@@ -43,7 +43,8 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
         device_state_GiB: float | None = None, signal_at_batch: int | None = None, devices: int = 1,
         micro_batch: int = MICRO_BATCH, fail_at_batch: int | None = None, last_rank_kwargs: dict | None = None,
         clip: float = 1.0, accelerator: str = "cpu", step_cache_GiB: float | None = None, num_nodes: int = 1,
-        replicate_nodes: bool = False, model: dict | None = None, freeze_bf16: str | None = None) -> None:
+        replicate_nodes: bool = False, model: dict | None = None, freeze_bf16: str | None = None,
+        keep_activations: int | None = None) -> None:
     """`signal_at_batch`: the process sends itself SIGTERM during that micro-batch (SaveOnSignal handles it).
     `drives`: storage=nvme stripes over this many directories under `out_dir` (stand-ins for drives). `devices`: CPU
     ranks (gloo), each with `micro_batch` sequences; `fail_at_batch`: the last rank raises during that micro-batch; `last_rank_kwargs`: strategy
@@ -51,7 +52,8 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     one GPU a rank (NCCL); `step_cache_GiB`: the strategy's (None: auto, which on the CPU caches nothing);
     `num_nodes` > 1: this process is node NODE_RANK's (the test starts one per node, MASTER_PORT shared), and
     `replicate_nodes` the strategy's. `model`: overrides of the tiny preset's fields. `freeze_bf16`: parameters whose
-    name matches this pattern are frozen and held in bf16 (a base under LoRA; run with precision="bf16-mixed")."""
+    name matches this pattern are frozen and held in bf16 (a base under LoRA; run with precision="bf16-mixed").
+    `keep_activations`: the strategy's."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = Config.from_name("tiny", **(model or {}))
@@ -72,7 +74,7 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
     strategy = MegatrainStrategy(**{**dict(storage=storage, ram_budget_GiB=ram_budget_GiB,
                                            nvme_dir=nvme_dir or [str(out / f"nvme{k}") for k in range(drives)],
                                            device_state_GiB=device_state_GiB, step_cache_GiB=step_cache_GiB,
-                                           replicate_nodes=replicate_nodes),
+                                           replicate_nodes=replicate_nodes, keep_activations=keep_activations),
                                     **((last_rank_kwargs or {}) if last else {})})
     trainer = L.Trainer(strategy=strategy, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                         precision=precision, max_steps=max_steps,
@@ -94,7 +96,8 @@ def run(data: str, out_dir: str, max_steps: int, storage: str = "ram", ckpt_dir:
                                                        "kept": sorted(strategy.engine.device_states.units)
                                                        if strategy.engine.device_states else [],
                                                        "cached": sorted(strategy.engine.step_cache.units)
-                                                       if strategy.engine.step_cache else []}))
+                                                       if strategy.engine.step_cache else [],
+                                                       "kept_blocks": strategy.engine.kept.blocks}))
 
 
 def _frozen_in_bf16(lm: RecordingLM, pattern: str):

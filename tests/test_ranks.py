@@ -38,7 +38,8 @@ NVME_BUDGET_GiB = 2.2 / 1024
 MODES = {"ram": {}, "eager": dict(clip=0.0),
          "kept": dict(device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 2)),
          "nvme": dict(storage="nvme", ram_budget_GiB=NVME_BUDGET_GiB),
-         "cached": dict(step_cache_GiB=1.0, device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 0))}
+         "cached": dict(step_cache_GiB=1.0, device_state_GiB=kept_budget_GiB(Config.from_name("tiny"), 0)),
+         "keep_activations": dict(keep_activations=2)}  # the last 2 layers' loads skipped in backward on every rank
 
 
 def _two_ranks(args: dict, ok: bool = True) -> subprocess.CompletedProcess:
@@ -109,6 +110,8 @@ def test_two_ranks_equal_one_at_the_same_global_batch(mode, data, one, tmp_path)
         kept = set().union(*(m["kept"] for m in metas))
         units = range(Config.from_name("tiny").n_layer + 1)
         assert kept and metas[0]["cached"] == metas[1]["cached"] == [i for i in units if i not in kept]
+    if mode == "keep_activations":  # every rank kept them (the same plan: the same broadcasts)
+        assert [m["kept_blocks"] for m in metas] == [2, 2] and want["kept_blocks"] == 2
     if mode == "nvme":  # each rank keeps its RAM state within its half of the budget, and files the rest
         assert want["on_disk"] == [0, 1] and [m["on_disk"] for m in metas] == [[0, 2], [1]]
         assert all(m["store_bytes"] - m["window_bytes"] <= NVME_BUDGET_GiB * 2**30 / 2 for m in metas)

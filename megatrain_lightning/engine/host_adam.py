@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable

@@ -19,7 +19,8 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.engine.streaming import Prefetcher, StreamingEngine
+from megatrain_lightning.engine.slots import Prefetcher
+from megatrain_lightning.engine.streaming import StreamingEngine
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.engine.sweep import add_fp32
 

@@ -27,76 +27,10 @@ from megatrain_lightning.models import surgery
 from megatrain_lightning.engine.grad_shipping import GradShipper
 from megatrain_lightning.engine.block_inputs import HostCheckpoints
 from megatrain_lightning.engine.kept_graphs import KeptGraphs, KeptLayer
+from megatrain_lightning.engine.slots import Prefetcher, Slot, alias
 from megatrain_lightning.engine.lanes import Lanes
 from megatrain_lightning.storage.store import HostStore
 from megatrain_lightning.engine.sweep import Sweep, add_fp32
-
-class _Slot:
-    """A device buffer that holds one layer's weights (and their compute-dtype cast when the fp32 master streams)."""
-
-    def __init__(self, numel: int, dtype: torch.dtype, compute_dtype: torch.dtype, device: torch.device,
-                 cuda: bool) -> None:
-        self.buf = torch.empty(numel, dtype=dtype, device=device)  # what the H2D copy fills
-        self.compute = self.buf if dtype == compute_dtype else torch.empty(numel, dtype=compute_dtype, device=device)
-        self.ready = torch.cuda.Event() if cuda else None  # H2D into buf finished
-        self.free = torch.cuda.Event() if cuda else None  # compute finished reading buf
-
-
-class Prefetcher:
-    """Loads layers in a pass's order into free slots, as many ahead as there are free slots; file-backed layers'
-    copies are read from their files further ahead, into the tier's pinned copy tiles."""
-
-    def __init__(self, engine: StreamingEngine, order: list[int]) -> None:
-        self.engine, self.order, self.next = engine, order, 0
-        self.loaded: dict[int, _Slot] = {}
-        self.read_to = 0  # order positions below this have had their file read issued (where they need one)
-        engine.drop_copy_reads()  # a pass that ended early (an error) left reads: their tiles go back
-
-    def start(self) -> None:
-        """Issues the first loads now (backward: while the kept blocks run, which hold their own slots)."""
-        self._fill()
-
-    def _read_ahead(self) -> None:
-        eng, tier = self.engine, self.engine.store.nvme
-        if tier is None:
-            return
-        # fewer unconsumed reads than copy tiles: a read can always get a tile (one is free or its DMA ends)
-        while self.read_to < len(self.order) and len(eng._copy_reads) < S.NVME_COPY_BUFFERS - 1:
-            i = self.order[self.read_to]
-            self.read_to += 1
-            if eng.reads_file(i):
-                after = eng.updater.pending.get((i, 0)) if eng.updater is not None else None
-                eng._copy_reads[i] = tier.read_copy(i, after)
-
-    def _fill(self) -> None:
-        eng = self.engine
-        self._read_ahead()
-        while self.next < len(self.order) and eng._free:
-            slot = eng._free.pop()
-            eng._load(self.order[self.next], slot)
-            self.loaded[self.next] = slot
-            self.next += 1
-            self._read_ahead()
-        eng.peak_resident_layers = max(eng.peak_resident_layers, len(eng._slots) - len(eng._free))
-
-    def acquire(self, pos: int) -> _Slot:
-        self._fill()
-        slot = self.loaded.pop(pos)  # KeyError here would mean the schedule needs more slots than exist
-        if slot.ready is not None:
-            torch.cuda.current_stream().wait_event(slot.ready)
-        return slot
-
-    def release(self, slot: _Slot) -> None:
-        if slot.free is not None:
-            slot.free.record(torch.cuda.current_stream())
-        self.engine._free.append(slot)
-        self._fill()
-
-
-def _alias(view: Tensor) -> Tensor:
-    return torch.empty(0, dtype=view.dtype, device=view.device).set_(view.untyped_storage(), view.storage_offset(),
-                                                                    view.shape, view.stride())
-
 
 def _functional(template: nn.Module, params: dict[str, Tensor], x: Tensor, *extras: Tensor, **kwargs) -> Tensor:
     return functional_call(template, params, (x, *extras), kwargs, strict=True)
@@ -136,7 +70,7 @@ class StreamingEngine:
         self.sweep = Sweep(device, chunk_tokens, per_sample_extras, self.templates, layers=checkpoint_interval)
         self.load_buffers()
         max_numel = max(u.layout.numel for u in store.units[:len(blocks)])
-        self._slots = [_Slot(max_numel, store.stream_dtype, store.compute_dtype, device, self.cuda)
+        self._slots = [Slot(max_numel, store.stream_dtype, store.compute_dtype, device, self.cuda)
                        for _ in range(self.n_slots)]
         self._free = list(self._slots)
         self._slot_nbytes = self.slot_bytes // max(1, len(self._slots))
@@ -255,12 +189,18 @@ class StreamingEngine:
     def step_plan(self, whole: bool) -> S.Plan:
         """A training step's plan: its kept blocks (decided once measured; none when the sweep cuts the batch), with
         a weight slot for each of their layers beside the pass's own. Graphs an earlier step left are dropped."""
-        self._free.extend(self.kept.drop())
+        for slot in self.kept.drop():
+            if slot.free is not None:  # its forward may still run: the next load into it waits
+                slot.free.record(torch.cuda.current_stream())
+            self._free.append(slot)
         self.kept.decide(self._slot_nbytes * self.plan.k)
+        ranks = self.store.ranks
+        if self.kept.blocks and ranks.world > 1:  # every rank must load the same layers (their broadcasts)
+            whole = not ranks.any(not whole)
         plan = replace(self.plan, kept=self.kept.for_step(whole))
         while len(self._slots) < self.n_slots + plan.kept_layers:
             ref = self._slots[0]
-            slot = _Slot(ref.buf.numel(), ref.buf.dtype, ref.compute.dtype, self.device, self.cuda)
+            slot = Slot(ref.buf.numel(), ref.buf.dtype, ref.compute.dtype, self.device, self.cuda)
             self._slots.append(slot)
             self._free.append(slot)
         return plan
@@ -310,7 +250,7 @@ class StreamingEngine:
             else:
                 x = checkpoints[b]
             checkpoints[b] = None  # free as we go
-            slots: dict[int, _Slot] = {}
+            slots: dict[int, Slot] = {}
             params: dict[int, dict[str, Tensor]] = {}
             trainable: dict[int, list[Tensor]] = {}
             sums: dict[int, list[Tensor | None]] = {}  # fp32 weight gradients over the chunks so far
@@ -370,12 +310,12 @@ class StreamingEngine:
         if state[1] is not None:
             torch.cuda.set_rng_state(state[1], self.device)
 
-    def views(self, i: int, slot: _Slot) -> dict[str, Tensor]:
+    def views(self, i: int, slot: Slot) -> dict[str, Tensor]:
         """A layer's parameters in `slot`, each an alias with its own autograd version counter: views of one
         buffer share one, so a layer that writes one of its tensors in place (peft's ParamWrapper re-registers the
         weight it wraps, `set_`, on every forward) would invalidate every saved parameter of the layer."""
         layout = self.store.units[i].layout
-        return {name: _alias(view) for name, view in layout.views(slot.compute[:layout.numel]).items()}
+        return {name: alias(view) for name, view in layout.views(slot.compute[:layout.numel]).items()}
 
     def run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...],
              kwargs: dict | None = None) -> Tensor:
@@ -383,7 +323,7 @@ class StreamingEngine:
         return call(self.templates[i], {**params, **self.buffers[i]}, x, *extras, **(kwargs or {}))
 
     # ---- transfers ----
-    def _load(self, i: int, slot: _Slot) -> None:
+    def _load(self, i: int, slot: Slot) -> None:
         unit = self.store.units[i]
         n = unit.layout.numel
         # every rank caches the same units (placement.step_cache): a cached load is no collective on any rank
