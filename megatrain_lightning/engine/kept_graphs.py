@@ -3,7 +3,7 @@ slots, until backward reaches them, instead of dropping both and loading and rec
 blocks because their activations live shortest (from their forward to the first steps of backward).
 
 How many: `keep_activations` blocks, or (None, on CUDA with one rank) as many as fit beside the first step's peak:
-that step keeps none, measures one recomputed block's activations, and the next step's forward decides
+that step keeps none, measures one recomputed block's activations, and the next step's first forward decides
 (schedule.blocks_to_keep, the planner's rule too). A step the batch sweep cuts into chunks keeps none: its memory is
 the sweep's.
 """

@@ -193,7 +193,8 @@ class StreamingEngine:
             if slot.free is not None:  # its forward may still run: the next load into it waits
                 slot.free.record(torch.cuda.current_stream())
             self._free.append(slot)
-        self.kept.decide(self._slot_nbytes * self.plan.k)
+        if self.grads.fresh:  # at a step's first micro-batch: the peak so far includes a whole step's, its update too
+            self.kept.decide(self._slot_nbytes * self.plan.k)
         ranks = self.store.ranks
         if self.kept.blocks and ranks.world > 1:  # every rank must load the same layers (their broadcasts)
             whole = not ranks.any(not whole)
