@@ -104,6 +104,19 @@ def test_adapted_model_built_in_init_trains_like_the_default_strategy(family, ad
     dropout draws the same masks. Before the fix, a mixture's LoRA on all linear layers failed in the backward:
     peft re-registers a wrapped parameter in place on every forward, which invalidated the layer's other saved
     parameters (views of one buffer sharing one version counter)."""
+    _trains_like_the_default_strategy(family, adapter)
+
+
+@pytest.mark.parametrize("family,adapter", [("llama", "lora-dropout"), ("qwen3_moe", "lora-all-linear")])
+def test_adapted_model_keeping_activations_trains_like_the_default_strategy(family, adapter):
+    """The last of the 2 layers keeps its forward's graph (keep_activations=1): dropout's masks are the forward's own,
+    and peft's in-place re-registration happens once per layer and step."""
+    trainer = _trains_like_the_default_strategy(family, adapter, keep_activations=1)
+    engine = trainer.strategy.engine
+    assert engine.kept.blocks == 1 and len(engine._slots) == engine.n_slots + 1
+
+
+def _trains_like_the_default_strategy(family: str, adapter: str, **strategy):
     model = _adapted(family, ADAPTERS[adapter]())
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(5)]
@@ -112,7 +125,7 @@ def test_adapted_model_built_in_init_trains_like_the_default_strategy(family, ad
     _fit(want, "auto", batches)
     torch.manual_seed(5)
     got = LoRAModule(copy.deepcopy(model))
-    trainer = _fit(got, MegatrainStrategy(), batches)
+    trainer = _fit(got, MegatrainStrategy(**strategy), batches)
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), rtol=1e-5, atol=0)
     masters = trainer.strategy.store.named("master")
     start = dict(model.named_parameters())
@@ -121,6 +134,7 @@ def test_adapted_model_built_in_init_trains_like_the_default_strategy(family, ad
     for name, p in trained.items():
         assert rel_err(p.detach(), start[name].detach()) > 1e-3, f"{name} did not train"
         assert rel_err(masters["model." + name], p.detach()) < 1e-5, name
+    return trainer
 
 
 def test_lora_built_in_configure_model_starts_as_its_base_model():
