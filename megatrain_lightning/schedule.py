@@ -178,6 +178,12 @@ EAGER_SCORES_COPIES = 4
 # max-reduced, shifted, softmaxed, sliced and read by the second matmul, each elementwise step a read and a write);
 # its backward about as many. Memory-bound: timed at Hardware.hbm_GBps.
 EAGER_SCORES_TRAFFIC = 15
+# A mixture layer's routed copies (tokens x top-k rows) under transformers' grouped_mm experts: beside the
+# intermediate activations a dense MLP of the same active width keeps, each copy keeps the gathered input and the
+# down projection's output (2 x hidden in the compute dtype) and this many bytes of sort index, expert id and
+# routing weight; the router keeps its fp32 probabilities over every expert. Measured with saved_tensors_hooks on
+# transformers' Qwen3-MoE and Mixtral layers (tests/test_planner.py).
+ROUTED_COPY_INDEX_BYTES = 34
 
 
 def chunk_sequences(batch: int, seq_len: int, chunk_tokens: int | None, input_bytes_per_token: int,

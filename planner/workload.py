@@ -294,7 +294,7 @@ class Workload:
         half's share is one piece's, spread over the sequence, plus each piece's saved input."""
         c, cb = self.model, self.cb
         whole = (12 + 4 * cb) * c.hidden_size + 4 * cb * c.active_intermediate_size + 2 * cb * c.n_kv_head * c.head_dim
-        whole += self.scores_bytes_per_token
+        whole += self.scores_bytes_per_token + self.attention_width_bytes_per_token + self.routed_act_bytes_per_token
         if not self.token_chunk:
             return whole
         mlp = self.mlp_act_bytes_per_token
@@ -307,11 +307,33 @@ class Workload:
         return self.model.n_head * (self.seq_len + 1) * self.cb if self.model.eager_attention else 0
 
     @property
+    def attention_width_bytes_per_token(self) -> int:
+        """The count above sizes q and the attention output as the hidden state: where heads x head_dim differs
+        (qwen3-235b-a22b: twice), their compute-dtype difference; and q/k RMSNorms' (Config.qk_norm) fp32
+        intermediates, (4 + cb) bytes a q or k element (measured with saved_tensors_hooks on transformers'
+        Qwen3-MoE layer: 6.25 in bf16). Latent attention (kv_lora_rank) is left at the count."""
+        c, cb = self.model, self.cb
+        if c.kv_lora_rank:
+            return 0
+        q = c.n_head * c.head_dim
+        return 2 * cb * (q - c.hidden_size) + ((4 + cb) * (q + c.n_kv_head * c.head_dim) if c.qk_norm else 0)
+
+    @property
+    def routed_act_bytes_per_token(self) -> int:
+        """A mixture's routed copies beyond a dense MLP of the same active width (schedule.ROUTED_COPY_INDEX_BYTES),
+        and its router's fp32 probabilities; the mean over layers."""
+        c = self.model
+        if not c.n_experts:
+            return 0
+        layer = c.experts_per_token * (2 * self.cb * c.hidden_size + S.ROUTED_COPY_INDEX_BYTES) + 4 * c.n_experts
+        return layer * c.n_moe_layers // c.n_layer
+
+    @property
     def mlp_act_bytes_per_token(self) -> int:
         """The MLP half's part of act_bytes_per_token (an attribution, not a measurement): the second norm's fp32
-        intermediates and output, gate, up, their activation and product."""
+        intermediates and output, gate, up, their activation and product (a mixture: and its routed copies)."""
         c, cb = self.model, self.cb
-        return (6 + cb) * c.hidden_size + 4 * cb * c.active_intermediate_size
+        return (6 + cb) * c.hidden_size + 4 * cb * c.active_intermediate_size + self.routed_act_bytes_per_token
 
     @property
     def transient_bytes_per_token(self) -> int:

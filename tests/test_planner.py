@@ -883,3 +883,43 @@ def test_mixture_layers_match_the_h200_measurements(run):
                        "data.micro_batch=32", "trainer.gradient_clip_val=1.0", "storage.device_state_GiB=0"]))
     assert a.step_time_s == pytest.approx(step_s, rel=tol), a.step_time_s
     assert a.wl.compile == (run != "gpt-oss-120b")  # the engine's default: not where attention materializes scores
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+def test_mixture_layer_activations_are_what_autograd_saves(family):
+    """A transformers mixture layer with grouped_mm experts (bf16; q twice the hidden size and Qwen3's q/k norms where
+    the family has them): the bytes autograd saves per token are the planner's act_bytes_per_token within 3%, and
+    grow with the experts a token meets as its routed-copy term does."""
+    transformers = pytest.importorskip("transformers")
+    config_cls = {"qwen3_moe": "Qwen3MoeConfig", "mixtral": "MixtralConfig"}[family]
+    if not hasattr(transformers, config_cls):
+        pytest.skip(f"no {config_cls}")
+
+    def saved_per_token(k: int) -> tuple[float, Config]:
+        experts = dict(num_experts=16, moe_intermediate_size=128) if family == "qwen3_moe" else \
+            dict(num_local_experts=16)
+        hf = getattr(transformers, config_cls)(num_hidden_layers=1, hidden_size=256, intermediate_size=128,
+                                               num_attention_heads=8, num_key_value_heads=2, head_dim=64,
+                                               vocab_size=128, num_experts_per_tok=k, **experts)
+        model = transformers.AutoModelForCausalLM.from_config(hf).to(torch.bfloat16)
+        if model.config._experts_implementation != "grouped_mm":
+            pytest.skip("transformers does not pick grouped_mm experts here")
+        layer, T = model.model.layers[0], 64
+        x = torch.randn(1, T, 256, dtype=torch.bfloat16, requires_grad=True)
+        position = model.model.rotary_emb(x, torch.arange(T)[None])
+        seen = {}
+
+        def pack(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            layer(x, attention_mask=None, position_embeddings=position)
+        return sum(v for p, v in seen.items() if p not in skip) / T, Config.from_hf(hf.to_dict())
+
+    (four, config), (eight, _) = saved_per_token(4), saved_per_token(8)
+    wl = Workload(config, seq_len=64, micro_batch=1, precision="bf16-mixed")
+    assert wl.act_bytes_per_token == pytest.approx(four, rel=0.03)
+    more = replace(wl, model=replace(config, experts_per_token=8))
+    assert eight - four == pytest.approx(more.act_bytes_per_token - wl.act_bytes_per_token, rel=0.03)
