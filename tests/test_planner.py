@@ -38,24 +38,29 @@ def test_preset_sizes(name, params):
     assert Config.from_name(name).n_params == pytest.approx(params, rel=0.01)
 
 
-def _saved_bytes_per_token(config: Config, dtype: torch.dtype, tokens: tuple[int, int] = (2, 64)) -> float:
-    """What autograd keeps for one block's backward, counted by storage (the planner's act_bytes_per_token)."""
-    block = Block(config).to(dtype)
-    B, T = tokens
-    x = torch.randn(B, T, config.hidden_size, dtype=dtype, requires_grad=True)
-    cos, sin = rope_tables(config, T)
+def _saved_by_call(layer, x, *args, skip=(), **kwargs) -> float:
+    """What autograd saves for the backward of one call of `layer` on x [B, T, D], per token: every saved tensor's
+    storage once, the layer's parameters, its input and `skip` apart."""
     seen = {}
 
     def pack(t):
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    skip = {p.untyped_storage().data_ptr() for p in block.parameters()} | {x.untyped_storage().data_ptr()}
-    skip |= {cos.untyped_storage().data_ptr(), sin.untyped_storage().data_ptr()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-            torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-        block(x, cos, sin)
-    return sum(v for k, v in seen.items() if k not in skip) / (B * T)
+    apart = {t.untyped_storage().data_ptr() for t in (*layer.parameters(), x, *skip)}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, *args, **kwargs)
+    return sum(v for k, v in seen.items() if k not in apart) / (x.shape[0] * x.shape[1])
+
+
+def _saved_bytes_per_token(config: Config, dtype: torch.dtype, tokens: tuple[int, int] = (2, 64)) -> float:
+    """What autograd keeps for one block's backward, counted by storage (the planner's act_bytes_per_token)."""
+    block = Block(config).to(dtype)
+    B, T = tokens
+    x = torch.randn(B, T, config.hidden_size, dtype=dtype, requires_grad=True)
+    cos, sin = rope_tables(config, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        return _saved_by_call(block, x, cos, sin, skip=(cos, sin))
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16-mixed", torch.bfloat16), ("32-true", torch.float32)])
@@ -562,16 +567,7 @@ def test_eager_attention_scores_grow_as_autograd_saves_them():
         x = torch.randn(2, T, 64, requires_grad=True)
         position = model.model.rotary_emb(x, torch.arange(T)[None].expand(2, -1))
         mask = torch.full((T, T), float("-inf")).triu(1)[None, None].expand(2, 1, T, T)
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x, attention_mask=mask, position_embeddings=position)
-        return sum(v for k, v in seen.items() if k not in skip) / (2 * T)
+        return _saved_by_call(layer, x, attention_mask=mask, position_embeddings=position)
 
     config = Config.from_hf(hf.to_dict())
     at = {T: Workload(config, seq_len=T, micro_batch=2, precision="32-true") for T in (128, 256)}
@@ -907,16 +903,8 @@ def test_mixture_layer_activations_are_what_autograd_saves(family):
         layer, T = model.model.layers[0], 64
         x = torch.randn(1, T, 256, dtype=torch.bfloat16, requires_grad=True)
         position = model.model.rotary_emb(x, torch.arange(T)[None])
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        skip = {p.untyped_storage().data_ptr() for p in layer.parameters()} | {x.untyped_storage().data_ptr()}
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            layer(x, attention_mask=None, position_embeddings=position)
-        return sum(v for p, v in seen.items() if p not in skip) / T, Config.from_hf(hf.to_dict())
+        return (_saved_by_call(layer, x, attention_mask=None, position_embeddings=position),
+                Config.from_hf(hf.to_dict()))
 
     (four, config), (eight, _) = saved_per_token(4), saved_per_token(8)
     wl = Workload(config, seq_len=64, micro_batch=1, precision="bf16-mixed")
