@@ -340,3 +340,39 @@ def test_layers_share_a_template_only_where_they_compute_alike():
         runs[name] = (module.losses, trainer)
     assert len({id(t) for t in runs["megatrain"][1].strategy.engine.templates}) == 2
     torch.testing.assert_close(torch.tensor(runs["megatrain"][0]), torch.tensor(runs["auto"][0]), rtol=1e-5, atol=0)
+
+
+class _EvaluatesBeforeBackward(HFModule):
+    """A training step that also runs the model without autograd after its loss (a metric, say), between the
+    training forward and its backward."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        with torch.no_grad():
+            self.model(input_ids=batch)
+        return loss
+
+
+def test_a_pass_without_autograd_between_forward_and_backward_leaves_the_kept_layers_alone(tmp_path):
+    """The last layer keeps its graph and the others' inputs go to files: a no-grad pass of the model in between
+    neither takes their slots nor changes what backward finds. Trains like the default strategy."""
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (4, 24), generator=g) for _ in range(STEPS * ACCUMULATE)]
+
+    def fit(strategy):
+        module = _EvaluatesBeforeBackward("llama")
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=STEPS, precision="32-true",
+                            accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, train_dataloaders=loader(batches))
+        return module, trainer
+
+    want, _ = fit("auto")
+    got, trainer = fit(MegatrainStrategy(keep_activations=1, storage="nvme", nvme_dir=str(tmp_path),
+                                         offload_checkpoints="disk"))
+    assert trainer.strategy.engine.kept.blocks == 1 and trainer.strategy.engine.host_checkpoints.on_disk
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
+    masters = trainer.strategy.store.named("master")
+    for name, p in want.named_parameters():
+        assert rel_err(masters[name], p.detach()) < 1e-5, name

@@ -41,7 +41,7 @@ class LayerCalls:
         # the device), and the one being fetched back one layer ahead of backward
         self._host = None
         self._fetched = None
-        self._plan = engine.plan  # the running training step's (its kept layers: kept_graphs.py)
+        self._plan = engine.plan  # the running pass's (a training step's: its kept layers, kept_graphs.py)
 
     def __call__(self, i: int, x: Tensor, args: tuple, kwargs: dict):
         # no KV cache: a layer that appended its keys and values to one in forward would attend to them again in
@@ -98,14 +98,15 @@ class LayerCalls:
             self._forward = None
             if keep and eng.after_forward is not None:
                 eng.after_forward()
-        return _joined(outs), (chunks, rng)
+        return _joined(outs), (chunks, rng, self._plan)
 
     def backward(self, i: int, x: Tensor | None, replay, leaves: list, spec, grad: Tensor, autocast) -> Tensor:
         """`x`: the layer's input, or None when it went out of device memory (fetched back here)."""
         eng = self.engine
-        first_kept = self._plan.first_kept_layer
+        chunks, rng, plan = replay  # the plan of this layer's training forward (a no-grad pass since changes none)
+        first_kept = plan.first_kept_layer
         if i == self.n - 1:
-            self._backward, self._next = Prefetcher(eng, self._plan.backward_loads()), 0
+            self._backward, self._next = Prefetcher(eng, plan.backward_loads()), 0
             self._backward.start()
         if i >= first_kept:  # kept: its forward's graph, its weights still in their slot
             layer = eng.kept.layers.pop(i)
@@ -128,7 +129,6 @@ class LayerCalls:
         for e in entries:  # frozen parameters get no gradient
             params[e.name] = params[e.name].detach().requires_grad_()
         trainable = [params[e.name] for e in entries]
-        chunks, rng = replay
         whole = len(chunks) == 1
         amp = torch.autocast(eng.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
         grad_in = None if whole else torch.empty_like(x)
