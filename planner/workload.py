@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from megatrain_lightning.config import Config
 from megatrain_lightning.options import EngineOptions, OptionError
 from megatrain_lightning import schedule as S
-from planner import adapters
+from planner import activations, adapters
 from planner.errors import PlanError
 
 PRECISIONS = {"bf16-mixed": 2, "32-true": 4}  # Lightning precision -> bytes of the compute dtype
@@ -287,61 +287,21 @@ class Workload:
         """What a layer that keeps its forward's graph holds until its backward (schedule.KEPT_BLOCK_MEMORY_SHARE)."""
         return self.act_bytes_per_token * self.micro_tokens * (S.KEPT_BLOCK_MEMORY_SHARE if self.compile else 1.0)
 
+    # what a layer pass keeps and holds per token (planner/activations.py)
     @property
     def act_bytes_per_token(self) -> int:
-        """What autograd keeps for one block's backward, per token (measured with saved_tensors_hooks: the
-        fp32 RMSNorm/RoPE intermediates cost 12 * hidden whatever the compute dtype). With a token chunk the MLP
-        half's share is one piece's, spread over the sequence, plus each piece's saved input."""
-        c, cb = self.model, self.cb
-        whole = (12 + 4 * cb) * c.hidden_size + 4 * cb * c.active_intermediate_size + 2 * cb * c.n_kv_head * c.head_dim
-        whole += self.scores_bytes_per_token + self.attention_width_bytes_per_token + self.routed_act_bytes_per_token
-        if not self.token_chunk:
-            return whole
-        mlp = self.mlp_act_bytes_per_token
-        return whole - mlp + cb * c.hidden_size + mlp * self.token_chunk // self.seq_len
+        """What autograd keeps for one block's backward, per token."""
+        return activations.saved(self.model, self.cb, self.seq_len, self.token_chunk)
 
     @property
     def scores_bytes_per_token(self) -> int:
-        """Eager attention (Config.eager_attention): one token's [heads, T + 1] probabilities, saved for backward
-        (schedule.EAGER_SCORES_COPIES of them exist while a layer runs); 0 for fused attention."""
-        return self.model.n_head * (self.seq_len + 1) * self.cb if self.model.eager_attention else 0
-
-    @property
-    def attention_width_bytes_per_token(self) -> int:
-        """The count above sizes q and the attention output as the hidden state: where heads x head_dim differs
-        (qwen3-235b-a22b: twice), their compute-dtype difference; and q/k RMSNorms' (Config.qk_norm) fp32
-        intermediates, (4 + cb) bytes a q or k element (measured with saved_tensors_hooks on transformers'
-        Qwen3-MoE layer: 6.25 in bf16). Latent attention (kv_lora_rank) is left at the count."""
-        c, cb = self.model, self.cb
-        if c.kv_lora_rank:
-            return 0
-        q = c.n_head * c.head_dim
-        return 2 * cb * (q - c.hidden_size) + ((4 + cb) * (q + c.n_kv_head * c.head_dim) if c.qk_norm else 0)
-
-    @property
-    def routed_act_bytes_per_token(self) -> int:
-        """A mixture's routed copies beyond a dense MLP of the same active width (schedule.ROUTED_COPY_INDEX_BYTES),
-        and its router's fp32 probabilities; the mean over layers."""
-        c = self.model
-        if not c.n_experts:
-            return 0
-        layer = c.experts_per_token * (2 * self.cb * c.hidden_size + S.ROUTED_COPY_INDEX_BYTES) + 4 * c.n_experts
-        return layer * c.n_moe_layers // c.n_layer
-
-    @property
-    def mlp_act_bytes_per_token(self) -> int:
-        """The MLP half's part of act_bytes_per_token (an attribution, not a measurement): the second norm's fp32
-        intermediates and output, gate, up, their activation and product (a mixture: and its routed copies)."""
-        c, cb = self.model, self.cb
-        return (6 + cb) * c.hidden_size + 4 * cb * c.active_intermediate_size + self.routed_act_bytes_per_token
+        """Eager attention's saved probabilities, per token (0 for fused attention)."""
+        return activations.scores(self.model, self.cb, self.seq_len)
 
     @property
     def transient_bytes_per_token(self) -> int:
-        """Working set of one layer pass beyond its inputs: the MLP's gate, up and product, fp32 norm copies."""
-        mlp = 3 * self.cb * self.model.active_intermediate_size
-        if self.token_chunk:
-            mlp = mlp * self.token_chunk // self.seq_len
-        return mlp + 8 * self.model.hidden_size + (S.EAGER_SCORES_COPIES - 1) * self.scores_bytes_per_token
+        """Working set of one layer pass beyond its inputs, per token."""
+        return activations.transient(self.model, self.cb, self.seq_len, self.token_chunk)
 
     @property
     def head_bytes(self) -> int:
