@@ -27,6 +27,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+WORK_MARKER = ".convergence-work"
+
+
 def corpus_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
@@ -197,8 +200,15 @@ def main() -> None:
     from megatrain_lightning.config import Config
     from megatrain_lightning.hf.model import build_model
 
-    work = Path(a.work)
+    work, out_path = Path(a.work), Path(a.out)
+    # only what this script wrote is replaced: a --work it made before (its marker inside), never another folder or
+    # an existing results file
+    if out_path.exists():
+        sys.exit(f"error: --out {out_path} exists; name another file (or remove it)")
+    if work.exists() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
+        sys.exit(f"error: --work {work} holds files this script did not write; name an empty or new folder")
     work.mkdir(parents=True, exist_ok=True)
+    (work / WORK_MARKER).write_text("bench/convergence.py: tokenizer, tokens and initial checkpoint\n")
     t0 = time.perf_counter()
     tokenizer, tokens_path, vocab, size = build_tokens(work, a.vocab, a.corpus_mb)
     n_tokens = len(np.load(tokens_path, mmap_mode="r"))
@@ -210,7 +220,6 @@ def main() -> None:
     torch.manual_seed(a.seed)
     ckpt = work / "init"
     build_model(hf_config).float().save_pretrained(ckpt)  # the one initial model both runs start from
-    out_path = Path(a.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with out_path.open("w") as out:
         cuda = torch.cuda.is_available()

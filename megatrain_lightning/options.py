@@ -59,11 +59,11 @@ class EngineOptions:
     device_state_GiB: float | None = None
     """GPU memory for the whole state of the first units, updated on the GPU; None: schedule.AUTO_DEVICE_SHARE of what is free."""
     chunk_tokens: int | None = None
+    """The batch sweep: tokens (whole sequences) a layer runs at a time; None: what half of the free GPU holds."""
     keep_activations: int | None = None
     """The last this many blocks keep their forward's activations for backward instead of recomputing it (each holds
     its saved tensors and its weight slots until its backward); None: as many as the GPU has room for beside the first
     step's peak (measured then; none on the CPU, with several ranks, or while the batch sweep cuts the batch)."""
-    """The batch sweep: tokens (whole sequences) a layer runs at a time; None: what half of the free GPU holds."""
     step_cache_GiB: float | None = None
     """With accumulation: GPU memory for weights and fp32 gradient sums kept for a step; None: schedule.AUTO_DEVICE_SHARE."""
     replicate_nodes: bool = False

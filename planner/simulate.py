@@ -182,15 +182,13 @@ class _Sim:
         for b, (s0, e0) in reversed(list(enumerate(p.blocks))):
             kept = b >= p.n_checkpoints  # its activations and weights are still there: no load, no recompute
             read_end = 0.0
-            if kept:
-                pass
-            elif spill:
+            if spill and not kept:
                 nbytes = wl.checkpoint_bytes
                 read = self.span(S.NVME_READ, S.CHECKPOINT, s0, self.disk_s(S.NVME_READ, nbytes), after=issued,
                                  nbytes=nbytes, issued=False)
                 read_end = read.end
                 self.alloc(read.start, None, nbytes)
-            elif wl.offload_checkpoints and not self.hw.unified:  # fetched from host memory one block ahead
+            elif wl.offload_checkpoints and not self.hw.unified and not kept:  # fetched from host memory a block ahead
                 self.alloc(issued, None, wl.checkpoint_bytes)
             held = [(j, kept_from[j]) for j in range(s0, e0)] if kept else []  # (layer, activations since)
             for j in range(s0, e0) if not kept else ():

@@ -109,14 +109,10 @@ class LayerCalls:
             self._backward, self._next = Prefetcher(eng, plan.backward_loads()), 0
             self._backward.start()
         if i >= first_kept:  # kept: its forward's graph, its weights still in their slot
-            layer = eng.kept.layers.pop(i)
-            with eng.lanes.span(i, S.COMPUTE, S.BACKWARD):
-                grads = layer.backward(grad)
-            eng.grads.ship(i, list(grads[1:]))
-            self._backward.release(layer.slot)
+            grad_in = eng.backward_kept(i, grad, self._backward)
             if i == 0:
                 self._backward = None
-            return grads[0]
+            return grad_in
         if x is None and i == first_kept - 1:
             self._fetched = self._host.fetch(i)
         slot = self._acquire(self._backward, first_kept - 1 - i, i, "backward of")

@@ -218,6 +218,16 @@ class StreamingEngine:
         trainable = [params[e.name] for e in self.store.units[i].layout.trainable_entries]
         return KeptLayer(h_in, out[0] if isinstance(out, tuple) else out, trainable, slot), out
 
+    def backward_kept(self, i: int, grad: Tensor, pf: Prefetcher) -> Tensor:
+        """Layer i's backward from the graph its forward kept: its gradients ship, its slot goes back to `pf`;
+        returns its input's gradient."""
+        layer = self.kept.layers.pop(i)
+        with self.lanes.span(i, S.COMPUTE, S.BACKWARD):
+            grads = layer.backward(grad)
+        self.grads.ship(i, grads[1:])
+        pf.release(layer.slot)
+        return grads[0]
+
     def _backward(self, checkpoints: list[Tensor], replay: tuple, extras: tuple[Tensor, ...], grad: Tensor,
                   autocast: tuple[bool, torch.dtype]) -> Tensor:
         """Blocks last to first. A block's weights load once; each chunk of the batch is recomputed through the block
@@ -235,13 +245,7 @@ class StreamingEngine:
         for b, (start, end) in reversed(list(enumerate(plan.blocks))):
             if b >= plan.n_checkpoints:  # kept: its forward's graph, its weights still in their slots
                 for i in reversed(range(start, end)):
-                    layer = self.kept.layers.pop(i)
-                    with self.lanes.span(i, S.COMPUTE, S.BACKWARD):
-                        grads = layer.backward(grad)
-                    grad = grads[0]
-                    self.grads.ship(i, grads[1:])
-                    pf.release(layer.slot)
-                    del layer, grads
+                    grad = self.backward_kept(i, grad, pf)
                 continue
             if whole:
                 self.kept.measure_start()

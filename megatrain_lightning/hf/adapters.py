@@ -71,8 +71,6 @@ UNSTREAMABLE_PEFT = {"PREFIX_TUNING": "gives every decoder layer a key/value pre
 
 
 def _refuse_unstreamable_adapters(module: nn.Module) -> None:
-    from megatrain_lightning.errors import UserError
-
     for m in module.modules():
         configs = getattr(m, "peft_config", None)
         for config in configs.values() if isinstance(configs, dict) else ():
@@ -85,8 +83,6 @@ def _refuse_unstreamable_adapters(module: nn.Module) -> None:
 def stream_layers(module: nn.Module) -> LayerList | None:
     """Finds a transformers causal LM in `module` and swaps its decoder layer list for a LayerList (same layers, same
     parameter names); None when there is none. An architecture not in ARCHITECTURES is refused by name."""
-    from megatrain_lightning.errors import UserError
-
     _refuse_unstreamable_adapters(module)
     model = next((m for m in module.modules() if is_transformers_model(m)), None)
     if model is None:

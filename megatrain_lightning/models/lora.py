@@ -13,7 +13,6 @@ from megatrain_lightning.lora_options import ALL_LINEAR, LoRA
 from megatrain_lightning.errors import UserError
 
 
-
 def add_lora(model: nn.Module, layers: nn.Module, lora: LoRA, base_dtype: torch.dtype) -> nn.Module:
     """Injects `lora` into the linear layers inside `layers` (the decoder layers) of `model`, in place: every
     parameter of the base frozen in `base_dtype`, the adapters trainable in fp32. Needs peft."""
