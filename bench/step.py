@@ -90,6 +90,30 @@ class PeakMemory(L.Callback):
                        "live_at_peak": top}
 
 
+class OpProfile(L.Callback):
+    """torch.profiler over one step (batch `step`, after the warm-up): the device time of the top operators, to say
+    what a layer's compute is made of (attention, experts, routing) where the engine's trace gives only spans."""
+
+    def __init__(self, step: int, top: int = 25) -> None:
+        self.step, self.top = step, top
+        self.report: list[dict] | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == self.step:
+            torch.cuda.synchronize()
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+            self._prof.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx != self.step:
+            return
+        torch.cuda.synchronize()
+        self._prof.__exit__(None, None, None)
+        ops = sorted(self._prof.key_averages(), key=lambda e: e.device_time_total, reverse=True)
+        self.report = [{"op": e.key[:80], "calls": e.count, "device_ms": round(e.device_time_total / 1e3, 2)}
+                       for e in ops[:self.top] if e.device_time_total > 0]
+
+
 def live_at_peak(events: list[dict], top: int) -> tuple[int, dict[str, float]]:
     """The peak of allocated bytes over an allocator trace (relative to its start) and the GiB live then, summed by
     the first frame inside this project."""
@@ -128,13 +152,17 @@ class PlainHFCausalLM:
         return Plain(*args, **kwargs)
 
 
-def with_experts(lm, implementation: str):
-    """`lm.configure_model` that also sets the transformers model's experts implementation (--experts)."""
+def with_implementations(lm, experts: str | None, attention: str | None):
+    """`lm.configure_model` that also sets the transformers model's experts and attention implementations (--experts,
+    --attention)."""
     build = lm.configure_model
 
     def configure_model() -> None:
         build()
-        lm.model.set_experts_implementation(implementation)
+        if experts:
+            lm.model.set_experts_implementation(experts)
+        if attention:
+            lm.model.set_attn_implementation(attention)
     return configure_model
 
 
@@ -169,19 +197,26 @@ class FrozenLM(CausalLM):
 
 def traced(path: Path) -> dict:
     """From a traced step: how long the compute stream was busy (the union of its spans; the trace runs on until the
-    step's host updates end, behind the next forward), and how many times each layer's weights came in and each
-    unit's gradients went out."""
+    step's host updates end, behind the next forward), each lane's kind of work likewise, and how many times each
+    layer's weights came in and each unit's gradients went out."""
     trace = json.loads(path.read_text())
-    spans = sorted((e["start"], e["end"]) for e in trace["events"] if e["lane"] == "compute")
-    busy, reach = 0.0, 0.0
-    for start, end in spans:
-        busy += max(0.0, end - max(start, reach))
-        reach = max(reach, end)
+
+    def union(events) -> float:  # seconds covered by the spans (overlaps counted once)
+        busy, reach = 0.0, 0.0
+        for start, end in sorted((e["start"], e["end"]) for e in events):
+            busy += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        return busy
+
+    busy = union(e for e in trace["events"] if e["lane"] == "compute")
+    kinds = sorted({(e["lane"], e["kind"]) for e in trace["events"]})
+    by_kind = {f"{lane}/{kind}": round(union(e for e in trace["events"] if (e["lane"], e["kind"]) == (lane, kind)), 4)
+               for lane, kind in kinds}
     def per_layer(lane: str, kind: str) -> list[int]:  # the distinct counts over layers (units): [1] = once each
         return sorted(set(Counter(e["layer"] for e in trace["events"]
                                   if e["lane"] == lane and e["kind"] == kind and e["layer"] >= 0).values()))
 
-    return dict(traced_step_s=round(trace["step_time_s"], 4), compute_busy_s=round(busy, 4),
+    return dict(traced_step_s=round(trace["step_time_s"], 4), compute_busy_s=round(busy, 4), busy_by_kind_s=by_kind,
                 loads_per_layer=per_layer("h2d", "load"), grads_out_per_unit=per_layer("d2h", "grad"))
 
 
@@ -277,9 +312,14 @@ def main() -> None:
     ap.add_argument("--experts", default=None, metavar="IMPL",
                     help="a transformers mixture's experts implementation (set_experts_implementation: eager, "
                          "grouped_mm, batched_mm, ...); default: transformers' choice (grouped_mm where it dispatches)")
+    ap.add_argument("--attention", default=None, metavar="IMPL",
+                    help="a transformers model's attention implementation (set_attn_implementation: eager, sdpa, "
+                         "flex_attention, ...); default: transformers' choice")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--memory-peak", action="store_true",
                     help="CUDA: name what is live at the second step's peak of allocated memory")
+    ap.add_argument("--profile", action="store_true",
+                    help="CUDA: the device time of the top operators over the first measured step (torch.profiler)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -302,11 +342,12 @@ def main() -> None:
     warm = 2
     timer = StepTimer(sync_at={warm, a.steps + warm}, start=warm)
     peak = PeakMemory(step=a.accumulate) if a.memory_peak and torch.cuda.is_available() else None
+    ops = OpProfile(step=warm * a.accumulate) if a.profile and torch.cuda.is_available() else None
     trainer = L.Trainer(strategy=strategy, accelerator=accel, devices=a.devices, precision=a.precision,
                         max_steps=a.steps + warm, accumulate_grad_batches=a.accumulate, gradient_clip_val=1.0,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, limit_val_batches=0,
-                        callbacks=[timer] + ([peak] if peak else []))
+                        callbacks=[timer] + [c for c in (peak, ops) if c])
     data = DataLoader(RandomTokens(config.vocab_size, a.seq_len,
                                    (a.steps + warm) * a.accumulate * a.micro_batch * a.devices),
                       batch_size=a.micro_batch)  # no workers: a fork would copy-on-write the store
@@ -318,8 +359,8 @@ def main() -> None:
 
         lm = (PlainHFCausalLM if a.plain else HFCausalLM)(
             config, config_json(config) if config.transformers_type else config.to_hf("float32"), **hp)
-        if a.experts:
-            lm.configure_model = with_experts(lm, a.experts)
+        if a.experts or a.attention:
+            lm.configure_model = with_implementations(lm, a.experts, a.attention)
     else:
         lm = FrozenLM(a.freeze, config, **hp) if a.freeze else CausalLM(config, **hp)
     trainer.fit(lm, train_dataloaders=data)
@@ -355,6 +396,7 @@ def main() -> None:
                   lora=a.lora, plain=a.plain, compile=a.compile,
                   experts=getattr(getattr(getattr(lm, "model", None), "config", None),
                                   "_experts_implementation_internal", None),
+                  attention=getattr(getattr(getattr(lm, "model", None), "config", None), "_attn_implementation", None),
                   nvme_per_step=[{k: round(v, 3) for k, v in r.items()} for r in strategy.nvme_log],
                   chunk_sequences=next(iter(strategy.engine.sweep.chunk_of.values()), None),
                   step_cached_units=len(strategy.engine.step_cache.units) if strategy.engine.step_cache else 0,
@@ -362,6 +404,8 @@ def main() -> None:
                   kept_blocks=strategy.engine.kept.blocks)
     if peak is not None:
         result["memory_peak"] = peak.report
+    if ops is not None:
+        result["op_profile"] = ops.report
     if a.trace_dir:
         result.update(traced(Path(a.trace_dir) / "step2.json"))
         result["compute_share"] = round(result["compute_busy_s"] / step, 4)  # of the measured step
