@@ -71,9 +71,9 @@ class _Losses(L.Callback):
         self.losses.append(outputs["loss"].item() * trainer.accumulate_grad_batches)  # Lightning divided it
 
 
-def _fit(module, strategy, batches):
+def _fit(module, strategy, batches, accelerator="cpu"):
     losses = _Losses()
-    trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, max_steps=STEPS, precision="32-true",
+    trainer = L.Trainer(strategy=strategy, accelerator=accelerator, devices=1, max_steps=STEPS, precision="32-true",
                         accumulate_grad_batches=ACCUMULATE, gradient_clip_val=1.0, logger=False, callbacks=[losses],
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, train_dataloaders=loader(batches))
@@ -136,6 +136,58 @@ def test_checkpoint_imports_trains_and_exports_as_the_transformers_model(family,
     assert set(again) == set(masters)
     for name, value in again.items():
         assert torch.equal(value, masters[name]), name
+
+
+def test_attention_is_chosen_for_the_device_and_a_refused_one_is_named(tmp_path):
+    """gpt-oss (no SDPA path: its attention sinks) runs transformers' eager attention on the CPU and flex_attention on
+    CUDA (Config.attention); model.attn_implementation chooses another, and one transformers or this device refuses
+    is named; a family with an SDPA path keeps transformers' choice."""
+    from dataclasses import replace
+
+    src = tmp_path / "src"
+    _checkpoint("gpt_oss", src)
+    config = Config.from_dict({"name": "hf", "path": str(src)})
+    assert (config.attention(cuda=False), config.attention(cuda=True)) == ("eager", "flex_attention")
+    assert Config.from_name("qwen3-235b-a22b").attention(cuda=True) is None
+    module = _module(src)
+    module.configure_model()  # no trainer: not CUDA
+    assert module.model.config._attn_implementation == "eager"
+    hf_config = json.loads((src / "config.json").read_text())
+    flex = HFCausalLM(replace(config, attn_implementation="flex_attention"), hf_config, **lm_kwargs(STEPS))
+    with pytest.raises(UserError, match=r"^model\.attn_implementation=flex_attention: transformers runs gpt_oss's "
+                                        r"attention sinks through flex attention on CUDA only, and this run is on "
+                                        r"the CPU; leave it unset \(eager there\)$"):
+        flex.configure_model()
+    sdpa = HFCausalLM(replace(config, attn_implementation="sdpa"), hf_config, **lm_kwargs(STEPS))
+    with pytest.raises(UserError, match=r"^model\.attn_implementation='sdpa': transformers refuses it for gpt_oss: "):
+        sdpa.configure_model()
+    with pytest.raises(ValueError, match=r"^attn_implementation='eager': only a model that trains as the "
+                                         r"transformers model \(transformers_type\) chooses its attention; "
+                                         r"megatrain's Llama runs SDPA$"):
+        Config.from_name("llama-3.2-1b", attn_implementation="eager")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+def test_cuda_gpt_oss_trains_through_flex_attention_like_eager(tmp_path):
+    """On CUDA train.py's module builds gpt-oss with flex_attention (fused, its sinks included), and the engine then
+    compiles its layers: training equals the default strategy's on the same weights through flex attention, and
+    through transformers' eager attention (the same math in another order) within 1e-4."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    src = tmp_path / "src"
+    _checkpoint("gpt_oss", src)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(STEPS * ACCUMULATE)]
+    runs = {}
+    for attention in ("flex_attention", "eager"):
+        reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
+                                                                      attn_implementation=attention)
+        _, runs[attention] = _fit(_module(src, model=reference), "auto", batches, accelerator="gpu")
+    trainer, got = _fit(_module(src), MegatrainStrategy(init_from=src), batches, accelerator="gpu")
+    assert trainer.lightning_module.model.config._attn_implementation == "flex_attention"
+    assert trainer.strategy.engine.sweep.eager_attention_heads == 0  # nothing materialized: whole chunks, compiled
+    for want, tol in ((runs["flex_attention"], 1e-5), (runs["eager"], 1e-4)):
+        for a, b in zip(got, want, strict=True):
+            assert a == pytest.approx(b, rel=tol), (got, want)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])

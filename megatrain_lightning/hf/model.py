@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from megatrain_lightning.config import Config
+from megatrain_lightning.config import EAGER_ATTENTION_TYPES, Config
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.models.lm import CausalLM
 
@@ -79,7 +79,13 @@ class HFCausalLM(CausalLM):
 
     def configure_model(self) -> None:
         if self.model is None:
-            self.model = self.adapted(build_model(self.hparams["hf_config"]).float())  # fp32 masters
+            cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
+            attention = self.config.attention(cuda)
+            if attention == "flex_attention" and not cuda and self.config.transformers_type in EAGER_ATTENTION_TYPES:
+                raise UserError(f"model.attn_implementation=flex_attention: transformers runs "
+                                f"{self.config.transformers_type}'s attention sinks through flex attention on CUDA "
+                                "only, and this run is on the CPU; leave it unset (eager there)")
+            self.model = self.adapted(build_model(self.hparams["hf_config"], attention).float())  # fp32 masters
 
     @override
     def final_hidden(self, x: Tensor) -> Tensor:
@@ -90,9 +96,17 @@ class HFCausalLM(CausalLM):
         return F.linear(hidden, self.model.lm_head.weight)
 
 
-def build_model(hf_config: dict[str, Any]):
-    """The transformers causal LM of a config.json (on the device torch's default says: meta under the strategy)."""
+def build_model(hf_config: dict[str, Any], attn_implementation: str | None = None):
+    """The transformers causal LM of a config.json (on the device torch's default says: meta under the strategy),
+    its attention by transformers' name (None: transformers' choice)."""
     transformers = transformers_module()
     hf_config = dict(hf_config)
-    return transformers.AutoModelForCausalLM.from_config(
-        transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config))
+    config = transformers.AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    chosen = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    try:
+        return transformers.AutoModelForCausalLM.from_config(config, **chosen)
+    except (ValueError, ImportError) as e:
+        if not chosen:
+            raise
+        raise UserError(f"model.attn_implementation={attn_implementation!r}: transformers refuses it for "
+                        f"{config.model_type}: {str(e).splitlines()[0]}") from None
