@@ -44,8 +44,9 @@ class Config:
     # TRANSFORMERS_HF_TYPES); this Config is then the planner's shape of it. None: megatrain_lightning.Llama
     transformers_type: str | None = None
     # such a model's attention, by transformers' name (eager, sdpa, flex_attention, ...); None: transformers' choice
-    # (fused SDPA), except for the EAGER_ATTENTION_TYPES, whose choice materializes the scores: flex_attention on
-    # CUDA (fused, sinks included), eager on the CPU (`attention`)
+    # (SDPA; eager for the EAGER_ATTENTION_TYPES, which have no SDPA path). gpt-oss: flex_attention runs its sinks
+    # fused on CUDA, 1.30x faster on gpt-oss-120b's layer (docs/performance.md); opt-in until its CUDA parity test
+    # has passed on the box (#29)
     attn_implementation: str | None = None
     # Mixture-of-experts (megatrain_lightning.Llama has no experts: such models train as the transformers model,
     # transformers_type): each layer's MLP is n_experts SwiGLU experts of moe_intermediate_size and a router, of which
@@ -294,22 +295,13 @@ class Config:
         moe = (self.experts_per_token + self.n_shared_experts) * self.moe_intermediate_size
         return max(moe, self.intermediate_size) if self.n_dense_layers else moe
 
-    def attention(self, cuda: bool) -> str | None:
-        """The attention implementation the transformers model runs (None: transformers' choice). For the
-        EAGER_ATTENTION_TYPES, whose default materializes the [heads, T, T + 1] scores, flex_attention on CUDA: fused,
-        1.44x faster on gpt-oss-120b's layer than eager and its memory linear in T (docs/performance.md);
-        transformers runs flex with attention sinks on CUDA only."""
-        if self.attn_implementation:
-            return self.attn_implementation
-        if self.transformers_type in EAGER_ATTENTION_TYPES:
-            return "flex_attention" if cuda else "eager"
-        return None
-
     @property
     def eager_attention(self) -> bool:
-        """On a CUDA device (the planner's: plan.py pins the CPU's choice on a unified one), attention materializes
-        its scores: memory grows with the square of the length."""
-        return self.attention(cuda=True) == "eager"
+        """Attention materializes its [heads, T, T + 1] scores (transformers' eager implementation, chosen or the
+        family's default): memory grows with the square of the length."""
+        if self.attn_implementation:
+            return self.attn_implementation == "eager"
+        return self.transformers_type in EAGER_ATTENTION_TYPES
 
     @property
     def active_params(self) -> int:
@@ -349,7 +341,7 @@ HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
 # model objects
 MOE_HF_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")
 # transformers families whose default attention materializes [heads, T, T + 1] scores (transformers' "eager", where
-# there is no SDPA path: gpt-oss's attention sinks) and that run flex_attention instead on CUDA (Config.attention)
+# there is no SDPA path: gpt-oss's attention sinks); the planner counts their memory
 EAGER_ATTENTION_TYPES = ("gpt_oss",)
 # model_types that model=hf trains as the transformers model itself (hf_lm.HFCausalLM): every mixture of experts,
 # and dense families whose layers megatrain_lightning.Llama does not have

@@ -168,10 +168,6 @@ class MegatrainStrategy(DataParallelBase):
             m.register_state_dict_post_hook(hook)
         cuda, layer_list = device.type == "cuda", isinstance(trunk, adapters.LayerList)
         eager_attention = adapters.eager_attention_heads(module) if layer_list else 0
-        if cuda and eager_attention and adapters.supports_flex_attention(module):
-            log.info("the transformers model's attention is 'eager': it materializes [heads, T, T] scores and its "
-                     "layers run uncompiled; model.set_attn_implementation('flex_attention') before fit runs it "
-                     "fused and compiled (1.44x on gpt-oss-120b's layer, docs/performance.md)")
         self.engine = StreamingEngine(store, list(trunk), device, opts.checkpoint_interval, opts.prefetch_depth,
                                       # not where attention materializes its scores (gpt-oss's sinks): compiled,
                                       # a chunk of gpt-oss-120b's layer ran out of memory where eager it ran

@@ -82,7 +82,7 @@ def place(hw: Hardware, wl: Workload) -> Workload:
         raise PlanError("hardware.network_GBps", f"trainer.num_nodes={wl.nodes} needs the network's bandwidth between "
                                                  "nodes (GB/s per node, e.g. 50 for 400 Gb/s InfiniBand)")
     return _keep_activations(hw, _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(
-        hw, _compile(hw, _attention(hw, wl)))))))
+        hw, _compile(hw, wl))))))
 
 
 def _keep_activations(hw: Hardware, wl: Workload) -> Workload:
@@ -99,15 +99,6 @@ def _keep_activations(hw: Hardware, wl: Workload) -> Workload:
     k = wl.checkpoint_interval
     per_block = k * (wl.kept_layer_bytes + wl.slot_bytes)
     return replace(wl, kept_blocks=S.blocks_to_keep(n_blocks, hw.hbm_GiB * GiB, device_peak(hw, wl), per_block))
-
-
-def _attention(hw: Hardware, wl: Workload) -> Workload:
-    """HFCausalLM's choice (Config.attention): on a unified device (the CPU) the CPU's, pinned, so that the workload's
-    counts (which read the CUDA choice) see it."""
-    c = wl.model
-    if not hw.unified or c.attention(cuda=False) == c.attention(cuda=True):
-        return wl
-    return replace(wl, model=replace(c, attn_implementation=c.attention(cuda=False)))
 
 
 def _compile(hw: Hardware, wl: Workload) -> Workload:

@@ -376,19 +376,3 @@ def test_a_pass_without_autograd_between_forward_and_backward_leaves_the_kept_la
     masters = trainer.strategy.store.named("master")
     for name, p in want.named_parameters():
         assert rel_err(masters[name], p.detach()) < 1e-5, name
-
-
-@CUDA
-def test_cuda_eager_attention_is_named_with_its_fused_alternative(caplog):
-    """A user's gpt-oss left at transformers' eager attention trains (uncompiled, its chunks sized for the scores),
-    and the log names flex_attention, which runs it fused and compiled."""
-    import logging
-
-    torch.backends.cuda.matmul.allow_tf32 = False
-    with caplog.at_level(logging.INFO, logger="megatrain_lightning.strategy"):
-        want, _ = _fit("gpt_oss", "auto", accelerator="gpu")
-        got, trainer = _fit("gpt_oss", MegatrainStrategy(device="cuda", device_state_GiB=0), accelerator="gpu")
-    assert "model.set_attn_implementation('flex_attention') before fit runs it fused and compiled" in caplog.text
-    assert trainer.strategy.engine.sweep.eager_attention_heads == TINY["num_attention_heads"]
-    for a, b in zip(got.losses, want.losses, strict=True):
-        assert abs(a - b) <= 1e-4 * abs(b), (got.losses, want.losses)

@@ -182,9 +182,3 @@ def eager_attention_heads(module: nn.Module) -> int:
     if getattr(config, "_attn_implementation", None) != "eager":
         return 0
     return int(getattr(config, "num_attention_heads", 0) or 0)
-
-
-def supports_flex_attention(module: nn.Module) -> bool:
-    """The transformers model in `module` can run transformers' flex_attention (fused; gpt-oss's sinks included)."""
-    model = next((m for m in module.modules() if is_transformers_model(m)), None)
-    return bool(getattr(model, "_supports_flex_attn", False))

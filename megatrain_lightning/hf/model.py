@@ -80,7 +80,7 @@ class HFCausalLM(CausalLM):
     def configure_model(self) -> None:
         if self.model is None:
             cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-            attention = self.config.attention(cuda)
+            attention = self.config.attn_implementation
             if attention == "flex_attention" and not cuda and self.config.transformers_type in EAGER_ATTENTION_TYPES:
                 raise UserError(f"model.attn_implementation=flex_attention: transformers runs "
                                 f"{self.config.transformers_type}'s attention sinks through flex attention on CUDA "
