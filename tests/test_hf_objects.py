@@ -376,3 +376,22 @@ def test_a_pass_without_autograd_between_forward_and_backward_leaves_the_kept_la
     masters = trainer.strategy.store.named("master")
     for name, p in want.named_parameters():
         assert rel_err(masters[name], p.detach()) < 1e-5, name
+
+
+def test_a_traced_step_of_a_transformers_model_has_every_layer_and_the_head(tmp_path):
+    """trace_dir: a transformers model's step (its own forward calls the layers) records each layer's forward,
+    recompute and backward, and the head and loss between forward and backward (the resident unit, layer -1), as
+    megatrain's own Llama's does (the planner's comparison reads the compute lane's spans)."""
+    import json
+
+    from megatrain_lightning import schedule as S
+
+    _fit("llama", MegatrainStrategy(trace_dir=str(tmp_path), trace_step=2))
+    events = json.loads((tmp_path / "step2.json").read_text())["events"]
+    for kind in (S.FORWARD, S.RECOMPUTE, S.BACKWARD):
+        layers = [e["layer"] for e in events if e["lane"] == S.COMPUTE and e["kind"] == kind]
+        assert sorted(layers) == sorted(list(range(3)) * ACCUMULATE), kind
+    resident = [e for e in events if e["lane"] == S.COMPUTE and e["kind"] == S.RESIDENT]
+    assert [e["layer"] for e in resident] == [-1] * ACCUMULATE and all(e["end"] > e["start"] for e in resident)
+    forward_ends = sorted(e["end"] for e in events if e["kind"] == S.FORWARD and e["layer"] == 2)
+    assert all(r["start"] >= f for r, f in zip(sorted(resident, key=lambda e: e["start"]), forward_ends))

@@ -878,8 +878,8 @@ def test_kept_activations_match_the_h200_measurements(run):
 # qwen3-235b-a22b compiled, before the engine kept activations (so compared with it off): 2.534 s, which the h200
 # preset's experts_efficiency is fitted to. gpt-oss-120b in one start: through flex_attention (chosen), compiled,
 # 2.535 s; through transformers' eager attention (the default: scores materialized, uncompiled) 3.294 s, which the
-# planner underestimates by 15%: the traced step's layer compute is 0.70 s of it, its host update 1.13 s, its loads
-# and gradients 0.82 s (the uncompiled layer's launch overhead is the likely rest; not modelled).
+# planner underestimates by 15%: the traced step's layer compute is 0.70 s of it (the head's ~0.35 s untraced then),
+# its host update 1.13 s, its loads and gradients 0.82 s (the uncompiled layer's launches are the likely rest).
 H200_MOE_MEASURED = {
     "qwen3-235b-a22b": (["model=qwen3-235b-a22b", RECOMPUTE_ALL], 2.534, 0.10),
     "gpt-oss-120b-flex": (["model=gpt-oss-120b", "+model.attn_implementation=flex_attention"], 2.535, 0.10),

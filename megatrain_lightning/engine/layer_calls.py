@@ -41,6 +41,9 @@ class LayerCalls:
         # the device), and the one being fetched back one layer ahead of backward
         self._host = None
         self._fetched = None
+        # traced: (trace, mark) at the end of the last layer's training forward; what the compute stream runs from
+        # there to its backward (the head and the loss) is the resident unit's span, as on the Trunk path
+        self._resident = None
         self._plan = engine.plan  # the running pass's (a training step's: its kept layers, kept_graphs.py)
 
     def __call__(self, i: int, x: Tensor, args: tuple, kwargs: dict):
@@ -98,6 +101,8 @@ class LayerCalls:
             self._forward = None
             if keep and eng.after_forward is not None:
                 eng.after_forward()
+            if keep and eng.trace is not None:
+                self._resident = (eng.trace, eng.trace.mark())
         return _joined(outs), (chunks, rng, self._plan)
 
     def backward(self, i: int, x: Tensor | None, replay, leaves: list, spec, grad: Tensor, autocast) -> Tensor:
@@ -106,6 +111,9 @@ class LayerCalls:
         chunks, rng, plan = replay  # the plan of this layer's training forward (a no-grad pass since changes none)
         first_kept = plan.first_kept_layer
         if i == self.n - 1:
+            if self._resident is not None and self._resident[0] is eng.trace:
+                eng.trace.since(self._resident[1], -1, S.COMPUTE, S.RESIDENT)
+            self._resident = None
             self._backward, self._next = Prefetcher(eng, plan.backward_loads()), 0
             self._backward.start()
         if i >= first_kept:  # kept: its forward's graph, its weights still in their slot
