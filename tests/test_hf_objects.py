@@ -395,3 +395,32 @@ def test_a_traced_step_of_a_transformers_model_has_every_layer_and_the_head(tmp_
     assert [e["layer"] for e in resident] == [-1] * ACCUMULATE and all(e["end"] > e["start"] for e in resident)
     forward_ends = sorted(e["end"] for e in events if e["kind"] == S.FORWARD and e["layer"] == 2)
     assert all(r["start"] >= f for r, f in zip(sorted(resident, key=lambda e: e["start"]), forward_ends))
+
+
+def test_flex_attention_masks_follow_their_sequences_through_the_batch_sweep():
+    """A transformers model on flex_attention gets one BlockMask for the whole batch (a row per sequence: its padding);
+    where the batch sweep cuts the batch, each chunk's layers get the rows of its own sequences (not the first
+    sequences'): the validation loss of a padded batch in chunks of one sequence equals the model's own forward."""
+    class Padded(HFModule):
+        def validation_step(self, batch, batch_idx):
+            mask = torch.ones_like(batch)
+            for row, pad in enumerate((0, 5, 9, 14)):  # each sequence its own left padding
+                mask[row, :pad] = 0
+            labels = batch.masked_fill(mask == 0, -100)
+            loss = self.model(input_ids=batch, attention_mask=mask, labels=labels).loss
+            self.log("val_loss", loss)
+            return loss
+
+    def validate(strategy):
+        module = Padded("llama")
+        module.model.set_attn_implementation("flex_attention")
+        trainer = L.Trainer(strategy=strategy, accelerator="cpu", devices=1, precision="32-true", logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        out = trainer.validate(module, dataloaders=loader([batch]), verbose=False)
+        return out[0]["val_loss"], trainer
+
+    batch = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
+    want, _ = validate("auto")
+    got, trainer = validate(MegatrainStrategy(chunk_tokens=24))  # chunks of one sequence
+    assert trainer.strategy.engine.sweep.chunk_of[(4, 24, torch.float32)] == 1
+    assert got == pytest.approx(want, rel=1e-5)

@@ -16,6 +16,7 @@ from contextlib import nullcontext
 
 import torch
 from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask
 from torch.utils import _pytree as pytree
 
 from megatrain_lightning import schedule as S
@@ -179,12 +180,31 @@ def _joined(outs: list):
 
 def _sliced(leaves: list, spec, batch: int, lo: int, hi: int, whole: bool):
     """The call's arguments for sequences [lo, hi): a tensor whose first dimension is the batch's is sliced (masks,
-    per-sequence position tables); others (a [1, T, d] table broadcast over the batch) are passed whole."""
+    per-sequence position tables), and so is flex attention's BlockMask; others (a [1, T, d] table broadcast over
+    the batch) are passed whole."""
     if whole:
         return pytree.tree_unflatten(leaves, spec)
-    part = [v[lo:hi] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1 else v
-            for v in leaves]
+    part = [v[lo:hi] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1
+            else _block_mask_rows(v, lo, hi) if isinstance(v, BlockMask) and v.kv_num_blocks.shape[0] == batch > 1
+            else v for v in leaves]
     return pytree.tree_unflatten(part, spec)
+
+
+def _block_mask_rows(mask: BlockMask, lo: int, hi: int) -> BlockMask:
+    """Flex attention's mask for sequences [lo, hi) of its batch: its block tables' rows, and its mask_mod reading
+    batch index b + lo (transformers' mask_mod indexes the padding mask by it). Passed whole, a chunk's attention
+    would take the first sequences' rows (the CPU's compiled kernel crashes on the mismatch); BlockMask's own
+    slicing drops the mask_mod. The offset is a tensor so that compiled layers do not specialize on each chunk."""
+    mod, offset = mask.mask_mod, torch.tensor(lo, device=mask.kv_num_blocks.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return mod(b + offset, h, q_idx, kv_idx)
+
+    full = mask.full_kv_num_blocks is not None
+    return BlockMask.from_kv_blocks(mask.kv_num_blocks[lo:hi], mask.kv_indices[lo:hi],
+                                    mask.full_kv_num_blocks[lo:hi] if full else None,
+                                    mask.full_kv_indices[lo:hi] if full else None,
+                                    BLOCK_SIZE=mask.BLOCK_SIZE, mask_mod=mask_mod, seq_lengths=mask.seq_lengths)
 
 
 class _StreamedLayer(torch.autograd.Function):
