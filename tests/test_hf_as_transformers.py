@@ -161,29 +161,32 @@ def test_attention_is_transformers_choice_unless_chosen_and_a_refused_one_is_nam
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_cuda_gpt_oss_trains_through_flex_attention_like_eager(tmp_path):
-    """model.attn_implementation=flex_attention on CUDA: gpt-oss's attention runs fused (its sinks included) and the
-    engine compiles its layers; training equals the default strategy's on the same weights, through flex attention
-    and through eager attention (the same math in another order), within 1e-4. Every token takes all 4 experts: with
-    top-2 of 4 the box's first run of this test (2026-12-03) had one micro-batch's first loss 4e-4 off and the
-    other's 2.5e-5: a near-tied token whose experts flip under other kernels' rounding is the likely cause (a wrong
-    mask or sink would move both), to be confirmed by this form's run."""
+    """model.attn_implementation=flex_attention on CUDA: gpt-oss's attention runs fused (its sinks included). Training
+    under the megatrain strategy, its layers compiled and not, and under the default strategy through flex attention,
+    all equal the default strategy's through eager attention (the same math; the path CPU tests prove) within 1e-4.
+    Open (#29): the box's first run (2026-12-03) had megatrain's compiled flex run 4.3e-4 and 2.5e-5 off the default
+    strategy's flex run in the first step's two micro-batches; weights perturbed by 1e-6 move these losses by 1e-7
+    (CPU), so it is not rounding. Every run's losses are in the message, to tell which path differs."""
     torch.backends.cuda.matmul.allow_tf32 = False
     src = tmp_path / "src"
-    _checkpoint("gpt_oss", src, num_experts_per_tok=4)
+    _checkpoint("gpt_oss", src)
     g = torch.Generator().manual_seed(1)
     batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(STEPS * ACCUMULATE)]
     runs = {}
-    for attention in ("flex_attention", "eager"):
+    for attention in ("eager", "flex_attention"):
         reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32,
                                                                       attn_implementation=attention)
-        _, runs[attention] = _fit(_module(src, model=reference), "auto", batches, accelerator="gpu")
-    trainer, got = _fit(_module(src, attn_implementation="flex_attention"), MegatrainStrategy(init_from=src),
-                        batches, accelerator="gpu")
-    assert trainer.lightning_module.model.config._attn_implementation == "flex_attention"
-    assert trainer.strategy.engine.sweep.eager_attention_heads == 0  # nothing materialized: whole chunks, compiled
-    for want in runs.values():
-        for a, b in zip(got, want, strict=True):
-            assert a == pytest.approx(b, rel=1e-4), (got, want)
+        _, runs[f"default strategy, {attention}"] = _fit(_module(src, model=reference), "auto", batches,
+                                                         accelerator="gpu")
+    for compile_ in (True, False):
+        trainer, runs[f"megatrain, flex, compile={compile_}"] = _fit(
+            _module(src, attn_implementation="flex_attention"), MegatrainStrategy(init_from=src, compile=compile_),
+            batches, accelerator="gpu")
+        assert trainer.lightning_module.model.config._attn_implementation == "flex_attention"
+        assert trainer.strategy.engine.sweep.eager_attention_heads == 0  # nothing materialized
+    want = runs["default strategy, eager"]
+    off = {name: max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True)) for name, got in runs.items()}
+    assert max(off.values()) <= 1e-4, (off, runs)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])

@@ -177,8 +177,13 @@ def eager_attention_heads(module: nn.Module) -> int:
     """Attention heads of a transformers model in `module` whose attention materializes its [heads, T, T] scores
     (transformers' "eager" implementation: gpt-oss's default, its attention sinks having no SDPA path), for the
     batch sweep's chunk rule; 0 when there is none or attention runs fused (SDPA, flash)."""
-    model = next((m for m in module.modules() if is_transformers_model(m)), None)
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) != "eager":
+    if attention_implementation(module) != "eager":
         return 0
-    return int(getattr(config, "num_attention_heads", 0) or 0)
+    model = next(m for m in module.modules() if is_transformers_model(m))
+    return int(getattr(model.config, "num_attention_heads", 0) or 0)
+
+
+def attention_implementation(module: nn.Module) -> str | None:
+    """transformers' name of the attention the transformers model in `module` runs (None: no such model)."""
+    model = next((m for m in module.modules() if is_transformers_model(m)), None)
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
