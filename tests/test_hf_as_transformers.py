@@ -162,8 +162,8 @@ def test_attention_is_transformers_choice_unless_chosen_and_a_refused_one_is_nam
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
 def test_cuda_gpt_oss_trains_through_flex_attention_like_eager(tmp_path):
     """model.attn_implementation=flex_attention on CUDA: gpt-oss's attention runs fused (its sinks included). Training
-    under the megatrain strategy, its layers compiled and not, and under the default strategy through flex attention,
-    all equal the default strategy's through eager attention (the same math; the path CPU tests prove) within 1e-4.
+    under the megatrain strategy, its layers compiled and not, under the default strategy through flex attention, and
+    megatrain's default (eager attention), all equal the default strategy's through eager attention (the same math; the path CPU tests prove) within 1e-4.
     Open (#29): the box's first run (2026-12-03) had megatrain's compiled flex run 4.3e-4 and 2.5e-5 off the default
     strategy's flex run in the first step's two micro-batches; weights perturbed by 1e-6 move these losses by 1e-7
     (CPU), so it is not rounding. Every run's losses are in the message, to tell which path differs."""
@@ -184,6 +184,8 @@ def test_cuda_gpt_oss_trains_through_flex_attention_like_eager(tmp_path):
             batches, accelerator="gpu")
         assert trainer.lightning_module.model.config._attn_implementation == "flex_attention"
         assert trainer.strategy.engine.sweep.eager_attention_heads == 0  # nothing materialized
+    # the default: eager attention, uncompiled (never before compared on CUDA for gpt-oss)
+    _, runs["megatrain, eager"] = _fit(_module(src), MegatrainStrategy(init_from=src), batches, accelerator="gpu")
     want = runs["default strategy, eager"]
     off = {name: max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True)) for name, got in runs.items()}
     assert max(off.values()) <= 1e-4, (off, runs)
