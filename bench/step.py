@@ -243,7 +243,7 @@ def predicted(a, config: Config) -> dict:
     if a.compile != "auto":
         overrides += [f"storage.compile={'true' if a.compile == 'true' else 'false'}"]
     if a.attention:
-        overrides.append(f"+model.attn_implementation={a.attention}")
+        overrides.append(f"++model.attn_implementation={a.attention}")  # in the preset or not
     ans = check(compose(overrides))
     return dict(planner_step_s=round(ans.step_time_s, 4), planner_kept_blocks=ans.wl.kept_blocks, planner_compute_share=round(ans.compute_share, 4),
                 planner_gpu_GiB=round(ans.timeline.gpu_peak_bytes / 2**30, 2), planner_fits=ans.fits,

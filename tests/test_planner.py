@@ -586,7 +586,7 @@ def test_gpt_oss_attention_is_eager_unless_flex_is_chosen():
     base = ["model=gpt-oss-120b", "+model.n_layer=1", "data.seq_len=2048", "data.micro_batch=4",
             "storage.device_state_GiB=0", "hardware=h200", "trainer=gpu"]
     eager = check(compose(base))
-    flex = check(compose([*base, "+model.attn_implementation=flex_attention"]))
+    flex = check(compose([*base, "model.attn_implementation=flex_attention"]))
     assert not eager.wl.compile and eager.wl.scores_bytes_per_token == eager.wl.model.n_head * 2049 * 2
     assert flex.wl.compile and flex.wl.scores_bytes_per_token == 0
     assert eager.step_time_s > flex.step_time_s and eager.timeline.gpu_peak_bytes > flex.timeline.gpu_peak_bytes
@@ -882,7 +882,7 @@ def test_kept_activations_match_the_h200_measurements(run):
 # its host update 1.13 s, its loads and gradients 0.82 s (the uncompiled layer's launches are the likely rest).
 H200_MOE_MEASURED = {
     "qwen3-235b-a22b": (["model=qwen3-235b-a22b", RECOMPUTE_ALL], 2.534, 0.10),
-    "gpt-oss-120b-flex": (["model=gpt-oss-120b", "+model.attn_implementation=flex_attention"], 2.535, 0.10),
+    "gpt-oss-120b-flex": (["model=gpt-oss-120b", "model.attn_implementation=flex_attention"], 2.535, 0.10),
     "gpt-oss-120b": (["model=gpt-oss-120b"], 3.294, 0.20),
 }
 
