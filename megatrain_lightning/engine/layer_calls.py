@@ -194,7 +194,7 @@ def _block_mask_rows(mask: BlockMask, lo: int, hi: int) -> BlockMask:
     """Flex attention's mask for sequences [lo, hi) of its batch: its block tables' rows, and its mask_mod reading
     batch index b + lo (transformers' mask_mod indexes the padding mask by it). Passed whole, a chunk's attention
     would take the first sequences' rows (the CPU's compiled kernel crashes on the mismatch); BlockMask's own
-    slicing drops the mask_mod. The offset is a tensor so that compiled layers do not specialize on each chunk."""
+    slicing drops the mask_mod. The offset is a tensor, a buffer of the mask_mod rather than a constant of it."""
     mod, offset = mask.mask_mod, torch.tensor(lo, device=mask.kv_num_blocks.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
