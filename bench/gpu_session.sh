@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device-machine session, parameterized (results under $OUT):
 #   bash bench/gpu_session.sh ["STEP.PY ARGS" ...]
-# - tests: pytest ${TESTS:-tests} on CUDA (SKIP_TESTS=1 skips);
+# - tests: pytest ${TESTS:-tests} on CUDA (SKIP_TESTS=1 skips), all its output in $OUT/tests_full.txt;
 # - bench: bench/step.py once per argument string, for this tree and for each tree in $TREES (an A/B against an
 #   older commit extracted beside it: TREES=.prev; a list naming "." sets the whole order, e.g. TREES=".prev . .prev ."
 #   to interleave), every line tagged with its tree in $OUT/bench.jsonl;
@@ -20,7 +20,9 @@ if [ -n "${KERNELS:-}" ]; then
   echo "== kernels $KERNELS"; timeout 420 python3 bench/kernels.py $KERNELS 2>&1 | grep -E "^\{|Error" | tee -a "$OUT/kernels.jsonl"
 fi
 if [ -z "${SKIP_TESTS:-}" ]; then
-  echo "== tests"; timeout 420 python3 -m pytest -q -x ${TESTS:-tests} 2>&1 | tail -15 | tee "$OUT/tests.txt"
+  # the whole output comes back in tests_full.txt (a failure's assertion message is above the last lines)
+  echo "== tests"; timeout 420 python3 -m pytest -q -x ${TESTS:-tests} 2>&1 | tee "$OUT/tests_full.txt" | tail -15 \
+    | tee "$OUT/tests.txt"
 fi
 if [ -n "${COMPARE:-}" ]; then
   echo "== compare $COMPARE"; timeout 540 python3 bench/compare.py $COMPARE --out "$OUT/compare.jsonl" 2>&1 \
