@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field, replace
 
 from megatrain_lightning import schedule as S
+from megatrain_lightning.config import EAGER_ATTENTION_TYPES
 from megatrain_lightning.options import OptionError
 from megatrain_lightning import options as _options
 from planner.errors import PlanError
@@ -81,6 +82,11 @@ def place(hw: Hardware, wl: Workload) -> Workload:
     if wl.nodes > 1 and hw.network_GBps is None:
         raise PlanError("hardware.network_GBps", f"trainer.num_nodes={wl.nodes} needs the network's bandwidth between "
                                                  "nodes (GB/s per node, e.g. 50 for 400 Gb/s InfiniBand)")
+    c = wl.model
+    if hw.unified and c.attn_implementation == "flex_attention" and c.transformers_type in EAGER_ATTENTION_TYPES:
+        raise PlanError("model.attn_implementation", f"flex_attention: transformers runs {c.transformers_type}'s "
+                                                     "attention sinks through flex attention on CUDA only, and this "
+                                                     "hardware has no GPU; leave it unset (eager there)")
     return _keep_activations(hw, _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(
         hw, _compile(hw, wl))))))
 

@@ -590,6 +590,11 @@ def test_gpt_oss_attention_is_eager_unless_flex_is_chosen():
     assert not eager.wl.compile and eager.wl.scores_bytes_per_token == eager.wl.model.n_head * 2049 * 2
     assert flex.wl.compile and flex.wl.scores_bytes_per_token == 0
     assert eager.step_time_s > flex.step_time_s and eager.timeline.gpu_peak_bytes > flex.timeline.gpu_peak_bytes
+    # as HFCausalLM refuses it on the CPU, so does the planner
+    with pytest.raises(PlanError, match=r"model\.attn_implementation: flex_attention: transformers runs gpt_oss's "
+                                        r"attention sinks through flex attention on CUDA only, and this hardware has "
+                                        r"no GPU; leave it unset \(eager there\)"):
+        check(compose([*base[:-2], "hardware=cpu", "model.attn_implementation=flex_attention"]))
 
 
 def test_local_attention_layers_count_their_window_only():
