@@ -155,6 +155,17 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
+def assert_trains_like(got, want, trainer) -> None:
+    """A module trained under the megatrain strategy (`got`, its `trainer`) against the same module under Lightning's
+    default (`want`): every recorded loss (`.losses`) within 1e-5 and every weight (the store's master) within 1e-5,
+    relative."""
+    for a, b in zip(got.losses, want.losses, strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
+    masters = trainer.strategy.store.named("master")
+    for name, p in want.named_parameters():
+        assert rel_err(masters[name], p.detach()) < 1e-5, name
+
+
 def assert_adam_state_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], tol: float,
                             lr: float) -> None:
     """Every tensor within `tol` (relative norm), after setting aside a few elements (at most 1 in 1000, at least

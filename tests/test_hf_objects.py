@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from megatrain_lightning import MegatrainStrategy
-from tests.helpers import loader, rel_err
+from tests.helpers import assert_trains_like, loader, rel_err
 from tests.test_parity import tol
 
 transformers = pytest.importorskip("transformers")
@@ -130,11 +130,7 @@ def test_transformers_model_in_every_update_mode(mode, tmp_path):
         host = engine.host_checkpoints
         layer_input = 4 * 24 * TINY["hidden_size"] * 4  # [4, 24, hidden] fp32, for each of 3 layers and 10 passes
         assert host.on_disk and host.files.bytes_written == host.files.bytes_read == (3 - kept) * 10 * layer_input
-    for a, b in zip(got.losses, want.losses, strict=True):
-        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
-    masters = trainer.strategy.store.named("master")
-    for name, p in want.named_parameters():
-        assert rel_err(masters[name], p.detach()) < 1e-5, name
+    assert_trains_like(got, want, trainer)
 
 
 def test_checkpoint_interval_above_1_is_named():
@@ -372,11 +368,7 @@ def test_a_pass_without_autograd_between_forward_and_backward_leaves_the_kept_la
     got, trainer = fit(MegatrainStrategy(keep_activations=1, storage="nvme", nvme_dir=str(tmp_path),
                                          offload_checkpoints="disk"))
     assert trainer.strategy.engine.kept.blocks == 1 and trainer.strategy.engine.host_checkpoints.on_disk
-    for a, b in zip(got.losses, want.losses, strict=True):
-        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
-    masters = trainer.strategy.store.named("master")
-    for name, p in want.named_parameters():
-        assert rel_err(masters[name], p.detach()) < 1e-5, name
+    assert_trains_like(got, want, trainer)
 
 
 def test_a_traced_step_of_a_transformers_model_has_every_layer_and_the_head(tmp_path):

@@ -12,7 +12,8 @@ from torch import nn
 from megatrain_lightning import MegatrainStrategy, Trunk
 from megatrain_lightning import schedule as S
 from megatrain_lightning.errors import UserError
-from tests.helpers import kept_budget_GiB, loader, make_batches, make_model, megatrain_run, reference_run, rel_err
+from tests.helpers import (assert_trains_like, kept_budget_GiB, loader, make_batches, make_model, megatrain_run,
+                           reference_run, rel_err)
 from tests.test_parity import TOL, tol
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
@@ -233,11 +234,7 @@ def test_per_sample_extras_are_sliced_with_the_chunk():
     want, _ = fit("auto")
     got, trainer = fit(MegatrainStrategy(chunk_tokens=8))  # 2 sequences of 4 tokens per chunk
     assert trainer.strategy.engine.sweep.chunk_of[(6, 4, torch.float32)] == 2
-    for a, b in zip(got.losses, want.losses, strict=True):
-        assert abs(a - b) <= 1e-5 * abs(b), (got.losses, want.losses)
-    masters = trainer.strategy.store.named("master")
-    for name, p in want.named_parameters():
-        assert rel_err(masters[name], p.detach()) < 1e-5, name
+    assert_trains_like(got, want, trainer)
 
 
 class _IgnoresScale(_Scaled):
