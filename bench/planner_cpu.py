@@ -47,7 +47,7 @@ def main() -> None:
     measured = statistics.median(b - a for a, b in spans.spans[1:])  # steps 2-10
     with tempfile.TemporaryDirectory() as d:
         hw = calibrate(d, quick=True, width=config, seq_len=T, cpu=True)
-    predicted = plan(hw, Workload(config, seq_len=T, micro_batch=B, precision="32-true"), advise=False).step_time_s
+    predicted = plan(hw, Workload(config, seq_len=T, micro_batch=B, precision="32-true")).step_time_s
     print(f"probe model, {B} x {T} tokens, fp32, CPU: measured {measured:.3f} s, planner {predicted:.3f} s "
           f"({predicted / measured - 1:+.0%})")
 

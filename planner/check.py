@@ -21,6 +21,7 @@ from typing import Any
 
 from planner.errors import PlanError
 from planner.hardware import Hardware, detect_gpu, disk_free_TB, host_ram_GiB, preset_for_gpu
+from planner.advice import advise as with_advice
 from planner.plan import Answer, plan
 from planner.report import as_dict, plot, text
 from megatrain_lightning.config import Config
@@ -195,7 +196,8 @@ def check(cfg: dict[str, Any], advise: bool = True) -> Answer:
     if not isinstance(cfg, dict):
         from omegaconf import OmegaConf
         cfg = OmegaConf.to_container(cfg, resolve=True)
-    return plan(hardware(cfg), workload(cfg), advise=advise)
+    answer = plan(hardware(cfg), workload(cfg))
+    return with_advice(answer) if advise else answer
 
 
 def main(argv: list[str] | None = None) -> int:

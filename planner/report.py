@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from planner.plan import Answer, lane_words
+from planner.advice import lane_words
+from planner.plan import Answer
 from megatrain_lightning import schedule as S
 from planner.workload import GiB
 

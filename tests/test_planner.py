@@ -16,6 +16,7 @@ from megatrain_lightning.models.llama import Block, rope_tables
 from planner.errors import PlanError
 from planner.check import check, compose, main
 from planner.hardware import Hardware
+from planner.advice import advise
 from planner.plan import plan
 from planner.simulate import simulate
 from planner.workload import Workload
@@ -231,15 +232,15 @@ def test_check_imports_neither_torch_nor_lightning():
 def test_bigger_batch_amortizes_the_host_optimizer():
     """Overlap comes out of the simulation: the fixed host work is a smaller share of a bigger step."""
     hw, c = _hw(), Config.from_name("llama-3.2-3b", tie_embeddings=False)
-    small = plan(hw, Workload(c, seq_len=1024, micro_batch=4), advise=False)
-    big = plan(hw, Workload(c, seq_len=1024, micro_batch=32), advise=False)
+    small = plan(hw, Workload(c, seq_len=1024, micro_batch=4))
+    big = plan(hw, Workload(c, seq_len=1024, micro_batch=32))
     assert big.compute_share > small.compute_share and big.tokens_per_s > small.tokens_per_s
     assert big.busy_s["cpu"] == pytest.approx(small.busy_s["cpu"], rel=0.05)  # optimizer + cast: per step
 
 
 def test_ram_shortfall_moves_layers_to_nvme_and_says_how_much_ram_avoids_it():
     hw = _hw(host_ram_GiB=96, nvme_capacity_TB=2)
-    a = plan(hw, Workload(Config.from_name("llama-3-8b"), seq_len=1024, micro_batch=4, storage="nvme"))
+    a = advise(plan(hw, Workload(Config.from_name("llama-3-8b"), seq_len=1024, micro_batch=4, storage="nvme")))
     assert 0 < a.wl.n_nvme_layers < 32 and a.fits
     assert any(x.startswith(f"NVMe: {a.wl.n_nvme_layers} of 32 layers") and "GiB of RAM" in x for x in a.advice)
     assert a.busy_s["nvme_read"] > 0 and a.busy_s["nvme_write"] > 0
@@ -250,7 +251,7 @@ def test_ssd_bound_step_gets_advice_naming_the_ssd():
     layers' gradients go to their files, so each micro-batch more of an accumulation costs SSD time too."""
     hw = _hw(nvme_read_GBps=0.5, nvme_write_GBps=1.0)  # equal rates tie read and write (which won varied by box)
     wl = Workload(Config.from_name("llama-3.2-1b"), seq_len=1024, micro_batch=8, storage="nvme", ram_budget_GiB=10)
-    a = plan(hw, wl)
+    a = advise(plan(hw, wl))
     # 18 bytes/parameter in RAM (fp32 tile + bf16 copy): 4.73 GB of embedding and 16 layers of 1.094 GB is 22.2 GB;
     # under 10 GiB (10.74 GB) takes 11 layers to their files
     assert a.bottleneck[0] == "nvme_read" and a.wl.n_nvme_layers == 11
