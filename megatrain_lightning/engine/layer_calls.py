@@ -46,6 +46,9 @@ class LayerCalls:
         # there to its backward (the head and the loss) is the resident unit's span, as on the Trunk path
         self._resident = None
         self._plan = engine.plan  # the running pass's (a training step's: its kept layers, kept_graphs.py)
+        # flex attention masks cut for the batch sweep's chunks, made once a pass (every layer gets the same masks):
+        # (id(mask), lo, hi) -> (mask, its rows)
+        self._masks: dict[tuple[int, int, int], tuple[BlockMask, BlockMask]] = {}
 
     def __call__(self, i: int, x: Tensor, args: tuple, kwargs: dict):
         # no KV cache: a layer that appended its keys and values to one in forward would attend to them again in
@@ -61,6 +64,13 @@ class LayerCalls:
                 out = _first(self.forward(i, x, leaves, spec, keep=False)[0])
         return (out,) if self._tuple else out
 
+    def _mask_rows(self, mask: BlockMask, lo: int, hi: int) -> BlockMask:
+        """`mask`'s rows for sequences [lo, hi), made once a pass (a mask of the pass is alive: its id is its own)."""
+        made = self._masks.get((id(mask), lo, hi))
+        if made is None or made[0] is not mask:
+            made = self._masks[id(mask), lo, hi] = (mask, _block_mask_rows(mask, lo, hi))
+        return made[1]
+
     # ---- the passes, layer by layer ----
     def _acquire(self, pf: Prefetcher, pos: int, i: int, what: str):
         if pos != self._next:
@@ -73,6 +83,7 @@ class LayerCalls:
         chunks = eng.sweep.chunks(x)
         whole = len(chunks) == 1
         if i == 0:
+            self._masks.clear()
             self._plan = eng.step_plan(whole) if keep else eng.plan
             self._forward, self._next = Prefetcher(eng, self._plan.forward_loads()), 0
             if keep:
@@ -88,7 +99,7 @@ class LayerCalls:
             for lo, hi in chunks:
                 if keep:
                     rng.append(eng.rng_state())
-                args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole)
+                args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole, self._mask_rows)
                 if kept:  # the whole batch (kept layers only in steps the sweep does not cut)
                     eng.kept.layers[i], out = eng.run_kept(i, params, x, args, kwargs, slot=slot)
                     outs.append(pytree.tree_map_only(Tensor, Tensor.detach, out))
@@ -141,7 +152,7 @@ class LayerCalls:
         if whole:
             eng.kept.measure_start()
         for c, (lo, hi) in enumerate(chunks):
-            args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole)
+            args, kwargs = _sliced(leaves, spec, x.shape[0], lo, hi, whole, self._mask_rows)
             with torch.random.fork_rng(eng._rng_devices, device_type=eng.device.type):
                 eng.set_rng_state(rng[c])  # dropout masks as in forward
                 x_in = (x if whole else x[lo:hi]).detach().requires_grad_()
@@ -178,14 +189,14 @@ def _joined(outs: list):
     return torch.cat(outs)
 
 
-def _sliced(leaves: list, spec, batch: int, lo: int, hi: int, whole: bool):
+def _sliced(leaves: list, spec, batch: int, lo: int, hi: int, whole: bool, mask_rows):
     """The call's arguments for sequences [lo, hi): a tensor whose first dimension is the batch's is sliced (masks,
-    per-sequence position tables), and so is flex attention's BlockMask; others (a [1, T, d] table broadcast over
-    the batch) are passed whole."""
+    per-sequence position tables), and flex attention's BlockMask by `mask_rows`; others (a [1, T, d] table
+    broadcast over the batch) are passed whole."""
     if whole:
         return pytree.tree_unflatten(leaves, spec)
     part = [v[lo:hi] if isinstance(v, Tensor) and v.dim() > 0 and v.shape[0] == batch and batch > 1
-            else _block_mask_rows(v, lo, hi) if isinstance(v, BlockMask) and v.kv_num_blocks.shape[0] == batch > 1
+            else mask_rows(v, lo, hi) if isinstance(v, BlockMask) and v.kv_num_blocks.shape[0] == batch > 1
             else v for v in leaves]
     return pytree.tree_unflatten(part, spec)
 
@@ -195,7 +206,8 @@ def _block_mask_rows(mask: BlockMask, lo: int, hi: int) -> BlockMask:
     batch index b + lo (transformers' mask_mod indexes the padding mask by it). Passed whole, a chunk's attention
     would take the first sequences' rows (the CPU's compiled kernel crashes on the mismatch); BlockMask's own
     slicing drops the mask_mod. The offset is a tensor, a buffer of the mask_mod rather than a constant of it."""
-    mod, offset = mask.mask_mod, torch.tensor(lo, device=mask.kv_num_blocks.device)
+    # a fill on the device, not a copy from the host (which would wait for the stream)
+    mod, offset = mask.mask_mod, torch.full((), lo, dtype=torch.int32, device=mask.kv_num_blocks.device)
 
     def mask_mod(b, h, q_idx, kv_idx):
         return mod(b + offset, h, q_idx, kv_idx)
