@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from megatrain_lightning import schedule as S
 from planner.errors import PlanError
+from planner import host_tiers
 from planner.hardware import Hardware
 from planner.plan import Answer, Tier, device_peak, keep_on_device, place, plan, ram_need
 from planner.simulate import simulate
@@ -65,16 +66,16 @@ def advice(a: Answer) -> list[str]:
     elif wl.storage == "ram" and not ram.fits:
         nv = place(hw, replace(wl, storage="nvme", stream="copy"))
         nv_ram = ram_need(hw, nv)
-        alt = (f"storage=nvme (puts {nv.n_nvme_layers} of {wl.n_layers} layers' state, {nv.nvme_bytes / 1e12:.2f} TB, "
-               "on the SSD)" if nv_ram <= ram.capacity_bytes else
+        alt = (f"storage=nvme (puts {nv.n_nvme_layers} of {wl.n_layers} layers' state, "
+               f"{host_tiers.nvme_bytes(nv) / 1e12:.2f} TB, on the SSD)" if nv_ram <= ram.capacity_bytes else
                f"not storage=nvme: even with every layer's state on the SSD RAM needs {nv_ram / GiB:,.0f} GiB")
         out.append(f"RAM: the state needs {ram.need_bytes / GiB:,.0f} GiB of {ram.capacity_bytes / GiB:,.0f} usable; "
                    f"use a host with >= {(ram.need_bytes / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB RAM; {alt}")
     if wl.storage == "nvme" and wl.n_nvme_layers:
         full = ram_need(hw, replace(wl, storage="ram", nvme_layers=(), offload_checkpoints=True))
         out.append(f"NVMe: {wl.n_nvme_layers} of {wl.n_layers} layers keep all their state on the SSD "
-                   f"({wl.nvme_bytes / 1e12:.2f} TB); >= {(full / GiB + hw.host_reserved_GiB) * 1.02:,.0f} GiB of RAM "
-                   "would keep everything in RAM")
+                   f"({host_tiers.nvme_bytes(wl) / 1e12:.2f} TB); >= {(full / GiB + hw.host_reserved_GiB) * 1.02:,.0f} "
+                   "GiB of RAM would keep everything in RAM")
         if not ram.fits:
             out.append(_smaller_budget(hw, wl, ram))
     if "NVMe" in by_name and not by_name["NVMe"].fits:
@@ -197,7 +198,7 @@ def _budget_for_block_inputs(hw: Hardware, wl: Workload, ckpt: int, step_s: floa
     """storage=nvme with the auto budget fills RAM with layers before the block inputs ask for it (they are placed at
     the first forward), so they go to the drives: the budget, in whole GiB, that leaves them room in RAM and its
     step time, if one does and the step is shorter by 2% or more."""
-    h = wl.host_bytes()
+    h = host_tiers.host_bytes(wl)
     budget = int((h["state"] + h.get("stream_copy", 0) - ckpt) // GiB)
     if budget <= 0:
         return None

@@ -10,6 +10,7 @@ from megatrain_lightning.config import EAGER_ATTENTION_TYPES
 from megatrain_lightning.options import OptionError
 from megatrain_lightning import options as _options
 from planner.errors import PlanError
+from planner import host_tiers
 from planner.hardware import Hardware
 from planner.simulate import simulate
 from planner.timeline import Timeline
@@ -183,7 +184,7 @@ def _place_state(hw: Hardware, wl: Workload) -> Workload:
         everything_on_disk = replace(wl, nvme_layers=tuple(range(wl.n_layers)),
                                      offload_checkpoints="disk" if wl.offload_checkpoints in (None, "disk")
                                      else bool(wl.offload_checkpoints))
-        others = sum(v for k, v in everything_on_disk.host_bytes().items()
+        others = sum(v for k, v in host_tiers.host_bytes(everything_on_disk).items()
                      if k not in ("state", "stream_copy", "frozen"))
         budget = (int(wl.ram_budget_GiB * GiB) if wl.ram_budget_GiB is not None
                   else usable_ram_bytes(hw) - others - (device_peak(hw, wl) if hw.unified else 0))
@@ -206,7 +207,7 @@ def device_peak(hw: Hardware, wl: Workload) -> int:
 
 
 def ram_need(hw: Hardware, wl: Workload, timeline: Timeline | None = None) -> int:
-    need = sum(wl.host_bytes().values())
+    need = sum(host_tiers.host_bytes(wl).values())
     if hw.unified:  # the "device" is this RAM
         need += timeline.gpu_peak_bytes if timeline else device_peak(hw, wl)
     return need
@@ -222,10 +223,10 @@ def plan(hw: Hardware, wl: Workload) -> Answer:
     if not hw.unified:
         tiers.append(Tier("GPU", t.gpu_peak_bytes + int(hw.gpu_reserved_GiB * GiB), int(hw.hbm_GiB * GiB),
                           f"incl. {hw.gpu_reserved_GiB:g} GiB context/allocator"))
-        tiers.append(Tier("pinned host", wl.pinned_bytes(), ram.capacity_bytes, "part of RAM"))
+        tiers.append(Tier("pinned host", host_tiers.pinned_bytes(wl), ram.capacity_bytes, "part of RAM"))
     tiers.append(ram)
     if wl.storage == "nvme":
-        tiers.append(Tier("NVMe", wl.nvme_bytes, int(hw.nvme_capacity_TB * 1e12),
+        tiers.append(Tier("NVMe", host_tiers.nvme_bytes(wl), int(hw.nvme_capacity_TB * 1e12),
                           f"{wl.n_nvme_layers} of {wl.n_layers} layers"))
     busy = {lane: t.busy_s(lane) for lane in S.LANES if not (hw.unified and lane in (S.H2D, S.D2H))}
     return Answer(hw, wl, t, tiers, busy, asked=asked)

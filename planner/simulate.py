@@ -9,6 +9,7 @@ and stalls are what this produces, not inputs; memory per tier comes from the sa
 from __future__ import annotations
 
 from megatrain_lightning import schedule as S
+from planner import host_tiers
 from planner.hardware import Hardware
 from planner.timeline import Span, Timeline
 from planner.workload import Workload
@@ -401,7 +402,7 @@ class _Sim:
         streamed copies; file-backed layers read their state ahead and write it behind."""
         wl, hw = self.wl, self.hw
         opt_s = lambda n: n / (self.adamw_Gparams * 1e9)  # noqa: E731
-        ram_params = wl.ram_params
+        ram_params = host_tiers.ram_params(wl)
         self.host = self.span(S.CPU, S.OPTIMIZER, RESIDENT_LAYER, opt_s(ram_params)).end
         for i in wl.node_nvme_layers:  # file-backed: read ahead, updated, written behind
             self.disk_update(i, after=self.host)

@@ -16,6 +16,7 @@ from megatrain_lightning.models.llama import Block, rope_tables
 from planner.errors import PlanError
 from planner.check import check, compose, main
 from planner.hardware import Hardware
+from planner import host_tiers
 from planner.advice import advise
 from planner.plan import plan
 from planner.simulate import simulate
@@ -97,26 +98,27 @@ def test_memory_per_tier_by_hand():
     assert simulate(_hw(), wl).gpu_peak_bytes == max(loss, last)
     # host: fp32 master + m + v + grad for every parameter, the page-locked bf16 copy and the gradient staging
     # ring (4 layers + the resident part)
-    host = wl.host_bytes()
+    host = host_tiers.host_bytes(wl)
     assert host == {"state": 16 * c.n_params, "stream_copy": 2 * c.n_params,
                     "grad_staging": 4 * 2 * c.layer_params + 2 * c.embedding_params}
-    assert wl.pinned_bytes() == host["stream_copy"] + host["grad_staging"] + 4 * c.n_params  # + gradients (DMA)
+    # + gradients (DMA)
+    assert host_tiers.pinned_bytes(wl) == host["stream_copy"] + host["grad_staging"] + 4 * c.n_params
     # block inputs in host memory (the CUDA default): off the device, into pinned RAM
     offloaded = replace(wl, offload_checkpoints=True)
     assert simulate(_hw(), offloaded).gpu_peak_bytes == max(loss, last) - ckpts
-    assert offloaded.host_bytes()["checkpoints"] == ckpts
+    assert host_tiers.host_bytes(offloaded)["checkpoints"] == ckpts
     # spilled to the drives (block_input_files.py): RAM holds the tiles, the drives write each input in forward and
     # read it back in backward, and the device holds at most the one being written beside those it computes with
     spilled = replace(wl, storage="nvme", offload_checkpoints="disk")
     t = simulate(_hw(), spilled)
-    assert spilled.host_bytes()["block_input_tiles"] == S.BLOCK_INPUT_TILES * S.BLOCK_INPUT_PIECE
-    assert "checkpoints" not in spilled.host_bytes()
+    assert host_tiers.host_bytes(spilled)["block_input_tiles"] == S.BLOCK_INPUT_TILES * S.BLOCK_INPUT_PIECE
+    assert "checkpoints" not in host_tiers.host_bytes(spilled)
     hw = _hw()
     one = tok * d * 2
     assert t.busy_s(S.NVME_WRITE, S.CHECKPOINT) == pytest.approx(c.n_layer * one / (hw.nvme_array_write_GBps * 1e9))
     assert t.busy_s(S.NVME_READ, S.CHECKPOINT) == pytest.approx(c.n_layer * one / (hw.nvme_array_read_GBps * 1e9))
     assert max(loss, last) - ckpts <= t.gpu_peak_bytes <= max(loss, last) - ckpts + 2 * one
-    assert spilled.nvme_bytes == c.n_layer * S.BLOCK_INPUT_PIECE  # whole pieces: one each here
+    assert host_tiers.nvme_bytes(spilled) == c.n_layer * S.BLOCK_INPUT_PIECE  # whole pieces: one each here
 
 
 def _run(args, capsys):
@@ -498,7 +500,7 @@ def test_llama100b_fits_one_gpu_with_256_gib_and_four_drives(hardware):
     assert d.fits and d.compute_share >= 0.7 and d.wl.offload_checkpoints == "disk", d.advice
     assert d.wl.n_nvme_layers < 88
     inputs = d.wl.plan.n_checkpoints * d.wl.checkpoint_bytes
-    assert d.wl.nvme_bytes >= d.wl.n_nvme_layers * 18 * d.wl.model.layer_params + inputs
+    assert host_tiers.nvme_bytes(d.wl) >= d.wl.n_nvme_layers * 18 * d.wl.model.layer_params + inputs
     assert any(x.startswith("block inputs: 110.0 GiB a micro-batch go to the drives") for x in d.advice)
 
 
@@ -636,7 +638,7 @@ def test_two_ranks_hold_the_state_once_and_move_each_layer_once_between_the_gpus
     c, wl = two.wl.model, two.wl
     # the state is held once: RAM grows only by the second rank's gradient staging and block inputs
     ram = [next(t.need_bytes for t in a.tiers if t.name == "RAM") for a in (one, two)]
-    h1 = one.wl.host_bytes()
+    h1 = host_tiers.host_bytes(one.wl)
     assert ram[1] - ram[0] == h1["grad_staging"] + h1.get("checkpoints", 0)
     # rank 0's part of each collective: every layer's weights broadcast at both loads, its fp32 gradient reduced,
     # the resident gradient reduced and the embedding's refresh broadcast
@@ -688,7 +690,7 @@ def test_two_ranks_under_storage_nvme_split_the_node_budget_and_share_its_drives
     reads = sum(s.nbytes for s in two.timeline.spans if s.lane == "nvme_read" and s.kind == "load")
     assert reads == 2 * wl.cb * wl.model.layer_params * wl.n_nvme_layers
     # the node's RAM holds the state of its layers in RAM once, and a window per rank
-    assert wl.host_bytes()["nvme_window"] == 2 * wl.nvme_window_bytes
+    assert host_tiers.host_bytes(wl)["nvme_window"] == 2 * host_tiers.nvme_window_bytes(wl)
 
 
 def test_two_nodes_move_the_collectives_over_the_network():
@@ -700,7 +702,7 @@ def test_two_nodes_move_the_collectives_over_the_network():
     c, wl = two.wl.model, two.wl
     mine = sum(c.embedding_params if i == wl.n_layers else c.layer_params for i in range(wl.n_layers + 1)
                if wl.owner(i) < 2)
-    assert two.wl.host_bytes()["state"] == 16 * mine
+    assert host_tiers.host_bytes(two.wl)["state"] == 16 * mine
     assert 0.45 < mine / c.n_params < 0.55
 
 
@@ -790,13 +792,13 @@ def test_lora_host_state_is_16_bytes_an_adapter_parameter_and_2_a_frozen_one():
     wl = Workload(c, seq_len=1024, micro_batch=8, lora_r=16, stream="master")
     per_layer = 16 * (2 * (3072 + 3072) + 2 * (3072 + 1024) + 3 * (3072 + 8192))  # r (in + out): q o, k v, g u d
     assert wl.adapter_params == per_layer
-    assert wl.host_bytes()["state"] == 16 * c.n_layer * per_layer  # the embedding and head frozen too
-    assert wl.host_bytes()["frozen"] == 2 * c.n_params
+    assert host_tiers.host_bytes(wl)["state"] == 16 * c.n_layer * per_layer  # the embedding and head frozen too
+    assert host_tiers.host_bytes(wl)["frozen"] == 2 * c.n_params
     assert wl.load_bytes == 4 * per_layer + 2 * c.layer_params  # the adapters' fp32 master, the base in bf16
     assert wl.landing_grad_bytes == 4 * per_layer and wl.grad_bytes == 2 * per_layer
     assert wl.backward_matmul_passes == pytest.approx(1 + per_layer / (wl.layer_matmul_flops / 2))
     full = Workload(c, seq_len=1024, micro_batch=8, stream="master")
-    assert full.backward_matmul_passes == 2 and full.host_bytes()["state"] == 16 * c.n_params
+    assert full.backward_matmul_passes == 2 and host_tiers.host_bytes(full)["state"] == 16 * c.n_params
 
 
 def test_lora_on_405b_fits_one_h200_with_256_GiB_and_four_drives():
