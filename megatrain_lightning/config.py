@@ -45,8 +45,8 @@ class Config:
     transformers_type: str | None = None
     # such a model's attention, by transformers' name (eager, sdpa, flex_attention, ...); None: transformers' choice
     # (SDPA; eager for the EAGER_ATTENTION_TYPES, which have no SDPA path). gpt-oss: flex_attention runs its sinks
-    # fused on CUDA, 1.30x faster on gpt-oss-120b's layer (docs/performance.md); opt-in, and the strategy warns,
-    # until its CUDA parity test passes on the box (#29)
+    # fused on CUDA, 1.30x faster on gpt-oss-120b's layer (H200, 32 x 2048, one start: docs/performance.md); opt-in,
+    # and the strategy warns, until its CUDA parity test passes on the box (#29)
     attn_implementation: str | None = None
     # Mixture-of-experts (megatrain_lightning.Llama has no experts: such models train as the transformers model,
     # transformers_type): each layer's MLP is n_experts SwiGLU experts of moe_intermediate_size and a router, of which
