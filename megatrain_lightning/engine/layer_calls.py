@@ -141,10 +141,7 @@ class LayerCalls:
             self._fetched = self._host.fetch(i - 1) if i > 0 else None  # the next one comes in meanwhile
         self._next += 1
         params = eng.views(i, slot)
-        entries = eng.store.units[i].layout.trainable_entries
-        for e in entries:  # frozen parameters get no gradient
-            params[e.name] = params[e.name].detach().requires_grad_()
-        trainable = [params[e.name] for e in entries]
+        trainable = eng.trainable_leaves(i, params)
         whole = len(chunks) == 1
         amp = torch.autocast(eng.device.type, dtype=autocast[1]) if autocast[0] else nullcontext()
         grad_in = None if whole else torch.empty_like(x)

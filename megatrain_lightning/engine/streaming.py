@@ -210,12 +210,10 @@ class StreamingEngine:
                  slot=None) -> tuple[KeptLayer, Tensor | tuple]:
         """Layer i's forward with autograd (inside the trunk's forward, where it is off), kept for backward; and its
         output as the layer returned it."""
-        for e in self.store.units[i].layout.trainable_entries:  # frozen ones get no gradient
-            params[e.name] = params[e.name].detach().requires_grad_()
+        trainable = self.trainable_leaves(i, params)
         h_in = x.detach().requires_grad_()
         with torch.enable_grad():
             out = self.run(i, params, h_in, extras, kwargs)
-        trainable = [params[e.name] for e in self.store.units[i].layout.trainable_entries]
         return KeptLayer(h_in, out[0] if isinstance(out, tuple) else out, trainable, slot), out
 
     def backward_kept(self, i: int, grad: Tensor, pf: Prefetcher) -> Tensor:
@@ -270,9 +268,7 @@ class StreamingEngine:
                             slots[i] = pf.acquire(pos)
                             pos += 1
                             params[i] = self.views(i, slots[i])
-                            for e in self.store.units[i].layout.trainable_entries:  # frozen ones get no gradient
-                                params[i][e.name] = params[i][e.name].detach().requires_grad_()
-                            trainable[i] = [params[i][e.name] for e in self.store.units[i].layout.trainable_entries]
+                            trainable[i] = self.trainable_leaves(i, params[i])
                         self.set_rng_state(rng[i][c])  # dropout masks as in forward (as torch.utils.checkpoint)
                         h_in = h.detach().requires_grad_()
                         with torch.enable_grad(), amp, self.lanes.span(i, S.COMPUTE, S.RECOMPUTE):
@@ -321,6 +317,14 @@ class StreamingEngine:
         weight it wraps, `set_`, on every forward) would invalidate every saved parameter of the layer."""
         layout = self.store.units[i].layout
         return {name: alias(view) for name, view in layout.views(slot.compute[:layout.numel]).items()}
+
+    def trainable_leaves(self, i: int, params: dict[str, Tensor]) -> list[Tensor]:
+        """Layer i's trainable parameters in `params` made autograd leaves (in the dict; frozen ones get no
+        gradient), in the layout's order: what a layer's backward differentiates."""
+        entries = self.store.units[i].layout.trainable_entries
+        for e in entries:
+            params[e.name] = params[e.name].detach().requires_grad_()
+        return [params[e.name] for e in entries]
 
     def run(self, i: int, params: dict[str, Tensor], x: Tensor, extras: tuple[Tensor, ...],
              kwargs: dict | None = None) -> Tensor:
