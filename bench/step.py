@@ -316,7 +316,8 @@ def main() -> None:
                          "grouped_mm, batched_mm, ...); default: transformers' choice (grouped_mm where it dispatches)")
     ap.add_argument("--attention", default=None, metavar="IMPL",
                     help="a transformers model's attention implementation (set_attn_implementation: eager, sdpa, "
-                         "flex_attention, ...); default: transformers' choice")
+                         "flex_attention, ...); default: the project's (Config.attention: transformers' choice, "
+                         "flex_attention for gpt-oss on CUDA)")
     ap.add_argument("--trace-dir", default=None)
     ap.add_argument("--memory-peak", action="store_true",
                     help="CUDA: name what is live at the second step's peak of allocated memory")

@@ -43,10 +43,8 @@ class Config:
     # a checkpoint's model_type that trains as the transformers model itself (model=hf: hf_lm.HFCausalLM; the
     # TRANSFORMERS_HF_TYPES); this Config is then the planner's shape of it. None: megatrain_lightning.Llama
     transformers_type: str | None = None
-    # such a model's attention, by transformers' name (eager, sdpa, flex_attention, ...); None: transformers' choice
-    # (SDPA; eager for the EAGER_ATTENTION_TYPES, which have no SDPA path). gpt-oss: flex_attention runs its sinks
-    # fused on CUDA, 1.30x faster on gpt-oss-120b's layer (H200, 32 x 2048, one start: docs/performance.md); opt-in,
-    # and the strategy warns, until its CUDA parity test passes on the box (#29)
+    # such a model's attention, by transformers' name (eager, sdpa, flex_attention, ...); None: `attention(cuda)`,
+    # transformers' choice (SDPA) but for the FLEX_ATTENTION_TYPES
     attn_implementation: str | None = None
     # Mixture-of-experts (megatrain_lightning.Llama has no experts: such models train as the transformers model,
     # transformers_type): each layer's MLP is n_experts SwiGLU experts of moe_intermediate_size and a router, of which
@@ -295,13 +293,19 @@ class Config:
         moe = (self.experts_per_token + self.n_shared_experts) * self.moe_intermediate_size
         return max(moe, self.intermediate_size) if self.n_dense_layers else moe
 
+    def attention(self, cuda: bool) -> str | None:
+        """The attention a transformers model is built with on a CUDA device or not: the chosen one; else
+        flex_attention on CUDA for the FLEX_ATTENTION_TYPES (eager elsewhere, transformers' default for them);
+        else None, transformers' choice (SDPA)."""
+        if self.attn_implementation or self.transformers_type not in FLEX_ATTENTION_TYPES:
+            return self.attn_implementation
+        return "flex_attention" if cuda else "eager"
+
     @property
     def eager_attention(self) -> bool:
-        """Attention materializes its [heads, T, T + 1] scores (transformers' eager implementation, chosen or the
-        family's default): memory grows with the square of the length."""
-        if self.attn_implementation:
-            return self.attn_implementation == "eager"
-        return self.transformers_type in EAGER_ATTENTION_TYPES
+        """Attention materializes its [heads, T, T + 1] scores (transformers' eager implementation): memory grows
+        with the square of the length. Unset, the CPU's attention (the planner sets it for its hardware first)."""
+        return self.attention(cuda=False) == "eager"
 
     @property
     def active_params(self) -> int:
@@ -340,9 +344,11 @@ HF_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2
 # mixtures of experts whose config.json the planner reads (model=hf model.path=...); they train as transformers
 # model objects
 MOE_HF_TYPES = ("mixtral", "qwen3_moe", "deepseek_v3", "glm4_moe", "gpt_oss")
-# transformers families whose default attention materializes [heads, T, T + 1] scores (transformers' "eager", where
-# there is no SDPA path: gpt-oss's attention sinks); the planner counts their memory
-EAGER_ATTENTION_TYPES = ("gpt_oss",)
+# transformers families without an SDPA path (gpt-oss's attention sinks), whose default, eager attention materializes
+# [heads, T, T + 1] scores: on CUDA they train through flex_attention, which runs the sinks fused (from its log-sum-
+# exp): gpt-oss-120b's layer 1.30x faster than eager (H200, 32 x 2048, one start: docs/performance.md) and scores
+# never materialized; transformers runs that path on CUDA only
+FLEX_ATTENTION_TYPES = ("gpt_oss",)
 # model_types that model=hf trains as the transformers model itself (hf_lm.HFCausalLM): every mixture of experts,
 # and dense families whose layers megatrain_lightning.Llama does not have
 TRANSFORMERS_HF_TYPES = (*MOE_HF_TYPES, "phi3", "gemma3_text")

@@ -168,10 +168,6 @@ class MegatrainStrategy(DataParallelBase):
             m.register_state_dict_post_hook(hook)
         cuda, layer_list = device.type == "cuda", isinstance(trunk, adapters.LayerList)
         eager_attention = adapters.eager_attention_heads(module) if layer_list else 0
-        if layer_list and adapters.attention_implementation(module) == "flex_attention":
-            log.warning("flex_attention: training a transformers model through it under the megatrain strategy is "
-                        "not yet shown to match the default strategy (#29: on the H200, a gpt-oss run's first losses "
-                        "differed by up to 4e-4); eager and sdpa are")
         self.engine = StreamingEngine(store, list(trunk), device, opts.checkpoint_interval, opts.prefetch_depth,
                                       # not where attention materializes its scores (gpt-oss's sinks): compiled,
                                       # a chunk of gpt-oss-120b's layer ran out of memory where eager it ran

@@ -2,7 +2,6 @@
 default strategy: losses and weights after 5 AdamW steps with clipping and accumulation (32-true, CPU)."""
 
 import copy
-import logging
 
 import lightning as L
 import pytest
@@ -391,7 +390,7 @@ def test_a_traced_step_of_a_transformers_model_has_every_layer_and_the_head(tmp_
 
 
 @pytest.mark.parametrize("compiled", [False, True])
-def test_flex_attention_masks_follow_their_sequences_through_the_batch_sweep(compiled, caplog):
+def test_flex_attention_masks_follow_their_sequences_through_the_batch_sweep(compiled):
     """A transformers model on flex_attention gets one BlockMask for the whole batch (a row per sequence: its padding);
     where the batch sweep cuts the batch, each chunk's layers get the rows of its own sequences (not the first
     sequences'): the validation loss of a padded batch in chunks of one sequence equals the model's own forward, its
@@ -416,10 +415,6 @@ def test_flex_attention_masks_follow_their_sequences_through_the_batch_sweep(com
 
     batch = torch.randint(0, 128, (4, 24), generator=torch.Generator().manual_seed(1))
     want, _ = validate("auto")
-    with caplog.at_level(logging.WARNING, logger="megatrain_lightning.strategy"):
-        got, trainer = validate(MegatrainStrategy(chunk_tokens=24, compile=compiled))  # chunks of one sequence
-    # its training is not yet shown to match (#29): said
-    assert "flex_attention: training a transformers model through it under the megatrain strategy is not yet " \
-           "shown to match the default strategy" in caplog.text
+    got, trainer = validate(MegatrainStrategy(chunk_tokens=24, compile=compiled))  # chunks of one sequence
     assert trainer.strategy.engine.sweep.chunk_of[(4, 24, torch.float32)] == 1
     assert got == pytest.approx(want, rel=1e-5)

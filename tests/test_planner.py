@@ -583,21 +583,25 @@ def test_eager_attention_scores_grow_as_autograd_saves_them():
         S.chunk_sequences(64, 256, None, 256, free)
 
 
-def test_gpt_oss_attention_is_eager_unless_flex_is_chosen():
-    """gpt-oss runs transformers' eager attention (its scores counted, its layers uncompiled: the engine's default
-    where scores materialize); model.attn_implementation=flex_attention runs it fused and compiled."""
+def test_gpt_oss_attention_is_flex_on_a_gpu_unless_eager_is_chosen():
+    """The planner builds gpt-oss as train.py does: through flex_attention on a GPU (fused, its layers compiled, no
+    scores), transformers' eager attention without one or where chosen (its scores counted, its layers uncompiled:
+    the engine's default where scores materialize)."""
     base = ["model=gpt-oss-120b", "+model.n_layer=1", "data.seq_len=2048", "data.micro_batch=4",
             "storage.device_state_GiB=0", "hardware=h200", "trainer=gpu"]
-    eager = check(compose(base))
-    flex = check(compose([*base, "model.attn_implementation=flex_attention"]))
+    flex = check(compose(base))
+    eager = check(compose([*base, "model.attn_implementation=eager"]))
+    assert flex.wl.model.attn_implementation == "flex_attention" and eager.wl.model.attn_implementation == "eager"
     assert not eager.wl.compile and eager.wl.scores_bytes_per_token == eager.wl.model.n_head * 2049 * 2
     assert flex.wl.compile and flex.wl.scores_bytes_per_token == 0
     assert eager.step_time_s > flex.step_time_s and eager.timeline.gpu_peak_bytes > flex.timeline.gpu_peak_bytes
-    # as HFCausalLM refuses it on the CPU, so does the planner
+    cpu = [*base[:-2], "hardware=cpu"]
+    assert check(compose(cpu)).wl.model.attn_implementation == "eager"
+    # as HFCausalLM refuses flex on the CPU, so does the planner
     with pytest.raises(PlanError, match=r"model\.attn_implementation: flex_attention: transformers runs gpt_oss's "
                                         r"attention sinks through flex attention on CUDA only, and this hardware has "
                                         r"no GPU; leave it unset \(eager there\)"):
-        check(compose([*base[:-2], "hardware=cpu", "model.attn_implementation=flex_attention"]))
+        check(compose([*cpu, "model.attn_implementation=flex_attention"]))
 
 
 def test_local_attention_layers_count_their_window_only():
@@ -884,14 +888,15 @@ def test_kept_activations_match_the_h200_measurements(run):
 # One exact layer of each mixture (and the embeddings, state on the host) at 32 x 2048 = 65536 tokens a step, measured
 # on the H200 box on 2026-12-03 with transformers' default grouped_mm experts (bench/step.py --device-state-GiB 0):
 # qwen3-235b-a22b compiled, before the engine kept activations (so compared with it off): 2.534 s, which the h200
-# preset's experts_efficiency is fitted to. gpt-oss-120b in one start: through flex_attention (chosen), compiled,
-# 2.535 s; through transformers' eager attention (the default: scores materialized, uncompiled) 3.294 s, which the
-# planner underestimates by 15%: the traced step's layer compute is 0.70 s of it (the head's ~0.35 s untraced then),
-# its host update 1.13 s, its loads and gradients 0.82 s (the uncompiled layer's launches are the likely rest).
+# preset's experts_efficiency is fitted to. gpt-oss-120b: through flex_attention (the default on CUDA since the third
+# session of that day), compiled, 2.511 s (2.535 s chosen, the day's second session); through transformers' eager
+# attention (chosen: scores materialized, uncompiled) 3.294 s in the same start as the 2.535, which the planner
+# underestimates by 15%: the traced step's layer compute is 0.70 s of it (the head's ~0.35 s untraced then), its host
+# update 1.13 s, its loads and gradients 0.82 s (the uncompiled layer's launches are the likely rest).
 H200_MOE_MEASURED = {
     "qwen3-235b-a22b": (["model=qwen3-235b-a22b", RECOMPUTE_ALL], 2.534, 0.10),
-    "gpt-oss-120b-flex": (["model=gpt-oss-120b", "model.attn_implementation=flex_attention"], 2.535, 0.10),
-    "gpt-oss-120b": (["model=gpt-oss-120b"], 3.294, 0.20),
+    "gpt-oss-120b": (["model=gpt-oss-120b"], 2.511, 0.10),
+    "gpt-oss-120b-eager": (["model=gpt-oss-120b", "model.attn_implementation=eager"], 3.294, 0.20),
 }
 
 
@@ -901,7 +906,7 @@ def test_mixture_layers_match_the_h200_measurements(run):
     a = check(compose([*overrides, "+model.n_layer=1", "hardware=h200", "trainer=gpu", "data.seq_len=2048",
                        "data.micro_batch=32", "trainer.gradient_clip_val=1.0", "storage.device_state_GiB=0"]))
     assert a.step_time_s == pytest.approx(step_s, rel=tol), a.step_time_s
-    assert a.wl.compile == (run != "gpt-oss-120b")  # the engine's default on CUDA: not where scores materialize
+    assert a.wl.compile == (run != "gpt-oss-120b-eager")  # the engine's default on CUDA: not where scores materialize
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])

@@ -26,6 +26,12 @@ from megatrain_lightning.errors import UserError
 from megatrain_lightning.engine.sweep import add_fp32
 
 CACHE_ARGS = ("cache", "past_key_value", "past_key_values")  # transformers 5 and 4.x names
+# Flex attention's options for every layer call (transformers passes a layer's `kernel_options` on to it). Inductor
+# lowers flex attention in a graph without autograd (the forward pass) with queries shorter than 128 tokens to its
+# decoding kernel, which inside a compiled gpt-oss layer gave outputs up to 23% off (H200, torch 2.11, 17 tokens,
+# its sliding and full masks; the same call eager, or with this option, equal to 1e-7); the recompute, a graph with
+# autograd, runs the main kernel, so forward and backward would differ too. Training needs the main kernel anyway.
+FLEX_KERNEL_OPTIONS = {"FORCE_USE_FLEX_ATTENTION": True}
 
 
 class LayerCalls:
@@ -54,6 +60,8 @@ class LayerCalls:
         # no KV cache: a layer that appended its keys and values to one in forward would attend to them again in
         # the recompute (and its k and v projections would get no gradient)
         kwargs = {k: (None if k in CACHE_ARGS else False if k == "use_cache" else v) for k, v in kwargs.items()}
+        if any(isinstance(v, BlockMask) for v in kwargs.values()):
+            kwargs["kernel_options"] = {**(kwargs.get("kernel_options") or {}), **FLEX_KERNEL_OPTIONS}
         leaves, spec = pytree.tree_flatten((args, kwargs))
         tensors = [k for k, v in enumerate(leaves) if isinstance(v, Tensor)]
         if torch.is_grad_enabled():
