@@ -17,6 +17,7 @@ from megatrain_lightning import MegatrainStrategy, hf
 from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
+from megatrain_lightning.engine.streaming import _functional
 from megatrain_lightning.hf.model import HFCausalLM, config_json
 from tests.helpers import assert_adam_state_close, lm_kwargs, loader
 from tests.test_cli import restore_logging  # noqa: F401  (a fixture: train.main sets up its own logging)
@@ -197,6 +198,25 @@ def test_cuda_gpt_oss_trains_through_flex_attention_like_eager(tmp_path):
     want = runs["default strategy, eager"]
     off = {name: max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True)) for name, got in runs.items()}
     assert max(off.values()) <= 1e-4, (off, runs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])  # gpt-oss: the test above
+def test_cuda_family_trains_like_the_default_strategy(family, tmp_path):
+    """Each family as the transformers model on CUDA under the strategy's defaults (its layers compiled, transformers'
+    attention): losses equal the default strategy's on the same checkpoint within 1e-4 (fp32, TF32 off), as on the CPU
+    (where the layers run eagerly): a compiled path can differ where the eager one does not (flex attention did)."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    src = tmp_path / "src"
+    _checkpoint(family, src)
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 128, (2, 17), generator=g) for _ in range(STEPS * ACCUMULATE)]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    _, want = _fit(_module(src, model=reference), "auto", batches, accelerator="gpu")
+    trainer, got = _fit(_module(src), MegatrainStrategy(init_from=src), batches, accelerator="gpu")
+    assert trainer.strategy.engine._call is not _functional  # compiled: the CUDA default
+    off = max(abs(a - b) / abs(b) for a, b in zip(got, want, strict=True))
+    assert off <= 1e-4, (off, got, want)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
