@@ -311,13 +311,13 @@ def test_compiled_block_memory_matches_the_h200_peaks(run):
 
 # Runs of 2026-12-02 on the H200 box (bench/step.py --plan h200, clip 1.0, bf16; docs/performance.md): (step s, GPU
 # peak GiB). The 100B layer shape at 393216 tokens a step in one sweep (the final norm in pieces); one layer of
-# gpt-oss-120b (the transformers model, eager, attention scores materialized) with full fp32 state, which is what
+# gpt-oss-120b (the transformers model, eager attention then its default: scores materialized) with full fp32 state, which is what
 # this box's 125 GiB of RAM holds; llama-3.2-3b as the transformers model (eager, inputs in host memory).
 H200_LARGE_RUNS = {
     "100b-shape-96x4096": (["model=llama100b", "+model.n_layer=2", "data.seq_len=4096", "data.micro_batch=96",
                             "storage.device_state_GiB=0"], 20.01, 82.49),
-    "gpt-oss-120b-1-layer": (["model=gpt-oss-120b", "+model.n_layer=1", "data.seq_len=2048", "data.micro_batch=4",
-                              "storage.device_state_GiB=0"], 2.256, 53.79),
+    "gpt-oss-120b-1-layer": (["model=gpt-oss-120b", "model.attn_implementation=eager", "+model.n_layer=1",
+                              "data.seq_len=2048", "data.micro_batch=4", "storage.device_state_GiB=0"], 2.256, 53.79),
     "3b-as-transformers": (["model=llama-3.2-3b", "+model.tie_embeddings=false", "data.seq_len=1024",
                             "data.micro_batch=32", "storage.compile=false"], 1.962, 62.94),
 }
