@@ -73,8 +73,8 @@ def usable_ram_bytes(hw: Hardware) -> int:
 
 
 def place(hw: Hardware, wl: Workload) -> Workload:
-    """Resolves storage.stream=auto, the units whose state the GPU keeps and, for storage=nvme, how many layers keep
-    their state on the SSD."""
+    """Resolves a transformers model's attention and compile for the hardware, storage.stream=auto, the units whose
+    state the GPU keeps and, for storage=nvme, how many layers keep their state on the SSD."""
     if wl.nodes > 1 and hw.network_GBps is None:
         raise PlanError("hardware.network_GBps", f"trainer.num_nodes={wl.nodes} needs the network's bandwidth between "
                                                  "nodes (GB/s per node, e.g. 50 for 400 Gb/s InfiniBand)")
