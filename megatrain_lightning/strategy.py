@@ -168,6 +168,8 @@ class MegatrainStrategy(DataParallelBase):
             m.register_state_dict_post_hook(hook)
         cuda, layer_list = device.type == "cuda", isinstance(trunk, adapters.LayerList)
         eager_attention = adapters.eager_attention_heads(module) if layer_list else 0
+        if cuda and eager_attention:  # (a model the user built: train.py builds the fused one on CUDA)
+            log.info(adapters.fused_attention_hint(module))
         self.engine = StreamingEngine(store, list(trunk), device, opts.checkpoint_interval, opts.prefetch_depth,
                                       # not where attention materializes its scores (gpt-oss's sinks): compiled,
                                       # a chunk of gpt-oss-120b's layer ran out of memory where eager it ran

@@ -18,6 +18,7 @@ from megatrain_lightning.checkpointing import directories as ckpt
 from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.engine.streaming import _functional
+from megatrain_lightning.hf import adapters
 from megatrain_lightning.hf.model import HFCausalLM, config_json
 from tests.helpers import assert_adam_state_close, lm_kwargs, loader
 from tests.test_cli import restore_logging  # noqa: F401  (a fixture: train.main sets up its own logging)
@@ -164,6 +165,25 @@ def test_gpt_oss_attention_is_flex_on_cuda_eager_on_the_cpu_unless_chosen_and_a_
                                          r"transformers model \(transformers_type\) chooses its attention; "
                                          r"megatrain's Llama runs SDPA$"):
         Config.from_name("llama-3.2-1b", attn_implementation="eager")
+
+
+def test_a_model_on_eager_attention_is_told_what_runs_it_fused(tmp_path):
+    """A model the user built on transformers' eager attention (gpt-oss's default) gets, on CUDA, a line naming the
+    fused implementation for its family: flex_attention for gpt-oss's sinks, sdpa for the others; none when fused."""
+    for family in ("gpt_oss", "phi3"):
+        _checkpoint(family, tmp_path / family)
+    gpt_oss, phi3 = _module(tmp_path / "gpt_oss"), _module(tmp_path / "phi3")
+    gpt_oss.configure_model()  # no trainer: the CPU's attention, eager
+    phi3.configure_model()
+    assert adapters.fused_attention_hint(phi3) is None  # transformers' SDPA
+    phi3.model.set_attn_implementation("eager")
+    assert adapters.fused_attention_hint(gpt_oss) == (
+        "gpt_oss: its attention runs transformers' eager implementation (scores materialized, layers uncompiled); "
+        "model.attn_implementation=flex_attention (train.py), or model.set_attn_implementation('flex_attention') on "
+        "the model before fit, runs it fused and compiled")
+    assert adapters.fused_attention_hint(phi3).startswith("phi3: its attention runs transformers' eager ")
+    assert "model.attn_implementation=sdpa (train.py), or model.set_attn_implementation('sdpa')" in \
+        adapters.fused_attention_hint(phi3)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA")

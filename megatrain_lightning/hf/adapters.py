@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from megatrain_lightning.config import FLEX_ATTENTION_TYPES
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.models.llama import Trunk
 
@@ -181,6 +182,19 @@ def eager_attention_heads(module: nn.Module) -> int:
         return 0
     model = next(m for m in module.modules() if is_transformers_model(m))
     return int(getattr(model.config, "num_attention_heads", 0) or 0)
+
+
+def fused_attention_hint(module: nn.Module) -> str | None:
+    """Where the transformers model in `module` runs transformers' eager attention: how to run it fused instead
+    (flex_attention for the FLEX_ATTENTION_TYPES, whose attention sinks have no SDPA path; else sdpa), for a CUDA run
+    to say; None where attention is fused already."""
+    if attention_implementation(module) != "eager":
+        return None
+    kind = next(m for m in module.modules() if is_transformers_model(m)).config.model_type
+    fused = "flex_attention" if kind in FLEX_ATTENTION_TYPES else "sdpa"
+    return (f"{kind}: its attention runs transformers' eager implementation (scores materialized, layers uncompiled); "
+            f"model.attn_implementation={fused} (train.py), or model.set_attn_implementation({fused!r}) on the model "
+            "before fit, runs it fused and compiled")
 
 
 def attention_implementation(module: nn.Module) -> str | None:
