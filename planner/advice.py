@@ -8,6 +8,7 @@ import math
 from dataclasses import replace
 
 from megatrain_lightning import schedule as S
+from megatrain_lightning.config import FLEX_ATTENTION_TYPES
 from planner.errors import PlanError
 from planner import host_tiers
 from planner.hardware import Hardware
@@ -133,6 +134,8 @@ def advice(a: Answer) -> list[str]:
                        f"memory for the state of {layers} of {wl.n_layers} layers"
                        f"{' and the embedding/head' if wl.n_layers in auto.kept else ''}, updated on the GPU) "
                        f"predicts {t:.2f} s per step: those updates no longer wait for the host")
+    if not hw.unified and wl.model.eager_attention:
+        out.append(_fused_attention(a))
     if wl.model.n_experts:
         out.append(f"experts: FLOPs count {wl.model.experts_per_token} of {wl.model.n_experts} experts per token with "
                    "balanced routing; the engine streams every expert, and a skewed router lengthens the GPU's part "
@@ -161,6 +164,20 @@ def advice(a: Answer) -> list[str]:
                 out.append(f"storage.replicate_nodes=true: every node holds the whole state ({rep[0] / GiB:,.0f} GiB "
                            f"of RAM a node) and only gradients cross the network: {rep[1]:.2f} s a step")
     return out
+
+
+def _fused_attention(a: Answer) -> str:
+    """A transformers model on eager attention on a GPU (chosen: train.py builds it fused there): the same run with
+    the fused implementation of its family (flex_attention for gpt-oss's sinks, else SDPA), planned."""
+    asked = a.asked or a.wl
+    fused = "flex_attention" if asked.model.transformers_type in FLEX_ATTENTION_TYPES else "sdpa"
+    alt = plan(a.hw, replace(asked, model=replace(asked.model, attn_implementation=fused)))
+    gpu = next(t for t in alt.tiers if t.name == "GPU")
+    then = f"{alt.step_time_s:.3g} s per step, {gpu.need_bytes / GiB:.1f} GiB GPU" if alt.fits else \
+        f"does not fit either ({_short_tiers(alt)})"
+    return (f"attention: eager (model.attn_implementation=eager) materializes [heads, T, T + 1] scores "
+            f"({a.wl.scores_bytes_per_token * a.wl.seq_len / GiB:.2f} GiB a sequence, each layer) and leaves the "
+            f"layers uncompiled; model.attn_implementation={fused} runs it fused and compiled: {then}")
 
 
 def check_replicated(hw: Hardware, asked: Workload) -> tuple[float, float] | None:

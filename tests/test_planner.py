@@ -595,8 +595,17 @@ def test_gpt_oss_attention_is_flex_on_a_gpu_unless_eager_is_chosen():
     assert not eager.wl.compile and eager.wl.scores_bytes_per_token == eager.wl.model.n_head * 2049 * 2
     assert flex.wl.compile and flex.wl.scores_bytes_per_token == 0
     assert eager.step_time_s > flex.step_time_s and eager.timeline.gpu_peak_bytes > flex.timeline.gpu_peak_bytes
+    # eager chosen on a GPU: the advice plans the fused run and says what it gives
+    gpu = next(t for t in flex.tiers if t.name == "GPU")
+    assert (f"attention: eager (model.attn_implementation=eager) materializes [heads, T, T + 1] scores (0.50 GiB a "
+            "sequence, each layer) and leaves the layers uncompiled; model.attn_implementation=flex_attention runs it "
+            f"fused and compiled: {flex.step_time_s:.3g} s per step, {gpu.need_bytes / 2**30:.1f} GiB GPU") in \
+        eager.advice
+    assert not any(line.startswith("attention:") for line in flex.advice)
     cpu = [*base[:-2], "hardware=cpu"]
-    assert check(compose(cpu)).wl.model.attn_implementation == "eager"
+    on_cpu = check(compose(cpu))
+    assert on_cpu.wl.model.attn_implementation == "eager"
+    assert not any(line.startswith("attention:") for line in on_cpu.advice)  # no fused path there
     # as HFCausalLM refuses flex on the CPU, so does the planner
     with pytest.raises(PlanError, match=r"model\.attn_implementation: flex_attention: transformers runs gpt_oss's "
                                         r"attention sinks through flex attention on CUDA only, and this hardware has "
