@@ -389,6 +389,34 @@ def test_a_traced_step_of_a_transformers_model_has_every_layer_and_the_head(tmp_
     assert all(r["start"] >= f for r, f in zip(sorted(resident, key=lambda e: e["start"]), forward_ends))
 
 
+def test_flex_attention_layer_calls_ask_for_its_main_kernel(monkeypatch):
+    """Every layer call through flex attention passes FORCE_USE_FLEX_ATTENTION on to flex_attention (transformers
+    hands a layer's kernel_options to it): inductor's decoding kernel, which it would pick for the no-autograd forward
+    of short sequences, gave a compiled gpt-oss layer wrong outputs on CUDA (engine/layer_calls.py)."""
+    from transformers.integrations import flex_attention as hf_flex
+
+    seen = []
+    real = hf_flex.compile_friendly_flex_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("kernel_options"))
+        return real(*args, **kwargs)
+
+    class Validated(HFModule):
+        def validation_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+    monkeypatch.setattr(hf_flex, "compile_friendly_flex_attention", spy)
+    module = Validated("llama")
+    module.model.set_attn_implementation("flex_attention")
+    batch = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(1))
+    L.Trainer(strategy=MegatrainStrategy(compile=False), accelerator="cpu", devices=1, precision="32-true",
+              logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).validate(module, dataloaders=loader([batch]), verbose=False)
+    assert len(seen) == module.model.config.num_hidden_layers
+    assert all(options == {"FORCE_USE_FLEX_ATTENTION": True} for options in seen), seen
+
+
 @pytest.mark.parametrize("compiled", [False, True])
 def test_flex_attention_masks_follow_their_sequences_through_the_batch_sweep(compiled):
     """A transformers model on flex_attention gets one BlockMask for the whole batch (a row per sequence: its padding);
