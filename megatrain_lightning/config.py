@@ -296,8 +296,12 @@ class Config:
     def attention(self, cuda: bool) -> str | None:
         """The attention a transformers model is built with on a CUDA device or not: the chosen one; else
         flex_attention on CUDA for the FLEX_ATTENTION_TYPES (eager elsewhere, transformers' default for them);
-        else None, transformers' choice (SDPA)."""
-        if self.attn_implementation or self.transformers_type not in FLEX_ATTENTION_TYPES:
+        else None, transformers' choice (SDPA). ValueError: flex_attention chosen for those without CUDA."""
+        flex_type = self.transformers_type in FLEX_ATTENTION_TYPES
+        if self.attn_implementation == "flex_attention" and flex_type and not cuda:
+            raise ValueError(f"flex_attention: transformers runs {self.transformers_type}'s attention sinks through "
+                             "flex attention on CUDA only")
+        if self.attn_implementation or not flex_type:
             return self.attn_implementation
         return "flex_attention" if cuda else "eager"
 
@@ -305,7 +309,8 @@ class Config:
     def eager_attention(self) -> bool:
         """Attention materializes its [heads, T, T + 1] scores (transformers' eager implementation): memory grows
         with the square of the length. Unset, the CPU's attention (the planner sets it for its hardware first)."""
-        return self.attention(cuda=False) == "eager"
+        chosen = self.attn_implementation
+        return chosen == "eager" if chosen else self.attention(cuda=False) == "eager"
 
     @property
     def active_params(self) -> int:

@@ -124,7 +124,7 @@ def build(module: nn.Module, dtype: torch.dtype, pin: bool, storage: str, stream
         for m, attr, _ in owners[1:]:
             aliases[surgery.full_name(module, m, attr)] = name
     if init_from is not None:
-        hf_model = next((m for m in module.modules() if adapters.is_transformers_model(m)), None)
+        hf_model = adapters.transformers_model(module)
         buffers = {n: b for n, b in module.named_buffers() if not n.startswith(prefix + ".")}
         buffers.update({f"{prefix}.{i}.{n}": b for i, block in enumerate(trunk) for n, b in block.named_buffers()})
         hf.load_into_store(init_from, store, aliases, hf_model, buffers)

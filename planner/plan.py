@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from megatrain_lightning import schedule as S
-from megatrain_lightning.config import FLEX_ATTENTION_TYPES
 from megatrain_lightning.options import OptionError
 from megatrain_lightning import options as _options
 from planner.errors import PlanError
@@ -78,11 +77,6 @@ def place(hw: Hardware, wl: Workload) -> Workload:
     if wl.nodes > 1 and hw.network_GBps is None:
         raise PlanError("hardware.network_GBps", f"trainer.num_nodes={wl.nodes} needs the network's bandwidth between "
                                                  "nodes (GB/s per node, e.g. 50 for 400 Gb/s InfiniBand)")
-    c = wl.model
-    if hw.unified and c.attn_implementation == "flex_attention" and c.transformers_type in FLEX_ATTENTION_TYPES:
-        raise PlanError("model.attn_implementation", f"flex_attention: transformers runs {c.transformers_type}'s "
-                                                     "attention sinks through flex attention on CUDA only, and this "
-                                                     "hardware has no GPU; leave it unset (eager there)")
     return _keep_activations(hw, _offload_when_room(hw, _sweep_chunk(hw, _keep_grads(hw, _place_state(
         hw, _compile(hw, _attention(hw, wl)))))))
 
@@ -91,7 +85,12 @@ def _attention(hw: Hardware, wl: Workload) -> Workload:
     """The attention train.py builds a transformers model with on this hardware (Config.attention: gpt-oss through
     flex_attention on a GPU, eager without one)."""
     c = wl.model
-    return replace(wl, model=replace(c, attn_implementation=c.attention(cuda=not hw.unified)))
+    try:
+        attention = c.attention(cuda=not hw.unified)
+    except ValueError as e:  # as HFCausalLM refuses it
+        raise PlanError("model.attn_implementation", f"{e}, and this hardware has no GPU; leave it unset (eager "
+                                                     "there)") from None
+    return replace(wl, model=replace(c, attn_implementation=attention))
 
 
 def _keep_activations(hw: Hardware, wl: Workload) -> Workload:

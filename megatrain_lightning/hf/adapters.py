@@ -35,6 +35,11 @@ def is_transformers_model(m: nn.Module) -> bool:
     return any(c.__name__ == "PreTrainedModel" and c.__module__.startswith("transformers.") for c in type(m).__mro__)
 
 
+def transformers_model(module: nn.Module) -> nn.Module | None:
+    """The first transformers model in `module` (itself, or a submodule: a LightningModule's, peft's base), or None."""
+    return next((m for m in module.modules() if is_transformers_model(m)), None)
+
+
 class LayerList(Trunk):
     """A transformers model's decoder layers, streamed. Until the strategy attaches its engine this is the model's
     ModuleList; then indexing, slicing and iterating it (what the model's forward does) yield callables that run
@@ -85,7 +90,7 @@ def stream_layers(module: nn.Module) -> LayerList | None:
     """Finds a transformers causal LM in `module` and swaps its decoder layer list for a LayerList (same layers, same
     parameter names); None when there is none. An architecture not in ARCHITECTURES is refused by name."""
     _refuse_unstreamable_adapters(module)
-    model = next((m for m in module.modules() if is_transformers_model(m)), None)
+    model = transformers_model(module)
     if model is None:
         return None
     kind = getattr(getattr(model, "config", None), "model_type", None)
@@ -108,7 +113,7 @@ def initializer(module: nn.Module) -> Callable[[nn.Module], None] | None:
     """For a transformers model in `module`: initializes a freshly materialized part of it the way the model's
     own initialization does (its `_init_weights` on each submodule: linear and embedding weights, norms, experts,
     routers, rotary tables); None when there is no transformers model. peft's adapters: `init_adapters`."""
-    model = next((m for m in module.modules() if is_transformers_model(m)), None)
+    model = transformers_model(module)
     if model is None or not callable(getattr(model, "_init_weights", None)):
         return None
     return lambda part: part.apply(model._init_weights)
@@ -180,7 +185,7 @@ def eager_attention_heads(module: nn.Module) -> int:
     batch sweep's chunk rule; 0 when there is none or attention runs fused (SDPA, flash)."""
     if attention_implementation(module) != "eager":
         return 0
-    model = next(m for m in module.modules() if is_transformers_model(m))
+    model = transformers_model(module)
     return int(getattr(model.config, "num_attention_heads", 0) or 0)
 
 
@@ -190,7 +195,7 @@ def fused_attention_hint(module: nn.Module) -> str | None:
     to say; None where attention is fused already."""
     if attention_implementation(module) != "eager":
         return None
-    kind = next(m for m in module.modules() if is_transformers_model(m)).config.model_type
+    kind = transformers_model(module).config.model_type
     fused = "flex_attention" if kind in FLEX_ATTENTION_TYPES else "sdpa"
     return (f"{kind}: its attention runs transformers' eager implementation (scores materialized, layers uncompiled); "
             f"model.attn_implementation={fused} (train.py), or model.set_attn_implementation({fused!r}) on the model "
@@ -199,5 +204,5 @@ def fused_attention_hint(module: nn.Module) -> str | None:
 
 def attention_implementation(module: nn.Module) -> str | None:
     """transformers' name of the attention the transformers model in `module` runs (None: no such model)."""
-    model = next((m for m in module.modules() if is_transformers_model(m)), None)
+    model = transformers_model(module)
     return getattr(getattr(model, "config", None), "_attn_implementation", None)

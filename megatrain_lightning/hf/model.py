@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from typing_extensions import override
 
-from megatrain_lightning.config import FLEX_ATTENTION_TYPES, Config
+from megatrain_lightning.config import Config
 from megatrain_lightning.errors import UserError
 from megatrain_lightning.models.lm import CausalLM
 
@@ -80,11 +80,11 @@ class HFCausalLM(CausalLM):
     def configure_model(self) -> None:
         if self.model is None:
             cuda = self._trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-            attention = self.config.attention(cuda)
-            if attention == "flex_attention" and not cuda and self.config.transformers_type in FLEX_ATTENTION_TYPES:
-                raise UserError(f"model.attn_implementation=flex_attention: transformers runs "
-                                f"{self.config.transformers_type}'s attention sinks through flex attention on CUDA "
-                                "only, and this run is on the CPU; leave it unset (eager there)")
+            try:
+                attention = self.config.attention(cuda)
+            except ValueError as e:
+                raise UserError(f"model.attn_implementation={e}, and this run is on the CPU; leave it unset (eager "
+                                "there)") from None
             self.model = self.adapted(build_model(self.hparams["hf_config"], attention).float())  # fp32 masters
 
     @override
